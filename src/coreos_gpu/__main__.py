@@ -1,0 +1,3 @@
+from coreos_gpu.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""Settings: declared once, read from defaults, a TOML file and flags, frozen into BuildConfig.
+
+Each setting is one `Setting` row; its TOML key, CLI flag, default and validation come from
+that row. Precedence is explicit: flag > config file > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+
+DEFAULT_CONFIG_FILE = "coreos-gpu.toml"
+
+
+class OsName(StrEnum):
+    FLATCAR = "flatcar"
+    COREOS = "coreos"
+
+
+class Channel(StrEnum):
+    STABLE = "stable"
+    BETA = "beta"
+    ALPHA = "alpha"
+    LTS = "lts"
+
+
+class Board(StrEnum):
+    # NVIDIA's x86_64 .run is what we build from; arm64 boards would need the aarch64 .run.
+    AMD64_USR = "amd64-usr"
+
+
+class Profile(StrEnum):
+    COMPUTE = "compute"
+    FULL = "full"
+
+
+class KernelModuleType(StrEnum):
+    PROPRIETARY = "proprietary"
+    OPEN = "open"
+
+
+class Compression(StrEnum):
+    GZIP = "gzip"
+    XZ = "xz"
+    ZSTD = "zstd"
+
+
+class Runtime(StrEnum):
+    AUTO = "auto"
+    PODMAN = "podman"
+    DOCKER = "docker"
+    NSPAWN = "nspawn"
+    BWRAP = "bwrap"
+    CHROOT = "chroot"
+
+
+# A current NVIDIA datacenter (Tesla) driver of the R580 long-term branch.
+DEFAULT_DRIVER_VERSION = "580.82.07"
+DEFAULT_AGENT_UNITS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
+
+Parser = Callable[[Any], Any]
+
+
+class BadValue(ValueError):
+    """A raw value a setting rejects; `value` is the offending item (one element of a list)."""
+
+    def __init__(self, value: Any, allowed: str) -> None:
+        super().__init__(allowed)
+        self.value = value
+        self.allowed = allowed
+
+
+def _choice(enum: type[StrEnum]) -> Parser:
+    def parse(raw: Any) -> StrEnum:
+        if isinstance(raw, str) and raw in enum._value2member_map_:
+            return enum(raw)
+        raise BadValue(raw, f"allowed: {', '.join(m.value for m in enum)}")
+
+    return parse
+
+
+def _matching(pattern: str, expected: str) -> Parser:
+    regex = re.compile(pattern)
+
+    def parse(raw: Any) -> str:
+        if isinstance(raw, str) and regex.fullmatch(raw):
+            return raw
+        raise BadValue(raw, f"expected {expected}")
+
+    return parse
+
+
+def _text(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw
+    raise BadValue(raw, "expected a string")
+
+
+def _url(raw: Any) -> str:
+    if isinstance(raw, str) and (raw == "" or re.match(r"(https?|file)://[^\s]+$", raw)):
+        return raw.rstrip("/")
+    raise BadValue(raw, "expected an http://, https:// or file:// URL")
+
+
+def _path(raw: Any) -> Path:
+    if isinstance(raw, str) and raw:
+        return Path(raw).expanduser()
+    raise BadValue(raw, "expected a path")
+
+
+def _jobs(raw: Any) -> int:
+    number = int(raw) if isinstance(raw, str) and raw.isdigit() else raw
+    if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
+        return number
+    raise BadValue(raw, "expected a whole number of at least 1")
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    raise BadValue(raw, "expected true or false")
+
+
+def _list_of(item: Parser) -> Parser:
+    def parse(raw: Any) -> tuple[Any, ...]:
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list | tuple) or not raw:
+            raise BadValue(raw, "expected a non-empty list")
+        return tuple(item(x) for x in raw)
+
+    return parse
+
+
+RELEASE = _matching(r"current|\d+\.\d+\.\d+", "'current' or a release like 3975.2.2")
+DRIVER_VERSION = _matching(r"\d{3}\.\d{2,3}(\.\d{2})?", "an NVIDIA driver version like 535.261.03")
+UNIT = _matching(r"[A-Za-z0-9@_.:\\-]+\.service",
+                 "a systemd unit name like dcos-mesos-slave.service")
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "coreos-gpu"
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # the TOML key and the BuildConfig field
+    help: str
+    parse: Parser
+    default: Callable[[], Any]
+    metavar: str = ""
+    flag_name: str = ""  # only where the flag differs from the key (a list's singular)
+    multiple: bool = False
+    boolean: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.flag_name or self.key).replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("os", "target OS (CoreOS's servers are gone: use it with --mirror)",
+            _choice(OsName), lambda: OsName.FLATCAR, "OS"),
+    Setting("channel", "release channel", _choice(Channel), lambda: Channel.STABLE, "CHANNEL"),
+    Setting("releases", "OS release(s) to build for; repeat for several kernels",
+            _list_of(RELEASE), lambda: ("current",), "VERSION", flag_name="release",
+            multiple=True),
+    Setting("board", "OS board", _choice(Board), lambda: Board.AMD64_USR, "BOARD"),
+    Setting("mirror", "base URL that replaces every download host (air-gapped sites, CoreOS)",
+            _url, lambda: "", "URL"),
+    Setting("driver_version", "NVIDIA driver version", DRIVER_VERSION,
+            lambda: DEFAULT_DRIVER_VERSION, "VERSION"),
+    Setting("driver_url", "NVIDIA .run to use instead of NVIDIA's download URL (URL or path)",
+            _text, lambda: "", "URL|PATH"),
+    Setting("profile", "which userspace files go into the bundle", _choice(Profile),
+            lambda: Profile.COMPUTE, "PROFILE"),
+    Setting("kernel_module_type", "which kernel module sources to build",
+            _choice(KernelModuleType), lambda: KernelModuleType.PROPRIETARY, "TYPE"),
+    Setting("agent_units", "Mesos agent units that must start after the driver",
+            _list_of(UNIT), lambda: DEFAULT_AGENT_UNITS, "UNIT", flag_name="agent_unit",
+            multiple=True),
+    Setting("output", "archive to write", _path, lambda: Path("nvidia.tar.gz"), "PATH"),
+    Setting("compression", "archive compression", _choice(Compression),
+            lambda: Compression.GZIP, "ALGO"),
+    Setting("cache_dir", "where downloads, extractions and builds are cached", _path,
+            _default_cache_dir, "DIR"),
+    Setting("runtime", "sandbox that runs the module build", _choice(Runtime),
+            lambda: Runtime.AUTO, "RUNTIME"),
+    Setting("jobs", "parallel compile jobs", _jobs, lambda: os.cpu_count() or 1, "N"),
+    Setting("offline", "use only what is already in the cache", _boolean, lambda: False,
+            boolean=True),
+)
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    os: OsName
+    channel: Channel
+    releases: tuple[str, ...]
+    board: Board
+    mirror: str
+    driver_version: str
+    driver_url: str
+    profile: Profile
+    kernel_module_type: KernelModuleType
+    agent_units: tuple[str, ...]
+    output: Path
+    compression: Compression
+    cache_dir: Path
+    runtime: Runtime
+    jobs: int
+    offline: bool
+    # Where each value came from: "default", the config file's path, or the flag.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (also settable in the config file)")
+    for s in SETTINGS:
+        if s.boolean:
+            group.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction,
+                               default=None, help=s.help)
+        else:
+            group.add_argument(s.flag, dest=s.key, metavar=s.metavar, default=None,
+                               action="append" if s.multiple else "store", help=s.help)
+
+
+def _bad_value(s: Setting, source: str, error: BadValue) -> CoreosGpuError:
+    where = s.flag if source == s.flag else f"{s.key} in {source}"
+    return CoreosGpuError(
+        f"invalid {where}: {error.value!r} ({error.allowed})", code=ExitCode.CONFIG
+    )
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CoreosGpuError(f"config file {path} does not exist", code=ExitCode.CONFIG) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CoreosGpuError(f"cannot read config file {path}: {e}", code=ExitCode.CONFIG) from e
+    except tomllib.TOMLDecodeError as e:
+        raise CoreosGpuError(f"{path}: invalid TOML: {e}", code=ExitCode.CONFIG) from e
+    for key in data:
+        if key not in SETTINGS_BY_KEY:
+            close = difflib.get_close_matches(key, SETTINGS_BY_KEY, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(
+                SETTINGS_BY_KEY)
+            raise CoreosGpuError(f"{path}: unknown key {key!r}", hint=hint, code=ExitCode.CONFIG)
+    return data
+
+
+def find_config_file(explicit: Path | None, cwd: Path) -> Path | None:
+    if explicit is not None:
+        return explicit
+    candidate = cwd / DEFAULT_CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
+def load_config(flags: Mapping[str, Any], config_file: Path | None) -> BuildConfig:
+    """Merge defaults, the config file and flags (in rising precedence) into a BuildConfig."""
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        if flags.get(s.key) is not None:
+            raw, source = flags[s.key], s.flag
+        elif s.key in file_values:
+            raw, source = file_values[s.key], str(config_file)
+        else:
+            values[s.key], sources[s.key] = s.default(), "default"
+            continue
+        try:
+            values[s.key] = s.parse(raw)
+        except BadValue as e:
+            raise _bad_value(s, source, e) from e
+        if config_file is not None and source == str(config_file) and s.parse is _path:
+            # A path in a config file means the same wherever the command is run from.
+            values[s.key] = config_file.parent / values[s.key]
+        sources[s.key] = source
+    return BuildConfig(**values, sources=sources)
+
+
+def render_value(value: Any) -> Any:
+    """A value as TOML/JSON would show it."""
+    if isinstance(value, tuple):
+        return [render_value(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def config_rows(config: BuildConfig) -> list[tuple[str, Any, str]]:
+    return [
+        (f.name, render_value(getattr(config, f.name)), config.sources.get(f.name, "default"))
+        for f in fields(config)
+        if f.name != "sources"
+    ]
+

@@ -1,0 +1,32 @@
+"""The one error type for problems the user can fix, and the exit codes it maps to."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Distinct exit codes, documented in the README; scripts may rely on them."""
+
+    OK = 0
+    FAILED = 1  # a step failed for a reason outside the other classes
+    CONFIG = 2  # bad configuration, flag or command line
+    DRIVER = 3  # the NVIDIA .run or its .manifest is unusable
+    TOOL = 4  # a tool this verb needs is missing
+    COMMAND = 5  # an external command failed
+    DOWNLOAD = 6  # a download failed or the cache lacks a file in offline mode
+    INTERNAL = 70  # a bug in coreos-gpu (EX_SOFTWARE)
+    INTERRUPTED = 130
+
+
+class CoreosGpuError(Exception):
+    """A problem the user can act on: one line of message, an optional hint, an exit code."""
+
+    def __init__(self, message: str, *, hint: str = "", code: ExitCode = ExitCode.FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,83 @@
+"""The one way coreos-gpu runs external commands."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+
+TAIL_LINES = 30
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    what: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """Run argv (never through a shell) and return its captured output.
+
+    On failure the error names what was being done, the exit code, the last lines of
+    output, and a command line the user can paste to reproduce it.
+    """
+    args = [os.fspath(a) for a in argv]
+    command = shlex.join(args)
+    if cwd is not None:
+        command = f"cd {shlex.quote(str(cwd))} && {command}"
+    label = what or f"running {args[0]}"
+    try:
+        proc = subprocess.run(
+            args,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise CoreosGpuError(
+            f"{label} failed: {args[0]} not found", code=ExitCode.TOOL
+        ) from e
+    except subprocess.TimeoutExpired as e:
+        raise CoreosGpuError(
+            f"{label} failed: no answer after {timeout:.0f} s",
+            hint=f"to reproduce: {command}",
+            code=ExitCode.COMMAND,
+        ) from e
+    if proc.returncode != 0:
+        output = tail(proc.stdout)
+        detail = f"\n{output}" if output else ""
+        raise CoreosGpuError(
+            f"{label} failed with exit code {proc.returncode}{detail}",
+            hint=f"to reproduce: {command}",
+            code=ExitCode.COMMAND,
+        )
+    return proc
+
+
+def check_tools(*tools: str, why: str) -> None:
+    """Preflight: say which tools are missing, and how to get them, before doing any work."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise CoreosGpuError(
+            f"{why} needs {', '.join(missing)}, which is not on PATH",
+            hint="install it with your package manager (Debian: apt-get install "
+            + " ".join(missing)
+            + ")",
+            code=ExitCode.TOOL,
+        )

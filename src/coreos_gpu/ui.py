@@ -1,0 +1,102 @@
+"""All terminal output: step lines with timings on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def log(message: str) -> None:
+    stderr.print(message, markup=False)
+
+
+@contextmanager
+def step(title: str) -> Iterator[None]:
+    """Log a pipeline step's name and, when it is done, how long it took."""
+    start = time.monotonic()
+    log(f"==> {title}")
+    yield
+    log(f"    {title}: done in {time.monotonic() - start:.1f} s")
+
+
+class ByteProgress:
+    """A progress bar on a terminal; a start and an end line otherwise (CI logs stay short)."""
+
+    def __init__(self, description: str, total: int | None) -> None:
+        self.description = description
+        self.interactive = stderr.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self.total = total
+
+    def __enter__(self) -> ByteProgress:
+        if self.interactive:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        else:
+            size = f" ({self.total} bytes)" if self.total else ""
+            log(f"    {self.description}{size}")
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A rich table on a terminal; plain aligned columns, never wrapped, for pipes and logs."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    if stdout.is_terminal:
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
+        stdout.print(table)
+        return
+    widths = [max(len(r[i]) for r in [list(columns), *cells]) for i in range(len(columns))]
+    lines = [f"{title}:"] + [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [list(columns), *cells]
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    sys.stdout.write("".join(f"{key:<{width}}  {value}\n" for key, value in pairs))
+
+
+def print_error(message: str, hint: str = "") -> None:
+    stderr.print(f"coreos-gpu: error: {message}", markup=False)
+    if hint:
+        stderr.print(f"coreos-gpu: hint: {hint}", markup=False)
