@@ -1,0 +1,189 @@
+"""The `coreos-gpu` command: each verb parses, calls the stages, and renders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from coreos_gpu import __version__, ui
+from coreos_gpu.config import (
+    BuildConfig,
+    Profile,
+    add_setting_flags,
+    config_rows,
+    find_config_file,
+    load_config,
+)
+from coreos_gpu.driver import DriverPackage, load_driver
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.fetch import fetch
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage; one line and a pointer to --help is clearer.
+        raise CoreosGpuError(message, hint=f"see {self.prog} --help", code=ExitCode.CONFIG)
+
+
+def _config(args: argparse.Namespace) -> BuildConfig:
+    return load_config(vars(args), find_config_file(args.config, Path.cwd()))
+
+
+# --- verbs -------------------------------------------------------------------------------
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    rows = config_rows(_config(args))
+    if args.json:
+        ui.print_json({key: {"value": value, "source": source} for key, value, source in rows})
+    else:
+        shown = [(k, v if isinstance(v, str) and v else json.dumps(v), s) for k, v, s in rows]
+        ui.print_table("effective configuration", ("key", "value", "source"), shown)
+
+
+def cmd_driver_inspect(args: argparse.Namespace) -> None:
+    config = _config(args)
+    with ui.step(f"reading driver package {Path(args.package).name}"):
+        run_file = fetch(args.package, config.cache_dir, offline=config.offline)
+        package = load_driver(run_file, config.cache_dir, source=args.package)
+    if args.json:
+        ui.print_json(render_driver_json(package))
+    else:
+        render_driver_text(package)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def _profiles_of(package: DriverPackage) -> dict[str, set[int]]:
+    return {p.value: {id(e) for e in package.files(p)} for p in Profile}
+
+
+def render_driver_json(package: DriverPackage) -> dict[str, Any]:
+    members = _profiles_of(package)
+    userspace = package.files(Profile.FULL)
+    return {
+        "version": package.version,
+        "description": package.description,
+        "source": package.source,
+        "sha256": package.sha256,
+        "extracted_to": str(package.root),
+        "flavours": [f.value for f in package.flavours],
+        "kernel_modules": list(package.kernel_modules),
+        "profiles": {
+            p.value: {
+                "files": len(package.files(p)),
+                "bytes": sum(package.size_of(e) for e in package.files(p)),
+            }
+            for p in Profile
+        },
+        "files": [
+            {
+                "file": e.file,
+                "type": e.type,
+                "arch": e.arch.value if e.arch else None,
+                "mode": f"{e.mode:04o}",
+                "size": package.size_of(e),
+                "target": e.target,
+                "profiles": [p for p, ids in members.items() if id(e) in ids],
+            }
+            for e in userspace
+        ],
+    }
+
+
+def render_driver_text(package: DriverPackage) -> None:
+    ui.print_fields([
+        ("driver version", package.version),
+        ("description", package.description),
+        ("sha256", package.sha256),
+        ("flavours", ", ".join(f"{f.value} ({package.kernel_source_dir(f).name}/)"
+                               for f in package.flavours) or "none"),
+        ("kernel modules", " ".join(package.kernel_modules)),
+    ])
+    members = _profiles_of(package)
+    ui.print_table(
+        "profiles", ("profile", "files", "size"),
+        [(p.value, len(package.files(p)),
+          _mib(sum(package.size_of(e) for e in package.files(p)))) for p in Profile])
+    ui.print_table(
+        "userspace files", ("file", "type", "arch", "size", *(p.value for p in Profile)),
+        [(e.file + (f" -> {e.target}" if e.target else ""), e.type,
+          e.arch.value if e.arch else "", _mib(package.size_of(e)),
+          *("yes" if id(e) in members[p.value] else "" for p in Profile))
+         for e in package.files(Profile.FULL)])
+
+
+def _mib(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                        help="config file (default: ./coreos-gpu.toml if present)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+
+    parser = _Parser(prog="coreos-gpu", parents=[common],
+                     description="NVIDIA GPU drivers for Mesos/DC/OS agents on Flatcar and "
+                     "CoreOS Container Linux.")
+    parser.add_argument("--version", action="version", version=f"coreos-gpu {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(
+        group: Any, name: str, helptext: str, func: Callable[[argparse.Namespace], None]
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(
+            name, parents=[common], help=helptext, description=helptext)
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        add_setting_flags(sub)
+        sub.set_defaults(func=func)
+        return sub
+
+    config = verbs.add_parser("config", help="configuration").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    verb(config, "show", "print the effective configuration and where each value came from",
+         cmd_config_show)
+
+    driver = verbs.add_parser("driver", help="NVIDIA driver packages").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    inspect = verb(driver, "inspect", "show what an NVIDIA .run holds and what each profile "
+                   "takes", cmd_driver_inspect)
+    inspect.add_argument("package", metavar="PATH_OR_URL", help="NVIDIA-Linux-*.run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        args.config = getattr(args, "config", None)
+        args.func(args)
+    except CoreosGpuError as e:
+        if debug:
+            traceback.print_exc()
+        ui.print_error(e.message, e.hint)
+        return int(e.code)
+    except KeyboardInterrupt:
+        ui.print_error("interrupted")
+        return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        return int(ExitCode.OK)
+    except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            traceback.print_exc()
+        ui.print_error(f"internal error: {type(e).__name__}: {e}",
+                       "rerun with --debug for the traceback, and report it")
+        return int(ExitCode.INTERNAL)
+    return int(ExitCode.OK)

@@ -1,0 +1,205 @@
+"""Driver stage: an NVIDIA `.run` → `DriverPackage` (version, kernel sources, files by profile).
+
+The `.run` is extracted with its own `-x --target` (NVIDIA's supported way; nvidia-installer
+is never used), once per sha256, into the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from coreos_gpu.config import KernelModuleType, Profile
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.manifest import Arch, Manifest, ManifestEntry, parse_manifest
+from coreos_gpu.run import run
+
+MANIFEST_NAME = ".manifest"
+EXTRACT_TIMEOUT_S = 600
+
+# Where each flavour's kernel module sources live in the extracted package.
+FLAVOUR_DIRS = {KernelModuleType.PROPRIETARY: "kernel", KernelModuleType.OPEN: "kernel-open"}
+
+# Not userspace: compiled by the modules stage, or only meaningful to nvidia-installer.
+_NOT_USERSPACE = frozenset(
+    {"KERNEL_MODULE_SRC", "KERNEL_MODULE", "DKMS_CONF", "INSTALLER_BINARY",
+     "MODULE_SIGNING_KEY"})
+# compute: what CUDA, OpenCL and NVML users need, 64-bit only.
+_COMPUTE_LIBS = frozenset({"CUDA_LIB", "OPENCL_LIB", "UTILITY_LIB"})
+_COMPUTE_LINKS = frozenset({"CUDA_SYMLINK", "OPENCL_LIB_SYMLINK", "UTILITY_LIB_SYMLINK"})
+_COMPUTE_ANY_ARCH = frozenset({"NVIDIA_MODPROBE", "FIRMWARE", "CUDA_ICD"})
+# The tools the Mesos GPU isolator looks up with `which` and mounts into containers.
+MESOS_TOOLS = frozenset({
+    "nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
+    "nvidia-cuda-mps-server"})
+# UTILITY_LIB also covers nvidia-settings' GUI and Wayland helpers, which no GPU task needs.
+_DESKTOP_LIB = re.compile(r"libnvidia-(gtk[23]|wayland-client)\.so")
+
+
+@dataclass(frozen=True)
+class DriverPackage:
+    version: str
+    description: str
+    root: Path  # the extracted package, in the cache
+    sha256: str  # of the .run
+    source: str  # where the .run came from, as the user gave it
+    flavours: tuple[KernelModuleType, ...]
+    manifest: Manifest
+
+    @property
+    def kernel_modules(self) -> tuple[str, ...]:
+        return self.manifest.kernel_modules
+
+    def kernel_source_dir(self, flavour: KernelModuleType) -> Path:
+        return self.root / FLAVOUR_DIRS[flavour]
+
+    def files(self, profile: Profile) -> tuple[ManifestEntry, ...]:
+        return select_files(self.manifest, profile)
+
+    def size_of(self, entry: ManifestEntry) -> int:
+        return (self.root / entry.file).lstat().st_size
+
+
+def _in_compute(entry: ManifestEntry) -> bool:
+    if entry.type in _COMPUTE_ANY_ARCH:
+        return True
+    if entry.type == "UTILITY_BINARY":
+        return entry.name in MESOS_TOOLS
+    return (entry.type in _COMPUTE_LIBS and entry.arch is Arch.NATIVE
+            and not _DESKTOP_LIB.match(entry.name))
+
+
+def _links_to_selected(
+    links: list[ManifestEntry], selected: list[ManifestEntry]
+) -> list[ManifestEntry]:
+    """Symlinks whose chain of targets ends at a selected file (libcuda.so → .so.1 → .so.N)."""
+    by_name = {e.name: e for e in selected}
+    pending = list(links)
+    kept: list[ManifestEntry] = []
+    progress = True
+    while progress:
+        progress = False
+        for link in list(pending):
+            if link.target is not None and Path(link.target).name in by_name:
+                by_name[link.name] = link
+                kept.append(link)
+                pending.remove(link)
+                progress = True
+    return kept
+
+
+def select_files(manifest: Manifest, profile: Profile) -> tuple[ManifestEntry, ...]:
+    """The manifest entries a profile ships, in manifest order."""
+    userspace = [e for e in manifest.entries if e.type not in _NOT_USERSPACE]
+    if profile is Profile.FULL:
+        return tuple(userspace)
+    files = [e for e in userspace if _in_compute(e)]
+    links = [e for e in userspace
+             if e.type in _COMPUTE_LINKS and e.arch is Arch.NATIVE]
+    chosen = {id(e) for e in files + _links_to_selected(links, files)}
+    return tuple(e for e in userspace if id(e) in chosen)
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextmanager
+def locked(lock_path: Path) -> Iterator[None]:
+    """Serialise work on one cache entry between processes."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _check_run_file(run_file: Path) -> None:
+    try:
+        with run_file.open("rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise CoreosGpuError(f"cannot read driver package {run_file}: {e.strerror}",
+                             code=ExitCode.DRIVER) from e
+    if head != b"#!":
+        raise CoreosGpuError(
+            f"{run_file} is not an NVIDIA .run package (it does not start with a shell header)",
+            hint="pass NVIDIA-Linux-x86_64-<version>.run as downloaded from NVIDIA",
+            code=ExitCode.DRIVER)
+
+
+def extract_run(run_file: Path, cache_dir: Path) -> tuple[Path, str]:
+    """Extract a .run into the cache (once per sha256); return the folder and the sha256."""
+    if not run_file.is_file():
+        raise CoreosGpuError(f"driver package {run_file} does not exist or is not a file",
+                             code=ExitCode.DRIVER)
+    _check_run_file(run_file)
+    digest = sha256_file(run_file)
+    drivers = cache_dir / "drivers"
+    final = drivers / digest
+    if final.is_dir():
+        return final, digest
+    with locked(drivers / f"{digest}.lock"):
+        if final.is_dir():  # another process finished it while we waited
+            return final, digest
+        # Extract beside the final place, then rename: a crash never leaves half a tree there.
+        work = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=drivers))
+        try:
+            target = work / "package"
+            try:
+                run(["sh", run_file.resolve(), "-x", "--target", target], cwd=work,
+                    timeout=EXTRACT_TIMEOUT_S, what=f"extracting {run_file.name}")
+            except CoreosGpuError as e:
+                raise CoreosGpuError(e.message, hint=e.hint, code=ExitCode.DRIVER) from e
+            if not (target / MANIFEST_NAME).is_file():
+                raise CoreosGpuError(
+                    f"{run_file.name} extracted without a {MANIFEST_NAME}: not an NVIDIA "
+                    "driver package", code=ExitCode.DRIVER)
+            target.rename(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return final, digest
+
+
+def _detect_flavours(root: Path, manifest: Manifest) -> tuple[KernelModuleType, ...]:
+    sources = {e.file.split("/", 1)[0] for e in manifest.entries
+               if e.type == "KERNEL_MODULE_SRC"}
+    return tuple(
+        flavour for flavour, folder in FLAVOUR_DIRS.items()
+        if folder in sources and (root / folder / "Makefile").is_file())
+
+
+def read_package(root: Path, *, sha256: str, source: str) -> DriverPackage:
+    """Parse the extracted package's .manifest and check that every listed file is there."""
+    manifest_path = root / MANIFEST_NAME
+    try:
+        text = manifest_path.read_text(encoding="utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CoreosGpuError(f"cannot read {manifest_path}: {e}", code=ExitCode.DRIVER) from e
+    manifest = parse_manifest(text, source=f"{Path(source).name}: {MANIFEST_NAME}")
+    for entry in manifest.entries:
+        if not (root / entry.file).is_symlink() and not (root / entry.file).exists():
+            raise CoreosGpuError(
+                f"{source}: {MANIFEST_NAME} line {entry.line} lists {entry.file}, "
+                "which the package lacks", code=ExitCode.DRIVER)
+    return DriverPackage(
+        version=manifest.version,
+        description=manifest.description,
+        root=root,
+        sha256=sha256,
+        source=source,
+        flavours=_detect_flavours(root, manifest),
+        manifest=manifest,
+    )
+
+
+def load_driver(run_file: Path, cache_dir: Path, *, source: str = "") -> DriverPackage:
+    root, digest = extract_run(run_file, cache_dir)
+    return read_package(root, sha256=digest, source=source or str(run_file))
