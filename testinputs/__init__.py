@@ -1,0 +1,1 @@
+"""Builders of real-format test inputs (an NVIDIA .run, Debian packages); not shipped."""

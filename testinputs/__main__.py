@@ -1,0 +1,33 @@
+"""`python -m testinputs nvidia-run`: build (or find in the cache) a test input, print its path."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from coreos_gpu.errors import CoreosGpuError
+from testinputs.nvidia_run import build_nvidia_run
+
+BUILDERS: dict[str, Callable[[], Path]] = {
+    "nvidia-run": build_nvidia_run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testinputs", description=__doc__)
+    parser.add_argument("input", choices=sorted(BUILDERS), help="the test input to build")
+    args = parser.parse_args(argv)
+    try:
+        path = BUILDERS[args.input]()
+    except (CoreosGpuError, RuntimeError, OSError) as e:
+        hint = f" ({e.hint})" if isinstance(e, CoreosGpuError) and e.hint else ""
+        print(f"testinputs: {args.input}: {e}{hint}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
