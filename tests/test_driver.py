@@ -1,0 +1,168 @@
+"""The driver stage against the real-format 535.261.03 .run built from Debian's packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.config import KernelModuleType, Profile
+from coreos_gpu.driver import MESOS_TOOLS, DriverPackage, load_driver, read_package
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.manifest import Arch
+
+from .test_manifest import NEW_HEADER
+
+VERSION = "535.261.03"
+GL_TYPES = {"OPENGL_LIB", "OPENGL_SYMLINK", "GLX_CLIENT_LIB", "GLX_CLIENT_SYMLINK",
+            "EGL_CLIENT_LIB", "EGL_CLIENT_SYMLINK", "GLVND_LIB", "GLVND_SYMLINK"}
+
+
+@pytest.fixture(scope="module")
+def package(nvidia_run: Path, tmp_path_factory: pytest.TempPathFactory) -> DriverPackage:
+    return load_driver(nvidia_run, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.slow
+def test_version_flavours_and_modules(package: DriverPackage) -> None:
+    assert package.version == VERSION
+    assert package.flavours == (KernelModuleType.PROPRIETARY, KernelModuleType.OPEN)
+    assert {"nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"} <= set(
+        package.kernel_modules)
+    for flavour in package.flavours:
+        assert (package.kernel_source_dir(flavour) / "Makefile").is_file()
+
+
+@pytest.mark.slow
+def test_every_file_of_the_package_is_in_its_manifest(package: DriverPackage) -> None:
+    on_disk = {
+        str(p.relative_to(package.root)) for p in package.root.rglob("*")
+        if p.is_symlink() or p.is_file()
+    } - {".manifest"}
+    assert on_disk == {e.file for e in package.manifest.entries}
+
+
+@pytest.mark.slow
+def test_compute_profile_of_the_real_package(package: DriverPackage) -> None:
+    compute = package.files(Profile.COMPUTE)
+    names = {e.file for e in compute}
+    assert f"libnvidia-ml.so.{VERSION}" in names
+    for lib in ("libcuda", "libnvidia-ptxjitcompiler", "libnvidia-opencl", "libnvidia-cfg"):
+        assert f"{lib}.so.{VERSION}" in names
+    firmware = [e for e in compute if e.type == "FIRMWARE"]
+    assert firmware and all(e.name.startswith("gsp") and e.name.endswith(".bin")
+                            for e in firmware)
+    assert "nvidia-modprobe" in names
+    present_tools = {e.name for e in package.manifest.entries if e.name in MESOS_TOOLS}
+    assert {"nvidia-smi", "nvidia-persistenced"} <= present_tools
+    assert present_tools <= names
+    # Out: 32-bit files, OpenGL libraries, documentation, kernel sources.
+    assert not [e for e in compute if e.arch is Arch.COMPAT32 or e.file.startswith("32/")]
+    assert not [e for e in compute if e.type in GL_TYPES]
+    assert not [e for e in compute if e.type == "DOCUMENTATION"]
+    assert not [e for e in compute if e.type == "KERNEL_MODULE_SRC"]
+
+
+@pytest.mark.slow
+def test_full_profile_adds_32bit_opengl_and_docs(package: DriverPackage) -> None:
+    full = package.files(Profile.FULL)
+    assert {e.file for e in package.files(Profile.COMPUTE)} < {e.file for e in full}
+    assert [e for e in full if e.arch is Arch.COMPAT32 and e.file.startswith("32/")]
+    assert [e for e in full if e.type in GL_TYPES]
+    assert [e for e in full if e.type == "DOCUMENTATION"]
+
+
+@pytest.mark.slow
+def test_inspect_json_and_text(cli, nvidia_run: Path) -> None:
+    result = cli("driver", "inspect", nvidia_run, "--json")
+    assert result.code == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["version"] == VERSION
+    assert shown["flavours"] == ["proprietary", "open"]
+    by_file = {f["file"]: f for f in shown["files"]}
+    assert by_file[f"libnvidia-ml.so.{VERSION}"]["profiles"] == ["compute", "full"]
+    assert by_file[f"32/libcuda.so.{VERSION}"]["profiles"] == ["full"]
+    assert shown["profiles"]["compute"]["bytes"] < shown["profiles"]["full"]["bytes"]
+    text = cli("driver", "inspect", nvidia_run)
+    assert text.code == 0, text.stderr
+    assert f"driver version  {VERSION}" in text.stdout
+    assert "flavours        proprietary (kernel/), open (kernel-open/)" in text.stdout
+    assert f"libnvidia-ml.so.{VERSION}" in text.stdout
+
+
+@pytest.mark.slow
+def test_inspect_reuses_the_cached_extraction(cli, nvidia_run: Path, tmp_path: Path) -> None:
+    assert cli("driver", "inspect", nvidia_run).code == 0
+    # With a `sh` that cannot extract anything, only the cache can answer.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sh").write_text("#!/bin/false\n")
+    (bin_dir / "sh").chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    assert cli("driver", "inspect", nvidia_run, env={"PATH": path}).code == 0
+    other = tmp_path / "copy.run"
+    shutil.copy(nvidia_run, other)
+    other.write_bytes(other.read_bytes() + b"\n")  # another sha256: not in the cache
+    assert cli("driver", "inspect", other, env={"PATH": path}).code == ExitCode.DRIVER
+
+
+@pytest.mark.slow
+def test_inspect_over_http(cli, nvidia_run: Path, http_dir: tuple[Path, str]) -> None:
+    root, base = http_dir
+    shutil.copy(nvidia_run, root / nvidia_run.name)
+    url = f"{base}/{nvidia_run.name}"
+    offline = cli("driver", "inspect", url, "--offline")
+    assert offline.code == ExitCode.DOWNLOAD
+    assert "is not in the cache and --offline forbids downloading" in offline.error_lines[0]
+    result = cli("driver", "inspect", url, "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["version"] == VERSION
+    (root / nvidia_run.name).unlink()
+    assert cli("driver", "inspect", url, "--offline").code == 0  # now from the cache
+    missing = cli("driver", "inspect", f"{base}/NVIDIA-Linux-x86_64-1.2.3.run")
+    assert missing.code == ExitCode.DOWNLOAD
+    assert missing.error_lines[0].endswith("HTTP 404 File not found")
+
+
+@pytest.mark.slow
+def test_corrupt_run_is_refused_and_leaves_nothing(cli, nvidia_run: Path,
+                                                   tmp_path: Path) -> None:
+    data = bytearray(nvidia_run.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "NVIDIA-Linux-x86_64-535.261.03.run"
+    bad.write_bytes(bytes(data))
+    result = cli("driver", "inspect", bad)
+    assert result.code == ExitCode.DRIVER
+    assert result.error_lines[0].startswith(
+        f"coreos-gpu: error: extracting {bad.name} failed with exit code")
+    assert "Traceback" not in result.stderr
+    drivers = tmp_path / "cache" / "coreos-gpu" / "drivers"
+    assert [p.name for p in drivers.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist or is not a file"),
+        (b"PK\x03\x04 not a shell script", "is not an NVIDIA .run package"),
+    ],
+)
+def test_not_a_driver_package(cli, tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "driver.run"
+    if content is not None:
+        path.write_bytes(content)
+    result = cli("driver", "inspect", path)
+    assert result.code == ExitCode.DRIVER
+    assert message in result.error_lines[0]
+
+
+def test_manifest_listing_a_missing_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".manifest").write_text(
+        NEW_HEADER + "nvidia-smi 0755 UTILITY_BINARY MODULE:nvml\n")
+    with pytest.raises(CoreosGpuError) as info:
+        read_package(tmp_path, sha256="0" * 64, source="X.run")
+    assert info.value.message == "X.run: .manifest line 9 lists nvidia-smi, which the " \
+        "package lacks"
