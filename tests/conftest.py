@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -54,24 +58,66 @@ def nvidia_run() -> Path:
     return build_nvidia_run()
 
 
+class MirrorHandler(SimpleHTTPRequestHandler):
+    """Serves a folder with HTTP Range support; can cut chosen files short, like a bad link."""
+
+    cut_after: dict[str, int]  # URL path -> bytes to send before closing the connection
+    cut_once: dict[str, int]  # the same, for the next response only
+    ranges_seen: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404, "File not found")
+            return
+        data = path.read_bytes()
+        start, status = 0, 200
+        if (header := self.headers.get("Range", "")).startswith("bytes="):
+            self.ranges_seen.append(header)
+            start, status = int(header[6:].split("-")[0]), 206
+            if start >= len(data):
+                self.send_error(416)
+                return
+        body = data[start:]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        limit = self.cut_once.pop(self.path, None) or self.cut_after.get(self.path)
+        self.wfile.write(body if limit is None else body[:limit])
+        if limit is not None:
+            self.close_connection = True
+
+
+@dataclass
+class Mirror:
+    root: Path
+    url: str
+    cut_after: dict[str, int]
+    cut_once: dict[str, int]
+    ranges_seen: list[str]
+
+
 @pytest.fixture
-def http_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """An HTTP server on 127.0.0.1 serving a fresh folder; yields (folder, base URL)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
+def http_dir(tmp_path: Path) -> Iterator[Mirror]:
+    """An HTTP server on 127.0.0.1 serving a fresh folder."""
     root = tmp_path / "www"
     root.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=root))
+    mirror = Mirror(root, "", {}, {}, [])
+    handler = type("Handler", (MirrorHandler,), {"cut_after": mirror.cut_after,
+                                                  "cut_once": mirror.cut_once,
+                                                  "ranges_seen": mirror.ranges_seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+        mirror.url = f"http://127.0.0.1:{server.server_address[1]}"
+        yield mirror
     finally:
         server.shutdown()
         server.server_close()

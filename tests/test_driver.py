@@ -14,6 +14,7 @@ from coreos_gpu.driver import MESOS_TOOLS, DriverPackage, load_driver, read_pack
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.manifest import Arch
 
+from .conftest import Mirror
 from .test_manifest import NEW_HEADER
 
 VERSION = "535.261.03"
@@ -110,8 +111,8 @@ def test_inspect_reuses_the_cached_extraction(cli, nvidia_run: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_inspect_over_http(cli, nvidia_run: Path, http_dir: tuple[Path, str]) -> None:
-    root, base = http_dir
+def test_inspect_over_http(cli, nvidia_run: Path, http_dir: Mirror) -> None:
+    root, base = http_dir.root, http_dir.url
     shutil.copy(nvidia_run, root / nvidia_run.name)
     url = f"{base}/{nvidia_run.name}"
     offline = cli("driver", "inspect", url, "--offline")

@@ -6,16 +6,13 @@ is never used), once per sha256, into the cache.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from coreos_gpu.cache import content_digest, locked
 from coreos_gpu.config import KernelModuleType, Profile
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.manifest import Arch, Manifest, ManifestEntry, parse_manifest
@@ -107,20 +104,6 @@ def select_files(manifest: Manifest, profile: Profile) -> tuple[ManifestEntry, .
     return tuple(e for e in userspace if id(e) in chosen)
 
 
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-@contextmanager
-def locked(lock_path: Path) -> Iterator[None]:
-    """Serialise work on one cache entry between processes."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def _check_run_file(run_file: Path) -> None:
     try:
         with run_file.open("rb") as f:
@@ -141,7 +124,7 @@ def extract_run(run_file: Path, cache_dir: Path) -> tuple[Path, str]:
         raise CoreosGpuError(f"driver package {run_file} does not exist or is not a file",
                              code=ExitCode.DRIVER)
     _check_run_file(run_file)
-    digest = sha256_file(run_file)
+    digest = content_digest(run_file)
     drivers = cache_dir / "drivers"
     final = drivers / digest
     if final.is_dir():

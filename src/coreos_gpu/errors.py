@@ -14,7 +14,12 @@ class ExitCode(IntEnum):
     DRIVER = 3  # the NVIDIA .run or its .manifest is unusable
     TOOL = 4  # a tool this verb needs is missing
     COMMAND = 5  # an external command failed
-    DOWNLOAD = 6  # a download failed or the cache lacks a file in offline mode
+    DOWNLOAD = 6  # a download failed (HTTP error, network) or offline and not cached
+    DIGEST = 7  # a download does not match its published checksum
+    SIGNATURE = 8  # a signature does not verify, or the signing key is not the pinned one
+    UNVERIFIABLE = 9  # the checksum or signature to verify a download with is missing
+    INCOMPLETE = 10  # a download stopped short of its announced size, even after resuming
+    IMAGE = 11  # the developer container image or its kernel build tree is unusable
     INTERNAL = 70  # a bug in coreos-gpu (EX_SOFTWARE)
     INTERRUPTED = 130
 

@@ -25,11 +25,12 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     what: str = "",
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv (never through a shell) and return its captured output.
 
-    On failure the error names what was being done, the exit code, the last lines of
-    output, and a command line the user can paste to reproduce it.
+    On failure (unless check=False) the error names what was being done, the exit code, the
+    last lines of output, and a command line the user can paste to reproduce it.
     """
     args = [os.fspath(a) for a in argv]
     command = shlex.join(args)
@@ -59,7 +60,7 @@ def run(
             hint=f"to reproduce: {command}",
             code=ExitCode.COMMAND,
         ) from e
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         output = tail(proc.stdout)
         detail = f"\n{output}" if output else ""
         raise CoreosGpuError(
@@ -70,14 +71,17 @@ def run(
     return proc
 
 
-def check_tools(*tools: str, why: str) -> None:
-    """Preflight: say which tools are missing, and how to get them, before doing any work."""
+def check_tools(*tools: str, why: str, packages: Mapping[str, str] | None = None) -> None:
+    """Preflight: say which tools are missing, and how to get them, before doing any work.
+
+    packages maps a tool to its Debian package where the names differ.
+    """
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
+        names = sorted({(packages or {}).get(t, t) for t in missing})
         raise CoreosGpuError(
             f"{why} needs {', '.join(missing)}, which is not on PATH",
-            hint="install it with your package manager (Debian: apt-get install "
-            + " ".join(missing)
-            + ")",
+            hint=f"install it with your package manager (Debian: apt-get install "
+            f"{' '.join(names)})",
             code=ExitCode.TOOL,
         )
