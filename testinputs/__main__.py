@@ -1,4 +1,4 @@
-"""`python -m testinputs nvidia-run`: build (or find in the cache) a test input, print its path."""
+"""`python -m testinputs NAME`: build (or find in the cache) a test input, print its path."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coreos_gpu.errors import CoreosGpuError
+from testinputs.flatcar import build_flatcar_release
 from testinputs.nvidia_run import build_nvidia_run
+
+
+def build_flatcar_server_root() -> Path:
+    """The folder to serve as the mirror (its layout: `<root>/HOST/PATH`)."""
+    return build_flatcar_release().server_root
+
 
 BUILDERS: dict[str, Callable[[], Path]] = {
     "nvidia-run": build_nvidia_run,
+    "flatcar-release": build_flatcar_server_root,
 }
 
 

@@ -121,3 +121,26 @@ def http_dir(tmp_path: Path) -> Iterator[Mirror]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def flatcar_release():  # type: ignore[no-untyped-def]
+    """The Flatcar test release (developer container, DIGESTS, sig, feed) in mirror layout."""
+    from testinputs.flatcar import build_flatcar_release
+
+    if os.geteuid() != 0:
+        pytest.skip("building the Flatcar test release needs root (debootstrap)")
+    return build_flatcar_release()
+
+
+def link_tree(source: Path, dest: Path) -> None:
+    """A cheap copy of a served tree (hard links); replace files in it, never edit in place."""
+    import shutil
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, symlinks=True, copy_function=link, dirs_exist_ok=True)

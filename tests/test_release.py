@@ -96,6 +96,7 @@ def test_list_and_resolve_over_http(http_dir: Mirror, tmp_path: Path) -> None:
     current = http_dir.root / "stable.release.flatcar-linux.net" / "amd64-usr" / "current"
     current.mkdir(parents=True)
     (current / "version.txt").write_text("FLATCAR_VERSION=3975.2.2\n")
+    (current.parent / "3975.2.2").symlink_to("current")
     kwargs = {"mirror": http_dir.url, "cache_dir": tmp_path, "offline": False}
     releases = list_releases(OsName.FLATCAR, Channel.STABLE, **kwargs)  # type: ignore[arg-type]
     assert [r.version for r in releases] == ["4081.2.0", "3975.2.2", "3815.2.5"]
@@ -105,6 +106,13 @@ def test_list_and_resolve_over_http(http_dir: Mirror, tmp_path: Path) -> None:
     assert release.image_url == (f"{http_dir.url}/stable.release.flatcar-linux.net/amd64-usr/"
                                  "3975.2.2/flatcar_developer_container.bin.bz2")
     assert release.sig_url == release.image_url + ".sig"
+    assert resolve_release(OsName.FLATCAR, Channel.STABLE, Board.AMD64_USR, "3975.2.2",
+                           **kwargs).feed_kernel == "6.6.56"  # type: ignore[arg-type]
+    with pytest.raises(CoreosGpuError) as info:
+        resolve_release(OsName.FLATCAR, Channel.STABLE, Board.AMD64_USR, "3815.2.5",
+                        **kwargs)  # type: ignore[arg-type]
+    assert info.value.code is ExitCode.DOWNLOAD
+    assert info.value.message.startswith("flatcar stable has no release 3815.2.5: ")
     assert release.digests_url == release.image_url + ".DIGESTS"
 
 

@@ -9,8 +9,13 @@ import pytest
 
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import cached
-from coreos_gpu.verify import Published, fetch_verified, parse_digests, verify_digest, \
-    verify_signature
+from coreos_gpu.verify import (
+    Published,
+    fetch_verified,
+    parse_digests,
+    verify_digest,
+    verify_signature,
+)
 
 from .conftest import Mirror
 

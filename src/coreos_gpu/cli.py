@@ -19,9 +19,11 @@ from coreos_gpu.config import (
     find_config_file,
     load_config,
 )
+from coreos_gpu.devcontainer import prepare_devcontainer
 from coreos_gpu.driver import DriverPackage, load_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import fetch
+from coreos_gpu.release import list_releases
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +57,32 @@ def cmd_driver_inspect(args: argparse.Namespace) -> None:
         ui.print_json(render_driver_json(package))
     else:
         render_driver_text(package)
+
+
+def cmd_releases(args: argparse.Namespace) -> None:
+    config = _config(args)
+    releases = list_releases(config.os, config.channel, mirror=config.mirror,
+                             cache_dir=config.cache_dir, offline=config.offline)
+    if args.json:
+        ui.print_json([{"version": r.version, "kernel": r.kernel,
+                        "release_date": r.release_date} for r in releases])
+    else:
+        ui.print_table(f"{config.os.value} {config.channel.value} releases",
+                       ("version", "kernel", "release date"),
+                       [(r.version, r.kernel or "?", r.release_date) for r in releases])
+
+
+def cmd_devcontainer_prepare(args: argparse.Namespace) -> None:
+    config = _config(args)
+    roots = [prepare_devcontainer(config, version) for version in config.releases]
+    rows = [{"os": d.release.os.value, "version": d.release.version,
+             "kernel_release": d.kernel_release, "build_dir": d.build_dir,
+             "root": str(d.root), "image_sha256": d.image_sha256} for d in roots]
+    if args.json:
+        ui.print_json(rows)
+    else:
+        ui.print_table("developer containers", ("release", "kernel release", "root"),
+                       [(r["version"], r["kernel_release"], r["root"]) for r in rows])
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -161,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = verb(driver, "inspect", "show what an NVIDIA .run holds and what each profile "
                    "takes", cmd_driver_inspect)
     inspect.add_argument("package", metavar="PATH_OR_URL", help="NVIDIA-Linux-*.run")
+    verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
+
+    devcontainer = verbs.add_parser(
+        "devcontainer", help="the OS's developer container, the module build's root"
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    verb(devcontainer, "prepare", "download, verify and unpack the developer container of "
+         "each configured release", cmd_devcontainer_prepare)
     return parser
 
 

@@ -131,11 +131,11 @@ def _boolean(raw: Any) -> bool:
     raise BadValue(raw, "expected true or false")
 
 
-def _list_of(item: Parser) -> Parser:
+def _list_of(item: Parser, *, empty: bool = False) -> Parser:
     def parse(raw: Any) -> tuple[Any, ...]:
         if isinstance(raw, str):
             raw = [raw]
-        if not isinstance(raw, list | tuple) or not raw:
+        if not isinstance(raw, list | tuple) or not (raw or empty):
             raise BadValue(raw, "expected a non-empty list")
         return tuple(item(x) for x in raw)
 
@@ -144,6 +144,7 @@ def _list_of(item: Parser) -> Parser:
 
 RELEASE = _matching(r"current|\d+\.\d+\.\d+", "'current' or a release like 3975.2.2")
 DRIVER_VERSION = _matching(r"\d{3}\.\d{2,3}(\.\d{2})?", "an NVIDIA driver version like 535.261.03")
+FINGERPRINT = _matching(r"|[0-9A-Fa-f]{40}", "a 40-digit hex key fingerprint")
 UNIT = _matching(r"[A-Za-z0-9@_.:\\-]+\.service",
                  "a systemd unit name like dcos-mesos-slave.service")
 
@@ -179,6 +180,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("board", "OS board", _choice(Board), lambda: Board.AMD64_USR, "BOARD"),
     Setting("mirror", "base URL that replaces every download host (air-gapped sites, CoreOS)",
             _url, lambda: "", "URL"),
+    Setting("signing_key", "armored key that signs the OS images (URL or path; default: the "
+            "OS's published key)", _text, lambda: "", "URL|PATH"),
+    Setting("signing_key_fingerprint", "primary key fingerprint the signing key must have "
+            "(default: the one pinned for the OS)", FINGERPRINT, lambda: "", "FPR"),
     Setting("driver_version", "NVIDIA driver version", DRIVER_VERSION,
             lambda: DEFAULT_DRIVER_VERSION, "VERSION"),
     Setting("driver_url", "NVIDIA .run to use instead of NVIDIA's download URL (URL or path)",
@@ -197,6 +202,12 @@ SETTINGS: tuple[Setting, ...] = (
             _default_cache_dir, "DIR"),
     Setting("runtime", "sandbox that runs the module build", _choice(Runtime),
             lambda: Runtime.AUTO, "RUNTIME"),
+    Setting("podman_options", "extra global podman options, e.g. --storage-driver=vfs",
+            _list_of(_text, empty=True), tuple, "OPTION", flag_name="podman_option",
+            multiple=True),
+    Setting("podman_run_options", "extra `podman run` options, e.g. --ulimit=nofile=4096:4096",
+            _list_of(_text, empty=True), tuple, "OPTION", flag_name="podman_run_option",
+            multiple=True),
     Setting("jobs", "parallel compile jobs", _jobs, lambda: os.cpu_count() or 1, "N"),
     Setting("offline", "use only what is already in the cache", _boolean, lambda: False,
             boolean=True),
@@ -211,6 +222,8 @@ class BuildConfig:
     releases: tuple[str, ...]
     board: Board
     mirror: str
+    signing_key: str
+    signing_key_fingerprint: str
     driver_version: str
     driver_url: str
     profile: Profile
@@ -220,6 +233,8 @@ class BuildConfig:
     compression: Compression
     cache_dir: Path
     runtime: Runtime
+    podman_options: tuple[str, ...]
+    podman_run_options: tuple[str, ...]
     jobs: int
     offline: bool
     # Where each value came from: "default", the config file's path, or the flag.

@@ -172,17 +172,29 @@ def list_releases(os: OsName, channel: Channel, *, mirror: str, cache_dir: Path,
 
 def resolve_release(os: OsName, channel: Channel, board: Board, version: str, *, mirror: str,
                     cache_dir: Path, offline: bool) -> OsRelease:
-    """Turn a version (or "current") into an OsRelease; version.txt says what "current" is."""
+    """Turn a version (or "current") into an OsRelease, checked against its version.txt.
+
+    version.txt is tiny: fetching it first tells a missing release (HTTP 404) apart from a
+    release whose checksum or signature is missing, and says which release "current" is.
+    """
     check_channel(os, channel)
-    if version == "current":
-        url = release_folder_url(os, channel, board, "current", mirror) + "version.txt"
-        values = parse_version_txt(
-            fetch(url, cache_dir, offline=offline, fresh=True).read_text(errors="replace"))
-        version = values.get(SCHEMES[os].version_key, "")
-        if not _VERSION.fullmatch(version):
-            raise CoreosGpuError(
-                f"{url} names no release ({SCHEMES[os].version_key}= is missing or malformed)",
-                code=ExitCode.DOWNLOAD)
+    url = release_folder_url(os, channel, board, version, mirror) + "version.txt"
+    try:
+        text = fetch(url, cache_dir, offline=offline, fresh=version == "current").read_text(
+            errors="replace")
+    except CoreosGpuError as e:
+        if "HTTP 404" not in e.message:
+            raise
+        raise CoreosGpuError(
+            f"{os.value} {channel.value} has no release {version}: {url} gave HTTP 404",
+            hint=f"coreos-gpu releases --os {os.value} --channel {channel.value} lists them",
+            code=ExitCode.DOWNLOAD) from e
+    named = parse_version_txt(text).get(SCHEMES[os].version_key, "")
+    if not _VERSION.fullmatch(named) or version not in ("current", named):
+        raise CoreosGpuError(
+            f"{url} names release {named or 'none'} ({SCHEMES[os].version_key}=), "
+            f"not {version}", code=ExitCode.DOWNLOAD)
+    version = named
     try:
         feed = read_feed(os, channel, mirror=mirror, cache_dir=cache_dir, offline=offline)
     except CoreosGpuError as e:

@@ -59,7 +59,9 @@ def verify_signature(path: Path, sig: Path, key: Path, fingerprint: str, name: s
     check_tools("gpg", why="verifying signatures")
     pinned = fingerprint.replace(" ", "").upper()
     with tempfile.TemporaryDirectory(prefix="coreos-gpu-gpg-") as home:
-        gpg = ["gpg", "--homedir", home, "--batch", "--no-tty", "--status-fd", "1"]
+        # No agent: only public keys are handled, and an agent would outlive the home.
+        gpg = ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-autostart",
+               "--status-fd", "1"]
         imported = run([*gpg, "--import", key], check=False, what="importing the signing key")
         primaries = [fields[1] for fields in _status(imported.stdout, "IMPORT_OK")]
         if pinned not in primaries:

@@ -1,0 +1,270 @@
+"""Developer container stage: a verified `.bin.bz2` image → `DevRoot`, a root folder holding
+the release's prepared kernel build tree. Nothing is mounted and no container engine is needed:
+
+    .bin.bz2 → (streamed) raw GPT disk → partition 9 "ROOT" → ext4 → `debugfs rdump` → folder
+
+Only partition 9 is written to disk (sparsely), never the whole raw image. The result is
+cached by the image's sha256.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from coreos_gpu import ui
+from coreos_gpu.cache import content_digest, locked, write_atomically
+from coreos_gpu.config import BuildConfig
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.release import SCHEMES, OsRelease, mirrored, resolve_release
+from coreos_gpu.run import check_tools, run
+from coreos_gpu.verify import Published, fetch_verified
+
+SECTOR = 512
+ROOT_PARTITION = 9  # Flatcar's and CoreOS's disk layout: partition 9 is ROOT
+CHUNK = 1 << 20
+_EXT4_MAGIC_AT = 1024 + 0x38
+# Kernel build trees: /usr/lib/modules on current Flatcar, /usr/lib64/modules up to 3115.0.0.
+MODULE_DIRS = ("usr/lib/modules", "usr/lib64/modules", "lib/modules")
+PREPARED_FILES = (".config", "Module.symvers", "include/generated/utsrelease.h")
+
+
+@dataclass(frozen=True)
+class DevRoot:
+    root: Path  # the extracted root file system
+    kernel_release: str  # from the tree's utsrelease.h: what `uname -r` says on the node
+    build_dir: str  # the kernel build tree, as a path inside root
+    image_sha256: str
+    release: OsRelease
+
+    @property
+    def build_path(self) -> Path:
+        return self.root / self.build_dir.lstrip("/")
+
+
+def _image_error(message: str) -> CoreosGpuError:
+    return CoreosGpuError(message, hint="the image is damaged or not a developer container; "
+                          "delete it from the cache and download it again",
+                          code=ExitCode.IMAGE)
+
+
+@contextmanager
+def _decompressed(image: Path) -> Iterator[IO[bytes]]:
+    """The image's raw bytes as a stream; lbzip2 decompresses on every core where present."""
+    if shutil.which("lbzip2"):
+        proc = subprocess.Popen(["lbzip2", "-dc", str(image)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+        finally:
+            proc.kill()
+            proc.wait()
+    else:
+        with bz2.open(image, "rb") as stream:
+            yield stream
+
+
+def _read_exactly(stream: IO[bytes], n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = stream.read(min(CHUNK, n - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def find_partition(head: bytes, number: int) -> tuple[int, int, str]:
+    """(first byte, size in bytes, name) of a GPT partition, from the disk's first sectors."""
+    header = head[SECTOR:2 * SECTOR]
+    if header[:8] != b"EFI PART":
+        raise _image_error("the developer container is not a GPT disk image")
+    size = struct.unpack_from("<I", header, 12)[0]
+    stored_crc = struct.unpack_from("<I", header, 16)[0]
+    checked = header[:16] + b"\0\0\0\0" + header[20:size]
+    if zlib.crc32(checked) != stored_crc:
+        raise _image_error("the developer container's GPT header fails its CRC32 check")
+    entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 72)
+    table = head[entries_lba * SECTOR:entries_lba * SECTOR + count * entry_size]
+    if len(table) < count * entry_size or zlib.crc32(table) != entries_crc:
+        raise _image_error("the developer container's GPT partition table fails its CRC32 "
+                           "check")
+    if number > count:
+        raise _image_error(f"the developer container's GPT has no partition {number}")
+    entry = table[(number - 1) * entry_size:number * entry_size]
+    first, last = struct.unpack_from("<QQ", entry, 32)
+    name = entry[56:128].decode("utf-16-le", errors="replace").rstrip("\0")
+    if entry[:16] == b"\0" * 16 or last < first:
+        raise _image_error(f"the developer container's GPT partition {number} is empty")
+    return first * SECTOR, (last - first + 1) * SECTOR, name
+
+
+def extract_partition(image: Path, number: int, dest: Path) -> str:
+    """Stream the image, writing only partition `number` to dest (sparse). Return its name."""
+    with _decompressed(image) as stream:
+        head = _read_exactly(stream, 34 * SECTOR)  # protective MBR, GPT header, 128 entries
+        start, size, name = find_partition(head, number)
+        if start < len(head):
+            raise _image_error(f"partition {number} overlaps the GPT")
+        position = len(head)
+        while position < start:  # skip the partitions before it without storing them
+            skipped = len(_read_exactly(stream, min(CHUNK, start - position)))
+            if not skipped:
+                raise _image_error(f"the image ends before partition {number}")
+            position += skipped
+        with dest.open("wb") as out:
+            left = size
+            while left:
+                chunk = _read_exactly(stream, min(CHUNK, left))
+                if not chunk:
+                    raise _image_error(f"the image ends inside partition {number}")
+                if chunk.count(0) == len(chunk):
+                    out.seek(len(chunk), 1)  # a hole costs no disk space
+                else:
+                    out.write(chunk)
+                left -= len(chunk)
+            out.truncate()
+    return name
+
+
+def dump_ext4(filesystem: Path, dest: Path) -> None:
+    with filesystem.open("rb") as f:
+        f.seek(_EXT4_MAGIC_AT)
+        if f.read(2) != b"\x53\xef":
+            raise _image_error("the ROOT partition does not hold an ext2/3/4 file system")
+    dest.mkdir()
+    done = run(["debugfs", "-R", f"rdump / {dest}", filesystem],
+               what="copying the ROOT file system out of the image")
+    # debugfs exits 0 even when a request fails; anything but its banner is an error.
+    problems = [line for line in done.stdout.splitlines()
+                if line.strip() and not line.startswith("debugfs ")]
+    if problems:
+        raise _image_error(f"debugfs could not copy the ROOT file system: {problems[0]}")
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """Resolve path as the dev container would see it: absolute symlinks point into root."""
+    parts = [p for p in path.split("/") if p]
+    current = root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise _image_error(f"too many symlinks resolving {path} in the image")
+            target = str(candidate.readlink())
+            if target.startswith("/"):
+                current = root
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        current = candidate
+    return current
+
+
+def find_kernel_tree(root: Path) -> tuple[str, Path]:
+    """(build dir as a path inside root, its real location) of the image's one kernel."""
+    # On merged-/usr roots /lib links to usr/lib: count each real folder once.
+    folders = {resolve_in_root(root, d): d for d in reversed(MODULE_DIRS)}
+    # Not glob(): it skips `build` links whose absolute target exists only inside the root.
+    trees = sorted(f"/{d}/{kernel.name}/build" for real, d in folders.items()
+                   if real.is_dir() for kernel in real.iterdir()
+                   if (kernel / "build").is_symlink() or (kernel / "build").is_dir())
+    if not trees:
+        raise _image_error("the image holds no kernel build tree (looked for "
+                           + ", ".join(f"/{d}/*/build" for d in MODULE_DIRS) + ")")
+    if len(trees) > 1:
+        raise _image_error(f"the image holds several kernel build trees: {', '.join(trees)}")
+    return trees[0], resolve_in_root(root, trees[0])
+
+
+def read_kernel_release(tree: Path, build_dir: str) -> str:
+    missing = [f for f in PREPARED_FILES if not (tree / f).is_file()]
+    if missing:
+        raise CoreosGpuError(
+            f"the kernel build tree {build_dir} is not prepared: it lacks {', '.join(missing)}",
+            hint="a module build needs .config, Module.symvers and the generated headers "
+            "(make modules_prepare)", code=ExitCode.IMAGE)
+    text = (tree / "include/generated/utsrelease.h").read_text(errors="replace")
+    found = re.search(r'#define\s+UTS_RELEASE\s+"([^"]+)"', text)
+    if not found:
+        raise _image_error(f"{build_dir}/include/generated/utsrelease.h names no release")
+    release = found.group(1)
+    directory = build_dir.rstrip("/").split("/")[-2]
+    if directory != release:
+        raise _image_error(f"the kernel tree in modules/{directory} was built as {release}")
+    return release
+
+
+def _load(entry: Path, release: OsRelease) -> DevRoot:
+    data = json.loads((entry / "devroot.json").read_text())
+    return DevRoot(root=entry / "root", kernel_release=data["kernel_release"],
+                   build_dir=data["build_dir"], image_sha256=data["image_sha256"],
+                   release=release)
+
+
+def unpack_image(image: Path, release: OsRelease, cache_dir: Path) -> DevRoot:
+    """Turn a verified image into a cached DevRoot (once per image sha256)."""
+    digest = content_digest(image)
+    folder = cache_dir / "devcontainers"
+    entry = folder / digest
+    if (entry / "devroot.json").is_file():
+        return _load(entry, release)
+    check_tools("debugfs", why="unpacking the developer container",
+                packages={"debugfs": "e2fsprogs"})
+    with locked(folder / f"{digest}.lock"):
+        if (entry / "devroot.json").is_file():
+            return _load(entry, release)
+        work = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=folder))
+        try:
+            filesystem = work / "root.ext4"
+            with ui.step(f"extracting partition {ROOT_PARTITION} of {release.image_name}"):
+                extract_partition(image, ROOT_PARTITION, filesystem)
+            with ui.step("copying its files out"):
+                dump_ext4(filesystem, work / "root")
+            filesystem.unlink()
+            build_dir, tree = find_kernel_tree(work / "root")
+            kernel_release = read_kernel_release(tree, build_dir)
+            write_atomically(work / "devroot.json", json.dumps({
+                "kernel_release": kernel_release, "build_dir": build_dir,
+                "image_sha256": digest, "os": release.os.value, "version": release.version,
+            }, indent=2).encode())
+            work.rename(entry)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _load(entry, release)
+
+
+def prepare_devcontainer(config: BuildConfig, version: str) -> DevRoot:
+    """Resolve a release, download and verify its developer container, and unpack it."""
+    release = resolve_release(config.os, config.channel, config.board, version,
+                              mirror=config.mirror, cache_dir=config.cache_dir,
+                              offline=config.offline)
+    scheme = SCHEMES[config.os]
+    published = Published(
+        url=release.image_url, digests_url=release.digests_url, sig_url=release.sig_url,
+        key=config.signing_key or mirrored(scheme.signing_key_url, config.mirror),
+        fingerprint=config.signing_key_fingerprint or scheme.fingerprint)
+    with ui.step(f"fetching {config.os.value} {release.version} developer container"):
+        image = fetch_verified(published, config.cache_dir, offline=config.offline)
+    devroot = unpack_image(image, release, config.cache_dir)
+    if release.feed_kernel and not devroot.kernel_release.startswith(release.feed_kernel):
+        ui.log(f"    note: the release feed lists kernel {release.feed_kernel}; the image's "
+               f"tree is {devroot.kernel_release}, which is what the modules are built for")
+    return devroot
