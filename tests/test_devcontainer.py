@@ -194,3 +194,35 @@ def test_releases_lists_the_feed(cli, mirror: Mirror, flatcar_release) -> None: 
     assert shown[0]["kernel"] == flatcar_release.kernel_version
     text = cli("releases", "--mirror", mirror.url)
     assert f"{flatcar_release.version}  {flatcar_release.kernel_version}" in text.stdout
+
+
+# The podman options this kind of machine needs (no CAP_SYS_RESOURCE, hybrid cgroups).
+PODMAN_HERE = """\
+podman_options = ["--storage-driver=vfs", "--cgroup-manager=cgroupfs",
+                  "--events-backend=file", "--runtime=runc"]
+podman_run_options = ["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["bwrap", "podman"])
+def test_a_command_runs_inside_the_root(cli, mirror: Mirror, flatcar_release, tmp_path: Path,
+                                        runtime: str) -> None:
+    if runtime == "podman":
+        (tmp_path / "coreos-gpu.toml").write_text(PODMAN_HERE)
+    script = ("cat /usr/share/flatcar/release; uname -s; "
+              "make -s -C /usr/lib/modules/*/build kernelversion; gcc-12 -dumpversion")
+    result = _prepare(cli, mirror, flatcar_release, "--release", flatcar_release.version)
+    assert result.code == 0, result.stderr
+    run = cli("devcontainer", "run", "--runtime", runtime, "--mirror", mirror.url,
+              "--release", flatcar_release.version, "--signing-key-fingerprint",
+              flatcar_release.key_fingerprint, "--", "sh", "-c", script)
+    assert run.code == 0, run.stderr
+    assert f"FLATCAR_RELEASE_VERSION={flatcar_release.version}" in run.stdout
+    # kbuild itself runs inside the root and names the kernel's upstream version.
+    assert f"\n{flatcar_release.kernel_version}\n" in run.stdout
+    assert run.stdout.rstrip().endswith("12")
+    failed = cli("devcontainer", "run", "--runtime", runtime, "--mirror", mirror.url,
+                 "--release", flatcar_release.version, "--signing-key-fingerprint",
+                 flatcar_release.key_fingerprint, "--", "sh", "-c", "exit 7")
+    assert failed.code == 7

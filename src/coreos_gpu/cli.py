@@ -19,11 +19,12 @@ from coreos_gpu.config import (
     find_config_file,
     load_config,
 )
-from coreos_gpu.devcontainer import prepare_devcontainer
+from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontainer
 from coreos_gpu.driver import DriverPackage, load_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import fetch
 from coreos_gpu.release import list_releases
+from coreos_gpu.sandbox import SandboxSpec, run_interactive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +84,35 @@ def cmd_devcontainer_prepare(args: argparse.Namespace) -> None:
     else:
         ui.print_table("developer containers", ("release", "kernel release", "root"),
                        [(r["version"], r["kernel_release"], r["root"]) for r in rows])
+
+
+def _devroot_sandbox(args: argparse.Namespace) -> tuple[DevRoot, BuildConfig]:
+    config = _config(args)
+    if len(config.releases) != 1:
+        raise CoreosGpuError("devcontainer shell and run work on one release; "
+                             f"{len(config.releases)} are configured",
+                             hint="pick one with --release", code=ExitCode.CONFIG)
+    return prepare_devcontainer(config, config.releases[0]), config
+
+
+def cmd_devcontainer_shell(args: argparse.Namespace) -> int:
+    devroot, config = _devroot_sandbox(args)
+    ui.log(f"    shell in {devroot.release.os.value} {devroot.release.version}'s developer "
+           f"container; the kernel tree is {devroot.build_dir}")
+    return run_interactive(SandboxSpec(root=devroot.root), ("/bin/sh", "-l"),
+                           runtime=config.runtime, engine_options=engine_options(config),
+                           image_key=devroot.image_sha256)
+
+
+def cmd_devcontainer_run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CoreosGpuError("devcontainer run needs a command", hint="coreos-gpu "
+                             "devcontainer run -- make --version", code=ExitCode.CONFIG)
+    devroot, config = _devroot_sandbox(args)
+    return run_interactive(SandboxSpec(root=devroot.root), command, runtime=config.runtime,
+                           engine_options=engine_options(config),
+                           image_key=devroot.image_sha256)
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -170,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(
-        group: Any, name: str, helptext: str, func: Callable[[argparse.Namespace], None]
+        group: Any, name: str, helptext: str,
+        func: Callable[[argparse.Namespace], int | None]
     ) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = group.add_parser(
             name, parents=[common], help=helptext, description=helptext)
@@ -196,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_subparsers(dest="action", metavar="ACTION", required=True)
     verb(devcontainer, "prepare", "download, verify and unpack the developer container of "
          "each configured release", cmd_devcontainer_prepare)
+    verb(devcontainer, "shell", "open a shell in the developer container (for debugging)",
+         cmd_devcontainer_shell)
+    run = verb(devcontainer, "run", "run a command in the developer container; its exit code "
+               "is coreos-gpu's", cmd_devcontainer_run)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="the command and its arguments")
     return parser
 
 
@@ -204,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.config = getattr(args, "config", None)
-        args.func(args)
+        code = args.func(args)
     except CoreosGpuError as e:
         if debug:
             traceback.print_exc()
@@ -214,11 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ui.print_error("interrupted")
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
-        return int(ExitCode.OK)
+        return int(code or ExitCode.OK)
     except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
             traceback.print_exc()
         ui.print_error(f"internal error: {type(e).__name__}: {e}",
                        "rerun with --debug for the traceback, and report it")
         return int(ExitCode.INTERNAL)
-    return int(ExitCode.OK)
+    return int(code or ExitCode.OK)

@@ -202,10 +202,12 @@ SETTINGS: tuple[Setting, ...] = (
             _default_cache_dir, "DIR"),
     Setting("runtime", "sandbox that runs the module build", _choice(Runtime),
             lambda: Runtime.AUTO, "RUNTIME"),
-    Setting("podman_options", "extra global podman options, e.g. --storage-driver=vfs",
+    Setting("podman_options", "extra global podman (or docker) options, e.g. "
+            "--storage-driver=vfs",
             _list_of(_text, empty=True), tuple, "OPTION", flag_name="podman_option",
             multiple=True),
-    Setting("podman_run_options", "extra `podman run` options, e.g. --ulimit=nofile=4096:4096",
+    Setting("podman_run_options", "extra `podman run` (or `docker run`) options, e.g. "
+            "--ulimit=nofile=4096:4096",
             _list_of(_text, empty=True), tuple, "OPTION", flag_name="podman_run_option",
             multiple=True),
     Setting("jobs", "parallel compile jobs", _jobs, lambda: os.cpu_count() or 1, "N"),

@@ -29,6 +29,7 @@ from coreos_gpu.config import BuildConfig
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.release import SCHEMES, OsRelease, mirrored, resolve_release
 from coreos_gpu.run import check_tools, run
+from coreos_gpu.sandbox import EngineOptions
 from coreos_gpu.verify import Published, fetch_verified
 
 SECTOR = 512
@@ -249,6 +250,10 @@ def unpack_image(image: Path, release: OsRelease, cache_dir: Path) -> DevRoot:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return _load(entry, release)
+
+
+def engine_options(config: BuildConfig) -> EngineOptions:
+    return EngineOptions(global_args=config.podman_options, run_args=config.podman_run_options)
 
 
 def prepare_devcontainer(config: BuildConfig, version: str) -> DevRoot:

@@ -1,0 +1,391 @@
+"""Run a command inside a root file system folder (the developer container), in a sandbox.
+
+Callers describe the sandbox once (`SandboxSpec`: root, binds, tmpfs, workdir, env); each
+backend translates it into its own command line. Every sandbox gets /proc, a minimal /dev,
+an empty tmpfs on /tmp, no network, and only the environment the spec gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from coreos_gpu.config import Runtime
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.run import TAIL_LINES, run
+
+# The host's environment (locale, proxies, CC, MAKEFLAGS...) must not change a module build;
+# LC_ALL=C also keeps gcc's messages in the log in English.
+DEFAULT_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root", "LC_ALL": "C"}
+DETECTION_ORDER = (Runtime.PODMAN, Runtime.DOCKER, Runtime.BWRAP, Runtime.NSPAWN, Runtime.CHROOT)
+ENGINES = (Runtime.PODMAN, Runtime.DOCKER)
+NEEDS_ROOT = (Runtime.NSPAWN, Runtime.CHROOT)
+TOOLS: Mapping[Runtime, Mapping[str, str]] = {  # tool -> Debian package
+    Runtime.PODMAN: {"podman": "podman"}, Runtime.DOCKER: {"docker": "docker.io"},
+    Runtime.BWRAP: {"bwrap": "bubblewrap"}, Runtime.NSPAWN: {"systemd-nspawn": "systemd-container"},
+    Runtime.CHROOT: {"unshare": "util-linux", "mount": "mount", "chroot": "coreutils"}}
+Progress = Callable[[str], None]
+
+
+def _check_path(path: str | Path, what: str) -> None:
+    # podman -v, docker -v and nspawn --bind split their argument at ':' (and options at ',').
+    text = os.path.abspath(path) if isinstance(path, Path) else path
+    bad_target = what == "mount point" and (text == "/" or posixpath.normpath(text) != text)
+    if ":" in text or "," in text or not text.startswith("/") or bad_target:
+        raise CoreosGpuError(f"cannot use {what} {text!r} in a sandbox: it must be a normalized "
+                             "absolute path (not /) without ':' or ','", code=ExitCode.CONFIG)
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: Path
+    target: str
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        _check_path(self.source, "host path")
+        _check_path(self.target, "mount point")
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    target: str
+
+    def __post_init__(self) -> None:
+        _check_path(self.target, "mount point")
+
+
+Mount = Bind | Tmpfs
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    root: Path
+    mounts: tuple[Mount, ...] = ()
+    workdir: str = "/"
+    env: Mapping[str, str] = field(default_factory=dict)  # set over DEFAULT_ENV
+
+    def __post_init__(self) -> None:
+        _check_path(self.root, "root folder")
+        for name in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise CoreosGpuError(f"bad sandbox variable name {name!r}", code=ExitCode.CONFIG)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return {**DEFAULT_ENV, **self.env}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Extra podman/docker options some hosts need (e.g. `--storage-driver vfs`)."""
+
+    global_args: tuple[str, ...] = ()  # between `podman` and `run`
+    run_args: tuple[str, ...] = ()  # after `run`
+
+
+def image_name(image_key: str) -> str:
+    """The docker image holding the root; the key (e.g. the image digest) keeps it current."""
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", image_key)[:128]
+    if not tag:
+        raise ValueError("the docker runtime needs an image_key naming the root's contents")
+    return f"coreos-gpu-devroot:{tag}"
+
+
+def _engine_argv(engine: str, spec: SandboxSpec, argv: Sequence[str], opts: EngineOptions,
+                 image: str, interactive: bool, tty: bool, name: str) -> list[str]:
+    # podman copies what the root has at a --tmpfs target into it unless told not to; docker
+    # never does, and rejects the option.
+    tmpfs = ":rw,notmpcopyup" if engine == "podman" else ""
+    # label=disable: SELinux hosts deny binds of unlabelled folders, and relabelling the
+    # user's folders (`:z`) would be worse than not confining the build.
+    args = [engine, *opts.global_args, "run", *opts.run_args, "--rm", "--network", "none",
+            "--security-opt", "label=disable", "--tmpfs", "/tmp" + tmpfs]
+    args += ["--name", name] if name else []
+    for m in spec.mounts:
+        if isinstance(m, Bind):
+            args += ["-v", f"{m.source.absolute()}:{m.target}" + (":ro" if m.readonly else "")]
+        else:
+            args += ["--tmpfs", m.target + tmpfs]
+    args += ["-w", spec.workdir, *(f"--env={k}={v}" for k, v in spec.environment.items())]
+    args += (["-i", "-t"] if tty else ["-i"]) if interactive else []
+    # podman runs a folder as it is; docker only runs images (see _import_root).
+    return [*args, *(["--rootfs", str(spec.root.absolute())] if engine == "podman" else [image]),
+            *argv]
+
+
+def _bwrap_argv(spec: SandboxSpec, argv: Sequence[str], interactive: bool) -> list[str]:
+    # --new-session stops a batch command from typing into our terminal (TIOCSTI); a shell
+    # needs the terminal as its controlling one.
+    args = ["bwrap", "--unshare-all", "--die-with-parent",
+            *([] if interactive else ["--new-session"]), "--bind", str(spec.root.absolute()),
+            "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for m in spec.mounts:
+        if isinstance(m, Bind):
+            args += ["--ro-bind" if m.readonly else "--bind", str(m.source.absolute()), m.target]
+        else:
+            args += ["--tmpfs", m.target]
+    args += ["--chdir", spec.workdir, "--clearenv"]
+    for k, v in spec.environment.items():
+        args += ["--setenv", k, v]
+    return [*args, "--", *argv]
+
+
+def _nspawn_argv(spec: SandboxSpec, argv: Sequence[str], interactive: bool,
+                 tty: bool) -> list[str]:
+    # --as-pid2: a stub init reaps make's orphans. The *-off options keep the cached root as
+    # it is (no resolv.conf, localtime or journal link written into it).
+    args = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2",
+            "-D", str(spec.root.absolute()), "--private-network", "--resolv-conf=off",
+            "--timezone=off", "--link-journal=no",
+            "--console=" + ("interactive" if interactive and tty else "pipe"), "--tmpfs=/tmp"]
+    for m in spec.mounts:
+        if isinstance(m, Bind):
+            flag = "--bind-ro" if m.readonly else "--bind"
+            args.append(f"{flag}={m.source.absolute()}:{m.target}")
+        else:
+            args.append(f"--tmpfs={m.target}")
+    args.append(f"--chdir={spec.workdir}")
+    return [*args, *(f"--setenv={k}={v}" for k, v in spec.environment.items()), "--", *argv]
+
+
+def _chroot_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
+    # The mounts must be made inside the new mount namespace, so unshare runs a generated
+    # script in which every value is quoted. Private propagation keeps the mounts off the host.
+    q = shlex.quote
+    lines = ["set -e", f"r={q(str(spec.root.absolute()))}", 'mkdir -p "$r/proc" "$r/dev" "$r/tmp"',
+             'mount -t proc proc "$r/proc"', 'mount -t tmpfs -o mode=755 tmpfs "$r/dev"',
+             'mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"', 'ln -s /proc/self/fd "$r/dev/fd"']
+    lines += [f'touch "$r/dev/{n}" && mount --bind /dev/{n} "$r/dev/{n}"'
+              for n in ("null", "zero", "full", "random", "urandom", "tty")]
+    lines += [f'ln -s /proc/self/fd/{i} "$r/dev/{n}"' for i, n in enumerate(("stdin", "stdout",
+                                                                            "stderr"))]
+    for m in spec.mounts:
+        dst = '"$r"' + q(m.target)
+        if isinstance(m, Tmpfs):
+            lines.append(f"mkdir -p {dst} && mount -t tmpfs tmpfs {dst}")
+            continue
+        src = q(str(m.source.absolute()))
+        lines.append(f'if [ -d {src} ]; then mkdir -p {dst}; else mkdir -p "$(dirname {dst})"'
+                     f" && touch {dst}; fi; mount --bind {src} {dst}")
+        lines += [f"mount -o remount,bind,ro {dst}"] if m.readonly else []
+    env = " ".join(q(f"{k}={v}") for k, v in spec.environment.items())
+    enter = q('cd "$1" && shift && exec "$@"')
+    lines.append(f'c=$(command -v chroot); exec env -i {env} "$c" "$r" /bin/sh -c {enter} sh '
+                 f"{q(spec.workdir)} {shlex.join(argv)}")
+    return ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
+            "--propagation", "private", "sh", "-c", "\n".join(lines)]
+
+
+def sandbox_argv(spec: SandboxSpec, argv: Sequence[str], *, runtime: Runtime,
+                 engine_options: EngineOptions = EngineOptions(), image: str = "",
+                 interactive: bool = False, tty: bool = False, name: str = "") -> list[str]:
+    """The backend's command line that runs argv in the sandbox (no side effects)."""
+    if runtime in ENGINES:
+        return _engine_argv(runtime, spec, argv, engine_options, image, interactive, tty, name)
+    if runtime is Runtime.BWRAP:
+        return _bwrap_argv(spec, argv, interactive)
+    if runtime is Runtime.NSPAWN:
+        return _nspawn_argv(spec, argv, interactive, tty)
+    if runtime is Runtime.CHROOT:
+        return _chroot_argv(spec, argv)
+    raise ValueError(f"resolve {runtime} to a concrete runtime first")
+
+
+def check_runtime(runtime: Runtime) -> None:
+    """Preflight: the backend's tools are installed and we may use it."""
+    missing = {t: p for t, p in TOOLS[runtime].items() if shutil.which(t) is None}
+    if missing:
+        raise CoreosGpuError(
+            f"the {runtime} sandbox needs {', '.join(missing)}, which is not on PATH",
+            hint=f"install it (Debian: apt-get install {' '.join(missing.values())}) or "
+            "choose another --runtime", code=ExitCode.TOOL)
+    if runtime in NEEDS_ROOT and os.geteuid() != 0:
+        raise CoreosGpuError(f"the {runtime} sandbox needs root", code=ExitCode.CONFIG,
+                             hint="run as root, or use --runtime bwrap or podman")
+
+
+def detect_runtime(engine_options: EngineOptions = EngineOptions()) -> Runtime:
+    """The first sandbox that works here, for `--runtime auto`."""
+    # A docker client without a running engine is common, and bwrap fails where user
+    # namespaces are off: both are cheap to ask.
+    probes = {Runtime.BWRAP: ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"],
+              **{e: [e, *engine_options.global_args, "info"] for e in ENGINES}}
+    for runtime in DETECTION_ORDER:
+        with contextlib.suppress(CoreosGpuError):
+            check_runtime(runtime)
+            if runtime in probes:
+                run(probes[runtime], timeout=30)
+            return runtime
+    raise CoreosGpuError(f"no sandbox works here (tried {', '.join(DETECTION_ORDER)})",
+                         hint="install one (Debian: apt-get install bubblewrap, or podman); "
+                         "nspawn and chroot need root", code=ExitCode.TOOL)
+
+
+def _execute(argv: Sequence[str], *, log: BinaryIO | None, feed: Sequence[str] = (),
+             progress: Progress | None = None, timeout: float | None = None,
+             on_stop: Callable[[int], None] | None = None) -> tuple[int, str, bool]:
+    """Run argv (stdin from `feed`'s output, if given); return (exit code, tail, timed out).
+
+    With a log, output goes into it line by line and the command runs in its own session, so
+    a timeout or Ctrl-C can stop its whole tree. Without one, it has our terminal.
+    """
+    batch = log is not None
+    producer = subprocess.Popen(feed, stdout=subprocess.PIPE, stderr=log,
+                                stdin=subprocess.DEVNULL) if feed else None
+    proc = subprocess.Popen(
+        argv, stdin=producer.stdout if producer else subprocess.DEVNULL if batch else None,
+        stdout=subprocess.PIPE if batch else None, stderr=subprocess.STDOUT if batch else None,
+        start_new_session=batch)
+    if producer and producer.stdout:
+        producer.stdout.close()  # the consumer has it now; tar gets SIGPIPE if that dies
+    expired = threading.Event()
+
+    def stop() -> None:
+        # on_stop asks the sandbox to stop (its client then needs a moment to clean up);
+        # SIGKILL to the group is the last resort, and all that bwrap and unshare need.
+        if on_stop:
+            with contextlib.suppress(ProcessLookupError):
+                on_stop(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def expire() -> None:
+        expired.set()
+        stop()
+
+    timer = threading.Timer(timeout or 0, expire)
+    lines: deque[str] = deque(maxlen=TAIL_LINES)
+    try:
+        if timeout and batch:
+            timer.start()
+        for raw in proc.stdout or ():
+            if log is not None:
+                log.write(raw)
+                log.flush()  # someone may be following the log of a long build
+            lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+            if progress:
+                progress(lines[-1])
+        code = proc.wait()
+    except BaseException:
+        if batch:
+            stop()
+        raise
+    finally:
+        timer.cancel()
+    if producer and producer.wait() != 0 and code == 0:
+        code = producer.returncode
+    return code, "\n".join(lines), expired.is_set()
+
+
+def _resolve(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions) -> Runtime:
+    runtime = detect_runtime(opts) if runtime is Runtime.AUTO else runtime
+    check_runtime(runtime)
+    if not spec.root.is_dir():
+        raise CoreosGpuError(f"root folder {spec.root} does not exist")
+    # chroot resolves mount points on the host: a symlink in the root (often absolute) would
+    # put the mount, and mkdir -p, outside the root.
+    for m in spec.mounts if runtime is Runtime.CHROOT else ():
+        parts = Path(m.target).parts[1:]
+        if any(spec.root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts) + 1)):
+            raise CoreosGpuError(f"cannot mount on {m.target} with chroot: it crosses a symlink",
+                                 hint="choose another --runtime", code=ExitCode.CONFIG)
+    return runtime
+
+
+def _import_root(spec: SandboxSpec, image_key: str, opts: EngineOptions,
+                 log: BinaryIO | None) -> str:
+    """docker has no --rootfs: import the root as an image, once per key; return its name."""
+    image = image_name(image_key)
+    with contextlib.suppress(CoreosGpuError):
+        run(["docker", *opts.global_args, "image", "inspect", image])
+        return image
+    # Numeric owners: names would map through the host's /etc/passwd. /tmp is a tmpfs anyway.
+    tar = ["tar", "--numeric-owner", "--exclude=./tmp/*", "-C", str(spec.root.absolute()),
+           "-cf", "-", "."]
+    code, tail, _ = _execute(["docker", *opts.global_args, "import", "-", image], log=log,
+                             feed=tar)
+    if code != 0:
+        raise CoreosGpuError(f"importing {spec.root} as docker image {image} failed with exit "
+                             f"code {code}\n{tail}", code=ExitCode.COMMAND)
+    return image
+
+
+def run_in_sandbox(spec: SandboxSpec, argv: Sequence[str], *, runtime: Runtime, log_file: Path,
+                   what: str, engine_options: EngineOptions = EngineOptions(),
+                   image_key: str = "", timeout: float | None = None,
+                   progress: Progress | None = None) -> None:
+    """Run argv in the sandbox, its whole output going to log_file (and each line to progress).
+
+    `what` names the step in the error ("building nvidia.ko for 6.1.0-50-amd64").
+    """
+    runtime = _resolve(runtime, spec, engine_options)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("wb") as log:
+        docker = runtime is Runtime.DOCKER
+        image = _import_root(spec, image_key, engine_options, log) if docker else ""
+        engine = runtime in ENGINES
+        name = f"coreos-gpu-{os.getpid()}-{os.urandom(4).hex()}" if engine else ""
+        if engine:
+            # An engine carries stdout and stderr over separate streams, which reorders them:
+            # a compiler error would land thousands of lines before the end of the log.
+            argv = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
+        args = sandbox_argv(spec, argv, runtime=runtime, engine_options=engine_options,
+                            image=image, name=name)
+
+        def stop_sandbox(pid: int) -> None:
+            if engine:  # killing the client would leave the container running
+                with contextlib.suppress(CoreosGpuError):  # already gone
+                    run([runtime, *engine_options.global_args, "kill", name], timeout=60)
+            else:  # a SIGKILLed nspawn leaves its container running; on SIGTERM it kills it
+                os.killpg(pid, signal.SIGTERM)
+
+        log.write(f"$ {shlex.join(args)}\n".encode())
+        stoppable = engine or runtime is Runtime.NSPAWN
+        code, tail, expired = _execute(args, log=log, progress=progress, timeout=timeout,
+                                       on_stop=stop_sandbox if stoppable else None)
+    if code == 0 and not expired:
+        return
+    status = (f"did not finish within {timeout:.0f} s" if expired
+              else f"was killed by {signal.Signals(-code).name}" if code < 0
+              else f"failed with exit code {code}")
+    raise CoreosGpuError(f"{what} {status} (sandbox: {runtime})\n{tail}\nfull log: {log_file}",
+                         hint=f"to reproduce: {shlex.join(args)}", code=ExitCode.COMMAND)
+
+
+def run_interactive(spec: SandboxSpec, argv: Sequence[str] = ("/bin/sh",), *,
+                    runtime: Runtime, engine_options: EngineOptions = EngineOptions(),
+                    image_key: str = "") -> int:
+    """Run argv in the same sandbox with our terminal (`devcontainer shell`, --debug-shell)."""
+    runtime = _resolve(runtime, spec, engine_options)
+    docker = runtime is Runtime.DOCKER
+    image = _import_root(spec, image_key, engine_options, None) if docker else ""
+    if "TERM" in os.environ and "TERM" not in spec.env:  # the one host variable a shell needs
+        spec = dataclasses.replace(spec, env={**spec.env, "TERM": os.environ["TERM"]})
+    args = sandbox_argv(spec, argv, runtime=runtime, engine_options=engine_options, image=image,
+                        interactive=True, tty=sys.stdin.isatty())
+    # Ctrl-C belongs to the program in the sandbox (a shell ignores it), not to us.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return _execute(args, log=None)[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)

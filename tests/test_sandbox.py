@@ -1,0 +1,350 @@
+"""Sandbox runners: argv translation (pure), and every backend that runs here, for real."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.config import Runtime
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.sandbox import (
+    DEFAULT_ENV,
+    Bind,
+    EngineOptions,
+    SandboxSpec,
+    Tmpfs,
+    check_runtime,
+    detect_runtime,
+    image_name,
+    run_in_sandbox,
+    sandbox_argv,
+)
+
+from .conftest import REPO
+
+# What podman needs on this machine kind (DESIGN "Recipes"): no CAP_SYS_RESOURCE, hybrid cgroups.
+PODMAN_GLOBAL = ("--storage-driver", "vfs", "--cgroup-manager=cgroupfs",
+                 "--events-backend=file", "--runtime", "runc")
+ULIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
+PODMAN = EngineOptions(PODMAN_GLOBAL, ULIMITS)
+# docker is podman behind a wrapper script (no Docker engine runs here), which adds the
+# global options itself; the run options come through EngineOptions like a real user's would.
+DOCKER = EngineOptions((), ULIMITS)
+REAL = [Runtime.BWRAP, Runtime.PODMAN, Runtime.DOCKER, Runtime.NSPAWN, Runtime.CHROOT]
+IMAGE_KEY = f"test-{uuid.uuid4().hex[:12]}"
+
+# ---------------------------------------------------------------- pure: argv translation
+
+SPEC = SandboxSpec(Path("/r"), (Bind(Path("/h/src"), "/src", readonly=True),
+                                Bind(Path("/h/out"), "/out"), Tmpfs("/scratch")),
+                   workdir="/src", env={"A": "1 2"})
+ENV_E = [f"--env={k}={v}" for k, v in {**DEFAULT_ENV, "A": "1 2"}.items()]
+ENV_SETENV = [a for k, v in {**DEFAULT_ENV, "A": "1 2"}.items() for a in ("--setenv", k, v)]
+ENGINE_COMMON = ["--rm", "--network", "none", "--security-opt", "label=disable"]
+
+
+@pytest.mark.parametrize(("runtime", "kwargs", "expected"), [
+    (Runtime.BWRAP, {}, [
+        "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--bind", "/r", "/",
+        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--ro-bind", "/h/src", "/src",
+        "--bind", "/h/out", "/out", "--tmpfs", "/scratch", "--chdir", "/src", "--clearenv",
+        *ENV_SETENV, "--", "make", "-j2"]),
+    (Runtime.BWRAP, {"interactive": True, "tty": True}, [
+        "bwrap", "--unshare-all", "--die-with-parent", "--bind", "/r", "/",
+        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--ro-bind", "/h/src", "/src",
+        "--bind", "/h/out", "/out", "--tmpfs", "/scratch", "--chdir", "/src", "--clearenv",
+        *ENV_SETENV, "--", "make", "-j2"]),
+    (Runtime.PODMAN, {"engine_options": EngineOptions(("--g",), ("--r",)), "name": "n"}, [
+        "podman", "--g", "run", "--r", *ENGINE_COMMON, "--tmpfs", "/tmp:rw,notmpcopyup",
+        "--name", "n", "-v", "/h/src:/src:ro", "-v", "/h/out:/out",
+        "--tmpfs", "/scratch:rw,notmpcopyup", "-w", "/src", *ENV_E, "--rootfs", "/r",
+        "make", "-j2"]),
+    (Runtime.PODMAN, {"interactive": True, "tty": True}, [
+        "podman", "run", *ENGINE_COMMON, "--tmpfs", "/tmp:rw,notmpcopyup",
+        "-v", "/h/src:/src:ro", "-v", "/h/out:/out", "--tmpfs", "/scratch:rw,notmpcopyup",
+        "-w", "/src", *ENV_E, "-i", "-t", "--rootfs", "/r", "make", "-j2"]),
+    (Runtime.DOCKER, {"image": "img:k", "interactive": True}, [
+        "docker", "run", *ENGINE_COMMON, "--tmpfs", "/tmp", "-v", "/h/src:/src:ro",
+        "-v", "/h/out:/out", "--tmpfs", "/scratch", "-w", "/src", *ENV_E, "-i", "img:k",
+        "make", "-j2"]),
+    (Runtime.NSPAWN, {}, [
+        "systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2", "-D", "/r",
+        "--private-network", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+        "--console=pipe", "--tmpfs=/tmp", "--bind-ro=/h/src:/src", "--bind=/h/out:/out",
+        "--tmpfs=/scratch", "--chdir=/src",
+        *[f"--setenv={k}={v}" for k, v in {**DEFAULT_ENV, "A": "1 2"}.items()],
+        "--", "make", "-j2"]),
+])
+def test_sandbox_argv(runtime: Runtime, kwargs: dict[str, object], expected: list[str]) -> None:
+    assert sandbox_argv(SPEC, ["make", "-j2"], runtime=runtime, **kwargs) == expected  # type: ignore[arg-type]
+
+
+def test_chroot_argv_quotes_everything() -> None:
+    spec = SandboxSpec(Path("/r o"), (Bind(Path("/h/it's"), "/in", readonly=True),),
+                       workdir="/w d", env={"A": "$(reboot)"})
+    argv = sandbox_argv(spec, ["sh", "-c", "echo $HOME"], runtime=Runtime.CHROOT)
+    assert argv[:-1] == ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork",
+                         "--kill-child", "--propagation", "private", "sh", "-c"]
+    script = argv[-1]
+    assert "r='/r o'" in script
+    assert "mount --bind '/h/it'\"'\"'s' \"$r\"/in" in script
+    assert 'mount -o remount,bind,ro "$r"/in' in script
+    assert "'A=$(reboot)'" in script and "'echo $HOME'" in script and "'/w d'" in script
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda: Bind(Path("/a"), "relative"), "absolute"),
+    (lambda: Bind(Path("/a:b"), "/x"), "':'"),
+    (lambda: Tmpfs("/"), "normalized"),
+    (lambda: Tmpfs("/a/../b"), "normalized"),
+    (lambda: SandboxSpec(Path("/r"), env={"A B": "1"}), "variable name"),
+])
+def test_bad_specs_are_config_errors(make: object, expected: str) -> None:
+    with pytest.raises(CoreosGpuError, match=expected) as e:
+        make()  # type: ignore[operator]
+    assert e.value.code is ExitCode.CONFIG
+
+
+def test_image_name_makes_a_valid_tag() -> None:
+    assert image_name("sha256:0a1b") == "coreos-gpu-devroot:sha256-0a1b"
+    with pytest.raises(ValueError, match="image_key"):
+        image_name("")
+
+
+# ---------------------------------------------------------------- preflight and detection
+
+def _fake_tool(folder: Path, name: str, script: str = "exit 0") -> None:
+    (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+    (folder / name).chmod(0o755)
+
+
+def test_missing_tool_names_the_debian_package(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for runtime, package in [(Runtime.BWRAP, "bubblewrap"), (Runtime.DOCKER, "docker.io"),
+                             (Runtime.NSPAWN, "systemd-container"), (Runtime.PODMAN, "podman"),
+                             (Runtime.CHROOT, "util-linux")]:
+        with pytest.raises(CoreosGpuError) as e:
+            check_runtime(runtime)
+        assert e.value.code is ExitCode.TOOL and package in e.value.hint
+
+
+@pytest.mark.parametrize("runtime", [Runtime.NSPAWN, Runtime.CHROOT])
+def test_root_only_runtimes_refuse_users(runtime: Runtime, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    for tool in ("systemd-nspawn", "unshare", "mount", "chroot"):
+        _fake_tool(tmp_path, tool)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(CoreosGpuError, match="needs root") as e:
+        check_runtime(runtime)
+    assert e.value.code is ExitCode.CONFIG
+
+
+def test_detect_runtime_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # rules out nspawn and chroot
+    with pytest.raises(CoreosGpuError, match="no sandbox works") as e:
+        detect_runtime()
+    assert e.value.code is ExitCode.TOOL
+    _fake_tool(tmp_path, "bwrap")
+    _fake_tool(tmp_path, "docker", 'echo "Cannot connect to the Docker daemon" >&2; exit 1')
+    assert detect_runtime() is Runtime.BWRAP  # a docker client without engine is skipped
+    _fake_tool(tmp_path, "docker")
+    assert detect_runtime() is Runtime.DOCKER
+    _fake_tool(tmp_path, "podman", '[ "$1" = --g ] && exit 0; exit 1')
+    assert detect_runtime() is Runtime.DOCKER  # podman info fails without its options
+    assert detect_runtime(EngineOptions(("--g",))) is Runtime.PODMAN
+
+
+# ---------------------------------------------------------------- real sandboxes
+
+@pytest.fixture(scope="session")
+def devroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny root file system: busybox (and the libraries it links), like a dev container."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed (scripts/test installs it)")
+    root = tmp_path_factory.mktemp("devroot")
+    for folder in ("bin", "usr", "proc", "dev", "tmp", "etc"):  # nspawn wants /usr
+        (root / folder).mkdir()
+    shutil.copy(busybox, root / "bin/busybox")
+    ldd = subprocess.run(["ldd", busybox], capture_output=True, text=True, check=False)
+    for library in [w for w in ldd.stdout.split() if w.startswith("/")]:
+        (root / library[1:]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(library, root / library[1:])
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
+    for applet in applets.stdout.split():
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "marker").write_text("devroot\n")
+    (root / "tmp/stale").write_text("must not show through the tmpfs\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def docker_wrapper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("fake-docker")
+    (folder / "calls").touch()
+    _fake_tool(folder, "docker", f'echo "$*" >> {folder}/calls\n'
+               f'exec podman {" ".join(PODMAN_GLOBAL)} "$@"')
+    yield folder
+    if shutil.which("podman"):
+        subprocess.run(["podman", *PODMAN_GLOBAL, "rmi", "-f", image_name(IMAGE_KEY)],
+                       capture_output=True, check=False)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+            docker_wrapper: Path) -> Runtime:
+    runtime: Runtime = request.param
+    if runtime is Runtime.DOCKER:
+        if shutil.which("podman") is None:
+            pytest.skip("the docker test runs podman behind a docker wrapper: no podman")
+        monkeypatch.setenv("PATH", f"{docker_wrapper}{os.pathsep}{os.environ['PATH']}")
+    try:
+        check_runtime(runtime)
+    except CoreosGpuError as e:
+        pytest.skip(f"{e} ({e.hint})")
+    return runtime
+
+
+def _run(spec: SandboxSpec, argv: list[str], runtime: Runtime, log: Path,
+         **kwargs: object) -> None:
+    options = DOCKER if runtime is Runtime.DOCKER else PODMAN
+    run_in_sandbox(spec, argv, runtime=runtime, log_file=log, what="the test command",
+                   engine_options=options, image_key=IMAGE_KEY, **kwargs)  # type: ignore[arg-type]
+
+
+PROBE = r"""
+echo "marker=$(cat /marker)"
+echo "pwd=$(pwd)"
+echo "var=$COREOS_GPU_VAR"
+echo "leak=${COREOS_GPU_HOST_ONLY-unset}"
+echo "path=$PATH"
+echo "tmp=$(ls -A /tmp)"
+touch /tmp/probe && echo tmp_writable=yes
+echo written > /out/from-sandbox
+touch /in/probe 2>/dev/null && echo ro=writable || echo ro=readonly
+echo "ifaces=$(sed -n 's/^ *\([^:|]*\):.*/\1/p' /proc/net/dev | tr '\n' ' ')"
+test -c /dev/null && echo devnull=yes
+"""
+
+
+@pytest.mark.parametrize("backend", REAL, indirect=True)
+def test_sandbox_isolates(backend: Runtime, devroot: Path, tmp_path: Path,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    monkeypatch.setenv("COREOS_GPU_HOST_ONLY", "leaked")
+    spec = SandboxSpec(devroot, (Bind(tmp_path / "in", "/in", readonly=True),
+                                 Bind(tmp_path / "out", "/out")),
+                       workdir="/out", env={"COREOS_GPU_VAR": "a b"})
+    lines: list[str] = []
+    _run(spec, ["sh", "-c", PROBE], backend, tmp_path / "log" / "build.log",
+         progress=lines.append)
+    log = (tmp_path / "log" / "build.log").read_text()
+    found = {m[1]: m[2] for m in re.finditer(r"^([a-z_]+)=(.*)$", log, re.MULTILINE)}
+    assert found["marker"] == "devroot"
+    assert found["pwd"] == "/out"
+    assert found["var"] == "a b"
+    assert found["leak"] == "unset"
+    assert found["path"] == DEFAULT_ENV["PATH"]
+    assert found["tmp"] == "" and found["tmp_writable"] == "yes"
+    assert (tmp_path / "out/from-sandbox").read_text() == "written\n"
+    assert found["ro"] == "readonly" and not (tmp_path / "in/probe").exists()
+    assert found["ifaces"].split() == ["lo"]
+    assert found["devnull"] == "yes"
+    assert "marker=devroot" in lines and "pwd=/out" in lines
+
+
+@pytest.mark.parametrize("backend", REAL, indirect=True)
+def test_failure_shows_tail_and_keeps_full_log(backend: Runtime, devroot: Path,
+                                               tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    with pytest.raises(CoreosGpuError) as e:
+        _run(SandboxSpec(devroot), ["sh", "-c", "seq 1 5000; echo oops >&2; exit 3"],
+             backend, log)
+    message = str(e.value)
+    assert e.value.code is ExitCode.COMMAND
+    assert "the test command failed with exit code 3" in message
+    assert f"full log: {log}" in message and "oops" in message
+    assert "5000" in message.splitlines() and "4970" not in message.splitlines()
+    assert e.value.hint.startswith("to reproduce: ")
+    lines = log.read_text().splitlines()
+    assert [str(n) for n in range(1, 5001)] == [x for x in lines if x.isdigit()]
+
+
+def _processes_with(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(cmdline.parent.name)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("backend", REAL, indirect=True)
+def test_timeout_stops_everything(backend: Runtime, devroot: Path, tmp_path: Path) -> None:
+    seconds = str(40000 + uuid.uuid4().int % 9999)  # a sleep no one else runs
+    start = time.monotonic()
+    with pytest.raises(CoreosGpuError, match="did not finish within 1 s"):
+        _run(SandboxSpec(devroot), ["sh", "-c", f"echo started; sleep {seconds}"], backend,
+             tmp_path / "log", timeout=1)
+    assert time.monotonic() - start < 20
+    for _ in range(50):
+        if not _processes_with(f"sleep\0{seconds}"):
+            break
+        time.sleep(0.1)
+    assert _processes_with(f"sleep\0{seconds}") == []
+
+
+@pytest.mark.parametrize("backend", REAL, indirect=True)
+def test_interactive_gets_the_terminal(backend: Runtime, devroot: Path, tmp_path: Path) -> None:
+    options = DOCKER if backend is Runtime.DOCKER else PODMAN
+    (tmp_path / "shell.py").write_text(
+        "import sys\nfrom pathlib import Path\nfrom coreos_gpu.config import Runtime\n"
+        "from coreos_gpu.sandbox import EngineOptions, SandboxSpec, run_interactive\n"
+        f"sys.exit(run_interactive(SandboxSpec(Path({str(devroot)!r})), ['sh', '-c', "
+        "'test -t 0 && echo TTY; read x; echo got=$x; exit 7'], "
+        f"runtime=Runtime.{backend.name}, engine_options={options!r}, "
+        f"image_key={IMAGE_KEY!r}))\n")
+    # `script` gives the child a pseudo-terminal, as a user's shell would have.
+    proc = subprocess.run(["script", "-qec", f"{sys.executable} {tmp_path}/shell.py",
+                           "/dev/null"], input="hello\n", capture_output=True, text=True,
+                          timeout=120, check=False, cwd=REPO)
+    assert "TTY" in proc.stdout and "got=hello" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 7
+
+
+@pytest.mark.parametrize("backend", [Runtime.DOCKER], indirect=True)
+def test_docker_imports_the_root_once(backend: Runtime, devroot: Path, tmp_path: Path,
+                                      docker_wrapper: Path) -> None:
+    for n in range(2):
+        _run(SandboxSpec(devroot), ["cat", "/marker"], backend, tmp_path / f"{n}.log")
+    imports = [c for c in (docker_wrapper / "calls").read_text().splitlines()
+               if c.startswith("import ")]
+    assert imports == [f"import - {image_name(IMAGE_KEY)}"]
+
+
+def test_chroot_refuses_mount_points_through_symlinks(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("chroot needs root and unshare")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/work").symlink_to("/tmp")  # on the host this is the host's /tmp
+    spec = SandboxSpec(tmp_path / "root", (Bind(tmp_path, "/work/out"),))
+    with pytest.raises(CoreosGpuError, match="crosses a symlink") as e:
+        run_in_sandbox(spec, ["true"], runtime=Runtime.CHROOT, log_file=tmp_path / "log",
+                       what="x")
+    assert e.value.code is ExitCode.CONFIG and not (tmp_path / "log").exists()
