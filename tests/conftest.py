@@ -144,3 +144,24 @@ def link_tree(source: Path, dest: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, dest, symlinks=True, copy_function=link, dirs_exist_ok=True)
+
+
+def make_busybox_root(root: Path) -> Path:
+    """A tiny root file system: busybox (and the libraries it links), like a dev container."""
+    import shutil
+
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed (scripts/test installs it)")
+    for folder in ("bin", "usr/bin", "proc", "dev", "tmp", "etc"):  # nspawn wants /usr
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    shutil.copy(busybox, root / "bin/busybox")
+    ldd = subprocess.run(["ldd", busybox], capture_output=True, text=True, check=False)
+    for library in [w for w in ldd.stdout.split() if w.startswith("/")]:
+        (root / library[1:]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(library, root / library[1:])
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
+    for applet in applets.stdout.split():
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    return root

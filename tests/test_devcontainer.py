@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from coreos_gpu.config import Board, Channel, OsName, Runtime
 from coreos_gpu.devcontainer import (
     find_kernel_tree,
     find_partition,
+    prepare_kernel_tree,
     read_kernel_release,
     resolve_in_root,
 )
 from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.release import OsRelease
+from coreos_gpu.sandbox import EngineOptions
 
-from .conftest import Mirror, link_tree
+from .conftest import Mirror, link_tree, make_busybox_root
 
 KERNEL = "6.1.0-50-amd64"
 
@@ -159,14 +163,16 @@ def test_kernel_tree_found_inside_the_root_once(tmp_path: Path) -> None:
     build_dir, tree = find_kernel_tree(tmp_path)
     assert build_dir == "/usr/lib/modules/6.6.56-flatcar/build"
     assert tree == src
-    assert read_kernel_release(tree, build_dir) == "6.6.56-flatcar"
+    assert read_kernel_release(tree, build_dir, "6.6.56-flatcar") == "6.6.56-flatcar"
+    with pytest.raises(CoreosGpuError, match=r"modules/6\.6\.57 was built as 6\.6\.56-flatcar"):
+        read_kernel_release(tree, build_dir, "6.6.57")
 
 
 def test_unprepared_tree_is_refused(tmp_path: Path) -> None:
     _tree(tmp_path, "6.6.56-flatcar", (".config", "include/generated/utsrelease.h"))
     build_dir, tree = find_kernel_tree(tmp_path)
     with pytest.raises(CoreosGpuError) as info:
-        read_kernel_release(tree, build_dir)
+        read_kernel_release(tree, build_dir, "6.6.56-flatcar")
     assert info.value.code is ExitCode.IMAGE
     assert info.value.message.endswith("is not prepared: it lacks Module.symvers")
 
@@ -226,3 +232,56 @@ def test_a_command_runs_inside_the_root(cli, mirror: Mirror, flatcar_release, tm
                  "--release", flatcar_release.version, "--signing-key-fingerprint",
                  flatcar_release.key_fingerprint, "--", "sh", "-c", "exit 7")
     assert failed.code == 7
+
+
+COREOS_KERNEL = "4.19.106-coreos"
+# Stand-ins for CoreOS's tools, which no server offers any more: they record their calls and
+# do what the real ones leave behind (coreos-sources unpacked, modules_prepare's output).
+STAND_INS = {
+    "emerge-gitclone": 'echo "emerge-gitclone $*" >> /record\n'
+                       "grep -c : /proc/net/dev >> /record",
+    "emerge": 'echo "emerge $*" >> /record\nmkdir -p /usr/src/linux',
+    "make": 'echo "make $*" >> /record\n'
+            '[ "$1 $3" = "-C modules_prepare" ] && [ -f "$2/.config" ] || exit 2\n'
+            'mkdir -p "$2/include/generated" && touch "$2/Module.symvers"\n'
+            f'echo \'#define UTS_RELEASE "{COREOS_KERNEL}"\' > "$2/include/generated/utsrelease.h"',
+}
+
+
+def _coreos_root(tmp_path: Path) -> Path:
+    root = make_busybox_root(tmp_path / "root")
+    build = root / "usr/lib64/modules" / COREOS_KERNEL / "build"
+    build.mkdir(parents=True)
+    (build / ".config").write_text("CONFIG_MODULES=y\n")  # shipped, but not prepared
+    for name, script in STAND_INS.items():
+        (root / "usr/bin" / name).write_text(f"#!/bin/sh\n{script}\n")
+        (root / "usr/bin" / name).chmod(0o755)
+    return root
+
+
+def _release(os_name: OsName) -> OsRelease:
+    return OsRelease(os_name, Channel.STABLE, Board.AMD64_USR, "2512.3.0", None, "http://x/")
+
+
+def test_coreos_tree_is_prepared_by_the_documented_recipe(tmp_path: Path) -> None:
+    root = _coreos_root(tmp_path)
+    log = tmp_path / "prepare.log"
+    build_dir, kernel = prepare_kernel_tree(
+        root, _release(OsName.COREOS), runtime=Runtime.BWRAP, engine=EngineOptions(),
+        log_file=log, image_key="k")
+    assert (build_dir, kernel) == ("/usr/src/linux", COREOS_KERNEL)
+    record = (root / "record").read_text().splitlines()
+    assert record[0] == "emerge-gitclone "
+    assert int(record[1]) > 1, "emerge needs the network: more than lo must be visible"
+    assert record[2:] == ["emerge -gKv coreos-sources", "make -C /usr/src/linux modules_prepare"]
+    assert (root / "usr/src/linux/.config").read_text() == "CONFIG_MODULES=y\n"
+    assert log.is_file()
+
+
+def test_flatcar_tree_that_is_not_prepared_is_refused(tmp_path: Path) -> None:
+    root = _coreos_root(tmp_path)
+    with pytest.raises(CoreosGpuError) as info:
+        prepare_kernel_tree(root, _release(OsName.FLATCAR), runtime=Runtime.BWRAP,
+                            engine=EngineOptions(), log_file=tmp_path / "log", image_key="k")
+    assert info.value.code is ExitCode.IMAGE
+    assert not (root / "record").exists()

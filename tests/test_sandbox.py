@@ -29,7 +29,7 @@ from coreos_gpu.sandbox import (
     sandbox_argv,
 )
 
-from .conftest import REPO
+from .conftest import REPO, make_busybox_root
 
 # What podman needs on this machine kind (DESIGN "Recipes"): no CAP_SYS_RESOURCE, hybrid cgroups.
 PODMAN_GLOBAL = ("--storage-driver", "vfs", "--cgroup-manager=cgroupfs",
@@ -86,6 +86,21 @@ ENGINE_COMMON = ["--rm", "--network", "none", "--security-opt", "label=disable"]
 ])
 def test_sandbox_argv(runtime: Runtime, kwargs: dict[str, object], expected: list[str]) -> None:
     assert sandbox_argv(SPEC, ["make", "-j2"], runtime=runtime, **kwargs) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("runtime", "isolated", "shared"), [
+    (Runtime.BWRAP, None, "--share-net"),
+    (Runtime.PODMAN, "none", "host"),
+    (Runtime.NSPAWN, "--private-network", None),
+    (Runtime.CHROOT, "--net", None),
+])
+def test_network_only_when_asked(runtime: Runtime, isolated: str | None,
+                                 shared: str | None) -> None:
+    off = sandbox_argv(SPEC, ["true"], runtime=runtime)
+    on = sandbox_argv(SandboxSpec(Path("/r"), network=True), ["true"], runtime=runtime)
+    for argv, present, absent in ((off, isolated, shared), (on, shared, isolated)):
+        assert present is None or present in argv
+        assert absent is None or absent not in argv
 
 
 def test_chroot_argv_quotes_everything() -> None:
@@ -171,21 +186,7 @@ def test_detect_runtime_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture(scope="session")
 def devroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny root file system: busybox (and the libraries it links), like a dev container."""
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("busybox is not installed (scripts/test installs it)")
-    root = tmp_path_factory.mktemp("devroot")
-    for folder in ("bin", "usr", "proc", "dev", "tmp", "etc"):  # nspawn wants /usr
-        (root / folder).mkdir()
-    shutil.copy(busybox, root / "bin/busybox")
-    ldd = subprocess.run(["ldd", busybox], capture_output=True, text=True, check=False)
-    for library in [w for w in ldd.stdout.split() if w.startswith("/")]:
-        (root / library[1:]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(library, root / library[1:])
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
-    for applet in applets.stdout.split():
-        if applet != "busybox":
-            (root / "bin" / applet).symlink_to("busybox")
+    root = make_busybox_root(tmp_path_factory.mktemp("devroot"))
     (root / "marker").write_text("devroot\n")
     (root / "tmp/stale").write_text("must not show through the tmpfs\n")
     return root

@@ -25,11 +25,11 @@ from typing import IO
 
 from coreos_gpu import ui
 from coreos_gpu.cache import content_digest, locked, write_atomically
-from coreos_gpu.config import BuildConfig
+from coreos_gpu.config import BuildConfig, OsName, Runtime
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.release import SCHEMES, OsRelease, mirrored, resolve_release
 from coreos_gpu.run import check_tools, run
-from coreos_gpu.sandbox import EngineOptions
+from coreos_gpu.sandbox import Bind, EngineOptions, SandboxSpec, run_in_sandbox
 from coreos_gpu.verify import Published, fetch_verified
 
 SECTOR = 512
@@ -195,7 +195,8 @@ def find_kernel_tree(root: Path) -> tuple[str, Path]:
     return trees[0], resolve_in_root(root, trees[0])
 
 
-def read_kernel_release(tree: Path, build_dir: str) -> str:
+def read_kernel_release(tree: Path, build_dir: str, modules_of: str) -> str:
+    """The prepared tree's UTS_RELEASE, which must be the modules folder it belongs to."""
     missing = [f for f in PREPARED_FILES if not (tree / f).is_file()]
     if missing:
         raise CoreosGpuError(
@@ -207,10 +208,47 @@ def read_kernel_release(tree: Path, build_dir: str) -> str:
     if not found:
         raise _image_error(f"{build_dir}/include/generated/utsrelease.h names no release")
     release = found.group(1)
-    directory = build_dir.rstrip("/").split("/")[-2]
-    if directory != release:
-        raise _image_error(f"the kernel tree in modules/{directory} was built as {release}")
+    if modules_of != release:
+        raise _image_error(f"the kernel tree for modules/{modules_of} was built as {release}")
     return release
+
+
+# CoreOS's developer containers ship a tree that cannot build modules; CoreOS documented
+# preparing one from the coreos-sources package instead (it downloads, so it needs network).
+COREOS_TREE = "/usr/src/linux"
+COREOS_PREPARE = (
+    "emerge-gitclone",
+    "emerge -gKv coreos-sources",
+    f"cp /usr/lib64/modules/*/build/.config {COREOS_TREE}/",
+    f"make -C {COREOS_TREE} modules_prepare",
+)
+
+
+def prepare_coreos_tree(root: Path, *, runtime: Runtime, engine: EngineOptions,
+                        log_file: Path, image_key: str) -> None:
+    mounts = (Bind(Path("/etc/resolv.conf"), "/etc/resolv.conf", readonly=True),) if Path(
+        "/etc/resolv.conf").is_file() else ()
+    with ui.step("preparing the CoreOS kernel tree (emerge coreos-sources, modules_prepare)"):
+        run_in_sandbox(SandboxSpec(root=root, mounts=mounts, network=True),
+                       ["sh", "-ec", "\n".join(COREOS_PREPARE)], runtime=runtime,
+                       log_file=log_file, what="preparing the CoreOS kernel tree",
+                       engine_options=engine, image_key=image_key)
+
+
+def prepare_kernel_tree(root: Path, release: OsRelease, *, runtime: Runtime, engine: EngineOptions,
+                 log_file: Path, image_key: str) -> tuple[str, str]:
+    """(build dir inside root, kernel release) of a prepared tree, preparing CoreOS's."""
+    build_dir, tree = find_kernel_tree(root)
+    modules_of = build_dir.rstrip("/").split("/")[-2]
+    try:
+        return build_dir, read_kernel_release(tree, build_dir, modules_of)
+    except CoreosGpuError as e:
+        if release.os is not OsName.COREOS or "is not prepared" not in e.message:
+            raise
+    prepare_coreos_tree(root, runtime=runtime, engine=engine, log_file=log_file,
+                        image_key=image_key)
+    tree = resolve_in_root(root, COREOS_TREE)
+    return COREOS_TREE, read_kernel_release(tree, COREOS_TREE, modules_of)
 
 
 def _load(entry: Path, release: OsRelease) -> DevRoot:
@@ -220,7 +258,8 @@ def _load(entry: Path, release: OsRelease) -> DevRoot:
                    release=release)
 
 
-def unpack_image(image: Path, release: OsRelease, cache_dir: Path) -> DevRoot:
+def unpack_image(image: Path, release: OsRelease, cache_dir: Path, *, runtime: Runtime,
+                 engine: EngineOptions) -> DevRoot:
     """Turn a verified image into a cached DevRoot (once per image sha256)."""
     digest = content_digest(image)
     folder = cache_dir / "devcontainers"
@@ -240,8 +279,9 @@ def unpack_image(image: Path, release: OsRelease, cache_dir: Path) -> DevRoot:
             with ui.step("copying its files out"):
                 dump_ext4(filesystem, work / "root")
             filesystem.unlink()
-            build_dir, tree = find_kernel_tree(work / "root")
-            kernel_release = read_kernel_release(tree, build_dir)
+            build_dir, kernel_release = prepare_kernel_tree(
+                work / "root", release, runtime=runtime, engine=engine,
+                log_file=folder / f"{digest}.prepare.log", image_key=digest)
             write_atomically(work / "devroot.json", json.dumps({
                 "kernel_release": kernel_release, "build_dir": build_dir,
                 "image_sha256": digest, "os": release.os.value, "version": release.version,
@@ -268,7 +308,8 @@ def prepare_devcontainer(config: BuildConfig, version: str) -> DevRoot:
         fingerprint=config.signing_key_fingerprint or scheme.fingerprint)
     with ui.step(f"fetching {config.os.value} {release.version} developer container"):
         image = fetch_verified(published, config.cache_dir, offline=config.offline)
-    devroot = unpack_image(image, release, config.cache_dir)
+    devroot = unpack_image(image, release, config.cache_dir, runtime=config.runtime,
+                           engine=engine_options(config))
     if release.feed_kernel and not devroot.kernel_release.startswith(release.feed_kernel):
         ui.log(f"    note: the release feed lists kernel {release.feed_kernel}; the image's "
                f"tree is {devroot.kernel_release}, which is what the modules are built for")

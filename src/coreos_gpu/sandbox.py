@@ -80,6 +80,8 @@ class SandboxSpec:
     mounts: tuple[Mount, ...] = ()
     workdir: str = "/"
     env: Mapping[str, str] = field(default_factory=dict)  # set over DEFAULT_ENV
+    # Builds never need the network; only CoreOS's emerge recipe downloads its sources.
+    network: bool = False
 
     def __post_init__(self) -> None:
         _check_path(self.root, "root folder")
@@ -115,7 +117,8 @@ def _engine_argv(engine: str, spec: SandboxSpec, argv: Sequence[str], opts: Engi
     tmpfs = ":rw,notmpcopyup" if engine == "podman" else ""
     # label=disable: SELinux hosts deny binds of unlabelled folders, and relabelling the
     # user's folders (`:z`) would be worse than not confining the build.
-    args = [engine, *opts.global_args, "run", *opts.run_args, "--rm", "--network", "none",
+    args = [engine, *opts.global_args, "run", *opts.run_args, "--rm", "--network",
+            "host" if spec.network else "none",
             "--security-opt", "label=disable", "--tmpfs", "/tmp" + tmpfs]
     args += ["--name", name] if name else []
     for m in spec.mounts:
@@ -133,7 +136,8 @@ def _engine_argv(engine: str, spec: SandboxSpec, argv: Sequence[str], opts: Engi
 def _bwrap_argv(spec: SandboxSpec, argv: Sequence[str], interactive: bool) -> list[str]:
     # --new-session stops a batch command from typing into our terminal (TIOCSTI); a shell
     # needs the terminal as its controlling one.
-    args = ["bwrap", "--unshare-all", "--die-with-parent",
+    args = ["bwrap", "--unshare-all", *(["--share-net"] if spec.network else []),
+            "--die-with-parent",
             *([] if interactive else ["--new-session"]), "--bind", str(spec.root.absolute()),
             "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for m in spec.mounts:
@@ -152,7 +156,8 @@ def _nspawn_argv(spec: SandboxSpec, argv: Sequence[str], interactive: bool,
     # --as-pid2: a stub init reaps make's orphans. The *-off options keep the cached root as
     # it is (no resolv.conf, localtime or journal link written into it).
     args = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2",
-            "-D", str(spec.root.absolute()), "--private-network", "--resolv-conf=off",
+            "-D", str(spec.root.absolute()),
+            *([] if spec.network else ["--private-network"]), "--resolv-conf=off",
             "--timezone=off", "--link-journal=no",
             "--console=" + ("interactive" if interactive and tty else "pipe"), "--tmpfs=/tmp"]
     for m in spec.mounts:
@@ -189,7 +194,8 @@ def _chroot_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
     enter = q('cd "$1" && shift && exec "$@"')
     lines.append(f'c=$(command -v chroot); exec env -i {env} "$c" "$r" /bin/sh -c {enter} sh '
                  f"{q(spec.workdir)} {shlex.join(argv)}")
-    return ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
+    return ["unshare", "--mount", "--pid", *([] if spec.network else ["--net"]), "--ipc",
+            "--uts", "--fork", "--kill-child",
             "--propagation", "private", "sh", "-c", "\n".join(lines)]
 
 
