@@ -285,3 +285,16 @@ def test_flatcar_tree_that_is_not_prepared_is_refused(tmp_path: Path) -> None:
                             engine=EngineOptions(), log_file=tmp_path / "log", image_key="k")
     assert info.value.code is ExitCode.IMAGE
     assert not (root / "record").exists()
+
+
+@pytest.mark.slow
+def test_signing_key_from_a_file(cli, mirror: Mirror, flatcar_release) -> None:  # type: ignore[no-untyped-def]
+    # Air-gapped sites hand the key over as a file; the published one is then not fetched.
+    (mirror.root / "www.flatcar.org/security/image-signing-key/"
+     "Flatcar_Image_Signing_Key.asc").unlink()
+    result = _prepare(cli, mirror, flatcar_release, "--release", flatcar_release.version,
+                      "--signing-key", str(flatcar_release.public_key))
+    assert result.code == 0, result.stderr
+    wrong = _prepare(cli, mirror, flatcar_release, "--release", flatcar_release.version,
+                     "--signing-key", str(flatcar_release.other_public_key))
+    assert wrong.code == ExitCode.SIGNATURE
