@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,45 +16,43 @@ from coreos_gpu.verify import (
     verify_digest,
     verify_signature,
 )
+from testinputs.gpg import (
+    SigningKey,
+    export_public_key,
+    generate_signing_key,
+    gnupg_home,
+    sign_detached,
+)
 
 from .conftest import Mirror
 
 
 @dataclass(frozen=True)
 class Key:
-    home: Path
-    fingerprint: str  # primary
+    signing: SigningKey
     public: Path
 
-
-def _make_key(home: Path, name: str) -> Key:
-    """A certify-only primary key with a signing subkey: the shape Flatcar's key has."""
-    home.mkdir(mode=0o700)
-    gpg = ["gpg", "--homedir", str(home), "--batch", "--passphrase", "", "--pinentry-mode",
-           "loopback"]
-    subprocess.run([*gpg, "--quick-gen-key", f"{name} <{name}@test.invalid>", "ed25519",
-                    "cert", "never"], check=True, capture_output=True)
-    listing = subprocess.run([*gpg, "--with-colons", "--list-keys"], check=True,
-                             capture_output=True, text=True).stdout
-    fingerprint = next(line.split(":")[9] for line in listing.splitlines()
-                       if line.startswith("fpr:"))
-    subprocess.run([*gpg, "--quick-add-key", fingerprint, "ed25519", "sign", "never"],
-                   check=True, capture_output=True)
-    public = home / "public.asc"
-    subprocess.run([*gpg, "--armor", "--export", "--output", str(public), fingerprint],
-                   check=True, capture_output=True)
-    return Key(home, fingerprint, public)
+    @property
+    def fingerprint(self) -> str:
+        return self.signing.fingerprint
 
 
 def _sign(key: Key, path: Path, sig: Path) -> None:
-    subprocess.run(["gpg", "--homedir", str(key.home), "--batch", "--yes", "--detach-sign",
-                    "--output", str(sig), str(path)], check=True, capture_output=True)
+    sig.unlink(missing_ok=True)
+    sign_detached(key.signing, path, sig)
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Key, Key]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Key, Key]]:
+    """Two keys shaped like Flatcar's (a signing subkey under a certify-only primary)."""
     base = tmp_path_factory.mktemp("gpg")
-    return _make_key(base / "good", "Good"), _make_key(base / "other", "Other")
+    with gnupg_home() as good_home, gnupg_home() as other_home:
+        made = []
+        for home, name in ((good_home, "Good"), (other_home, "Other")):
+            signing = generate_signing_key(home, f"{name} <{name.lower()}@test.invalid>")
+            export_public_key(signing, base / f"{name}.asc")
+            made.append(Key(signing, base / f"{name}.asc"))
+        yield made[0], made[1]
 
 
 def _digests(data: bytes, name: str) -> str:
