@@ -20,6 +20,8 @@ class ExitCode(IntEnum):
     UNVERIFIABLE = 9  # the checksum or signature to verify a download with is missing
     INCOMPLETE = 10  # a download stopped short of its announced size, even after resuming
     IMAGE = 11  # the developer container image or its kernel build tree is unusable
+    BUNDLE = 12  # a bundle cannot be assembled from its inputs, or fails inspection
+    MODULES = 13  # the module build produced no or wrong kernel modules
     INTERNAL = 70  # a bug in coreos-gpu (EX_SOFTWARE)
     INTERRUPTED = 130
 

@@ -1,0 +1,204 @@
+"""Modules stage: kernel tree (DevRoot) + driver sources (DriverPackage) → `ModuleSet`.
+
+The NVIDIA kernel modules are compiled with kbuild inside the developer container root,
+through the sandbox, and every .ko is checked before it is kept: its vermagic must name the
+target kernel release and its version the driver version. Results are cached by a hash of
+every input, so an unchanged rebuild compiles nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from coreos_gpu import ui
+from coreos_gpu.cache import locked, sha256_of, write_atomically
+from coreos_gpu.config import KernelModuleType, Runtime
+from coreos_gpu.devcontainer import DevRoot, read_kernel_release, resolve_in_root
+from coreos_gpu.driver import DriverPackage
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.modinfo import read_modinfo, vermagic_release
+from coreos_gpu.run import tail
+from coreos_gpu.sandbox import Bind, EngineOptions, SandboxSpec, run_in_sandbox
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    name: str  # the file's stem: "nvidia-uvm"
+    path: Path  # the .ko, in the module cache
+    sha256: str
+    size: int
+    vermagic: str
+    version: str
+    depends: tuple[str, ...]  # kernel modules it needs loaded first (modinfo "depends")
+
+
+@dataclass(frozen=True)
+class ModuleSet:
+    kernel_release: str
+    flavour: KernelModuleType
+    driver_version: str
+    modules: tuple[KernelModule, ...]
+    folder: Path  # the cache entry: the .ko files, build.log, modules.json
+    key: str  # sha256 over every input of the build
+
+
+# Part of every cache key: bump it when the build commands below change.
+BUILD_RECIPE = "1"
+# Without these three the driver cannot work; nvidia-drm and nvidia-peermem are optional
+# (kernels without DRM or InfiniBand build without them).
+REQUIRED = ("nvidia", "nvidia-uvm", "nvidia-modeset")
+SOURCES_IN_SANDBOX = "/build/nvidia"
+_OBJECT_LINE = re.compile(r"\s*CC \[M\]\s")
+
+
+def _fail(message: str, log: Path) -> CoreosGpuError:
+    return CoreosGpuError(f"{message}\n{tail(log.read_text(errors='replace'))}",
+                          hint=f"full build log: {log}", code=ExitCode.MODULES)
+
+
+def module_set_key(package: DriverPackage, devroot: DevRoot,
+                   flavour: KernelModuleType) -> str:
+    """Every input of a module build. The image digest stands for the kernel tree and the
+    compiler, both of which come from the developer container."""
+    inputs = {"recipe": BUILD_RECIPE, "driver_sha256": package.sha256, "flavour": flavour.value,
+              "image_sha256": devroot.image_sha256, "build_dir": devroot.build_dir,
+              "kernel_release": devroot.kernel_release}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _in_root_path(root: Path, host_path: Path) -> str:
+    return "/" + str(host_path.relative_to(root))
+
+
+def _kernel_source(devroot: DevRoot) -> str:
+    """SYSSRC: the kernel's source tree. Split header packages (Debian's -common and -amd64)
+    keep it apart from the build tree, behind modules/<release>/source."""
+    source = devroot.build_dir.rstrip("/").rsplit("/", 1)[0] + "/source"
+    resolved = resolve_in_root(devroot.root, source)
+    return _in_root_path(devroot.root, resolved) if resolved.is_dir() else devroot.build_dir
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard-link the module sources into a scratch folder: kbuild only adds files there."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, symlinks=True, copy_function=link)
+
+
+class _Counter:
+    """kbuild progress: one line per 50 objects compiled (kbuild cannot say how many remain)."""
+
+    def __init__(self) -> None:
+        self.objects = 0
+
+    def __call__(self, line: str) -> None:
+        if _OBJECT_LINE.match(line):
+            self.objects += 1
+            if self.objects % 50 == 0:
+                ui.log(f"    compiled {self.objects} objects")
+
+
+def _load(entry: Path) -> ModuleSet:
+    data = json.loads((entry / "modules.json").read_text())
+    return ModuleSet(
+        kernel_release=data["kernel_release"], flavour=KernelModuleType(data["flavour"]),
+        driver_version=data["driver_version"], folder=entry, key=data["key"],
+        modules=tuple(KernelModule(name=m["name"], path=entry / f"{m['name']}.ko",
+                                   sha256=m["sha256"], size=m["size"], vermagic=m["vermagic"],
+                                   version=m["version"], depends=tuple(m["depends"]))
+                      for m in data["modules"]))
+
+
+def check_module(path: Path, *, kernel_release: str, driver_version: str) -> KernelModule:
+    info = read_modinfo(path)
+    vermagic, version = info.get("vermagic", ""), info.get("version", "")
+    if vermagic_release(vermagic) != kernel_release:
+        raise CoreosGpuError(
+            f"{path.name} was built for kernel {vermagic_release(vermagic) or '(none)'}, not "
+            f"{kernel_release} (vermagic {vermagic!r})", code=ExitCode.MODULES)
+    if version != driver_version:
+        raise CoreosGpuError(f"{path.name} is version {version or '(none)'}, not driver "
+                             f"{driver_version}", code=ExitCode.MODULES)
+    depends = tuple(d for d in info.get("depends", "").split(",") if d)
+    return KernelModule(name=path.stem, path=path, sha256=sha256_of(path),
+                        size=path.stat().st_size, vermagic=vermagic, version=version,
+                        depends=depends)
+
+
+def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModuleType, *,
+                  runtime: Runtime, engine: EngineOptions, jobs: int,
+                  cache_dir: Path) -> ModuleSet:
+    """Compile (or find in the cache) the driver's kernel modules for the DevRoot's kernel."""
+    if flavour not in package.flavours:
+        raise CoreosGpuError(
+            f"driver {package.version} has no {flavour.value} kernel modules "
+            f"({package.kernel_source_dir(flavour).name}/)",
+            hint="choose another kernel_module_type", code=ExitCode.CONFIG)
+    key = module_set_key(package, devroot, flavour)
+    folder = cache_dir / "modules"
+    entry = folder / key
+    if (entry / "modules.json").is_file():
+        return _load(entry)
+    # Compiling against an unprepared tree "works" and makes modules the kernel refuses.
+    read_kernel_release(resolve_in_root(devroot.root, devroot.build_dir), devroot.build_dir,
+                        devroot.kernel_release)
+    with locked(folder / f"{key}.lock"):
+        if (entry / "modules.json").is_file():
+            return _load(entry)
+        log = folder / f"{key}.build.log"  # beside the work folder: it outlives a failure
+        work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder))
+        try:
+            sources = work / "src"
+            _link_tree(package.kernel_source_dir(flavour), sources)
+            spec = SandboxSpec(root=devroot.root, mounts=(Bind(sources, SOURCES_IN_SANDBOX),),
+                               workdir=SOURCES_IN_SANDBOX)
+            what = (f"compiling the {flavour.value} NVIDIA {package.version} modules for "
+                    f"{devroot.kernel_release}")
+            with ui.step(what):
+                run_in_sandbox(
+                    spec, ["make", "-C", SOURCES_IN_SANDBOX, f"SYSSRC={_kernel_source(devroot)}",
+                           f"SYSOUT={devroot.build_dir}", f"-j{jobs}", "modules"],
+                    runtime=runtime, log_file=log, what=what, engine_options=engine,
+                    image_key=devroot.image_sha256, progress=_Counter())
+            built = sorted(sources.glob("*.ko"))
+            if not built:
+                raise _fail(f"{what} produced no kernel modules (.ko)", log)
+            missing = [name for name in REQUIRED if not (sources / f"{name}.ko").is_file()]
+            if missing:
+                raise _fail(f"{what} did not produce {', '.join(m + '.ko' for m in missing)}",
+                            log)
+            # Debug info is 90% of each .ko and no node needs it (nvidia-uvm: 52 MB → 3 MB).
+            run_in_sandbox(spec, ["strip", "--strip-debug", *(p.name for p in built)],
+                           runtime=runtime, log_file=work / "strip.log",
+                           what="stripping debug info from the modules", engine_options=engine,
+                           image_key=devroot.image_sha256)
+            out = work / "out"
+            out.mkdir()
+            modules = []
+            for ko in built:
+                shutil.copy2(ko, out / ko.name)
+                modules.append(check_module(out / ko.name, kernel_release=devroot.kernel_release,
+                                            driver_version=package.version))
+            write_atomically(out / "modules.json", json.dumps({
+                "key": key, "kernel_release": devroot.kernel_release, "flavour": flavour.value,
+                "driver_version": package.version,
+                "modules": [{"name": m.name, "sha256": m.sha256, "size": m.size,
+                             "vermagic": m.vermagic, "version": m.version,
+                             "depends": list(m.depends)} for m in modules],
+            }, indent=2).encode())
+            shutil.move(log, out / "build.log")
+            out.rename(entry)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _load(entry)
