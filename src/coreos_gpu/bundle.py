@@ -1,0 +1,299 @@
+"""Bundle stage: kernel modules (one set per kernel) + userspace + node files → one archive.
+
+Where each file goes is layout.py's business; how the archive stays reproducible (the same
+inputs give the same bytes) is archive.py's; reading a bundle back is inspection.py's. This
+module is the stage's entry point and re-exports what its callers need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.abc import Traversable
+from importlib.resources import files
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from coreos_gpu.archive import ArchiveWriter, Digest, archive_mtime, create_archive
+from coreos_gpu.cache import write_atomically
+from coreos_gpu.config import Compression, Profile
+from coreos_gpu.driver import DriverPackage
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.inspection import BundleReport, ModuleReport, PartSize, inspect_bundle
+from coreos_gpu.layout import (
+    FORMAT,
+    MANIFEST_NAME,
+    NODE,
+    NODE_TOP_LEVEL,
+    SUMS_NAME,
+    ReleaseInputs,
+    module_path,
+    payload_dir,
+    payload_path,
+    render_sums,
+)
+from coreos_gpu.modinfo import vermagic_release
+from coreos_gpu.modules import ModuleSet
+
+__all__ = ["Bundle", "BundleReport", "ModuleReport", "PartSize", "ReleaseInputs",
+           "assemble_bundle", "default_node_files", "inspect_bundle"]
+
+_UNSAFE = re.compile(r"[\n\\]")  # characters sha256sum -c would need escaped
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    sha256: str  # of the compressed archive
+    size: int
+    manifest: Mapping[str, Any]  # MANIFEST.json as written
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One archive member to write: exactly one of source, data, target is set."""
+
+    path: str
+    mode: int
+    source: Path | None = None
+    data: bytes | None = None
+    target: str | None = None
+    sha256: str = ""  # what a source must hash to (modules, checked by the modules stage)
+
+
+def _userspace_members(package: DriverPackage, profile: Profile) -> list[_Member]:
+    members = []
+    for entry in package.files(profile):
+        path = f"{payload_dir(package.version)}/{payload_path(entry, package.version)}"
+        if entry.is_symlink:
+            target = entry.target or str((package.root / entry.file).readlink())
+            members.append(_Member(path, 0o777, target=target))
+        else:
+            members.append(_Member(path, entry.mode & 0o7777, source=package.root / entry.file))
+    return members
+
+
+def _module_members(version: str, module_sets: Sequence[ModuleSet]) -> list[_Member]:
+    return [_Member(module_path(version, s.kernel_release, m.name), 0o644, source=m.path,
+                    sha256=m.sha256)
+            for s in module_sets for m in s.modules]
+
+
+def _walk(folder: Traversable, prefix: str = "") -> Iterator[tuple[str, Traversable]]:
+    for child in sorted(folder.iterdir(), key=lambda c: c.name):
+        if child.name.startswith((".", "__")):  # __init__.py, __pycache__, editor files
+            continue
+        if child.is_dir():
+            yield from _walk(child, f"{prefix}{child.name}/")
+        elif child.is_file():
+            yield f"{prefix}{child.name}", child
+
+
+def default_node_files() -> Traversable:
+    return files("coreos_gpu") / "resources" / NODE
+
+
+def _node_members(folder: Traversable) -> list[_Member]:
+    if not folder.is_dir():
+        return []
+    members = []
+    for name, resource in _walk(folder):
+        data = resource.read_bytes()
+        # Package data does not keep modes reliably; a script is what starts with #!.
+        mode = 0o755 if data.startswith(b"#!") else 0o644
+        members.append(_Member(name if name in NODE_TOP_LEVEL else f"{NODE}/{name}", mode,
+                               data=data))
+    return members
+
+
+def _bad(message: str, hint: str = "") -> CoreosGpuError:
+    return CoreosGpuError(message, hint=hint, code=ExitCode.BUNDLE)
+
+
+def _check_inputs(package: DriverPackage, module_sets: Sequence[ModuleSet],
+                  releases: Sequence[ReleaseInputs]) -> None:
+    kernels = [s.kernel_release for s in module_sets]
+    if not kernels or not releases:
+        raise _bad("nothing to bundle: no kernel modules or no OS release")
+    if len(set(kernels)) < len(kernels):
+        raise _bad(f"two module sets for one kernel: {', '.join(sorted(kernels))}")
+    if len({s.flavour for s in module_sets}) > 1:
+        raise _bad("the module sets mix proprietary and open kernel modules")
+    if len({r.os for r in releases}) > 1:
+        raise _bad("the releases mix operating systems: one bundle serves one OS")
+    for s in module_sets:
+        if not s.modules:
+            raise _bad(f"no kernel modules were built for kernel {s.kernel_release}")
+        for m in s.modules:
+            if vermagic_release(m.vermagic) != s.kernel_release or m.version != package.version:
+                raise _bad(f"{m.path} is built for kernel {vermagic_release(m.vermagic)} and "
+                           f"driver {m.version}, not {s.kernel_release} and {package.version}",
+                           hint="rebuild the modules")
+    for release in releases:
+        if release.kernel_release not in kernels:
+            raise _bad(f"{release.os} {release.version} runs kernel {release.kernel_release}, "
+                       "for which no modules were built")
+    unused = set(kernels) - {r.kernel_release for r in releases}
+    if unused:
+        raise _bad(f"modules for kernel {', '.join(sorted(unused))} belong to no release")
+
+
+def _sorted_with_folders(members: list[_Member]) -> list[_Member]:
+    """Members and every folder above them, parents first, in one fixed order."""
+    by_path: dict[str, _Member] = {}
+    for m in members:
+        if PurePosixPath(m.path).is_absolute() or ".." in m.path.split("/") or _UNSAFE.search(
+                m.path):
+            raise _bad(f"refusing the archive path {m.path!r}")
+        if m.path in by_path:
+            raise _bad(f"two files would be bundled as {m.path}")
+        by_path[m.path] = m
+        for parent in PurePosixPath(m.path).parents[:-1]:
+            by_path.setdefault(str(parent), _Member(str(parent), 0o755))
+    return sorted(by_path.values(), key=lambda m: PurePosixPath(m.path).parts)
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))
+
+
+def _manifest(package: DriverPackage, module_sets: Sequence[ModuleSet], profile: Profile,
+              releases: Sequence[ReleaseInputs], agent_units: Sequence[str], tool_version: str,
+              entries: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "tool_version": tool_version,
+        "os": releases[0].os,
+        "driver_version": package.version,
+        "flavour": module_sets[0].flavour.value,
+        "profile": profile.value,
+        "kernel_releases": [s.kernel_release for s in module_sets],
+        "releases": [r.to_json() for r in releases],
+        "agent_units": list(agent_units),
+        "inputs": [{"what": "driver", "source": package.source, "sha256": package.sha256}] + [
+            {"what": f"{r.os} {r.channel} {r.version} image", "source": r.image_url,
+             "sha256": r.image_sha256} for r in releases],
+        "modules": {s.kernel_release: [
+            {"name": m.name, "path": module_path(package.version, s.kernel_release, m.name),
+             "vermagic": m.vermagic, "version": m.version, "depends": list(m.depends)}
+            for m in sorted(s.modules, key=lambda m: m.name)] for s in module_sets},
+        "files": [{"path": path, **entries[path]} for path in sorted(entries)],
+    }
+
+
+def _write_member(writer: ArchiveWriter, m: _Member) -> dict[str, Any] | None:
+    """Add one member; its MANIFEST.json entry (None for a folder)."""
+    mode = f"{m.mode:04o}"
+    if m.target is not None:
+        writer.add_symlink(m.path, m.target)
+        return {"type": "symlink", "target": m.target, "mode": mode}
+    if m.source is None and m.data is None:
+        writer.add_directory(m.path)
+        return None
+    try:
+        digest: Digest = (writer.add_file(m.path, m.source, mode=m.mode) if m.source is not None
+                          else writer.add_bytes(m.path, m.data or b"", mode=m.mode))
+    except OSError as e:
+        raise _bad(f"cannot bundle {m.source}: {e.strerror or e}") from e
+    if m.sha256 and digest.sha256 != m.sha256:
+        raise _bad(f"{m.source} changed after it was built (sha256 {digest.sha256}, "
+                   f"expected {m.sha256})", hint="rebuild the modules")
+    return {"type": "file", "sha256": digest.sha256, "size": digest.size, "mode": mode}
+
+
+def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
+                    profile: Profile, compression: Compression, output: Path,
+                    releases: Sequence[ReleaseInputs], agent_units: Sequence[str],
+                    tool_version: str, node_files: Traversable | None = None,
+                    cache_dir: Path | None = None) -> Bundle:
+    """Write the bundle to output (atomically) and return what was written.
+
+    node_files: the folder of node-side files; the package's resources/node by default.
+    cache_dir: where finished archives are kept by a hash of their inputs, so an unchanged
+    rebuild copies the archive instead of compressing it again.
+    """
+    _check_inputs(package, module_sets, releases)
+    module_sets = sorted(module_sets, key=lambda s: _version_key(s.kernel_release))
+    releases = sorted(releases, key=lambda r: (r.os, r.channel, _version_key(r.version)))
+    members = _sorted_with_folders(
+        _userspace_members(package, profile) + _module_members(package.version, module_sets)
+        + _node_members(default_node_files() if node_files is None else node_files))
+    key = _bundle_key(members, module_sets, profile, compression, releases, agent_units,
+                      tool_version, package)
+    if cache_dir is not None and (hit := _from_cache(cache_dir / "bundles", key, output)):
+        return hit
+    entries: dict[str, dict[str, Any]] = {}
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with create_archive(output, compression, mtime=archive_mtime()) as writer:
+            for m in members:
+                entry = _write_member(writer, m)
+                if entry is not None:
+                    entries[m.path] = entry
+            manifest = _manifest(package, module_sets, profile, releases, agent_units,
+                                 tool_version, entries)
+            text = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
+            sums = {path: e["sha256"] for path, e in entries.items() if e["type"] == "file"}
+            sums[MANIFEST_NAME] = writer.add_bytes(MANIFEST_NAME, text, mode=0o644).sha256
+            writer.add_bytes(SUMS_NAME, render_sums(sums), mode=0o644)
+    except OSError as e:
+        raise _bad(f"cannot write {output}: {e.strerror or e}") from e
+    bundle = Bundle(output, writer.digest.sha256, writer.digest.size, manifest)
+    if cache_dir is not None:
+        _to_cache(cache_dir / "bundles", key, bundle)
+    return bundle
+
+
+def _bundle_key(members: Sequence[_Member], module_sets: Sequence[ModuleSet], profile: Profile,
+                compression: Compression, releases: Sequence[ReleaseInputs],
+                agent_units: Sequence[str], tool_version: str, package: DriverPackage) -> str:
+    """Every input of the archive's bytes: the package and module builds by their digests,
+    node files by their content, and the settings that shape the archive."""
+    inputs = {
+        "format": FORMAT, "tool_version": tool_version, "mtime": archive_mtime(),
+        "compression": compression.value, "profile": profile.value,
+        "driver_sha256": package.sha256, "agent_units": list(agent_units),
+        "releases": [r.to_json() for r in releases],
+        "modules": [[s.key, [m.sha256 for m in s.modules]] for s in module_sets],
+        "members": [[m.path, m.mode, m.target, str(m.source) if m.source else None,
+                     hashlib.sha256(m.data).hexdigest() if m.data is not None else None]
+                    for m in members],
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _from_cache(folder: Path, key: str, output: Path) -> Bundle | None:
+    try:
+        record = json.loads((folder / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cached = folder / key
+    if not cached.is_file() or cached.stat().st_size != record["size"]:
+        return None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(cached, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Bundle(output, record["sha256"], record["size"], record["manifest"])
+
+
+def _to_cache(folder: Path, key: str, bundle: Bundle) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}-", dir=folder)
+    os.close(fd)
+    shutil.copyfile(bundle.path, tmp)
+    os.replace(tmp, folder / key)
+    write_atomically(folder / f"{key}.json", json.dumps({
+        "sha256": bundle.sha256, "size": bundle.size, "manifest": bundle.manifest}).encode())

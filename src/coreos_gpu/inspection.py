@@ -1,0 +1,362 @@
+"""`coreos-gpu inspect`: what a bundle holds, and whether it is whole.
+
+One streaming pass over the archive hashes every member and reads each .ko's modinfo; then
+the members are checked against SHA256SUMS and MANIFEST.json, and every module against the
+kernel folder it sits in and the driver version. Nothing is extracted but one .ko at a time,
+to a temporary folder, because pyelftools reads ELF files by seeking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from coreos_gpu.archive import COPY_BUFFER, open_archive
+from coreos_gpu.config import Compression
+from coreos_gpu.errors import CoreosGpuError
+from coreos_gpu.layout import (
+    FORMAT,
+    MANIFEST_NAME,
+    PAYLOAD,
+    SUM_LINE,
+    SUMS_NAME,
+    ReleaseInputs,
+    part_of,
+)
+from coreos_gpu.modinfo import read_modinfo, vermagic_release
+
+_TEXT_LIMIT = 64 << 20  # MANIFEST.json and SHA256SUMS are read into memory: a bound
+_PART_ORDER = ("libraries", "binaries", "firmware", "modules", "node files", "other",
+               "metadata")
+_METADATA = (MANIFEST_NAME, SUMS_NAME)
+
+
+@dataclass(frozen=True)
+class PartSize:
+    part: str  # libraries, binaries, firmware, "modules <kernel-release>", node files, …
+    files: int  # files and symlinks
+    size: int  # bytes before compression
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    path: str
+    kernel_release: str  # of the folder the .ko sits in
+    vermagic: str
+    version: str
+    depends: tuple[str, ...]
+    size: int
+
+
+@dataclass(frozen=True)
+class BundleReport:
+    path: Path
+    compression: Compression  # as the magic bytes say, whatever the file's name
+    size: int
+    sha256: str
+    tool_version: str
+    os: str
+    driver_version: str
+    flavour: str
+    profile: str
+    releases: tuple[ReleaseInputs, ...]
+    kernel_releases: tuple[str, ...]
+    agent_units: tuple[str, ...]
+    parts: tuple[PartSize, ...]
+    modules: tuple[ModuleReport, ...]
+    problems: tuple[str, ...]  # one line each; empty when the bundle is whole
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(label, value) rows for a text rendering."""
+        return [("archive", f"{self.path} ({self.compression.value}, {self.size} bytes)"),
+                ("sha256", self.sha256), ("driver", f"{self.driver_version} ({self.flavour})"),
+                ("profile", self.profile), ("os", self.os),
+                ("releases", ", ".join(f"{r.channel} {r.version} ({r.kernel_release})"
+                                       for r in self.releases)),
+                ("kernel releases", ", ".join(self.kernel_releases)),
+                ("agent units", ", ".join(self.agent_units)),
+                ("built by", f"coreos-gpu {self.tool_version}")]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "ok": self.ok, "problems": list(self.problems),
+            "compression": self.compression.value, "size": self.size, "sha256": self.sha256,
+            "tool_version": self.tool_version, "os": self.os,
+            "driver_version": self.driver_version, "flavour": self.flavour,
+            "profile": self.profile, "releases": [r.to_json() for r in self.releases],
+            "kernel_releases": list(self.kernel_releases),
+            "agent_units": list(self.agent_units),
+            "parts": [{"part": p.part, "files": p.files, "size": p.size} for p in self.parts],
+            "modules": [{"path": m.path, "kernel_release": m.kernel_release,
+                         "vermagic": m.vermagic, "version": m.version,
+                         "depends": list(m.depends), "size": m.size} for m in self.modules],
+        }
+
+
+@dataclass(frozen=True)
+class _Seen:
+    kind: str  # "file" or "symlink", as MANIFEST.json writes it
+    mode: int
+    sha256: str = ""
+    size: int = 0
+    target: str = ""
+
+
+@dataclass
+class _Scan:
+    """What one pass over the archive found (the one mutable workspace of an inspection)."""
+
+    members: dict[str, _Seen] = field(default_factory=dict)
+    texts: dict[str, bytes] = field(default_factory=dict)  # MANIFEST.json, SHA256SUMS
+    modinfo: dict[str, dict[str, str]] = field(default_factory=dict)  # by .ko path
+    problems: list[str] = field(default_factory=list)
+
+
+def _scan_file(tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _Scan, tmp: Path) -> None:
+    name = member.name
+    stream = tar.extractfile(member)
+    assert stream is not None  # a regular file always has one
+    keep = name in _METADATA and member.size <= _TEXT_LIMIT
+    chunks: list[bytes] = []
+    # pyelftools reads by seeking, so each .ko goes to a temporary file, one at a time.
+    module = tmp / PurePosixPath(name).name if name.endswith(".ko") else None
+    digest, size = hashlib.sha256(), 0
+    with stream, (module.open("wb") if module else nullcontext()) as copy:
+        while chunk := stream.read(COPY_BUFFER):
+            digest.update(chunk)
+            size += len(chunk)
+            if keep:
+                chunks.append(chunk)
+            if copy is not None:
+                copy.write(chunk)
+    scan.members[name] = _Seen("file", member.mode, digest.hexdigest(), size)
+    if keep:
+        scan.texts[name] = b"".join(chunks)
+    if module:
+        try:
+            scan.modinfo[name] = read_modinfo(module)
+        except CoreosGpuError as e:
+            scan.problems.append(f"{name}: {e.message}")
+        finally:
+            module.unlink()
+
+
+def _scan(path: Path) -> tuple[Compression, str, int, _Scan]:
+    try:
+        return _scan_archive(path)
+    except OSError as e:  # the temporary copies; open_archive words the archive's own errors
+        raise CoreosGpuError(f"cannot inspect {path}: {e}") from e
+
+
+def _scan_archive(path: Path) -> tuple[Compression, str, int, _Scan]:
+    scan = _Scan()
+    with tempfile.TemporaryDirectory(prefix="coreos-gpu-inspect-") as tmp, \
+            open_archive(path) as archive:
+        for member in archive.tar:
+            name = member.name
+            if name in scan.members:
+                scan.problems.append(f"{name}: in the archive twice")
+            if PurePosixPath(name).is_absolute() or ".." in name.split("/"):
+                scan.problems.append(f"{name}: a path outside the folder it is extracted to")
+            if member.isreg():
+                _scan_file(archive.tar, member, scan, Path(tmp))
+            elif member.issym():
+                scan.members[name] = _Seen("symlink", member.mode, target=member.linkname)
+            elif not member.isdir():
+                scan.problems.append(f"{name}: neither a file, a folder nor a symlink")
+        digest = archive.finish()
+    return archive.compression, digest.sha256, digest.size, scan
+
+
+def _check_sums(scan: _Scan) -> None:
+    text = scan.texts.get(SUMS_NAME)
+    if text is None:
+        scan.problems.append(f"{SUMS_NAME} is missing")
+        return
+    listed: set[str] = set()
+    for number, line in enumerate(text.decode("utf-8", "replace").splitlines(), start=1):
+        match = SUM_LINE.fullmatch(line)
+        if match is None:
+            scan.problems.append(f"{SUMS_NAME} line {number} is not '<sha256>  <path>'")
+            continue
+        expected, name = match.groups()
+        listed.add(name)
+        seen = scan.members.get(name)
+        if seen is None or seen.kind != "file":
+            scan.problems.append(f"{name}: listed in {SUMS_NAME}, missing from the archive")
+        elif seen.sha256 != expected:
+            scan.problems.append(f"{name}: sha256 {seen.sha256} does not match {SUMS_NAME} "
+                                 f"({expected})")
+    for name, seen in sorted(scan.members.items()):
+        if seen.kind == "file" and name != SUMS_NAME and name not in listed:
+            scan.problems.append(f"{name}: in the archive, not in {SUMS_NAME}")
+
+
+def _load_manifest(scan: _Scan) -> dict[str, Any]:
+    text = scan.texts.get(MANIFEST_NAME)
+    try:
+        manifest = json.loads(text) if text is not None else None
+    except ValueError:  # UnicodeDecodeError is one
+        manifest = None
+    if not isinstance(manifest, dict):
+        scan.problems.append(f"{MANIFEST_NAME} is missing or not a JSON object")
+        return {}
+    if manifest.get("format") != FORMAT:
+        scan.problems.append(f"{MANIFEST_NAME} has format {manifest.get('format')!r}; this "
+                             f"coreos-gpu reads format {FORMAT}")
+    return manifest
+
+
+def _expected(entry: Any) -> _Seen | None:
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return _Seen(str(entry.get("type")), int(str(entry.get("mode")), 8),
+                     str(entry.get("sha256", "")), int(entry.get("size", 0)),
+                     str(entry.get("target", "")))
+    except (TypeError, ValueError):
+        return None
+
+
+def _listed_files(manifest: dict[str, Any], scan: _Scan) -> dict[str, Any]:
+    """MANIFEST.json's files by path."""
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        if manifest:
+            scan.problems.append(f"{MANIFEST_NAME} lacks its list of files")
+        return {}
+    listed: dict[str, Any] = {}
+    for entry in files:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(path, str):
+            scan.problems.append(f"{MANIFEST_NAME}: a file entry without a path: {entry!r:.80}")
+            continue
+        if path in listed:
+            scan.problems.append(f"{path}: listed twice in {MANIFEST_NAME}")
+        listed[path] = entry
+    return listed
+
+
+def _check_manifest_files(manifest: dict[str, Any], scan: _Scan) -> None:
+    listed = _listed_files(manifest, scan)
+    if not manifest:
+        return
+    for name, entry in sorted(listed.items()):
+        seen, expected = scan.members.get(name), _expected(entry)
+        if seen is None:
+            scan.problems.append(f"{name}: listed in {MANIFEST_NAME}, missing from the archive")
+        elif expected is None:
+            scan.problems.append(f"{name}: its {MANIFEST_NAME} entry is malformed")
+        else:
+            for what, want, got in (("type", expected.kind, seen.kind),
+                                    ("mode", f"{expected.mode:04o}", f"{seen.mode:04o}"),
+                                    ("sha256", expected.sha256, seen.sha256),
+                                    ("size", expected.size, seen.size),
+                                    ("target", expected.target, seen.target)):
+                if want != got:
+                    scan.problems.append(f"{name}: {what} is {got}, {MANIFEST_NAME} says {want}")
+    for name in sorted(set(scan.members) - set(listed) - set(_METADATA)):
+        scan.problems.append(f"{name}: in the archive, not in {MANIFEST_NAME}")
+
+
+def _check_modules(scan: _Scan, driver_version: str,
+                   kernels: tuple[str, ...]) -> tuple[ModuleReport, ...]:
+    reports = []
+    # By folder, then module name: nvidia before nvidia-modeset ("-" sorts before ".ko").
+    for name, info in sorted(scan.modinfo.items(), key=lambda item: (
+            PurePosixPath(item[0]).parent, PurePosixPath(item[0]).stem)):
+        parts = name.split("/")
+        folder = parts[3] if len(parts) == 5 and parts[0] == PAYLOAD and parts[2] == "modules" \
+            else ""
+        vermagic, version = info.get("vermagic", ""), info.get("version", "")
+        if not folder:
+            scan.problems.append(f"{name}: a kernel module outside "
+                                 f"{PAYLOAD}/<driver-version>/modules/<kernel-release>/")
+        elif vermagic_release(vermagic) != folder:
+            scan.problems.append(f"{name}: built for kernel {vermagic_release(vermagic)!r} "
+                                 f"(vermagic {vermagic!r}), but it sits in the folder of {folder}")
+        elif folder not in kernels:
+            scan.problems.append(f"{name}: kernel {folder} is not one of the bundle's kernels")
+        if driver_version and version != driver_version:
+            scan.problems.append(f"{name}: module version {version or 'missing'}, but the "
+                                 f"driver is {driver_version}")
+        depends = tuple(d for d in info.get("depends", "").split(",") if d)
+        reports.append(ModuleReport(name, folder, vermagic, version, depends,
+                                    scan.members[name].size))
+    for kernel in kernels:
+        if not any(r.kernel_release == kernel for r in reports):
+            scan.problems.append(f"no kernel modules for kernel {kernel}")
+    payload = {n.split("/")[1] for n in scan.members if n.startswith(f"{PAYLOAD}/")}
+    for folder in sorted(payload - {driver_version} if driver_version else ()):
+        scan.problems.append(f"{PAYLOAD}/{folder}: not the folder of driver {driver_version}")
+    return tuple(reports)
+
+
+def _parts(scan: _Scan) -> tuple[PartSize, ...]:
+    totals: dict[str, tuple[int, int]] = {}
+    for name, seen in scan.members.items():
+        files, size = totals.get(part_of(name), (0, 0))
+        totals[part_of(name)] = (files + 1, size + seen.size)
+
+    def order(part: str) -> tuple[int, str]:
+        return _PART_ORDER.index("modules" if part.startswith("modules ") else part), part
+
+    return tuple(PartSize(p, *totals[p]) for p in sorted(totals, key=order))
+
+
+def _text(manifest: dict[str, Any], key: str) -> str:
+    value = manifest.get(key, "")
+    return value if isinstance(value, str) else str(value)
+
+
+def _texts(manifest: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = manifest.get(key)
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+
+def _releases(manifest: dict[str, Any], scan: _Scan) -> tuple[ReleaseInputs, ...]:
+    releases = []
+    for item in manifest.get("releases") or []:
+        if isinstance(item, dict):
+            releases.append(ReleaseInputs(*(str(item.get(k, "")) for k in (
+                "os", "channel", "version", "kernel_release", "image_url", "image_sha256"))))
+        else:
+            scan.problems.append(f"{MANIFEST_NAME}: a release entry is not an object")
+    return tuple(releases)
+
+
+def inspect_bundle(path: Path) -> BundleReport:
+    """Read a bundle (gzip, xz or zstd) and check it; problems are listed, not raised.
+
+    Raises CoreosGpuError (ExitCode.BUNDLE) only when the file cannot be read as a compressed
+    tar at all: missing, another format, damaged or truncated.
+    """
+    compression, sha256, size, scan = _scan(path)
+    _check_sums(scan)
+    manifest = _load_manifest(scan)
+    _check_manifest_files(manifest, scan)
+    driver_version = _text(manifest, "driver_version")
+    kernels = _texts(manifest, "kernel_releases")
+    releases = _releases(manifest, scan)
+    modules = _check_modules(scan, driver_version, kernels)
+    for release in releases:
+        if release.kernel_release not in kernels:
+            scan.problems.append(f"release {release.version} runs kernel "
+                                 f"{release.kernel_release}, which the bundle lacks")
+    return BundleReport(
+        path=path, compression=compression, size=size, sha256=sha256,
+        tool_version=_text(manifest, "tool_version"), os=_text(manifest, "os"),
+        driver_version=driver_version, flavour=_text(manifest, "flavour"),
+        profile=_text(manifest, "profile"), releases=releases, kernel_releases=kernels,
+        agent_units=_texts(manifest, "agent_units"), parts=_parts(scan), modules=modules,
+        problems=tuple(scan.problems))

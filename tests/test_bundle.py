@@ -1,0 +1,615 @@
+"""The bundle stage and `inspect` on small synthetic inputs.
+
+The driver package is a handful of files with a .manifest in NVIDIA's format; the kernel
+modules are real ELF objects with a .modinfo section, compiled here with gcc.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.archive import ArchiveWriter, open_archive
+from coreos_gpu.bundle import (
+    Bundle,
+    ReleaseInputs,
+    assemble_bundle,
+    default_node_files,
+    inspect_bundle,
+)
+from coreos_gpu.cache import sha256_of
+from coreos_gpu.config import Compression, KernelModuleType, Profile
+from coreos_gpu.driver import DriverPackage, read_package
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.layout import part_of, payload_path
+from coreos_gpu.manifest import parse_entry
+from coreos_gpu.modules import KernelModule, ModuleSet
+
+from .test_manifest import NEW_HEADER
+
+VERSION = "535.261.03"
+KERNEL = "6.1.0-50-amd64"
+CLOUD = "6.1.0-50-cloud-amd64"  # another kernel, for mismatches
+P = f"payload/{VERSION}"
+ENTRIES = f"""\
+kernel/Makefile 0644 KERNEL_MODULE_SRC INHERIT_PATH_DEPTH:1 MODULE:resman
+libnvidia-ml.so.{VERSION} 0755 UTILITY_LIB NATIVE MODULE:nvml
+libnvidia-ml.so.1 0000 UTILITY_LIB_SYMLINK NATIVE libnvidia-ml.so.{VERSION} MODULE:nvml
+libcuda.so.{VERSION} 0755 CUDA_LIB NATIVE / MODULE:compute
+libcuda.so.1 0000 CUDA_SYMLINK NATIVE / libcuda.so.{VERSION} MODULE:compute
+libcuda.so 0000 CUDA_SYMLINK NATIVE / libcuda.so.1 MODULE:compute
+32/libcuda.so.{VERSION} 0755 CUDA_LIB COMPAT32 / MODULE:compute
+32/libcuda.so.1 0000 CUDA_SYMLINK COMPAT32 / libcuda.so.{VERSION} MODULE:compute
+libvdpau_nvidia.so.{VERSION} 0755 VDPAU_LIB NATIVE vdpau MODULE:vdpau
+nvidia.icd 0644 CUDA_ICD MODULE:opencl
+nvidia-smi 0755 UTILITY_BINARY MODULE:nvml
+nvidia-modprobe 4755 NVIDIA_MODPROBE /usr/bin MODULE:installer
+firmware/gsp_ga10x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1 MODULE:gsp
+NVIDIA_Changelog 0644 DOCUMENTATION share/doc/NVIDIA_GLX-1.0 MODULE:installer
+"""
+COMPUTE_FILES = {
+    f"{P}/lib64/libnvidia-ml.so.{VERSION}", f"{P}/lib64/libcuda.so.{VERSION}",
+    f"{P}/etc/OpenCL/vendors/nvidia.icd", f"{P}/bin/nvidia-smi", f"{P}/bin/nvidia-modprobe",
+    f"{P}/firmware/nvidia/{VERSION}/gsp_ga10x.bin"}
+COMPUTE_LINKS = {
+    f"{P}/lib64/libnvidia-ml.so.1": f"libnvidia-ml.so.{VERSION}",
+    f"{P}/lib64/libcuda.so.1": f"libcuda.so.{VERSION}",
+    f"{P}/lib64/libcuda.so": "libcuda.so.1"}
+MODULES = ("nvidia", "nvidia-modeset", "nvidia-uvm")
+RELEASE = ReleaseInputs(
+    os="flatcar", channel="stable", version="3975.2.2", kernel_release=KERNEL,
+    image_url="https://stable.release.flatcar-linux.net/amd64-usr/3975.2.2/"
+    "flatcar_developer_container.bin.bz2", image_sha256="2" * 64)
+CLOUD_RELEASE = ReleaseInputs(
+    os="flatcar", channel="stable", version="4081.2.0", kernel_release=CLOUD,
+    image_url="https://stable.release.flatcar-linux.net/amd64-usr/4081.2.0/"
+    "flatcar_developer_container.bin.bz2", image_sha256="3" * 64)
+RUN_URL = f"https://us.download.nvidia.com/tesla/{VERSION}/NVIDIA-Linux-x86_64-{VERSION}.run"
+MODINFO_C = """\
+#define MODINFO(n, s) \\
+    __attribute__((section(".modinfo"), used, aligned(1))) static const char n[] = s
+MODINFO(a, "version=%(version)s");
+MODINFO(b, "depends=%(depends)s");
+MODINFO(c, "name=%(name)s");
+MODINFO(d, "vermagic=%(kernel)s SMP preempt mod_unload modversions ");
+int init_module(void) { return 0; }
+"""
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+def make_package(root: Path) -> DriverPackage:
+    (root / "kernel").mkdir(parents=True)
+    (root / "kernel/Makefile").write_text("all:\n")
+    (root / ".manifest").write_text(NEW_HEADER + ENTRIES)
+    for line in ENTRIES.splitlines():
+        entry = parse_entry(line, 1)
+        path = root / entry.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if entry.target:
+            path.symlink_to(entry.target)
+        elif not path.exists():
+            path.write_bytes(f"{entry.file} of driver {VERSION}\n".encode() * 50)
+    return read_package(root, sha256="1" * 64, source=RUN_URL)
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> DriverPackage:
+    return make_package(tmp_path / "driver")
+
+
+@pytest.fixture(scope="session")
+def ko_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to make ELF kernel modules")
+    return tmp_path_factory.mktemp("ko")
+
+
+def make_ko(folder: Path, name: str, kernel: str, version: str = VERSION) -> Path:
+    """A real ELF relocatable object whose .modinfo says what a built module's does."""
+    path = folder / f"{kernel}-{version}" / f"{name}.ko"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source = MODINFO_C % {"version": version, "kernel": kernel, "name": name,
+                              "depends": "nvidia" if name != "nvidia" else ""}
+        subprocess.run(["gcc", "-c", "-x", "c", "-", "-o", path], input=source.encode(),
+                       check=True)
+    return path
+
+
+def module_set(ko_dir: Path, kernel: str, *, built_for: str = "") -> ModuleSet:
+    """The modules of one kernel; built_for makes the .ko files lie about their kernel."""
+    modules = []
+    for name in MODULES:
+        ko = make_ko(ko_dir, name, built_for or kernel)
+        modules.append(KernelModule(
+            name=name, path=ko, sha256=sha256_of(ko), size=ko.stat().st_size,
+            vermagic=f"{kernel} SMP preempt mod_unload modversions ", version=VERSION,
+            depends=("nvidia",) if name != "nvidia" else ()))
+    return ModuleSet(kernel_release=kernel, flavour=KernelModuleType.PROPRIETARY,
+                     driver_version=VERSION, modules=tuple(modules), folder=ko_dir,
+                     key="4" * 64)
+
+
+def assemble(package: DriverPackage, sets: list[ModuleSet], output: Path, *,
+             releases: tuple[ReleaseInputs, ...] = (RELEASE,),
+             profile: Profile = Profile.COMPUTE, compression: Compression = Compression.GZIP,
+             node_files: Path | None = None) -> Bundle:
+    if node_files is None:  # an empty folder: these tests must not depend on package data
+        node_files = output.parent / "no-node-files"
+        node_files.mkdir(exist_ok=True)
+    return assemble_bundle(
+        package=package, module_sets=sets, profile=profile, compression=compression,
+        output=output, releases=releases, agent_units=("dcos-mesos-slave.service",),
+        tool_version="0.1.0", node_files=node_files)
+
+
+@pytest.fixture
+def bundle(package: DriverPackage, ko_dir: Path, tmp_path: Path) -> Bundle:
+    return assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "nvidia.tar.gz")
+
+
+def members(path: Path) -> dict[str, tarfile.TarInfo]:
+    with open_archive(path) as archive:  # Python 3.11's tarfile cannot read zstd itself
+        return {m.name: m for m in archive.tar}
+
+
+def rewrite(source: Path, dest: Path,
+            change: Callable[[tarfile.TarInfo, bytes], bytes | None],
+            extra: dict[str, bytes] | None = None) -> Path:
+    """Rebuild an archive member by member; change returns new data, or None to drop it."""
+    with tarfile.open(source) as old, tarfile.open(dest, "w:gz") as new:
+        for member in old.getmembers():
+            stream = old.extractfile(member)
+            data = change(member, stream.read() if stream else b"")
+            if data is not None:
+                member.size = len(data) if member.isreg() else 0
+                new.addfile(member, io.BytesIO(data) if member.isreg() else None)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            new.addfile(info, io.BytesIO(data))
+    return dest
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (f"libcuda.so.{VERSION} 0755 CUDA_LIB NATIVE / MODULE:compute",
+         f"lib64/libcuda.so.{VERSION}"),
+        (f"32/libcuda.so.1 0000 CUDA_SYMLINK COMPAT32 / libcuda.so.{VERSION} MODULE:compute",
+         "lib32/libcuda.so.1"),
+        (f"libnvidia-ml.so.{VERSION} 0755 UTILITY_LIB NATIVE MODULE:nvml",
+         f"lib64/libnvidia-ml.so.{VERSION}"),
+        (f"libvdpau_nvidia.so.{VERSION} 0755 VDPAU_LIB NATIVE vdpau MODULE:vdpau",
+         f"lib64/vdpau/libvdpau_nvidia.so.{VERSION}"),
+        (f"libnvidia-tls.so.{VERSION} 0755 TLS_LIB NATIVE tls MODULE:opengl",
+         f"lib64/tls/libnvidia-tls.so.{VERSION}"),
+        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../libnvidia-allocator.so.1 "
+         "MODULE:opengl", "lib64/gbm/nvidia-drm_gbm.so"),
+        ("nvidia-smi 0755 UTILITY_BINARY MODULE:nvml", "bin/nvidia-smi"),
+        ("nvidia-modprobe 4755 NVIDIA_MODPROBE bin MODULE:installer", "bin/nvidia-modprobe"),
+        ("nvidia-modprobe 0755 NVIDIA_MODPROBE /usr/bin MODULE:installer",
+         "bin/nvidia-modprobe"),
+        ("firmware/gsp_tu10x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1 MODULE:gsp",
+         f"firmware/nvidia/{VERSION}/gsp_tu10x.bin"),
+        ("nvidia.icd 0644 CUDA_ICD MODULE:opencl", "etc/OpenCL/vendors/nvidia.icd"),
+        ("NVIDIA_Changelog 0644 DOCUMENTATION / MODULE:installer", "share/doc/NVIDIA_Changelog"),
+        ("LICENSE 0644 DOCUMENTATION share/doc/NVIDIA_GLX-1.0 MODULE:installer",
+         "share/doc/NVIDIA_GLX-1.0/LICENSE"),
+        ("nvidia-smi.1.gz 0644 MANPAGE share/man/man1 MODULE:nvml",
+         "share/man/man1/nvidia-smi.1.gz"),
+        ("nvidia_drv.so 0755 XMODULE_SHARED_LIB drivers MODULE:x",
+         "lib64/xorg/modules/drivers/nvidia_drv.so"),
+        ("10_nvidia.json 0644 GLVND_EGL_ICD_JSON MODULE:egl",
+         "share/glvnd/egl_vendor.d/10_nvidia.json"),
+        ("thing.dat 0644 SHINY_NEW_TYPE MODULE:x", "share/nvidia/thing.dat"),
+    ],
+)
+def test_payload_path(line: str, expected: str) -> None:
+    assert payload_path(parse_entry(line, 1), VERSION) == expected
+
+
+def test_compute_layout(bundle: Bundle) -> None:
+    found = members(bundle.path)
+    files = {n for n, m in found.items() if m.isreg()}
+    links = {n: m.linkname for n, m in found.items() if m.issym()}
+    modules = {f"{P}/modules/{KERNEL}/{name}.ko" for name in MODULES}
+    assert files == COMPUTE_FILES | modules | {"MANIFEST.json", "SHA256SUMS"}
+    assert links == COMPUTE_LINKS
+    # Folders are members too (mode 0755), each before what it holds.
+    names = list(found)
+    assert {f"{P}/lib64", f"{P}/firmware/nvidia/{VERSION}", f"{P}/modules/{KERNEL}"} <= {
+        n for n, m in found.items() if m.isdir() and m.mode == 0o755}
+    assert all(names.index(str(Path(n).parent)) < names.index(n) for n in names if "/" in n)
+    assert names[-2:] == ["MANIFEST.json", "SHA256SUMS"]  # last: they describe the rest
+    assert found[f"{P}/bin/nvidia-modprobe"].mode == 0o4755  # the manifest's, setuid
+    assert found[f"{P}/bin/nvidia-smi"].mode == 0o755
+    assert found[f"{P}/firmware/nvidia/{VERSION}/gsp_ga10x.bin"].mode == 0o644
+    assert found[f"{P}/modules/{KERNEL}/nvidia.ko"].mode == 0o644
+    assert found[f"{P}/lib64/libcuda.so"].mode == 0o777
+    for m in found.values():
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "root", "root")
+
+
+def test_full_profile_adds_32bit_libs_subpaths_and_docs(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    bundle = assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "full.tar.gz",
+                      profile=Profile.FULL)
+    found = members(bundle.path)
+    assert found[f"{P}/lib32/libcuda.so.{VERSION}"].isreg()
+    assert found[f"{P}/lib32/libcuda.so.1"].linkname == f"libcuda.so.{VERSION}"
+    assert found[f"{P}/lib64/vdpau/libvdpau_nvidia.so.{VERSION}"].isreg()
+    assert found[f"{P}/share/doc/NVIDIA_GLX-1.0/NVIDIA_Changelog"].isreg()
+    assert bundle.manifest["profile"] == "full"
+
+
+def test_node_files_go_to_the_top_and_into_node(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    node = tmp_path / "resources-node"
+    (node / "dropins").mkdir(parents=True)
+    (node / "install_nvidia.sh").write_text("#!/bin/sh\nexit 0\n")
+    (node / "nvidia.service").write_text("[Unit]\n")
+    (node / "startup.sh").write_text("#!/bin/sh\n")
+    (node / "dropins/10-nvidia.conf").write_text("[Unit]\nAfter=nvidia.service\n")
+    (node / "__init__.py").write_text("")  # package plumbing, not a node file
+    bundle = assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "n.tar.gz",
+                      node_files=node)
+    found = members(bundle.path)
+    assert {n: m.mode for n, m in found.items() if n.split("/")[0] != "payload" and m.isreg()
+            } == {"install_nvidia.sh": 0o755, "nvidia.service": 0o644, "startup.sh": 0o755,
+                  "node/dropins/10-nvidia.conf": 0o644, "MANIFEST.json": 0o644,
+                  "SHA256SUMS": 0o644}
+    report = inspect_bundle(bundle.path)
+    assert report.ok, report.problems
+    assert [(p.part, p.files) for p in report.parts] == [
+        ("libraries", 5), ("binaries", 2), ("firmware", 1), (f"modules {KERNEL}", 3),
+        ("node files", 4), ("other", 1), ("metadata", 2)]
+
+
+def test_the_packaged_node_files_are_carried(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    bundle = assemble_bundle(
+        package=package, module_sets=[module_set(ko_dir, KERNEL)], profile=Profile.COMPUTE,
+        compression=Compression.GZIP, output=tmp_path / "d.tar.gz", releases=[RELEASE],
+        agent_units=(), tool_version="0.1.0")
+    node = default_node_files()
+    packaged = set()
+    if node.is_dir():
+        stack = [(node, "")]
+        while stack:
+            folder, prefix = stack.pop()
+            for child in folder.iterdir():
+                if child.name.startswith((".", "__")):
+                    continue
+                if child.is_dir():
+                    stack.append((child, f"{prefix}{child.name}/"))
+                else:
+                    packaged.add(f"{prefix}{child.name}")
+    carried = {f["path"] for f in bundle.manifest["files"] if part_of(f["path"]) == "node files"}
+    assert {n.removeprefix("node/") for n in carried} == packaged
+
+
+def test_manifest_json(bundle: Bundle, package: DriverPackage) -> None:
+    with tarfile.open(bundle.path) as tar:
+        stream = tar.extractfile("MANIFEST.json")
+        assert stream is not None
+        manifest = json.loads(stream.read())
+    assert manifest == json.loads(json.dumps(bundle.manifest))
+    assert list(manifest)[:8] == ["format", "tool_version", "os", "driver_version", "flavour",
+                                  "profile", "kernel_releases", "releases"]
+    assert (manifest["tool_version"], manifest["os"], manifest["driver_version"],
+            manifest["flavour"], manifest["profile"]) == (
+        "0.1.0", "flatcar", VERSION, "proprietary", "compute")
+    assert manifest["kernel_releases"] == [KERNEL]
+    assert manifest["releases"] == [RELEASE.to_json()]
+    assert manifest["agent_units"] == ["dcos-mesos-slave.service"]
+    assert manifest["inputs"] == [
+        {"what": "driver", "source": RUN_URL, "sha256": "1" * 64},
+        {"what": "flatcar stable 3975.2.2 image", "source": RELEASE.image_url,
+         "sha256": "2" * 64}]
+    assert [m["name"] for m in manifest["modules"][KERNEL]] == list(MODULES)
+    assert manifest["modules"][KERNEL][2]["depends"] == ["nvidia"]
+    paths = [f["path"] for f in manifest["files"]]
+    assert paths == sorted(COMPUTE_FILES | set(COMPUTE_LINKS) | {
+        f"{P}/modules/{KERNEL}/{name}.ko" for name in MODULES})
+    files = {f.pop("path"): f for f in manifest["files"]}
+    smi = files[f"{P}/bin/nvidia-smi"]
+    source = package.root / "nvidia-smi"
+    assert smi == {"type": "file", "sha256": sha256_of(source),
+                   "size": source.stat().st_size, "mode": "0755"}
+    assert files[f"{P}/lib64/libcuda.so"] == {"type": "symlink", "target": "libcuda.so.1",
+                                              "mode": "0777"}
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_sha256sums_verify_with_tar_and_sha256sum(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path, compression: Compression) -> None:
+    if shutil.which("zstd") is None and compression is Compression.ZSTD:
+        pytest.skip("GNU tar needs the zstd command for .tar.zst")
+    bundle = assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "nvidia.archive",
+                      compression=compression)
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "xf", bundle.path, "-C", out], check=True)
+    check = subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=out,
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = [line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
+    assert listed == sorted(listed)
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*")
+               if p.is_file() and not p.is_symlink()}
+    assert set(listed) == on_disk - {"SHA256SUMS"}
+    assert os.readlink(out / P / "lib64/libcuda.so.1") == f"libcuda.so.{VERSION}"
+
+
+def test_two_kernels_two_module_folders_one_userspace(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    # Two releases share KERNEL, a third runs CLOUD.
+    sibling = ReleaseInputs(**{**RELEASE.to_json(), "version": "3975.2.1"})
+    bundle = assemble(package, [module_set(ko_dir, KERNEL), module_set(ko_dir, CLOUD)],
+                      tmp_path / "two.tar.gz", releases=(RELEASE, CLOUD_RELEASE, sibling))
+    found = members(bundle.path)
+    for kernel in (KERNEL, CLOUD):
+        assert {n for n in found if n.startswith(f"{P}/modules/{kernel}/")} == {
+            f"{P}/modules/{kernel}/{name}.ko" for name in MODULES}
+    assert [n for n in found if n.endswith(f"libcuda.so.{VERSION}")] == [
+        f"{P}/lib64/libcuda.so.{VERSION}"]
+    assert bundle.manifest["kernel_releases"] == [KERNEL, CLOUD]
+    assert [r["version"] for r in bundle.manifest["releases"]] == [
+        "3975.2.1", "3975.2.2", "4081.2.0"]
+    report = inspect_bundle(bundle.path)
+    assert report.ok, report.problems
+    assert [p.part for p in report.parts] == [
+        "libraries", "binaries", "firmware", f"modules {KERNEL}", f"modules {CLOUD}",
+        "other", "metadata"]
+
+
+# --- reproducibility and atomic output -----------------------------------------------------
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_same_inputs_same_bytes(package: DriverPackage, ko_dir: Path, tmp_path: Path,
+                                compression: Compression,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    sets = [module_set(ko_dir, KERNEL), module_set(ko_dir, CLOUD)]
+    first = assemble(package, sets, tmp_path / "a", compression=compression,
+                     releases=(RELEASE, CLOUD_RELEASE))
+    # The files' own mtimes and the order of the inputs must not matter.
+    for path in package.root.rglob("*"):
+        if not path.is_symlink():
+            os.utime(path, (1_700_000_000, 1_700_000_000))
+    second = assemble(package, sets[::-1], tmp_path / "b", compression=compression,
+                      releases=(CLOUD_RELEASE, RELEASE))
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.sha256 == second.sha256 == sha256_of(first.path)
+    assert first.size == first.path.stat().st_size
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    third = assemble(package, sets, tmp_path / "c", compression=compression,
+                     releases=(RELEASE, CLOUD_RELEASE))
+    assert third.sha256 != first.sha256
+    assert {m.mtime for m in members(third.path).values()} == {1_700_000_000}
+
+
+def test_a_malformed_source_date_epoch_is_refused(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(CoreosGpuError, match="SOURCE_DATE_EPOCH") as error:
+        assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "x.tar.gz")
+    assert error.value.code is ExitCode.CONFIG
+    assert not (tmp_path / "x.tar.gz").exists()
+
+
+def test_gzip_header_has_no_time_and_no_name(bundle: Bundle) -> None:
+    head = bundle.path.read_bytes()[:10]
+    assert head[:3] == b"\x1f\x8b\x08"
+    assert head[3] == 0  # FLG: no FNAME, no FCOMMENT, no FEXTRA
+    assert head[4:8] == b"\0\0\0\0"  # MTIME
+    gzip.decompress(bundle.path.read_bytes())  # and it is one valid stream
+
+
+def test_a_failure_midway_leaves_no_file(package: DriverPackage, ko_dir: Path,
+                                         tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "out" / "nvidia.tar.gz"
+    output.parent.mkdir()
+    sets = [module_set(ko_dir, KERNEL)]
+    (package.root / "nvidia-smi").unlink()
+    with pytest.raises(CoreosGpuError) as error:
+        assemble(package, sets, output)
+    assert error.value.code is ExitCode.BUNDLE
+    assert "nvidia-smi" in error.value.message
+    assert sorted(p.name for p in output.parent.iterdir()) == ["no-node-files"]
+
+
+def test_ctrl_c_keeps_the_previous_archive(bundle: Bundle, package: DriverPackage,
+                                           ko_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    before = bundle.path.read_bytes()
+    real = ArchiveWriter.add_file
+    calls = iter(range(100))
+
+    def interrupted(self: ArchiveWriter, name: str, source: Path, *, mode: int) -> object:
+        if next(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, name, source, mode=mode)
+
+    monkeypatch.setattr(ArchiveWriter, "add_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        assemble(package, [module_set(ko_dir, KERNEL)], bundle.path)
+    assert bundle.path.read_bytes() == before
+    assert sorted(p.name for p in bundle.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_module_that_changed_in_the_cache_is_refused(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    good = module_set(ko_dir, KERNEL)
+    lying = KernelModule(**{**good.modules[0].__dict__, "sha256": "5" * 64})
+    with pytest.raises(CoreosGpuError, match="changed after it was built"):
+        assemble(package, [ModuleSet(**{**good.__dict__, "modules": (lying,)})],
+                 tmp_path / "x.tar.gz")
+    assert not (tmp_path / "x.tar.gz").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "releases", "message"),
+    [
+        ((KERNEL,), (RELEASE, CLOUD_RELEASE), "no modules were built"),
+        ((KERNEL, CLOUD), (RELEASE,), "belong to no release"),
+        ((KERNEL, KERNEL), (RELEASE,), "two module sets for one kernel"),
+        ((), (RELEASE,), "nothing to bundle"),
+    ],
+)
+def test_inconsistent_inputs_are_refused(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path, sets: tuple[str, ...],
+        releases: tuple[ReleaseInputs, ...], message: str) -> None:
+    with pytest.raises(CoreosGpuError, match=message) as error:
+        assemble(package, [module_set(ko_dir, k) for k in sets], tmp_path / "x",
+                 releases=releases)
+    assert error.value.code is ExitCode.BUNDLE
+
+
+def test_an_empty_module_set_is_refused(package: DriverPackage, ko_dir: Path,
+                                        tmp_path: Path) -> None:
+    empty = ModuleSet(**{**module_set(ko_dir, KERNEL).__dict__, "modules": ()})
+    with pytest.raises(CoreosGpuError, match=f"no kernel modules were built for kernel {KERNEL}"):
+        assemble(package, [empty], tmp_path / "x")
+
+
+def test_a_module_for_another_kernel_is_refused(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    good = module_set(ko_dir, KERNEL)
+    wrong = KernelModule(**{**good.modules[0].__dict__, "vermagic": f"{CLOUD} SMP "})
+    with pytest.raises(CoreosGpuError, match=f"built for kernel {CLOUD}"):
+        assemble(package, [ModuleSet(**{**good.__dict__, "modules": (wrong,)})],
+                 tmp_path / "x")
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_inspect_a_whole_bundle(package: DriverPackage, ko_dir: Path, tmp_path: Path,
+                                compression: Compression) -> None:
+    # A name that says nothing: the compression is recognised by its magic bytes.
+    bundle = assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "bundle.bin",
+                      compression=compression)
+    report = inspect_bundle(bundle.path)
+    assert report.ok, report.problems
+    assert (report.compression, report.sha256, report.size) == (
+        compression, bundle.sha256, bundle.size)
+    assert (report.driver_version, report.flavour, report.profile, report.os,
+            report.tool_version) == (VERSION, "proprietary", "compute", "flatcar", "0.1.0")
+    assert report.releases == (RELEASE,)
+    assert report.kernel_releases == (KERNEL,)
+    assert report.agent_units == ("dcos-mesos-slave.service",)
+    assert [(m.path.rsplit("/", 1)[1], m.kernel_release, m.version) for m in report.modules
+            ] == [(f"{name}.ko", KERNEL, VERSION) for name in MODULES]
+    assert report.modules[2].depends == ("nvidia",)
+    parts = {p.part: p for p in report.parts}
+    assert parts["binaries"].files == 2
+    assert parts["libraries"].files == 5  # 2 files, 3 symlinks
+    assert parts["firmware"].size == (package.root / "firmware/gsp_ga10x.bin").stat().st_size
+    assert parts[f"modules {KERNEL}"].size == sum(
+        m.size for m in module_set(ko_dir, KERNEL).modules)
+    data = report.to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert data["ok"] is True and data["problems"] == []
+    assert dict(report.summary())["driver"] == f"{VERSION} (proprietary)"
+
+
+def test_inspect_finds_a_changed_byte(bundle: Bundle, tmp_path: Path) -> None:
+    target = f"{P}/lib64/libcuda.so.{VERSION}"
+
+    def flip(member: tarfile.TarInfo, data: bytes) -> bytes:
+        return bytes([data[0] ^ 1]) + data[1:] if member.name == target else data
+
+    report = inspect_bundle(rewrite(bundle.path, tmp_path / "bad.tar.gz", flip))
+    assert not report.ok
+    assert len(report.problems) == 2, report.problems
+    assert report.problems[0].startswith(f"{target}: sha256 ")
+    assert "does not match SHA256SUMS" in report.problems[0]
+    assert report.problems[1].startswith(f"{target}: sha256 is ")
+    assert "MANIFEST.json says" in report.problems[1]
+
+
+def test_inspect_finds_missing_and_extra_files(bundle: Bundle, tmp_path: Path) -> None:
+    gone = f"{P}/bin/nvidia-smi"
+    bad = rewrite(bundle.path, tmp_path / "bad.tar.gz",
+                  lambda m, data: None if m.name == gone else data,
+                  extra={f"{P}/bin/evil": b"#!/bin/sh\n"})
+    assert set(inspect_bundle(bad).problems) == {
+        f"{gone}: listed in SHA256SUMS, missing from the archive",
+        f"{gone}: listed in MANIFEST.json, missing from the archive",
+        f"{P}/bin/evil: in the archive, not in SHA256SUMS",
+        f"{P}/bin/evil: in the archive, not in MANIFEST.json"}
+
+
+def test_inspect_finds_a_module_for_another_kernel(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    # The cache claims KERNEL, but the .ko files were built for CLOUD.
+    bundle = assemble(package, [module_set(ko_dir, KERNEL, built_for=CLOUD)],
+                      tmp_path / "x.tar.gz")
+    report = inspect_bundle(bundle.path)
+    assert not report.ok
+    assert [p.split(":")[0] for p in report.problems] == [
+        f"{P}/modules/{KERNEL}/{name}.ko" for name in MODULES]
+    assert f"built for kernel '{CLOUD}'" in report.problems[0]
+    assert f"folder of {KERNEL}" in report.problems[0]
+
+
+def test_inspect_finds_a_module_of_another_driver(bundle: Bundle, ko_dir: Path,
+                                                  tmp_path: Path) -> None:
+    other = make_ko(ko_dir, "nvidia", KERNEL, version="550.163.01").read_bytes()
+    name = f"{P}/modules/{KERNEL}/nvidia.ko"
+    bad = rewrite(bundle.path, tmp_path / "bad.tar.gz",
+                  lambda m, data: other if m.name == name else data)
+    problems = inspect_bundle(bad).problems
+    assert f"{name}: module version 550.163.01, but the driver is {VERSION}" in problems
+
+
+def test_inspect_finds_missing_metadata(bundle: Bundle, tmp_path: Path) -> None:
+    bad = rewrite(bundle.path, tmp_path / "bad.tar.gz",
+                  lambda m, data: None if m.name in ("MANIFEST.json", "SHA256SUMS") else data)
+    report = inspect_bundle(bad)
+    assert "SHA256SUMS is missing" in report.problems
+    assert "MANIFEST.json is missing or not a JSON object" in report.problems
+    assert report.modules  # what can still be read is still reported
+
+
+@pytest.fixture
+def not_bundles(bundle: Bundle, tmp_path: Path) -> Iterator[Path]:
+    data = bundle.path.read_bytes()
+    (tmp_path / "text").write_text("hello\n")
+    (tmp_path / "truncated.tar.gz").write_bytes(data[:len(data) // 2])
+    (tmp_path / "gzip-but-not-tar.gz").write_bytes(gzip.compress(b"x" * 5000))
+    yield tmp_path
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("text", "is not a gzip, xz or zstd compressed archive"),
+    ("truncated.tar.gz", "damaged or truncated"),
+    ("gzip-but-not-tar.gz", "damaged or truncated"),
+    ("missing.tar.gz", "cannot read"),
+])
+def test_inspect_refuses_what_is_no_archive(not_bundles: Path, name: str, message: str) -> None:
+    with pytest.raises(CoreosGpuError, match=message) as error:
+        inspect_bundle(not_bundles / name)
+    assert error.value.code is ExitCode.BUNDLE
+
+
+def test_inspect_hashes_match_hashlib(bundle: Bundle) -> None:
+    assert inspect_bundle(bundle.path).sha256 == hashlib.sha256(
+        bundle.path.read_bytes()).hexdigest()
