@@ -106,6 +106,8 @@ def test_list_and_resolve_over_http(http_dir: Mirror, tmp_path: Path) -> None:
     assert release.image_url == (f"{http_dir.url}/stable.release.flatcar-linux.net/amd64-usr/"
                                  "3975.2.2/flatcar_developer_container.bin.bz2")
     assert release.sig_url == release.image_url + ".sig"
+    assert release.canonical_image_url == ("https://stable.release.flatcar-linux.net/amd64-usr/"
+                                           "3975.2.2/flatcar_developer_container.bin.bz2")
     assert resolve_release(OsName.FLATCAR, Channel.STABLE, Board.AMD64_USR, "3975.2.2",
                            **kwargs).feed_kernel == "6.6.56"  # type: ignore[arg-type]
     with pytest.raises(CoreosGpuError) as info:

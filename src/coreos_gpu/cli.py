@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from coreos_gpu import __version__, ui
+from coreos_gpu.bundle import BundleReport, ReleaseInputs, assemble_bundle, inspect_bundle
 from coreos_gpu.config import (
     BuildConfig,
     Profile,
@@ -20,10 +21,11 @@ from coreos_gpu.config import (
     load_config,
 )
 from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontainer
-from coreos_gpu.driver import DriverPackage, load_driver
+from coreos_gpu.driver import DRIVER_URL, DriverPackage, load_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import fetch
-from coreos_gpu.release import list_releases
+from coreos_gpu.modules import build_modules
+from coreos_gpu.release import list_releases, mirrored
 from coreos_gpu.sandbox import SandboxSpec, run_interactive
 
 
@@ -115,6 +117,59 @@ def cmd_devcontainer_run(args: argparse.Namespace) -> int:
                            image_key=devroot.image_sha256)
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    config = _config(args)
+    # The driver first: a wrong driver_version should not wait for gigabytes of images.
+    source = config.driver_url or mirrored(DRIVER_URL.format(v=config.driver_version),
+                                           config.mirror)
+    with ui.step(f"reading driver package {Path(source).name}"):
+        package = load_driver(fetch(source, config.cache_dir, offline=config.offline),
+                              config.cache_dir, source=source)
+    if package.version != config.driver_version:
+        raise CoreosGpuError(
+            f"{source} is driver {package.version}, not driver_version {config.driver_version}",
+            hint=f"set --driver-version {package.version}, or point driver_url at the "
+            f"{config.driver_version} .run", code=ExitCode.CONFIG)
+    devroots = [prepare_devcontainer(config, version) for version in config.releases]
+    # One module set per distinct kernel: several releases may share one.
+    by_kernel = {d.kernel_release: d for d in reversed(devroots)}
+    module_sets = [
+        build_modules(package, devroot, config.kernel_module_type, runtime=config.runtime,
+                      engine=engine_options(config), jobs=config.jobs,
+                      cache_dir=config.cache_dir)
+        for devroot in by_kernel.values()]
+    with ui.step(f"writing {config.output}"):
+        bundle = assemble_bundle(
+            package=package, module_sets=module_sets, profile=config.profile,
+            compression=config.compression, output=config.output,
+            releases=[ReleaseInputs(os=d.release.os.value, channel=d.release.channel.value,
+                                    version=d.release.version, kernel_release=d.kernel_release,
+                                    image_url=d.release.canonical_image_url,
+                                    image_sha256=d.image_sha256)
+                      for d in devroots],
+            agent_units=config.agent_units, tool_version=__version__,
+            cache_dir=config.cache_dir)
+    if args.json:
+        ui.print_json({"path": str(bundle.path), "sha256": bundle.sha256, "size": bundle.size,
+                       "manifest": bundle.manifest})
+    else:
+        ui.print_fields([
+            ("archive", bundle.path), ("sha256", bundle.sha256), ("size", _mib(bundle.size)),
+            ("driver", f"{package.version} ({config.kernel_module_type.value} modules, "
+                       f"{config.profile.value} profile)"),
+            ("kernels", ", ".join(m.kernel_release for m in module_sets)),
+        ])
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    report = inspect_bundle(args.archive)
+    if args.json:
+        ui.print_json(report.to_json())
+    else:
+        render_bundle_text(report)
+    return int(ExitCode.OK if report.ok else ExitCode.BUNDLE)
+
+
 # --- rendering -----------------------------------------------------------------------------
 
 
@@ -177,6 +232,21 @@ def render_driver_text(package: DriverPackage) -> None:
          for e in package.files(Profile.FULL)])
 
 
+def render_bundle_text(report: BundleReport) -> None:
+    ui.print_fields(report.summary())
+    ui.print_table("parts", ("part", "files", "size"),
+                   [(p.part, p.files, _mib(p.size)) for p in report.parts])
+    ui.print_table("kernel modules", ("module", "vermagic", "version", "size"),
+                   [(m.path, m.vermagic, m.version, _mib(m.size)) for m in report.modules])
+    if report.ok:
+        ui.print_fields([("verification", "OK: every file matches SHA256SUMS and MANIFEST.json, "
+                          "every module its kernel and driver version")])
+    else:
+        ui.print_fields([("verification", f"FAILED: {len(report.problems)} problem(s)")])
+        for problem in report.problems:
+            sys.stdout.write(f"  {problem}\n")
+
+
 def _mib(n: int) -> str:
     if n >= 1 << 20:
         return f"{n / (1 << 20):.1f} MiB"
@@ -220,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = verb(driver, "inspect", "show what an NVIDIA .run holds and what each profile "
                    "takes", cmd_driver_inspect)
     inspect.add_argument("package", metavar="PATH_OR_URL", help="NVIDIA-Linux-*.run")
+    verb(verbs, "build", "compile the NVIDIA modules for each release's kernel and write the "
+         "archive nodes install", cmd_build)
+    inspect_archive = verb(verbs, "inspect", "show and verify what a coreos-gpu archive holds",
+                           cmd_inspect)
+    inspect_archive.add_argument("archive", type=Path, metavar="ARCHIVE",
+                                 help="nvidia.tar.gz (or .tar.xz, .tar.zst)")
     verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
 
     devcontainer = verbs.add_parser(

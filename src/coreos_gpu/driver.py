@@ -19,6 +19,8 @@ from coreos_gpu.manifest import Arch, Manifest, ManifestEntry, parse_manifest
 from coreos_gpu.run import run
 
 MANIFEST_NAME = ".manifest"
+# NVIDIA's datacenter ("tesla") downloads; mirrored like every other URL.
+DRIVER_URL = "https://us.download.nvidia.com/tesla/{v}/NVIDIA-Linux-x86_64-{v}.run"
 EXTRACT_TIMEOUT_S = 600
 
 # Where each flavour's kernel module sources live in the extracted package.

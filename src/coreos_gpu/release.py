@@ -89,6 +89,13 @@ class OsRelease:
         return self.base_url + self.image_name
 
     @property
+    def canonical_image_url(self) -> str:
+        """The image's URL on the OS's own server, whatever mirror served it: what a bundle
+        records, so the same image gives the same bundle from any mirror."""
+        return release_folder_url(self.os, self.channel, self.board, self.version,
+                                  "") + self.image_name
+
+    @property
     def digests_url(self) -> str:
         return self.image_url + ".DIGESTS"
 

@@ -1,0 +1,89 @@
+"""Build overhead and unchanged-rebuild time of `coreos-gpu build`, on the test inputs.
+
+Targets (DESIGN.md): a cold build ≤ 1.15 x a raw `make modules` of the same sources on the
+same tree; an unchanged rebuild ≤ 3 s. Measured in one run, so both see the same machine:
+  1. raw: `make -C kernel SYSSRC SYSOUT -jN modules` in the developer container (bwrap),
+  2. cold: `coreos-gpu build` with an empty cache (download, verify, unpack, compile, strip,
+     check, archive),
+  3. warm: the same build again.
+Run from the repository root, as root: .venv/bin/python -m bench.build  (about 10 minutes)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from coreos_gpu.config import Runtime
+from coreos_gpu.devcontainer import DevRoot
+from coreos_gpu.driver import load_driver
+from coreos_gpu.modules import SOURCES_IN_SANDBOX, _kernel_source, _link_tree
+from coreos_gpu.sandbox import Bind, SandboxSpec, run_in_sandbox
+from testinputs.flatcar import build_flatcar_release
+from testinputs.nvidia_run import VERSION, build_nvidia_run
+
+JOBS = os.cpu_count() or 1
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    release, run_file = build_flatcar_release(), build_nvidia_run()
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Quiet, directory=str(release.server_root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        env = {**os.environ, "XDG_CACHE_HOME": str(scratch / "cache")}
+        build = [sys.executable, "-m", "coreos_gpu", "build", "--mirror",
+                 f"http://127.0.0.1:{server.server_address[1]}", "--release", release.version,
+                 "--signing-key-fingerprint", release.key_fingerprint, "--driver-url",
+                 str(run_file), "--driver-version", VERSION, "--runtime", "bwrap",
+                 "--jobs", str(JOBS), "--output", str(scratch / "nvidia.tar.gz")]
+        cold = timed(build, env)
+        warm = timed(build, env)
+        # The raw compile, on the developer container root the build just unpacked.
+        [entry] = (scratch / "cache/coreos-gpu/devcontainers").glob("[0-9a-f]*[0-9a-f]")
+        root = entry / "root"
+        build_dir = next(root.glob("usr/lib/modules/*/build"))
+        devroot = DevRoot(root=root, kernel_release=build_dir.parent.name,
+                          build_dir="/" + str(build_dir.relative_to(root)),
+                          image_sha256=entry.name, release=None)  # type: ignore[arg-type]
+        package = load_driver(run_file, scratch / "cache/coreos-gpu")
+        sources = scratch / "raw"
+        _link_tree(package.kernel_source_dir(package.flavours[0]), sources)
+        start = time.perf_counter()
+        run_in_sandbox(
+            SandboxSpec(root=root, mounts=(Bind(sources, SOURCES_IN_SANDBOX),)),
+            ["make", "-C", SOURCES_IN_SANDBOX, f"SYSSRC={_kernel_source(devroot)}",
+             f"SYSOUT={devroot.build_dir}", f"-j{JOBS}", "modules"],
+            runtime=Runtime.BWRAP, log_file=scratch / "raw.log", what="raw make")
+        raw = time.perf_counter() - start
+        shutil.rmtree(sources)
+    server.shutdown()
+    print(f"raw make modules (-j{JOBS}):         {raw:6.1f} s")
+    print(f"coreos-gpu build, cold cache:     {cold:6.1f} s  = {cold / raw:.2f} x raw "
+          "(target <= 1.15)")
+    print(f"coreos-gpu build, unchanged:      {warm:6.1f} s  (target <= 3 s)")
+
+
+if __name__ == "__main__":
+    main()
