@@ -11,31 +11,25 @@ Run from the repository root, as root: .venv/bin/python -m bench.build  (about 1
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from coreos_gpu.cache import link_tree
 from coreos_gpu.config import Runtime
 from coreos_gpu.devcontainer import DevRoot
 from coreos_gpu.driver import load_driver
-from coreos_gpu.modules import SOURCES_IN_SANDBOX, _kernel_source, _link_tree
+from coreos_gpu.modules import SOURCES_IN_SANDBOX, _kernel_source
 from coreos_gpu.sandbox import Bind, SandboxSpec, run_in_sandbox
 from testinputs.flatcar import build_flatcar_release
 from testinputs.nvidia_run import VERSION, build_nvidia_run
+from testinputs.serve import serve_folder
 
 JOBS = os.cpu_count() or 1
-
-
-class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -47,14 +41,12 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 
 def main() -> None:
     release, run_file = build_flatcar_release(), build_nvidia_run()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(Quiet, directory=str(release.server_root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with tempfile.TemporaryDirectory() as scratch_dir:
+    with serve_folder(release.server_root) as mirror, \
+            tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         env = {**os.environ, "XDG_CACHE_HOME": str(scratch / "cache")}
-        build = [sys.executable, "-m", "coreos_gpu", "build", "--mirror",
-                 f"http://127.0.0.1:{server.server_address[1]}", "--release", release.version,
+        build = [sys.executable, "-m", "coreos_gpu", "build", "--mirror", mirror,
+                 "--release", release.version,
                  "--signing-key-fingerprint", release.key_fingerprint, "--driver-url",
                  str(run_file), "--driver-version", VERSION, "--runtime", "bwrap",
                  "--jobs", str(JOBS), "--output", str(scratch / "nvidia.tar.gz")]
@@ -69,7 +61,7 @@ def main() -> None:
                           image_sha256=entry.name, release=None)  # type: ignore[arg-type]
         package = load_driver(run_file, scratch / "cache/coreos-gpu")
         sources = scratch / "raw"
-        _link_tree(package.kernel_source_dir(package.flavours[0]), sources)
+        link_tree(package.kernel_source_dir(package.flavours[0]), sources)
         start = time.perf_counter()
         run_in_sandbox(
             SandboxSpec(root=root, mounts=(Bind(sources, SOURCES_IN_SANDBOX),)),
@@ -78,7 +70,6 @@ def main() -> None:
             runtime=Runtime.BWRAP, log_file=scratch / "raw.log", what="raw make")
         raw = time.perf_counter() - start
         shutil.rmtree(sources)
-    server.shutdown()
     print(f"raw make modules (-j{JOBS}):         {raw:6.1f} s")
     print(f"coreos-gpu build, cold cache:     {cold:6.1f} s  = {cold / raw:.2f} x raw "
           "(target <= 1.15)")

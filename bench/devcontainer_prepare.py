@@ -6,32 +6,23 @@ Run from the repository root, as root: .venv/bin/python -m bench.devcontainer_pr
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from testinputs.flatcar import build_flatcar_release
-
-
-class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+from testinputs.serve import serve_folder
 
 
 def main() -> None:
     release = build_flatcar_release()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(Quiet, directory=str(release.server_root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    argv = [sys.executable, "-m", "coreos_gpu", "devcontainer", "prepare", "--mirror",
-            f"http://127.0.0.1:{server.server_address[1]}", "--release", release.version,
-            "--signing-key-fingerprint", release.key_fingerprint]
-    with tempfile.TemporaryDirectory() as cache:
+    with serve_folder(release.server_root) as mirror, \
+            tempfile.TemporaryDirectory() as cache:
+        argv = [sys.executable, "-m", "coreos_gpu", "devcontainer", "prepare", "--mirror",
+                mirror, "--release", release.version,
+                "--signing-key-fingerprint", release.key_fingerprint]
         env = {**os.environ, "XDG_CACHE_HOME": cache}
         start = time.perf_counter()
         cold = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
@@ -39,7 +30,6 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(argv, env=env, check=True, capture_output=True)
         warm_s = time.perf_counter() - start
-    server.shutdown()
     print(f"devcontainer prepare {release.version} ({release.image.stat().st_size >> 20} MiB "
           f".bin.bz2)")
     print(f"  cold: {cold_s:.1f} s   warm: {warm_s:.2f} s")

@@ -8,37 +8,24 @@ NVIDIA's servers: the Flatcar test release is served on 127.0.0.1 as the mirror,
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from testinputs.flatcar import build_flatcar_release
 from testinputs.nvidia_run import VERSION, build_nvidia_run
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+from testinputs.serve import serve_folder
 
 
 def main(argv: list[str]) -> int:
     release = build_flatcar_release()
     run_file = build_nvidia_run()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(_Quiet, directory=str(release.server_root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    command = [sys.executable, "-m", "coreos_gpu", "build",
-               "--mirror", f"http://127.0.0.1:{server.server_address[1]}",
-               "--release", release.version,
-               "--signing-key-fingerprint", release.key_fingerprint,
-               "--driver-url", str(run_file), "--driver-version", VERSION, *argv]
-    print("+ " + " ".join(command[2:]), file=sys.stderr, flush=True)
-    try:
+    with serve_folder(release.server_root) as mirror:
+        command = [sys.executable, "-m", "coreos_gpu", "build", "--mirror", mirror,
+                   "--release", release.version,
+                   "--signing-key-fingerprint", release.key_fingerprint,
+                   "--driver-url", str(run_file), "--driver-version", VERSION, *argv]
+        print("+ " + " ".join(command[2:]), file=sys.stderr, flush=True)
         return subprocess.run(command, check=False).returncode
-    finally:
-        server.shutdown()
 
 
 if __name__ == "__main__":

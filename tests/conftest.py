@@ -133,19 +133,6 @@ def flatcar_release():  # type: ignore[no-untyped-def]
     return build_flatcar_release()
 
 
-def link_tree(source: Path, dest: Path) -> None:
-    """A cheap copy of a served tree (hard links); replace files in it, never edit in place."""
-    import shutil
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, dest, symlinks=True, copy_function=link, dirs_exist_ok=True)
-
-
 def make_busybox_root(root: Path) -> Path:
     """A tiny root file system: busybox (and the libraries it links), like a dev container."""
     import shutil

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from coreos_gpu.cache import link_tree
 from coreos_gpu.errors import ExitCode
 
-from .conftest import CliResult, Mirror, link_tree
+from .conftest import CliResult, Mirror
 
 KERNEL = "6.1.0-50-amd64"
 VERSION = "535.261.03"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from coreos_gpu.cache import link_tree
 from coreos_gpu.config import Board, Channel, OsName, Runtime
 from coreos_gpu.devcontainer import (
     find_kernel_tree,
@@ -21,7 +22,7 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.release import OsRelease
 from coreos_gpu.sandbox import EngineOptions
 
-from .conftest import Mirror, link_tree, make_busybox_root
+from .conftest import Mirror, make_busybox_root
 
 KERNEL = "6.1.0-50-amd64"
 

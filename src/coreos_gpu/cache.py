@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,3 +40,16 @@ def content_digest(path: Path) -> str:
             c in "0123456789abcdef" for c in path.name):
         return path.name
     return sha256_of(path)
+
+
+def link_tree(source: Path, dest: Path) -> None:
+    """Copy a tree as hard links (a real copy across file systems): cheap, for trees whose
+    files are only ever added to or replaced, never written in place."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, symlinks=True, copy_function=link, dirs_exist_ok=True)

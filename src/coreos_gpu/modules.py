@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreos_gpu import ui
-from coreos_gpu.cache import locked, sha256_of, write_atomically
+from coreos_gpu.cache import link_tree, locked, sha256_of, write_atomically
 from coreos_gpu.config import KernelModuleType, Runtime
 from coreos_gpu.devcontainer import DevRoot, read_kernel_release, resolve_in_root
 from coreos_gpu.driver import DriverPackage
@@ -85,17 +84,6 @@ def _kernel_source(devroot: DevRoot) -> str:
     return _in_root_path(devroot.root, resolved) if resolved.is_dir() else devroot.build_dir
 
 
-def _link_tree(source: Path, dest: Path) -> None:
-    """Hard-link the module sources into a scratch folder: kbuild only adds files there."""
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, dest, symlinks=True, copy_function=link)
-
-
 class _Counter:
     """kbuild progress: one line per 50 objects compiled (kbuild cannot say how many remain)."""
 
@@ -160,7 +148,8 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
         work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder))
         try:
             sources = work / "src"
-            _link_tree(package.kernel_source_dir(flavour), sources)
+            # kbuild only adds files beside the sources, so hard links are safe and cheap.
+            link_tree(package.kernel_source_dir(flavour), sources)
             spec = SandboxSpec(root=devroot.root, mounts=(Bind(sources, SOURCES_IN_SANDBOX),),
                                workdir=SOURCES_IN_SANDBOX)
             what = (f"compiling the {flavour.value} NVIDIA {package.version} modules for "
