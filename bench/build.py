@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.driver_inspect import timed
 from coreos_gpu.cache import link_tree
 from coreos_gpu.config import Runtime
 from coreos_gpu.devcontainer import DevRoot
@@ -30,13 +30,6 @@ from testinputs.nvidia_run import VERSION, build_nvidia_run
 from testinputs.serve import serve_folder
 
 JOBS = os.cpu_count() or 1
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
 
 
 def main() -> None:

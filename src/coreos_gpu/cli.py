@@ -24,6 +24,7 @@ from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontaine
 from coreos_gpu.driver import DRIVER_URL, DriverPackage, load_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import fetch
+from coreos_gpu.manifest import ManifestEntry
 from coreos_gpu.modules import build_modules
 from coreos_gpu.release import list_releases, mirrored
 from coreos_gpu.sandbox import SandboxSpec, run_interactive
@@ -173,13 +174,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- rendering -----------------------------------------------------------------------------
 
 
-def _profiles_of(package: DriverPackage) -> dict[str, set[int]]:
-    return {p.value: {id(e) for e in package.files(p)} for p in Profile}
+def _by_profile(package: DriverPackage) -> dict[Profile, tuple[ManifestEntry, ...]]:
+    return {p: package.files(p) for p in Profile}
 
 
 def render_driver_json(package: DriverPackage) -> dict[str, Any]:
-    members = _profiles_of(package)
-    userspace = package.files(Profile.FULL)
+    selected = _by_profile(package)
+    members = {p: {id(e) for e in entries} for p, entries in selected.items()}
     return {
         "version": package.version,
         "description": package.description,
@@ -189,11 +190,9 @@ def render_driver_json(package: DriverPackage) -> dict[str, Any]:
         "flavours": [f.value for f in package.flavours],
         "kernel_modules": list(package.kernel_modules),
         "profiles": {
-            p.value: {
-                "files": len(package.files(p)),
-                "bytes": sum(package.size_of(e) for e in package.files(p)),
-            }
-            for p in Profile
+            p.value: {"files": len(entries),
+                      "bytes": sum(package.size_of(e) for e in entries)}
+            for p, entries in selected.items()
         },
         "files": [
             {
@@ -203,9 +202,9 @@ def render_driver_json(package: DriverPackage) -> dict[str, Any]:
                 "mode": f"{e.mode:04o}",
                 "size": package.size_of(e),
                 "target": e.target,
-                "profiles": [p for p, ids in members.items() if id(e) in ids],
+                "profiles": [p.value for p, ids in members.items() if id(e) in ids],
             }
-            for e in userspace
+            for e in selected[Profile.FULL]
         ],
     }
 
@@ -219,17 +218,18 @@ def render_driver_text(package: DriverPackage) -> None:
                                for f in package.flavours) or "none"),
         ("kernel modules", " ".join(package.kernel_modules)),
     ])
-    members = _profiles_of(package)
+    selected = _by_profile(package)
+    members = {p: {id(e) for e in entries} for p, entries in selected.items()}
     ui.print_table(
         "profiles", ("profile", "files", "size"),
-        [(p.value, len(package.files(p)),
-          _mib(sum(package.size_of(e) for e in package.files(p)))) for p in Profile])
+        [(p.value, len(entries), _mib(sum(package.size_of(e) for e in entries)))
+         for p, entries in selected.items()])
     ui.print_table(
         "userspace files", ("file", "type", "arch", "size", *(p.value for p in Profile)),
         [(e.file + (f" -> {e.target}" if e.target else ""), e.type,
           e.arch.value if e.arch else "", _mib(package.size_of(e)),
-          *("yes" if id(e) in members[p.value] else "" for p in Profile))
-         for e in package.files(Profile.FULL)])
+          *("yes" if id(e) in members[p] else "" for p in Profile))
+         for e in selected[Profile.FULL]])
 
 
 def render_bundle_text(report: BundleReport) -> None:

@@ -49,10 +49,6 @@ class DevRoot:
     image_sha256: str
     release: OsRelease
 
-    @property
-    def build_path(self) -> Path:
-        return self.root / self.build_dir.lstrip("/")
-
 
 def _image_error(message: str) -> CoreosGpuError:
     return CoreosGpuError(message, hint="the image is damaged or not a developer container; "
