@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -10,6 +9,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from coreos_gpu.cache import locked
 
 MARKER = ".complete"
 
@@ -30,8 +31,7 @@ def build_cached(name: str, recipe: bytes, build: Callable[[Path], None]) -> Pat
     if (final / MARKER).exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(root / f"{name}.lock"):
         # Another process may have finished the same build while we waited for the lock.
         if (final / MARKER).exists():
             return final

@@ -7,7 +7,6 @@ the test-input cache, so the machine's own apt state is never touched.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from coreos_gpu.cache import locked
 from coreos_gpu.run import run
 from testinputs.cache import cache_root
 
@@ -193,8 +193,7 @@ def fetch_debs(specs: Sequence[str], dest: Path) -> list[Path]:
     base = apt_dir()
     store = base / "debs"
     store.mkdir(parents=True, exist_ok=True)
-    with open(base / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(base / "lock"):
         missing = [spec for spec in specs if find_deb(store, spec) is None]
         if missing:
             download_debs(base, missing, store)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.abc import Traversable
@@ -21,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from coreos_gpu.archive import ArchiveWriter, Digest, archive_mtime, create_archive
-from coreos_gpu.cache import write_atomically
+from coreos_gpu.cache import copy_atomically, hash_inputs, write_atomically
 from coreos_gpu.config import Compression, Profile
 from coreos_gpu.driver import DriverPackage
 from coreos_gpu.errors import CoreosGpuError, ExitCode
@@ -265,7 +262,7 @@ def _bundle_key(members: Sequence[_Member], module_sets: Sequence[ModuleSet], pr
                      hashlib.sha256(m.data).hexdigest() if m.data is not None else None]
                     for m in members],
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return hash_inputs(inputs)
 
 
 def _from_cache(folder: Path, key: str, output: Path) -> Bundle | None:
@@ -276,24 +273,11 @@ def _from_cache(folder: Path, key: str, output: Path) -> Bundle | None:
     cached = folder / key
     if not cached.is_file() or cached.stat().st_size != record["size"]:
         return None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(cached, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    copy_atomically(cached, output)
     return Bundle(output, record["sha256"], record["size"], record["manifest"])
 
 
 def _to_cache(folder: Path, key: str, bundle: Bundle) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}-", dir=folder)
-    os.close(fd)
-    shutil.copyfile(bundle.path, tmp)
-    os.replace(tmp, folder / key)
+    copy_atomically(bundle.path, folder / key)
     write_atomically(folder / f"{key}.json", json.dumps({
         "sha256": bundle.sha256, "size": bundle.size, "manifest": bundle.manifest}).encode())

@@ -8,7 +8,6 @@ every input, so an unchanged rebuild compiles nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreos_gpu import ui
-from coreos_gpu.cache import link_tree, locked, sha256_of, write_atomically
+from coreos_gpu.cache import hash_inputs, link_tree, locked, sha256_of, write_atomically
 from coreos_gpu.config import KernelModuleType, Runtime
 from coreos_gpu.devcontainer import DevRoot, read_kernel_release, resolve_in_root
 from coreos_gpu.driver import DriverPackage
@@ -69,7 +68,7 @@ def module_set_key(package: DriverPackage, devroot: DevRoot,
     inputs = {"recipe": BUILD_RECIPE, "driver_sha256": package.sha256, "flavour": flavour.value,
               "image_sha256": devroot.image_sha256, "build_dir": devroot.build_dir,
               "kernel_release": devroot.kernel_release}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return hash_inputs(inputs)
 
 
 def _in_root_path(root: Path, host_path: Path) -> str:
