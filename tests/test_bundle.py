@@ -22,6 +22,7 @@ import pytest
 from coreos_gpu.archive import ArchiveWriter, open_archive
 from coreos_gpu.bundle import (
     Bundle,
+    NodeSettings,
     ReleaseInputs,
     assemble_bundle,
     default_node_files,
@@ -150,7 +151,7 @@ def assemble(package: DriverPackage, sets: list[ModuleSet], output: Path, *,
         node_files.mkdir(exist_ok=True)
     return assemble_bundle(
         package=package, module_sets=sets, profile=profile, compression=compression,
-        output=output, releases=releases, agent_units=("dcos-mesos-slave.service",),
+        output=output, releases=releases, node=NodeSettings(("dcos-mesos-slave.service",)),
         tool_version="0.1.0", node_files=node_files)
 
 
@@ -227,7 +228,9 @@ def test_compute_layout(bundle: Bundle) -> None:
     files = {n for n, m in found.items() if m.isreg()}
     links = {n: m.linkname for n, m in found.items() if m.issym()}
     modules = {f"{P}/modules/{KERNEL}/{name}.ko" for name in MODULES}
-    assert files == COMPUTE_FILES | modules | {"MANIFEST.json", "SHA256SUMS"}
+    generated = {"nvidia.service", "node/agent-dropin.conf", "node/bundle.env",
+                 "node/module-deps"}
+    assert files == COMPUTE_FILES | modules | generated | {"MANIFEST.json", "SHA256SUMS"}
     assert links == COMPUTE_LINKS
     # Folders are members too (mode 0755), each before what it holds.
     names = list(found)
@@ -261,7 +264,6 @@ def test_node_files_go_to_the_top_and_into_node(
     node = tmp_path / "resources-node"
     (node / "dropins").mkdir(parents=True)
     (node / "install_nvidia.sh").write_text("#!/bin/sh\nexit 0\n")
-    (node / "nvidia.service").write_text("[Unit]\n")
     (node / "startup.sh").write_text("#!/bin/sh\n")
     (node / "dropins/10-nvidia.conf").write_text("[Unit]\nAfter=nvidia.service\n")
     (node / "__init__.py").write_text("")  # package plumbing, not a node file
@@ -270,13 +272,14 @@ def test_node_files_go_to_the_top_and_into_node(
     found = members(bundle.path)
     assert {n: m.mode for n, m in found.items() if n.split("/")[0] != "payload" and m.isreg()
             } == {"install_nvidia.sh": 0o755, "nvidia.service": 0o644, "startup.sh": 0o755,
-                  "node/dropins/10-nvidia.conf": 0o644, "MANIFEST.json": 0o644,
-                  "SHA256SUMS": 0o644}
+                  "node/dropins/10-nvidia.conf": 0o644, "node/agent-dropin.conf": 0o644,
+                  "node/bundle.env": 0o644, "node/module-deps": 0o644,
+                  "MANIFEST.json": 0o644, "SHA256SUMS": 0o644}
     report = inspect_bundle(bundle.path)
     assert report.ok, report.problems
     assert [(p.part, p.files) for p in report.parts] == [
         ("libraries", 5), ("binaries", 2), ("firmware", 1), (f"modules {KERNEL}", 3),
-        ("node files", 4), ("other", 1), ("metadata", 2)]
+        ("node files", 7), ("other", 1), ("metadata", 2)]
 
 
 def test_the_packaged_node_files_are_carried(
@@ -284,7 +287,7 @@ def test_the_packaged_node_files_are_carried(
     bundle = assemble_bundle(
         package=package, module_sets=[module_set(ko_dir, KERNEL)], profile=Profile.COMPUTE,
         compression=Compression.GZIP, output=tmp_path / "d.tar.gz", releases=[RELEASE],
-        agent_units=(), tool_version="0.1.0")
+        node=NodeSettings(()), tool_version="0.1.0")
     node = default_node_files()
     packaged = set()
     if node.is_dir():
@@ -299,7 +302,9 @@ def test_the_packaged_node_files_are_carried(
                 else:
                     packaged.add(f"{prefix}{child.name}")
     carried = {f["path"] for f in bundle.manifest["files"] if part_of(f["path"]) == "node files"}
-    assert {n.removeprefix("node/") for n in carried} == packaged
+    generated = {"nvidia.service", "agent-dropin.conf", "bundle.env", "module-deps"}
+    assert {n.removeprefix("node/") for n in carried} == packaged | generated
+    assert {"install_nvidia.sh", "startup.sh", "lib.sh", "nvidia-doctor"} <= packaged
 
 
 def test_manifest_json(bundle: Bundle, package: DriverPackage) -> None:
@@ -316,13 +321,14 @@ def test_manifest_json(bundle: Bundle, package: DriverPackage) -> None:
     assert manifest["kernel_releases"] == [KERNEL]
     assert manifest["releases"] == [RELEASE.to_json()]
     assert manifest["agent_units"] == ["dcos-mesos-slave.service"]
+    assert manifest["on_driver_failure"] == "start-without-gpus"
     assert manifest["inputs"] == [
         {"what": "driver", "source": RUN_URL, "sha256": "1" * 64},
         {"what": "flatcar stable 3975.2.2 image", "source": RELEASE.image_url,
          "sha256": "2" * 64}]
     assert [m["name"] for m in manifest["modules"][KERNEL]] == list(MODULES)
     assert manifest["modules"][KERNEL][2]["depends"] == ["nvidia"]
-    paths = [f["path"] for f in manifest["files"]]
+    paths = [f["path"] for f in manifest["files"] if part_of(f["path"]) != "node files"]
     assert paths == sorted(COMPUTE_FILES | set(COMPUTE_LINKS) | {
         f"{P}/modules/{KERNEL}/{name}.ko" for name in MODULES})
     files = {f.pop("path"): f for f in manifest["files"]}
@@ -374,7 +380,7 @@ def test_two_kernels_two_module_folders_one_userspace(
     assert report.ok, report.problems
     assert [p.part for p in report.parts] == [
         "libraries", "binaries", "firmware", f"modules {KERNEL}", f"modules {CLOUD}",
-        "other", "metadata"]
+        "node files", "other", "metadata"]
 
 
 # --- reproducibility and atomic output -----------------------------------------------------

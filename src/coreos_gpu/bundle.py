@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.abc import Traversable
-from importlib.resources import files
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,8 +25,6 @@ from coreos_gpu.inspection import BundleReport, ModuleReport, PartSize, inspect_
 from coreos_gpu.layout import (
     FORMAT,
     MANIFEST_NAME,
-    NODE,
-    NODE_TOP_LEVEL,
     SUMS_NAME,
     ReleaseInputs,
     module_path,
@@ -37,9 +34,19 @@ from coreos_gpu.layout import (
 )
 from coreos_gpu.modinfo import vermagic_release
 from coreos_gpu.modules import ModuleSet
+from coreos_gpu.node import NodeSettings, default_node_files, render_node_files
 
-__all__ = ["Bundle", "BundleReport", "ModuleReport", "PartSize", "ReleaseInputs",
-           "assemble_bundle", "default_node_files", "inspect_bundle"]
+__all__ = [
+    "Bundle",
+    "BundleReport",
+    "ModuleReport",
+    "NodeSettings",
+    "PartSize",
+    "ReleaseInputs",
+    "assemble_bundle",
+    "default_node_files",
+    "inspect_bundle",
+]
 
 _UNSAFE = re.compile(r"[\n\\]")  # characters sha256sum -c would need escaped
 
@@ -82,31 +89,11 @@ def _module_members(version: str, module_sets: Sequence[ModuleSet]) -> list[_Mem
             for s in module_sets for m in s.modules]
 
 
-def _walk(folder: Traversable, prefix: str = "") -> Iterator[tuple[str, Traversable]]:
-    for child in sorted(folder.iterdir(), key=lambda c: c.name):
-        if child.name.startswith((".", "__")):  # __init__.py, __pycache__, editor files
-            continue
-        if child.is_dir():
-            yield from _walk(child, f"{prefix}{child.name}/")
-        elif child.is_file():
-            yield f"{prefix}{child.name}", child
-
-
-def default_node_files() -> Traversable:
-    return files("coreos_gpu") / "resources" / NODE
-
-
-def _node_members(folder: Traversable) -> list[_Member]:
-    if not folder.is_dir():
-        return []
-    members = []
-    for name, resource in _walk(folder):
-        data = resource.read_bytes()
-        # Package data does not keep modes reliably; a script is what starts with #!.
-        mode = 0o755 if data.startswith(b"#!") else 0o644
-        members.append(_Member(name if name in NODE_TOP_LEVEL else f"{NODE}/{name}", mode,
-                               data=data))
-    return members
+def _node_members(node: NodeSettings, scripts: Traversable | None, package: DriverPackage,
+                  module_sets: Sequence[ModuleSet], tool_version: str) -> list[_Member]:
+    return [_Member(f.path, f.mode, data=f.data) for f in render_node_files(
+        node, driver_version=package.version, flavour=module_sets[0].flavour.value,
+        module_sets=module_sets, tool_version=tool_version, scripts=scripts)]
 
 
 def _bad(message: str, hint: str = "") -> CoreosGpuError:
@@ -161,7 +148,7 @@ def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def _manifest(package: DriverPackage, module_sets: Sequence[ModuleSet], profile: Profile,
-              releases: Sequence[ReleaseInputs], agent_units: Sequence[str], tool_version: str,
+              releases: Sequence[ReleaseInputs], node: NodeSettings, tool_version: str,
               entries: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -172,7 +159,8 @@ def _manifest(package: DriverPackage, module_sets: Sequence[ModuleSet], profile:
         "profile": profile.value,
         "kernel_releases": [s.kernel_release for s in module_sets],
         "releases": [r.to_json() for r in releases],
-        "agent_units": list(agent_units),
+        "agent_units": list(node.agent_units),
+        "on_driver_failure": node.on_driver_failure.value,
         "inputs": [{"what": "driver", "source": package.source, "sha256": package.sha256}] + [
             {"what": f"{r.os} {r.channel} {r.version} image", "source": r.image_url,
              "sha256": r.image_sha256} for r in releases],
@@ -206,12 +194,13 @@ def _write_member(writer: ArchiveWriter, m: _Member) -> dict[str, Any] | None:
 
 def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
                     profile: Profile, compression: Compression, output: Path,
-                    releases: Sequence[ReleaseInputs], agent_units: Sequence[str],
+                    releases: Sequence[ReleaseInputs], node: NodeSettings,
                     tool_version: str, node_files: Traversable | None = None,
                     cache_dir: Path | None = None) -> Bundle:
     """Write the bundle to output (atomically) and return what was written.
 
-    node_files: the folder of node-side files; the package's resources/node by default.
+    node: the build-time node settings, rendered into the node files.
+    node_files: the folder of node scripts; the package's resources/node by default.
     cache_dir: where finished archives are kept by a hash of their inputs, so an unchanged
     rebuild copies the archive instead of compressing it again.
     """
@@ -220,8 +209,8 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
     releases = sorted(releases, key=lambda r: (r.os, r.channel, _version_key(r.version)))
     members = _sorted_with_folders(
         _userspace_members(package, profile) + _module_members(package.version, module_sets)
-        + _node_members(default_node_files() if node_files is None else node_files))
-    key = _bundle_key(members, module_sets, profile, compression, releases, agent_units,
+        + _node_members(node, node_files, package, module_sets, tool_version))
+    key = _bundle_key(members, module_sets, profile, compression, releases, node,
                       tool_version, package)
     if cache_dir is not None and (hit := _from_cache(cache_dir / "bundles", key, output)):
         return hit
@@ -233,7 +222,7 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
                 entry = _write_member(writer, m)
                 if entry is not None:
                     entries[m.path] = entry
-            manifest = _manifest(package, module_sets, profile, releases, agent_units,
+            manifest = _manifest(package, module_sets, profile, releases, node,
                                  tool_version, entries)
             text = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
             sums = {path: e["sha256"] for path, e in entries.items() if e["type"] == "file"}
@@ -249,13 +238,14 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
 
 def _bundle_key(members: Sequence[_Member], module_sets: Sequence[ModuleSet], profile: Profile,
                 compression: Compression, releases: Sequence[ReleaseInputs],
-                agent_units: Sequence[str], tool_version: str, package: DriverPackage) -> str:
+                node: NodeSettings, tool_version: str, package: DriverPackage) -> str:
     """Every input of the archive's bytes: the package and module builds by their digests,
     node files by their content, and the settings that shape the archive."""
     inputs = {
         "format": FORMAT, "tool_version": tool_version, "mtime": archive_mtime(),
         "compression": compression.value, "profile": profile.value,
-        "driver_sha256": package.sha256, "agent_units": list(agent_units),
+        "driver_sha256": package.sha256, "agent_units": list(node.agent_units),
+        "on_driver_failure": node.on_driver_failure.value,
         "releases": [r.to_json() for r in releases],
         "modules": [[s.key, [m.sha256 for m in s.modules]] for s in module_sets],
         "members": [[m.path, m.mode, m.target, str(m.source) if m.source else None,

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from coreos_gpu import __version__, ui
-from coreos_gpu.bundle import BundleReport, ReleaseInputs, assemble_bundle, inspect_bundle
+from coreos_gpu.bundle import (
+    BundleReport,
+    NodeSettings,
+    ReleaseInputs,
+    assemble_bundle,
+    inspect_bundle,
+)
 from coreos_gpu.config import (
     BuildConfig,
     Profile,
@@ -148,7 +154,8 @@ def cmd_build(args: argparse.Namespace) -> None:
                                     image_url=d.release.canonical_image_url,
                                     image_sha256=d.image_sha256)
                       for d in devroots],
-            agent_units=config.agent_units, tool_version=__version__,
+            node=NodeSettings(config.agent_units, config.on_driver_failure),
+            tool_version=__version__,
             cache_dir=config.cache_dir)
     if args.json:
         ui.print_json({"path": str(bundle.path), "sha256": bundle.sha256, "size": bundle.size,

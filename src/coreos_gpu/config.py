@@ -55,6 +55,13 @@ class Compression(StrEnum):
     ZSTD = "zstd"
 
 
+class DriverFailurePolicy(StrEnum):
+    """What the Mesos agent does when nvidia.service fails."""
+
+    START_WITHOUT_GPUS = "start-without-gpus"
+    WAIT = "wait"
+
+
 class Runtime(StrEnum):
     AUTO = "auto"
     PODMAN = "podman"
@@ -195,6 +202,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent_units", "Mesos agent units that must start after the driver",
             _list_of(UNIT), lambda: DEFAULT_AGENT_UNITS, "UNIT", flag_name="agent_unit",
             multiple=True),
+    Setting("on_driver_failure", "what the agent units do when the driver fails to load: "
+            "start-without-gpus (the node still runs CPU tasks) or wait (they stay down "
+            "until nvidia.service succeeds)", _choice(DriverFailurePolicy),
+            lambda: DriverFailurePolicy.START_WITHOUT_GPUS, "POLICY"),
     Setting("output", "archive to write", _path, lambda: Path("nvidia.tar.gz"), "PATH"),
     Setting("compression", "archive compression", _choice(Compression),
             lambda: Compression.GZIP, "ALGO"),
@@ -231,6 +242,7 @@ class BuildConfig:
     profile: Profile
     kernel_module_type: KernelModuleType
     agent_units: tuple[str, ...]
+    on_driver_failure: DriverFailurePolicy
     output: Path
     compression: Compression
     cache_dir: Path

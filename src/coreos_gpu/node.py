@@ -1,0 +1,123 @@
+"""Node files: the scripts and units a bundle carries, with the build's settings filled in.
+
+Nodes have no Python, so what the node side needs to know about its bundle reaches it as
+files the scripts read: `node/bundle.env` (sourced by sh), `node/module-deps` (each
+module's kernel dependencies, from its .modinfo at build time: no modinfo on the node), and
+the unit and agent drop-in rendered from `resources/templates/`. The scripts themselves
+(`resources/node/`) are carried as they are.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib.abc import Traversable
+from importlib.resources import files
+
+from coreos_gpu.config import DriverFailurePolicy
+from coreos_gpu.layout import NODE, NODE_TOP_LEVEL
+from coreos_gpu.modules import ModuleSet
+
+_POLICY_TEXT = {
+    DriverFailurePolicy.START_WITHOUT_GPUS: "starts anyway, without GPUs",
+    DriverFailurePolicy.WAIT: "does not start until nvidia.service succeeds",
+}
+# Wants= lets the agent start when nvidia.service fails; Requires= keeps it down.
+_DEPENDENCY = {DriverFailurePolicy.START_WITHOUT_GPUS: "Wants",
+               DriverFailurePolicy.WAIT: "Requires"}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Build-time choices about the node: which agent units wait for the driver, and what
+    they do when it fails."""
+
+    agent_units: tuple[str, ...]
+    on_driver_failure: DriverFailurePolicy = DriverFailurePolicy.START_WITHOUT_GPUS
+
+
+@dataclass(frozen=True)
+class NodeFile:
+    path: str  # in the archive
+    data: bytes
+    mode: int
+
+
+def default_node_files() -> Traversable:
+    return files("coreos_gpu") / "resources" / NODE
+
+
+def _templates() -> Traversable:
+    return files("coreos_gpu") / "resources" / "templates"
+
+
+def _walk(folder: Traversable, prefix: str = "") -> Iterator[tuple[str, Traversable]]:
+    for child in sorted(folder.iterdir(), key=lambda c: c.name):
+        if child.name.startswith((".", "__")):  # __init__.py, __pycache__, editor files
+            continue
+        if child.is_dir():
+            yield from _walk(child, f"{prefix}{child.name}/")
+        elif child.is_file():
+            yield f"{prefix}{child.name}", child
+
+
+def _archive_path(name: str) -> str:
+    # The names the original shell version's users script against stay at the top.
+    return name if name in NODE_TOP_LEVEL else f"{NODE}/{name}"
+
+
+def _file(name: str, data: bytes) -> NodeFile:
+    # Package data does not keep modes reliably; a script is what starts with #!.
+    return NodeFile(_archive_path(name), data, 0o755 if data.startswith(b"#!") else 0o644)
+
+
+def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: str,
+                      kernel_releases: Sequence[str], tool_version: str) -> str:
+    values = {
+        "DRIVER_VERSION": driver_version,
+        "FLAVOUR": flavour,
+        "KERNEL_RELEASES": " ".join(kernel_releases),
+        "AGENT_UNITS": " ".join(settings.agent_units),
+        "ON_DRIVER_FAILURE": settings.on_driver_failure.value,
+    }
+    return (f"# Written by coreos-gpu {tool_version}; sourced by install_nvidia.sh, startup.sh "
+            "and nvidia-doctor.\n"
+            + "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items()))
+
+
+def render_module_deps(module_sets: Sequence[ModuleSet]) -> str:
+    """One "<kernel release> <module> <dep,dep|->" line per module."""
+    return "".join(f"{s.kernel_release} {m.name} {','.join(m.depends) or '-'}\n"
+                   for s in module_sets for m in sorted(s.modules, key=lambda m: m.name))
+
+
+_PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+
+
+def _render(template: str, values: dict[str, str]) -> bytes:
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template).encode()
+
+
+def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: str,
+                      module_sets: Sequence[ModuleSet], tool_version: str,
+                      scripts: Traversable | None = None) -> list[NodeFile]:
+    """Every node file of a bundle. scripts: the folder of node scripts carried as they are
+    (the package's resources/node by default)."""
+    folder = default_node_files() if scripts is None else scripts
+    carried = [_file(name, r.read_bytes()) for name, r in _walk(folder)] if folder.is_dir() else []
+    values = {"DRIVER_VERSION": driver_version,
+              "AGENT_UNITS": " ".join(settings.agent_units),
+              "POLICY": settings.on_driver_failure.value,
+              "POLICY_TEXT": _POLICY_TEXT[settings.on_driver_failure],
+              "DEPENDENCY": _DEPENDENCY[settings.on_driver_failure]}
+    rendered = [_file(name, _render(r.read_text(), values)) for name, r in _walk(_templates())]
+    generated = [
+        _file("bundle.env", render_bundle_env(
+            settings, driver_version=driver_version, flavour=flavour,
+            kernel_releases=[s.kernel_release for s in module_sets],
+            tool_version=tool_version).encode()),
+        _file("module-deps", render_module_deps(module_sets).encode()),
+    ]
+    return carried + rendered + generated

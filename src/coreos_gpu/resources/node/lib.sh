@@ -1,0 +1,133 @@
+# shellcheck shell=sh
+# Its constants are for the scripts that source it; "A && B || C" means C when either fails.
+# shellcheck disable=SC2034,SC2015
+# Shared by install_nvidia.sh, startup.sh and nvidia-doctor; sourced, never run.
+# POSIX sh: it must work under bash (CoreOS/Flatcar's /bin/sh), dash and busybox sh, so no
+# `local`, no arrays, no [[ ]]. Function variables carry a prefix of their function instead.
+#
+# Every path on the node goes through $ROOT ("" on a real node, a folder with --root), so
+# the scripts can prepare an image or run against a test tree.
+
+NVIDIA_MAJOR=195  # fixed by the driver: nvidia<N> is 195:N, nvidiactl 195:255
+NVIDIA_VENDOR=0x10de
+OPT=/opt/nvidia  # as seen on the node; prefix with $ROOT to touch it
+LOAD_ORDER="nvidia nvidia-modeset nvidia-uvm"  # nvidia-drm only on request
+# What the Mesos GPU isolator looks up with `which` on the agent's PATH.
+MESOS_TOOLS="nvidia-smi nvidia-debugdump nvidia-persistenced nvidia-cuda-mps-control nvidia-cuda-mps-server"
+AGENT_DEFAULT_PATH=/opt/mesosphere/bin:/usr/bin:/bin:/sbin  # DC/OS's agent PATH
+DROPIN_NAME=coreos-gpu.conf
+
+say() {
+	printf '%s: %s\n' "$PROG" "$*" >&2
+}
+
+warn() {
+	printf '%s: warning: %s\n' "$PROG" "$*" >&2
+}
+
+# die CODE MESSAGE: one line that says what, which value and what to do; then exit CODE.
+die() {
+	die_code=$1
+	shift
+	printf '%s: error: %s\n' "$PROG" "$*" >&2
+	exit "$die_code"
+}
+
+# need_tools CODE TOOL...: fail before changing anything when a tool is missing.
+need_tools() {
+	need_code=$1
+	shift
+	for need_tool in "$@"; do
+		command -v "$need_tool" >/dev/null 2>&1 ||
+			die "$need_code" "the command $need_tool is missing on this node; install it or run from a full OS image"
+	done
+}
+
+# The root argument: "" for /, else an absolute path without a trailing slash.
+parse_root() {
+	case $1 in
+	/ | "") printf '' ;;
+	/*) printf '%s' "${1%/}" ;;
+	*) printf '%s' "$(pwd)/${1%/}" ;;
+	esac
+}
+
+# Loaded module names in /proc/modules use underscores: nvidia-uvm is nvidia_uvm.
+module_loaded() {
+	grep -q "^$(printf '%s' "$1" | tr - _) " "$ROOT/proc/modules" 2>/dev/null
+}
+
+# NVIDIA display controllers on PCI, one "<bus id> <class>" line each. sysfs `class` is
+# class, subclass and prog-if: 0x0300xx is VGA, 0x0302xx a 3D controller (most datacenter
+# cards, e.g. on EC2). Audio, USB and bridge functions of the same card are not GPUs.
+list_gpus() {
+	for gpu_dev in "$ROOT"/sys/bus/pci/devices/*; do
+		[ -r "$gpu_dev/vendor" ] && [ -r "$gpu_dev/class" ] || continue
+		read -r gpu_vendor <"$gpu_dev/vendor" || continue
+		read -r gpu_class <"$gpu_dev/class" || continue
+		[ "$gpu_vendor" = "$NVIDIA_VENDOR" ] || continue
+		case $gpu_class in
+		0x0300?? | 0x0302??) printf '%s %s\n' "${gpu_dev##*/}" "$gpu_class" ;;
+		esac
+	done
+}
+
+describe_class() {
+	case $1 in
+	0x0302*) printf '3D controller' ;;
+	*) printf 'VGA controller' ;;
+	esac
+}
+
+# The "Device Minor" of every GPU the driver knows, one per line. Minors do not follow bus
+# order, and /dev/nvidia<N> must carry the driver's N, not a count.
+gpu_minors() {
+	for minor_info in "$ROOT"/proc/driver/nvidia/gpus/*/information; do
+		[ -r "$minor_info" ] || continue
+		sed -n 's/^Device Minor:[[:space:]]*\([0-9][0-9]*\)[[:space:]]*$/\1/p' "$minor_info"
+	done | sort -n
+}
+
+# The major of a character device driver in /proc/devices, matched by its exact name and
+# only in the "Character devices:" section; nvidia-uvm's is dynamic.
+char_major() {
+	awk -v name="$1" '
+		/^Character devices:/ { chars = 1; next }
+		/^[A-Za-z]/ { chars = 0 }
+		chars && $2 == name { print $1; exit }
+	' "$ROOT/proc/devices" 2>/dev/null
+}
+
+# The device nodes the contract asks for, one "<path> <major> <minor>" line each; a "?"
+# major when nvidia-uvm's is not in /proc/devices.
+expected_nodes() {
+	printf '/dev/nvidiactl %s 255\n' "$NVIDIA_MAJOR"
+	for nodes_minor in $(gpu_minors); do
+		printf '/dev/nvidia%s %s %s\n' "$nodes_minor" "$NVIDIA_MAJOR" "$nodes_minor"
+	done
+	printf '/dev/nvidia-modeset %s 254\n' "$NVIDIA_MAJOR"
+	nodes_uvm=$(char_major nvidia-uvm)
+	printf '/dev/nvidia-uvm %s 0\n' "${nodes_uvm:-?}"
+	printf '/dev/nvidia-uvm-tools %s 1\n' "${nodes_uvm:-?}"
+}
+
+# node_is PATH MAJOR MINOR: the path is a character device with these numbers.
+node_is() {
+	[ -c "$ROOT$1" ] || return 1
+	node_numbers=$(stat -c '%t %T' "$ROOT$1" 2>/dev/null) || return 1
+	[ "$node_numbers" = "$(printf '%x %x' "$2" "$3")" ]
+}
+
+# The kernel releases a bundle or installation carries modules for.
+kernel_releases_in() {
+	for kr_dir in "$1"/modules/*/; do
+		[ -d "$kr_dir" ] || continue
+		kr_dir=${kr_dir%/}
+		printf '%s ' "${kr_dir##*/}"
+	done
+}
+
+# JSON string escaping for the doctor's --json: backslash, quote and control characters.
+json_string() {
+	printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g; s/	/\\t/g' | tr '\n\r' '  ')"
+}

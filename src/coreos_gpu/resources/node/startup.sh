@@ -1,0 +1,210 @@
+#!/bin/sh
+# Loads the NVIDIA driver for the running kernel and makes its device nodes: what
+# nvidia.service runs at every boot, before the Mesos agent starts (/opt/nvidia/startup.sh).
+#
+# Exit codes (nvidia.service fails on any but 0):
+#   0  the driver is loaded and answers, or there is no NVIDIA GPU (nothing to load)
+#   2  bad command line
+#   3  the installation is incomplete (run install_nvidia.sh again)
+#   4  kernel mismatch: no modules for `uname -r`, or the kernel refused them as built for
+#      another kernel ("Invalid module format")
+#   5  a module failed to load for another reason
+#   6  device nodes could not be made
+#   7  nvidia-smi does not answer
+#   8  the driver loaded but found no usable GPU ("No such device")
+#   9  another NVIDIA driver version is loaded already (reboot to switch)
+#
+# Settings from the environment (nvidia.service reads /etc/default/nvidia):
+#   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
+#   NVIDIA_LOAD_DRM=1          also load nvidia-drm (needs drm_kms_helper); off for compute
+set -u
+PROG=startup.sh
+
+usage() {
+	cat <<'EOF'
+usage: startup.sh [--root DIR] [--check] [--force-load]
+  --root DIR    act on the tree under DIR (/sys, /proc, /dev, /opt/nvidia) instead of /
+  --check       change nothing: report what is there and what would be done
+  --force-load  load the modules even when no NVIDIA GPU is on PCI (for testing)
+EOF
+}
+
+ROOT=
+CHECK=0
+FORCE=0
+while [ $# -gt 0 ]; do
+	case $1 in
+	--root)
+		[ $# -ge 2 ] || { usage >&2; exit 2; }
+		ROOT=$2
+		shift ;;
+	--root=*) ROOT=${1#--root=} ;;
+	--check) CHECK=1 ;;
+	--force-load) FORCE=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
+	esac
+	shift
+done
+
+HERE=$(dirname "$(readlink -f "$0")")
+[ -r "$HERE/node/lib.sh" ] || {
+	printf '%s: error: %s/node/lib.sh is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
+	exit 3
+}
+# shellcheck source=src/coreos_gpu/resources/node/lib.sh
+. "$HERE/node/lib.sh"
+ROOT=$(parse_root "$ROOT")
+[ -r "$HERE/node/bundle.env" ] ||
+	die 3 "$HERE/node/bundle.env is missing: the installation is incomplete; run install_nvidia.sh again"
+# shellcheck source=/dev/null
+. "$HERE/node/bundle.env"
+PATH=$PATH:$HERE/bin
+export PATH
+
+# act CMD...: run a command that changes the node, or say what it would do with --check.
+act() {
+	if [ "$CHECK" = 1 ]; then
+		say "would run: $*"
+	else
+		"$@"
+	fi
+}
+
+# --- GPUs -------------------------------------------------------------------------------
+GPUS=$(list_gpus)
+if [ -z "$GPUS" ]; then
+	if [ "$FORCE" = 0 ]; then
+		say "no NVIDIA GPU on PCI (vendor $NVIDIA_VENDOR, class 0x0300 or 0x0302): nothing to load"
+		exit 0
+	fi
+	say "no NVIDIA GPU on PCI; loading anyway (--force-load)"
+else
+	GPU_COUNT=$(printf '%s\n' "$GPUS" | wc -l | tr -d ' ')
+	say "$GPU_COUNT NVIDIA GPU(s): $(printf '%s\n' "$GPUS" | while read -r bus class; do
+		printf '%s (%s) ' "$bus" "$(describe_class "$class")"; done)"
+fi
+
+# --- kernel -----------------------------------------------------------------------------
+KERNEL=$(uname -r)
+MODULES=$HERE/modules/$KERNEL
+# Never insmod a module built for another kernel: after an OS update the node boots a
+# kernel the bundle may not have been built for.
+[ -d "$MODULES" ] ||
+	die 4 "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
+
+if [ -r "$ROOT/sys/module/nvidia/version" ]; then
+	read -r LOADED <"$ROOT/sys/module/nvidia/version"
+	[ "$LOADED" = "$DRIVER_VERSION" ] ||
+		die 9 "NVIDIA driver $LOADED is loaded, but $DRIVER_VERSION is installed: reboot to switch to $DRIVER_VERSION"
+fi
+
+# --- firmware ---------------------------------------------------------------------------
+# The GSP firmware is requested from <path>/nvidia/<version>/; /lib/firmware is read-only
+# here, so point the kernel's one extra search path at this version's copy (the resolved
+# folder: a later install flipping `current` must not change a loaded driver's firmware).
+if [ -d "$HERE/firmware" ]; then
+	FIRMWARE=${HERE#"$ROOT"}/firmware
+	PARAM=$ROOT/sys/module/firmware_class/parameters/path
+	OLD=$(cat "$PARAM" 2>/dev/null || true)
+	if [ "$OLD" != "$FIRMWARE" ]; then
+		[ -z "$OLD" ] || warn "the firmware search path was $OLD; it is now $FIRMWARE"
+		if [ "$CHECK" = 1 ]; then
+			say "would set the firmware search path to $FIRMWARE"
+		else
+			printf '%s' "$FIRMWARE" >"$PARAM" ||
+				die 5 "cannot set the firmware search path ($PARAM): the GPU's GSP firmware could not load"
+		fi
+	fi
+fi
+
+# --- modules ----------------------------------------------------------------------------
+# Kernel modules each of ours needs, found by `modinfo -F depends` at build time.
+depends_of() {
+	awk -v k="$KERNEL" -v m="$1" '$1 == k && $2 == m && $3 != "-" { gsub(",", " ", $3); print $3 }' \
+		"$HERE/node/module-deps" 2>/dev/null
+}
+
+# The kernel's reason, from insmod's message, as our exit code and one line.
+load_failed() {
+	lf_name=$1
+	lf_error=$2
+	lf_kernel=
+	[ -n "$ROOT" ] || lf_kernel=$(dmesg 2>/dev/null | grep -E 'NVRM|nvidia' | tail -n 2 | tr '\n' ' ')
+	case $lf_error in
+	*"Invalid module format"* | *"Exec format error"*)
+		die 4 "kernel mismatch: the running kernel $KERNEL refused $lf_name.ko from $MODULES as built for another kernel (Invalid module format) ${lf_kernel}; build a bundle for kernel $KERNEL and install it" ;;
+	*"No such device"*)
+		die 8 "$lf_name.ko loaded, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
+	*)
+		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}" ;;
+	esac
+}
+
+WANTED=$LOAD_ORDER
+[ "${NVIDIA_LOAD_DRM:-0}" != 1 ] || WANTED="$WANTED nvidia-drm"
+# IPMI lets the driver talk to the board's management controller; absent on many kernels.
+for dep in ipmi_msghandler ipmi_devintf; do
+	module_loaded "$dep" || act modprobe -q "$dep" 2>/dev/null || true
+done
+for name in $WANTED; do
+	[ -r "$MODULES/$name.ko" ] || die 3 "$MODULES/$name.ko is missing: the installation is incomplete; run install_nvidia.sh again"
+	if module_loaded "$name"; then
+		say "$name is loaded already"
+		continue
+	fi
+	for dep in $(depends_of "$name"); do
+		# Ours (nvidia-modeset needs nvidia) come in LOAD_ORDER; the kernel's by modprobe.
+		[ -e "$MODULES/$(printf '%s' "$dep" | tr _ -).ko" ] && continue
+		module_loaded "$dep" && continue
+		act modprobe "$dep" ||
+			die 5 "cannot load the kernel module $dep, which $name needs (modprobe $dep failed)"
+	done
+	if [ "$CHECK" = 1 ]; then
+		say "would run: insmod $MODULES/$name.ko"
+		continue
+	fi
+	# /lib/modules is read-only on these OSes: insmod by full path, not modprobe.
+	if ! ERROR=$(insmod "$MODULES/$name.ko" 2>&1); then
+		case $ERROR in
+		*"File exists"*) say "$name was loaded meanwhile" ;;
+		*) load_failed "$name" "$ERROR" ;;
+		esac
+	fi
+	say "loaded $name"
+done
+
+# --- device nodes -----------------------------------------------------------------------
+[ "$CHECK" = 1 ] || [ -n "$(gpu_minors)" ] ||
+	die 8 "the driver is loaded but lists no GPU in /proc/driver/nvidia/gpus; see dmesg for NVRM messages"
+SEEN=$(gpu_minors | wc -l | tr -d ' ')
+[ -z "$GPUS" ] || [ "$SEEN" = "${GPU_COUNT:-0}" ] ||
+	warn "$GPU_COUNT NVIDIA GPU(s) on PCI, but the driver sees $SEEN; see dmesg for NVRM messages"
+expected_nodes | while read -r path major minor; do
+	if [ "$major" = "?" ]; then
+		[ "$CHECK" = 1 ] && { say "would make $path once nvidia-uvm is loaded"; continue; }
+		die 6 "nvidia-uvm is loaded but not in $ROOT/proc/devices: cannot make $path"
+	fi
+	if node_is "$path" "$major" "$minor"; then
+		# The contract's mode: containers open these as any user.
+		[ "$(stat -c %a "$ROOT$path")" = 666 ] || act chmod 0666 "$ROOT$path" ||
+			die 6 "cannot make $path readable and writable by all (chmod 0666)"
+		continue
+	fi
+	if [ -e "$ROOT$path" ] || [ -L "$ROOT$path" ]; then
+		warn "$path is not the character device $major:$minor; replacing it"
+		act rm -f "$ROOT$path" || die 6 "cannot remove the wrong $path"
+	fi
+	act mknod -m 0666 "$ROOT$path" c "$major" "$minor" ||
+		die 6 "cannot make the device node $path (c $major $minor)"
+	[ "$CHECK" = 1 ] || say "made $path (c $major $minor)"
+done || exit $?
+
+# --- persistence and a last check ---------------------------------------------------------
+if [ "${NVIDIA_PERSISTENCE_MODE:-0}" = 1 ]; then
+	act nvidia-smi -pm 1 >/dev/null || warn "could not turn persistence mode on (nvidia-smi -pm 1)"
+fi
+if ! SMI=$(nvidia-smi -L 2>&1); then
+	die 7 "nvidia-smi does not answer: $(printf '%s' "$SMI" | tail -n 2 | tr '\n' ' ')"
+fi
+say "driver $DRIVER_VERSION is ready: $(printf '%s\n' "$SMI" | grep -c '^GPU ') GPU(s) answer nvidia-smi"

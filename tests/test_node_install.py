@@ -1,0 +1,284 @@
+"""install_nvidia.sh against a sysroot: layout, checks before changes, idempotence,
+upgrades, locking and --uninstall. Runs the real script under bash, dash and busybox sh."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.config import DriverFailurePolicy
+
+from .nodetree import SHELLS, Node, make_bundle, snapshot
+from .test_bundle import CLOUD, KERNEL, VERSION
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
+AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
+TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-doctor")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three bundles of one driver with three bundle ids, and a "wait" one."""
+    folder = tmp_path_factory.mktemp("install")
+    ko_dir = folder / "ko"
+    ko_dir.mkdir()
+    return {
+        "a": make_bundle(folder / "a", ko_dir),
+        "b": make_bundle(folder / "b", ko_dir, tool_version="0.2.0", kernels=(KERNEL, CLOUD)),
+        "c": make_bundle(folder / "c", ko_dir, tool_version="0.3.0"),
+        "wait": make_bundle(folder / "wait", ko_dir, tool_version="0.4.0",
+                            policy=DriverFailurePolicy.WAIT, agent_units=("my-agent.service",)),
+    }
+
+
+def bundle_id(bundle: Path) -> str:
+    return hashlib.sha256((bundle / "SHA256SUMS").read_bytes()).hexdigest()[:12]
+
+
+def with_unrelated_files(node: Node) -> None:
+    """What a node has before: files the install must neither change nor remove."""
+    for path, text in {"opt/bin/kubectl": "#!/bin/sh\n", "etc/ld.so.conf.d/libc.conf": "/x\n",
+                       "etc/systemd/system/docker.service": "[Unit]\n",
+                       "etc/systemd/system/dcos-mesos-slave.service.d/10-dcos.conf": "[Unit]\n"
+                       }.items():
+        (node.root / path).parent.mkdir(parents=True, exist_ok=True)
+        (node.root / path).write_text(text)
+
+
+def check_installed(node: Node, bundle: Path) -> None:
+    """The node carries this bundle, complete, and everything points at it."""
+    root = node.root
+    name = f"{VERSION}-{bundle_id(bundle)}"
+    assert os.readlink(root / "opt/nvidia/current") == name
+    folder = root / "opt/nvidia" / name
+    for line in (bundle / "SHA256SUMS").read_text().splitlines():
+        digest, path = line.split("  ", 1)
+        inside = path.removeprefix(f"payload/{VERSION}/")
+        if path in ("install_nvidia.sh",):
+            continue
+        target = folder / inside
+        assert target.is_file(), inside
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == digest, inside
+    assert os.readlink(root / "opt/nvidia/startup.sh") == "current/startup.sh"
+    assert (root / "etc/ld.so.conf.d/nvidia.conf").read_text().splitlines()[-1] == (
+        "/opt/nvidia/current/lib64")
+    assert os.readlink(root / "etc/systemd/system/nvidia.service") == (
+        "/opt/nvidia/current/nvidia.service")
+    env = (folder / "node/bundle.env").read_text()
+    units = next(line for line in env.splitlines() if line.startswith("AGENT_UNITS="))
+    for unit in units.split("=", 1)[1].strip("'").split():
+        assert os.readlink(root / f"etc/systemd/system/{unit}.d/coreos-gpu.conf") == (
+            "/opt/nvidia/current/node/agent-dropin.conf")
+    for tool in TOOLS:
+        expected = ("/opt/nvidia/current/node/nvidia-doctor" if tool == "nvidia-doctor"
+                    else f"/opt/nvidia/current/bin/{tool}")
+        assert os.readlink(root / "opt/bin" / tool) == expected
+    assert not list((root / "opt/nvidia").glob(".stage.*"))
+    assert not [p for p in root.rglob("*.tmp.*")]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_install_into_a_root(tmp_path: Path, bundles: dict[str, Path], shell: str) -> None:
+    node = Node(tmp_path, shell=shell)
+    with_unrelated_files(node)
+    result = node.install(bundles["a"])
+    assert result.code == 0, result.stderr
+    check_installed(node, bundles["a"])
+    assert node.calls("ldconfig")[-1] == ["ldconfig", "-r", str(node.root)]
+    assert ["systemctl", f"--root={node.root}", "enable", "nvidia.service"] in node.calls()
+    assert not [c for c in node.calls("systemctl") if "start" in c or "daemon-reload" in c]
+    assert (node.root / "opt/bin/kubectl").read_text() == "#!/bin/sh\n"
+    # The unit and the drop-in as the build rendered them.
+    unit = (node.root / "opt/nvidia/current/nvidia.service").read_text()
+    assert f"Before={' '.join(AGENTS)}\n" in unit
+    assert "Type=oneshot\n" in unit and "RemainAfterExit=yes\n" in unit
+    assert "ExecStart=/opt/nvidia/startup.sh\n" in unit
+    dropin = (node.root / "opt/nvidia/current/node/agent-dropin.conf").read_text()
+    assert "\nWants=nvidia.service\nAfter=nvidia.service\n" in dropin
+    assert "EnvironmentFile=-/opt/nvidia/current/node/agent.env" in dropin
+    assert (node.root / "opt/nvidia/current/node/agent.env").read_text().splitlines()[-1] == (
+        "PATH=/opt/mesosphere/bin:/usr/bin:/bin:/sbin:/opt/nvidia/current/bin")
+
+
+def test_running_it_again_changes_nothing(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    assert node.install(bundles["a"]).code == 0
+    before = snapshot(node.root)
+    again = node.install(bundles["a"])
+    assert again.code == 0, again.stderr
+    assert "is installed already" in again.stderr
+    assert snapshot(node.root) == before
+
+
+def test_the_wait_policy_and_other_agent_units(tmp_path: Path,
+                                               bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    assert node.install(bundles["a"]).code == 0
+    assert node.install(bundles["wait"]).code == 0
+    check_installed(node, bundles["wait"])
+    dropin = (node.root / "opt/nvidia/current/node/agent-dropin.conf").read_text()
+    assert "\nRequires=nvidia.service\n" in dropin and "Wants=" not in dropin
+    # The drop-ins of the agent units this bundle does not name are gone.
+    assert not (node.root / f"etc/systemd/system/{AGENTS[0]}.d/coreos-gpu.conf").exists()
+
+
+def test_upgrade_keeps_one_previous_driver(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    names = {k: f"{VERSION}-{bundle_id(b)}" for k, b in bundles.items()}
+    for key in ("a", "b", "c"):
+        result = node.install(bundles[key])
+        assert result.code == 0, result.stderr
+        check_installed(node, bundles[key])
+    kept = sorted(p.name for p in (node.root / "opt/nvidia").iterdir() if p.name[0].isdigit())
+    assert kept == sorted([names["b"], names["c"]])
+    assert f"/opt/nvidia/current is now {names['c']} (was {names['b']})" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_uninstall_removes_what_it_added_and_nothing_else(
+        tmp_path: Path, bundles: dict[str, Path], shell: str) -> None:
+    node = Node(tmp_path, shell=shell)
+    with_unrelated_files(node)
+    before = snapshot(node.root)
+    assert node.install(bundles["a"]).code == 0
+    assert node.install(bundles["b"]).code == 0
+    result = node.run(bundles["b"] / "install_nvidia.sh", "--root", str(node.root),
+                      "--uninstall")
+    assert result.code == 0, result.stderr
+    assert snapshot(node.root) == before
+    assert ["systemctl", f"--root={node.root}", "disable", "nvidia.service"] in node.calls()
+    # Nothing installed: still fine.
+    again = node.run(bundles["b"] / "install_nvidia.sh", "--root", str(node.root),
+                     "--uninstall")
+    assert again.code == 0, again.stderr
+    assert snapshot(node.root) == before
+
+
+def test_uninstall_keeps_an_earlier_tools_files(tmp_path: Path,
+                                                bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    (node.root / "opt/nvidia/legacy").mkdir(parents=True)
+    (node.root / "opt/nvidia/legacy/nvidia.ko").write_text("from an older script")
+    assert node.install(bundles["a"]).code == 0
+    assert node.run(bundles["a"] / "install_nvidia.sh", "--root", str(node.root),
+                    "--uninstall").code == 0
+    assert [p.name for p in (node.root / "opt/nvidia").iterdir()] == ["legacy"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_dry_run_changes_nothing(tmp_path: Path, bundles: dict[str, Path], shell: str) -> None:
+    node = Node(tmp_path, shell=shell)
+    before = snapshot(node.root)
+    result = node.install(bundles["a"], "--dry-run")
+    assert result.code == 0, result.stderr
+    assert snapshot(node.root) == before
+    assert f"would install driver {VERSION}" in result.stderr
+    assert "would run: ln -s" in result.stderr and "would run: systemctl" in result.stderr
+    assert not [c for c in node.calls() if c[0] in ("ldconfig", "systemctl")]
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    ("flip", "the bundle in {b} is corrupt: payload/535.261.03/lib64/libcuda.so.535.261.03: "
+             "FAILED"),
+    ("extra", "has a file SHA256SUMS does not list: payload/535.261.03/bin/extra"),
+    ("missing", "is corrupt: sha256sum: payload/535.261.03/bin/nvidia-smi: No such file"),
+])
+def test_a_damaged_bundle_changes_nothing(tmp_path: Path, bundles: dict[str, Path],
+                                          damage: str, words: str) -> None:
+    bundle = tmp_path / "bundle"
+    subprocess.run(["cp", "-a", bundles["a"], bundle], check=True)
+    payload = bundle / f"payload/{VERSION}"
+    if damage == "flip":
+        lib = payload / f"lib64/libcuda.so.{VERSION}"
+        data = bytearray(lib.read_bytes())
+        data[10] ^= 1
+        lib.write_bytes(bytes(data))
+    elif damage == "extra":
+        (payload / "bin/extra").write_text("#!/bin/sh\n")
+    else:
+        (payload / "bin/nvidia-smi").unlink()
+    node = Node(tmp_path / "node")
+    assert node.install(bundles["c"]).code == 0  # the driver in use
+    before = snapshot(node.root)
+    result = node.install(bundle)
+    assert result.code == 4
+    [error] = result.errors
+    assert words.format(b=bundle) in error
+    assert snapshot(node.root) == before
+    check_installed(node, bundles["c"])
+
+
+def test_not_root(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    result = node.run(bundles["a"] / "install_nvidia.sh", env={"FAKE_UID": "1000"})
+    assert result.code == 3
+    assert result.errors == [f"install_nvidia.sh: error: run me as root (sudo "
+                             f"{bundles['a']}/install_nvidia.sh)"]
+
+
+def test_not_enough_space(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    before = snapshot(node.root)
+    result = node.install(bundles["a"], env={"FAKE_DF_AVAIL": "100"})
+    assert result.code == 5
+    assert "not enough space for the driver in" in result.errors[0]
+    assert "0 MiB free" in result.errors[0]
+    # Only the lock (and the folder it lives in) was made before the space check.
+    assert set(snapshot(node.root)) - set(before) == {"opt", "opt/nvidia", "opt/nvidia/.lock",
+                                                      "opt/nvidia/.created-dirs"}
+
+
+def test_a_kernel_the_bundle_lacks_is_a_warning(tmp_path: Path,
+                                                bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    result = node.install(bundles["a"], env={"FAKE_KERNEL": "6.6.0-1-amd64"})
+    assert result.code == 0, result.stderr
+    assert (f"warning: this node runs kernel 6.6.0-1-amd64, but the bundle has modules only "
+            f"for {KERNEL}") in result.stderr
+
+
+def test_bad_arguments(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    result = node.install(bundles["a"], "--now")
+    assert result.code == 2
+    assert result.errors == ["install_nvidia.sh: error: unknown argument --now"]
+    missing = node.run(bundles["a"] / "install_nvidia.sh", "--root", str(tmp_path / "nope"))
+    assert missing.code == 2
+    assert "is not a folder" in missing.errors[0]
+
+
+def test_concurrent_runs_take_turns(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    assert node.install(bundles["a"]).code == 0
+    lock = node.root / "opt/nvidia/.lock"
+    # Someone holds the lock for a second: the install waits for it, then succeeds.
+    holder = subprocess.Popen(["flock", lock, "sleep", "1"])
+    time.sleep(0.2)
+    started = time.monotonic()
+    result = node.install(bundles["b"])
+    holder.wait()
+    assert result.code == 0, result.stderr
+    assert time.monotonic() - started >= 0.7
+    # Two installs at once (of different bundles): both finish, one after the other, and
+    # the node ends complete with one of them.
+    results = []
+
+    def install(key: str) -> None:
+        results.append(Node.run(node, bundles[key] / "install_nvidia.sh", "--root",
+                                str(node.root)))
+
+    threads = [threading.Thread(target=install, args=(k,)) for k in ("a", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.code for r in results] == [0, 0], [r.stderr for r in results]
+    current = os.readlink(node.root / "opt/nvidia/current")
+    check_installed(node, bundles["a"] if current.endswith(bundle_id(bundles["a"]))
+                    else bundles["c"])

@@ -1,0 +1,259 @@
+"""startup.sh against a fake GPU node: detection, kernel match, load order, firmware,
+device nodes, exit codes. Runs the real script under bash, dash and busybox sh."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .nodetree import EIGHT_GPUS, SHELLS, UVM_MAJOR, Node, make_bundle
+from .test_bundle import CLOUD, KERNEL, VERSION
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("startup")
+    ko_dir = folder / "ko"
+    ko_dir.mkdir()
+    return make_bundle(folder / "b", ko_dir)
+
+
+def installed(tmp_path: Path, bundle: Path, *, shell: str = "sh") -> Node:
+    node = Node(tmp_path, shell=shell)
+    result = node.install(bundle)
+    assert result.code == 0, result.stderr
+    return node
+
+
+def expected_nodes(*minors: int) -> dict[str, tuple[int, int, int]]:
+    nodes = {"/dev/nvidiactl": (195, 255, 0o666), "/dev/nvidia-modeset": (195, 254, 0o666),
+             "/dev/nvidia-uvm": (UVM_MAJOR, 0, 0o666),
+             "/dev/nvidia-uvm-tools": (UVM_MAJOR, 1, 0o666)}
+    nodes.update({f"/dev/nvidia{m}": (195, m, 0o666) for m in minors})
+    return nodes
+
+
+def module_dir(node: Node) -> Path:
+    return (node.root / "opt/nvidia/current").resolve() / "modules" / KERNEL
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_no_gpu_loads_nothing_and_succeeds(tmp_path: Path, bundle: Path, shell: str) -> None:
+    node = installed(tmp_path, bundle, shell=shell)
+    node.add_pci("0000:00:02.0", vendor="0x1234", cls="0x030000")  # another vendor's VGA
+    node.add_pci("0000:00:1f.0", cls="0x040300")  # an NVIDIA audio function is no GPU
+    result = node.startup()
+    assert result.code == 0, result.stderr
+    assert "no NVIDIA GPU on PCI" in result.stderr
+    assert not node.calls("insmod") and not node.calls("mknod") and not node.calls("modprobe")
+    assert node.nodes() == {}
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("cls", ["0x030000", "0x030200"], ids=["VGA", "3D"])
+def test_one_gpu(tmp_path: Path, bundle: Path, shell: str, cls: str) -> None:
+    node = installed(tmp_path, bundle, shell=shell)
+    node.add_gpu("0000:00:1e.0", 0, cls=cls)
+    result = node.startup()
+    assert result.code == 0, result.stderr
+    folder = module_dir(node)
+    # Kernel dependencies first, then ours by full path, in order.
+    assert [c[:2] for c in node.calls() if c[0] in ("insmod", "modprobe")] == [
+        ["modprobe", "-q"], ["modprobe", "-q"], ["insmod", f"{folder}/nvidia.ko"],
+        ["insmod", f"{folder}/nvidia-modeset.ko"], ["insmod", f"{folder}/nvidia-uvm.ko"]]
+    assert node.nodes() == expected_nodes(0)
+    assert node.calls("nvidia-smi") == [["nvidia-smi", "-L"]]
+    # The GSP firmware search path: the resolved version folder, as the node sees it.
+    firmware = (node.root / "sys/module/firmware_class/parameters/path").read_text()
+    assert firmware == f"/opt/nvidia/{folder.parent.parent.name}/firmware"
+    assert (node.root / firmware.lstrip("/") / "nvidia" / VERSION / "gsp_ga10x.bin").is_file()
+    assert "1 GPU(s) answer nvidia-smi" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_two_gpus(tmp_path: Path, bundle: Path, shell: str) -> None:
+    node = installed(tmp_path, bundle, shell=shell)
+    node.add_gpu("0000:00:1e.0", 0)
+    node.add_gpu("0000:00:1f.0", 1, cls="0x030000")
+    assert node.startup().code == 0
+    assert node.nodes() == expected_nodes(0, 1)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_eight_gpus_numbered_by_device_minor_not_bus_order(
+        tmp_path: Path, bundle: Path, shell: str) -> None:
+    node = installed(tmp_path, bundle, shell=shell)
+    for bus, minor in EIGHT_GPUS.items():
+        node.add_gpu(bus, minor)
+    result = node.startup()
+    assert result.code == 0, result.stderr
+    assert node.nodes() == expected_nodes(*range(8))
+    assert "8 NVIDIA GPU(s)" in result.stderr
+
+
+def test_minors_that_are_not_contiguous(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 3)
+    node.add_gpu("0000:00:1f.0", 0)
+    assert node.startup().code == 0
+    assert node.nodes() == expected_nodes(0, 3)  # not nvidia0 and nvidia1
+
+
+def test_uvm_major_comes_from_proc_devices(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    devices = node.root / "proc/devices"
+    devices.write_text(devices.read_text().replace(f"{UVM_MAJOR} nvidia-uvm\n",
+                                                   "237 nvidia-uvm\n"))
+    assert node.startup().code == 0
+    assert node.nodes()["/dev/nvidia-uvm"] == (237, 0, 0o666)
+    assert node.nodes()["/dev/nvidia-uvm-tools"] == (237, 1, 0o666)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_present_nodes_are_kept_and_a_rerun_changes_nothing(
+        tmp_path: Path, bundle: Path, shell: str) -> None:
+    node = installed(tmp_path, bundle, shell=shell)
+    node.add_gpu("0000:00:1e.0", 0)
+    node.add_gpu("0000:00:1f.0", 1)
+    os.mknod(node.root / "dev/nvidiactl", 0o20644, os.makedev(195, 255))  # umask 022
+    os.mknod(node.root / "dev/nvidia1", 0o20666, os.makedev(195, 7))  # wrong numbers
+    assert node.startup().code == 0
+    made = [c[3] for c in node.calls("mknod")]
+    assert f"{node.root}/dev/nvidiactl" not in made  # kept, its mode mended
+    assert f"{node.root}/dev/nvidia1" in made
+    assert node.nodes() == expected_nodes(0, 1)
+    # Again: modules loaded, nodes there — nothing to do, and no failure.
+    again = node.startup()
+    assert again.code == 0, again.stderr
+    assert not node.calls("insmod") and not node.calls("mknod")
+    assert "nvidia is loaded already" in again.stderr
+
+
+def test_kernel_mismatch_refuses_before_any_insmod(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup(env={"FAKE_KERNEL": CLOUD})
+    assert result.code == 4
+    [error] = result.errors
+    assert f"the running kernel is {CLOUD}" in error and f"only for {KERNEL}" in error
+    assert "coreos-gpu build" in error
+    assert not node.calls("insmod") and node.nodes() == {}
+
+
+@pytest.mark.parametrize(("error", "code", "words"), [
+    ("Invalid module format", 4, "kernel mismatch"),
+    ("No such device", 8, "found no usable NVIDIA GPU"),
+    ("Unknown symbol in module", 5, "insmod"),
+])
+def test_insmod_failures_have_their_own_exit_codes(
+        tmp_path: Path, bundle: Path, error: str, code: int, words: str) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup(env={"FAKE_INSMOD_ERROR": f"nvidia:{error}"})
+    assert result.code == code, result.stderr
+    [line] = result.errors
+    assert words in line and error in line
+    assert len(node.calls("insmod")) == 1 and node.nodes() == {}
+
+
+def test_force_load_without_gpu_reports_no_device(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    result = node.startup("--force-load", env={"FAKE_INSMOD_ERROR": "nvidia:No such device"})
+    assert result.code == 8
+    assert "loading anyway (--force-load)" in result.stderr
+
+
+def test_another_loaded_driver_version_needs_a_reboot(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    (node.root / "sys/module/nvidia").mkdir(parents=True)
+    (node.root / "sys/module/nvidia/version").write_text("470.256.02\n")
+    result = node.startup()
+    assert result.code == 9
+    assert "NVIDIA driver 470.256.02 is loaded, but 535.261.03 is installed: reboot" in (
+        result.errors[0])
+    assert not node.calls("insmod")
+
+
+def test_missing_kernel_dependency_fails_the_load(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    deps = (node.root / "opt/nvidia/current/node/module-deps")
+    deps.write_text(deps.read_text().replace(f"{KERNEL} nvidia -", f"{KERNEL} nvidia ipmi_x,drm"))
+    (node.root / "proc/modules").write_text("")
+    result = node.startup(env={"FAKE_MODPROBE_MISSING": "drm"})
+    assert result.code == 5
+    assert "cannot load the kernel module drm, which nvidia needs" in result.errors[0]
+    assert [c[1] for c in node.calls("modprobe") if c[1] != "-q"] == ["ipmi_x", "drm"]
+
+
+def test_nvidia_drm_on_request(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    folder = module_dir(node)
+    result = node.startup(env={"NVIDIA_LOAD_DRM": "1"})
+    assert result.code == 3  # the test bundle has no nvidia-drm.ko: said, not ignored
+    assert f"{folder}/nvidia-drm.ko is missing" in result.errors[0]
+
+
+def test_mknod_failure(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup(env={"FAKE_MKNOD_FAIL": "1"})
+    assert result.code == 6
+    assert "cannot make the device node /dev/nvidiactl (c 195 255)" in result.errors[0]
+
+
+def test_nvidia_smi_must_answer(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup(env={"FAKE_SMI_FAIL": "1"})
+    assert result.code == 7
+    assert "nvidia-smi does not answer: NVIDIA-SMI has failed" in result.errors[0]
+
+
+def test_persistence_mode_on_request(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    node.add_gpu("0000:00:1e.0", 0)
+    assert node.startup(env={"NVIDIA_PERSISTENCE_MODE": "1"}).code == 0
+    assert ["nvidia-smi", "-pm", "1"] in node.calls("nvidia-smi")
+    assert node.startup().code == 0
+    assert ["nvidia-smi", "-pm", "1"] not in node.calls("nvidia-smi")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_check_changes_nothing(tmp_path: Path, bundle: Path, shell: str) -> None:
+    node = installed(tmp_path, bundle, shell=shell)
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup("--check")
+    assert result.code == 7  # nothing is loaded, so nvidia-smi cannot answer
+    assert not node.calls("insmod") and not node.calls("mknod") and not node.calls("modprobe")
+    assert node.nodes() == {}
+    assert (node.root / "sys/module/firmware_class/parameters/path").read_text() == "\n"
+    assert f"would run: insmod {module_dir(node)}/nvidia.ko" in result.stderr
+    assert "would set the firmware search path" in result.stderr
+    # Loaded and made by a real run, --check finds nothing to do, and passes.
+    assert node.startup().code == 0
+    checked = node.startup("--check")
+    assert checked.code == 0, checked.stderr
+    assert "would" not in checked.stderr
+
+
+def test_not_installed(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    result = node.run(Path(__file__).parents[1] / "src/coreos_gpu/resources/node/startup.sh",
+                      "--root", str(node.root))
+    assert result.code == 3
+    assert "node/lib.sh is missing: the installation is incomplete" in result.errors[0]
+
+
+def test_bad_arguments(tmp_path: Path, bundle: Path) -> None:
+    node = installed(tmp_path, bundle)
+    result = node.startup("--frobnicate")
+    assert result.code == 2
+    assert result.errors == ["startup.sh: error: unknown argument --frobnicate"]
