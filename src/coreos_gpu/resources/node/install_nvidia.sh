@@ -95,22 +95,16 @@ write_file() {
 	printf '%s\n' "$2" >"$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"
 }
 
-# make_dir DIR: mkdir -p, and remember each folder made (in $OPT/.created-dirs, or until
-# $OPT exists), so --uninstall removes it again.
-PENDING_DIRS=
+# make_dir DIR: mkdir -p, and remember each folder made (in $OPT/.created-dirs, written
+# first: a stop between the two leaves a record of a folder, never a folder without one),
+# so --uninstall removes it again.
 make_dir() {
 	[ -d "$1" ] && return 0
 	make_dir "$(dirname "$1")" || return 1
-	act mkdir "$1" || return 1
-	[ "$DRY" = 0 ] || return 0
-	if [ "$1" = "$ROOT$OPT" ]; then
-		[ -z "$PENDING_DIRS" ] || printf '%s' "$PENDING_DIRS" >>"$ROOT$OPT/.created-dirs"
-	elif [ -d "$ROOT$OPT" ]; then
-		printf '%s\n' "${1#"$ROOT"}" >>"$ROOT$OPT/.created-dirs"
-	else
-		PENDING_DIRS="$PENDING_DIRS${1#"$ROOT"}
-"
+	if [ "$DRY" = 0 ] && ! grep -qxF "${1#"$ROOT"}" "$ROOT$OPT/.created-dirs" 2>/dev/null; then
+		printf '%s\n' "${1#"$ROOT"}" >>"$ROOT$OPT/.created-dirs" || return 1
 	fi
+	act mkdir "$1"
 }
 
 # ours PATH: a link this script made (it points into /opt/nvidia).
@@ -142,9 +136,30 @@ LDCONF=$ROOT/etc/ld.so.conf.d/nvidia.conf
 LDCONF_TEXT="# coreos-gpu: the NVIDIA driver's libraries, found by the Mesos agent through ld.so.cache
 $OPT/current/lib64"
 
+# make_opt: $OPT (and /opt) appear in one rename, with the record of the folders made.
+make_opt() {
+	[ -d "$ROOT$OPT" ] && return 0
+	if [ "$DRY" = 1 ]; then
+		say "would create $OPT"
+		return 0
+	fi
+	mo_top=$ROOT$OPT
+	while [ ! -d "$(dirname "$mo_top")" ]; do mo_top=$(dirname "$mo_top"); done
+	mo_tmp=$mo_top.tmp.$$
+	mo_rest=$ROOT$OPT
+	mo_rest=${mo_rest#"$mo_top"}  # "/nvidia" when /opt is missing too, else ""
+	mkdir -p "$mo_tmp$mo_rest" || return 1
+	if [ -n "$mo_rest" ]; then
+		printf '%s\n' "${mo_top#"$ROOT"}" >"$mo_tmp$mo_rest/.created-dirs" || return 1
+	fi
+	# Another run may have made it meanwhile: then theirs stands.
+	mv -T "$mo_tmp" "$mo_top" 2>/dev/null || rm -rf "$mo_tmp"
+	[ -d "$ROOT$OPT" ]
+}
+
 # lock: serialise against a concurrent run; the lock file lives with the installation.
 lock() {
-	make_dir "$ROOT$OPT" || die 1 "cannot create $OPT under ${ROOT:-/}"
+	make_opt || die 1 "cannot create $OPT under ${ROOT:-/}"
 	[ "$DRY" = 1 ] && return 0
 	exec 9>>"$ROOT$OPT/.lock" || die 1 "cannot open the lock file $ROOT$OPT/.lock"
 	flock -w 600 9 || die 6 "another install_nvidia.sh holds $ROOT$OPT/.lock; wait for it to finish"
@@ -153,6 +168,7 @@ lock() {
 # A run that was killed leaves temporary names behind: clear them under the lock.
 clean_leftovers() {
 	for left in "$ROOT$OPT"/.stage.* "$ROOT$OPT"/*.tmp.* "$ROOT/opt/bin"/*.tmp.* \
+		"$ROOT/opt".tmp.* "$ROOT$OPT".tmp.* \
 		"$UNITS"/*.tmp.* "$UNITS"/*.d/*.tmp.* "$LDCONF".tmp.*; do
 		[ -e "$left" ] || [ -L "$left" ] || continue
 		act rm -rf "$left"
@@ -181,7 +197,8 @@ uninstall() {
 	fi
 	CREATED=$(cat "$ROOT$OPT/.created-dirs" 2>/dev/null || true)
 	# Only what this script puts in /opt/nvidia: an earlier tool's files there stay.
-	for item in "$ROOT$OPT"/current "$ROOT$OPT"/startup.sh "$ROOT$OPT"/*/node/bundle.env; do
+	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh \
+		"$ROOT$OPT"/*/node/bundle.env; do
 		[ -e "$item" ] || [ -L "$item" ] || continue
 		case $item in */node/bundle.env) item=${item%/node/bundle.env} ;; esac
 		act rm -rf "$item"
@@ -287,9 +304,15 @@ for tool in "$PAYLOAD"/bin/* "$BUNDLE/node/nvidia-doctor"; do
 done
 
 # --- the switch: one rename -------------------------------------------------------------------
-PREVIOUS=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
+# `previous` names the driver before the last switch: kept for a rollback, and set before
+# the switch so that a run stopped after it keeps the same one.
+WAS=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
+if [ -n "$WAS" ] && [ "$WAS" != "$NAME" ]; then
+	replace_link "$WAS" "$ROOT$OPT/previous" || die 1 "cannot link $OPT/previous"
+fi
 replace_link "$NAME" "$ROOT$OPT/current" || die 1 "cannot point $OPT/current at $NAME"
-[ "$PREVIOUS" = "$NAME" ] || [ "$DRY" = 1 ] || say "$OPT/current is now $NAME${PREVIOUS:+ (was $PREVIOUS)}"
+[ "$WAS" = "$NAME" ] || [ "$DRY" = 1 ] || say "$OPT/current is now $NAME${WAS:+ (was $WAS)}"
+PREVIOUS=$(readlink "$ROOT$OPT/previous" 2>/dev/null || true)
 
 # --- after the switch: caches, units, old versions -------------------------------------------
 run_ldconfig || die 1 "ldconfig failed"
@@ -304,7 +327,7 @@ done
 for old in "$ROOT$OPT"/*/; do
 	old=${old%/}
 	old=${old##*/}
-	case $old in "$NAME" | "$PREVIOUS" | current) continue ;; esac
+	case $old in "$NAME" | "$PREVIOUS" | current | previous) continue ;; esac
 	[ -f "$ROOT$OPT/$old/node/bundle.env" ] && act rm -rf "${ROOT:?}$OPT/$old"
 done
 [ -n "$ROOT" ] || systemctl_root daemon-reload || die 1 "systemctl daemon-reload failed"

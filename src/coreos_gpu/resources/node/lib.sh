@@ -118,6 +118,21 @@ node_is() {
 	[ "$node_numbers" = "$(printf '%x %x' "$2" "$3")" ]
 }
 
+# exists_on_node PATH: PATH exists on the node; absolute links resolve inside $ROOT.
+exists_on_node() {
+	eon_path=$ROOT$1
+	eon_hops=0
+	while [ -L "$eon_path" ] && [ "$eon_hops" -lt 16 ]; do
+		eon_target=$(readlink "$eon_path")
+		case $eon_target in
+		/*) eon_path=$ROOT$eon_target ;;
+		*) eon_path=$(dirname "$eon_path")/$eon_target ;;
+		esac
+		eon_hops=$((eon_hops + 1))
+	done
+	[ -e "$eon_path" ]
+}
+
 # The kernel releases a bundle or installation carries modules for.
 kernel_releases_in() {
 	for kr_dir in "$1"/modules/*/; do

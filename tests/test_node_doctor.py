@@ -1,0 +1,188 @@
+"""nvidia-doctor against a fake node: every contract point PASSes on a healthy node, and
+each breakage FAILs its own check, with a fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .nodetree import CGROUP_V2_MOUNTS, SHELLS, Node, make_bundle
+from .test_bundle import CLOUD
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
+CHECKS = ["gpus", "modules", "device-nodes", "libraries", "agent-path", "unit-ordering",
+          "cgroups", "nvidia-smi"]
+AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
+MISSING_TOOLS = ("nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
+                 "nvidia-cuda-mps-server")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("doctor")
+    ko_dir = folder / "ko"
+    ko_dir.mkdir()
+    return make_bundle(folder / "b", ko_dir)
+
+
+def set_unit(node: Node, unit: str, **properties: str) -> None:
+    folder = node.root / ".systemd" / unit
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, value in properties.items():
+        (folder / key).write_text(f"{value}\n")
+
+
+def healthy(tmp_path: Path, bundle: Path, shell: str = "sh") -> Node:
+    """Installed and started, with what systemd would say of the units."""
+    node = Node(tmp_path, shell=shell)
+    assert node.install(bundle).code == 0
+    node.add_gpu("0000:00:1e.0", 0)
+    node.add_gpu("0000:00:1f.0", 1)
+    assert node.startup().code == 0
+    # The test .run's compute profile has only nvidia-smi of the five Mesos tools.
+    bin_dir = (node.root / "opt/nvidia/current/bin").resolve()
+    for tool in MISSING_TOOLS:
+        shutil.copy(bin_dir / "nvidia-smi", bin_dir / tool)
+    (node.root / ".ldcache").write_text(
+        "4 libs found in cache `/etc/ld.so.cache'\n"
+        "\tlibnvidia-ml.so.1 (libc6,x86-64) => /opt/nvidia/current/lib64/libnvidia-ml.so.1\n"
+        "\tlibcuda.so.1 (libc6,x86-64) => /opt/nvidia/current/lib64/libcuda.so.1\n")
+    set_unit(node, "nvidia.service", Type="oneshot", RemainAfterExit="yes",
+             UnitFileState="enabled", Before=" ".join(AGENTS))
+    for unit in AGENTS:
+        set_unit(node, unit, LoadState="loaded", After="network.target nvidia.service",
+                 Wants="nvidia.service")
+    return node
+
+
+def statuses(result_stdout: str) -> dict[str, str]:
+    return {line.split()[1].rstrip(":"): line.split()[0] for line in result_stdout.splitlines()
+            if line.startswith(("PASS ", "FAIL "))}
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_healthy_node_passes_every_check(tmp_path: Path, bundle: Path, shell: str) -> None:
+    node = healthy(tmp_path, bundle, shell)
+    result = node.doctor()
+    assert result.code == 0, result.stdout + result.stderr
+    assert statuses(result.stdout) == dict.fromkeys(CHECKS, "PASS")
+    assert "PASS device-nodes: /dev/nvidiactl /dev/nvidia0 /dev/nvidia1 " in result.stdout
+    as_json = node.doctor("--json")
+    assert as_json.code == 0
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is True
+    assert [(c["check"], c["status"]) for c in report["checks"]] == [
+        (c, "PASS") for c in CHECKS]
+
+
+def _unload(node: Node) -> None:
+    (node.root / "proc/modules").write_text("drm 1 0 - Live 0x0\n")
+
+
+def _wrong_minor(node: Node) -> None:
+    (node.root / "dev/nvidia1").unlink()
+    os.mknod(node.root / "dev/nvidia1", 0o20666, os.makedev(195, 9))
+
+
+def _no_nvml(node: Node) -> None:
+    (node.root / ".ldcache").write_text("\tlibc.so.6 (libc6,x86-64) => /lib/libc.so.6\n")
+
+
+def _other_nvml(node: Node) -> None:
+    lib = node.root / "usr/lib64"
+    lib.mkdir(parents=True)
+    (lib / "libnvidia-ml.so.470.256.02").write_text("old")
+    (lib / "libnvidia-ml.so.1").symlink_to("libnvidia-ml.so.470.256.02")
+    (node.root / ".ldcache").write_text(
+        "\tlibnvidia-ml.so.1 (libc6,x86-64) => /usr/lib64/libnvidia-ml.so.1\n")
+
+
+def _no_tool(node: Node) -> None:
+    (node.root / "opt/nvidia/current/bin/nvidia-cuda-mps-server").unlink()
+
+
+def _not_oneshot(node: Node) -> None:
+    set_unit(node, "nvidia.service", Type="simple")
+
+
+def _agent_not_after(node: Node) -> None:
+    set_unit(node, AGENTS[0], After="network.target")
+
+
+def _no_dropin(node: Node) -> None:
+    (node.root / f"etc/systemd/system/{AGENTS[1]}.d/coreos-gpu.conf").unlink()
+
+
+def _cgroup_v2(node: Node) -> None:
+    (node.root / "proc/mounts").write_text(CGROUP_V2_MOUNTS)
+
+
+def _no_gpu(node: Node) -> None:
+    shutil.rmtree(node.root / "sys/bus/pci/devices")
+    (node.root / "sys/bus/pci/devices").mkdir()
+
+
+BREAKAGES: dict[str, tuple[Callable[[Node], None], dict[str, str], str, str]] = {
+    # name: (break it, extra env, the check that fails, words of its detail)
+    "no gpu": (_no_gpu, {}, "gpus", "no NVIDIA display controller on PCI"),
+    "not loaded": (_unload, {}, "modules", "not loaded: nvidia nvidia-modeset nvidia-uvm"),
+    "other kernel": (lambda n: None, {"FAKE_KERNEL": CLOUD}, "modules",
+                     f"the running kernel is {CLOUD}"),
+    "other driver loaded": (
+        lambda n: (n.root / "sys/module/nvidia/version").write_text("470.256.02\n"), {},
+        "modules", "driver 470.256.02 is loaded, but 535.261.03 is installed"),
+    "missing node": (lambda n: (n.root / "dev/nvidia-uvm-tools").unlink(), {}, "device-nodes",
+                     "missing or wrong: /dev/nvidia-uvm-tools (c 508 1)"),
+    "wrong minor": (_wrong_minor, {}, "device-nodes", "/dev/nvidia1 (c 195 1)"),
+    "no nvml": (_no_nvml, {}, "libraries", "libnvidia-ml.so.1 is not in the ld.so cache"),
+    "other nvml": (_other_nvml, {}, "libraries", "is libnvidia-ml.so.470.256.02, not driver"),
+    "no tool": (_no_tool, {}, "agent-path", "does not find: nvidia-cuda-mps-server"),
+    "not oneshot": (_not_oneshot, {}, "unit-ordering", "nvidia.service is not Type=oneshot"),
+    "agent not after": (_agent_not_after, {}, "unit-ordering",
+                        f"{AGENTS[0]} is not After=nvidia.service"),
+    "no drop-in": (_no_dropin, {}, "unit-ordering", f"{AGENTS[1]} has no coreos-gpu drop-in"),
+    "cgroup v2": (_cgroup_v2, {}, "cgroups", "no cgroup v1 devices hierarchy is mounted"),
+    "smi fails": (lambda n: None, {"FAKE_SMI_FAIL": "1"}, "nvidia-smi", "nvidia-smi -L failed"),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_each_breakage_fails_its_check_with_a_fix(tmp_path: Path, bundle: Path,
+                                                  breakage: str) -> None:
+    node = healthy(tmp_path, bundle)
+    damage, env, check, words = BREAKAGES[breakage]
+    damage(node)
+    result = node.doctor(env=env)
+    assert result.code == 1, result.stdout + result.stderr
+    assert statuses(result.stdout)[check] == "FAIL", result.stdout
+    lines = result.stdout.splitlines()
+    line = next(i for i, text in enumerate(lines) if text.startswith(f"FAIL {check}:"))
+    assert words in lines[line], lines[line]
+    assert lines[line + 1].startswith("     fix: ") and len(lines[line + 1]) > 15
+    report = json.loads(node.doctor("--json", env=env).stdout)
+    assert report["ok"] is False
+    [failed] = [c for c in report["checks"] if c["check"] == check]
+    assert failed["status"] == "FAIL" and words in failed["detail"] and failed["fix"]
+
+
+def test_agent_units_not_installed_yet(tmp_path: Path, bundle: Path) -> None:
+    node = healthy(tmp_path, bundle)
+    for unit in AGENTS:
+        set_unit(node, unit, LoadState="not-found", After="", Wants="")
+    result = node.doctor()
+    assert statuses(result.stdout)["unit-ordering"] == "PASS", result.stdout
+    assert "(not installed yet)" in result.stdout
+
+
+def test_json_escapes_what_it_quotes(tmp_path: Path, bundle: Path) -> None:
+    node = healthy(tmp_path, bundle)
+    smi = node.bin / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho \'a "quoted"\tback\\\\slash\'\nexit 3\n')
+    report = json.loads(node.doctor("--json").stdout)
+    [failed] = [c for c in report["checks"] if c["check"] == "nvidia-smi"]
+    assert 'a "quoted"\tback\\slash' in failed["detail"]
