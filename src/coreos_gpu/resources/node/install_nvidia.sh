@@ -62,7 +62,7 @@ BUNDLE=$(cd "$(dirname "$0")" && pwd -P) || exit 1
 	printf '%s: error: %s/node/lib.sh is missing: extract the whole archive\n' "$PROG" "$BUNDLE" >&2
 	exit 4
 }
-# shellcheck source=src/coreos_gpu/resources/node/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$BUNDLE/node/lib.sh"
 ROOT=$(parse_root "$ROOT")
 [ -z "$ROOT" ] || [ -d "$ROOT" ] || die 2 "--root $ROOT is not a folder"

@@ -52,7 +52,7 @@ HERE=$(dirname "$(readlink -f "$0")")
 	printf '%s: error: %s/node/lib.sh is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
 	exit 3
 }
-# shellcheck source=src/coreos_gpu/resources/node/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/node/lib.sh"
 ROOT=$(parse_root "$ROOT")
 [ -r "$HERE/node/bundle.env" ] ||
