@@ -187,14 +187,24 @@ def test_dry_run_changes_nothing(tmp_path: Path, bundles: dict[str, Path], shell
     assert not [c for c in node.calls() if c[0] in ("ldconfig", "systemctl")]
 
 
+def without_openssl(folder: Path) -> str:
+    """A PATH on which every command of /usr/bin is found but openssl."""
+    folder.mkdir()
+    for tool in Path("/usr/bin").iterdir():
+        if tool.name != "openssl":
+            (folder / tool.name).symlink_to(tool)
+    return f"{folder}:/usr/sbin"
+
+
+@pytest.mark.parametrize("checker", ["openssl", "sha256sum"])
 @pytest.mark.parametrize(("damage", "words"), [
     ("flip", "the bundle in {b} is corrupt: payload/535.261.03/lib64/libcuda.so.535.261.03: "
              "FAILED"),
     ("extra", "has a file SHA256SUMS does not list: payload/535.261.03/bin/extra"),
-    ("missing", "is corrupt: sha256sum: payload/535.261.03/bin/nvidia-smi: No such file"),
+    ("missing", "is corrupt: {missing}payload/535.261.03/bin/nvidia-smi: {no_such}"),
 ])
 def test_a_damaged_bundle_changes_nothing(tmp_path: Path, bundles: dict[str, Path],
-                                          damage: str, words: str) -> None:
+                                          damage: str, words: str, checker: str) -> None:
     bundle = tmp_path / "bundle"
     subprocess.run(["cp", "-a", bundles["a"], bundle], check=True)
     payload = bundle / f"payload/{VERSION}"
@@ -210,10 +220,13 @@ def test_a_damaged_bundle_changes_nothing(tmp_path: Path, bundles: dict[str, Pat
     node = Node(tmp_path / "node")
     assert node.install(bundles["c"]).code == 0  # the driver in use
     before = snapshot(node.root)
-    result = node.install(bundle)
+    env = {} if checker == "openssl" else {
+        "PATH": f"{node.bin}:{without_openssl(tmp_path / 'no-openssl')}"}
+    result = node.install(bundle, env=env)
     assert result.code == 4
     [error] = result.errors
-    assert words.format(b=bundle) in error
+    assert words.format(b=bundle, missing="" if checker == "openssl" else "sha256sum: ",
+                        no_such="missing" if checker == "openssl" else "No such file") in error
     assert snapshot(node.root) == before
     check_installed(node, bundles["c"])
 
