@@ -86,10 +86,14 @@ class Killer:
         env = {**self.node.env, "FAKE_ROOT": str(root), "KILL_STATE": str(self.state),
                "KILL_AT": str(at), "KILL_WHEN": when,
                "PATH": f"{self.bin}:{self.node.env['PATH']}"}
-        proc = subprocess.run(["sh", bundle / "install_nvidia.sh", "--root", root], env=env,
-                              capture_output=True, text=True, timeout=120,
-                              start_new_session=True, check=False)
-        return proc.returncode
+        proc = subprocess.Popen(["sh", bundle / "install_nvidia.sh", "--root", root], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the install and all it started
+            raise
 
     def calls(self) -> int:
         return int(self.state.read_text())
