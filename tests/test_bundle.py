@@ -521,6 +521,7 @@ def test_inspect_a_whole_bundle(package: DriverPackage, ko_dir: Path, tmp_path: 
     assert report.releases == (RELEASE,)
     assert report.kernel_releases == (KERNEL,)
     assert report.agent_units == ("dcos-mesos-slave.service",)
+    assert report.on_driver_failure == "start-without-gpus"
     assert [(m.path.rsplit("/", 1)[1], m.kernel_release, m.version) for m in report.modules
             ] == [(f"{name}.ko", KERNEL, VERSION) for name in MODULES]
     assert report.modules[2].depends == ("nvidia",)

@@ -110,6 +110,14 @@ def test_install_into_a_root(tmp_path: Path, bundles: dict[str, Path], shell: st
         "PATH=/opt/mesosphere/bin:/usr/bin:/bin:/sbin:/opt/nvidia/current/bin")
 
 
+def test_no_enable(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    node = Node(tmp_path)
+    result = node.install(bundles["a"], "--no-enable")
+    assert result.code == 0, result.stderr
+    check_installed(node, bundles["a"])
+    assert not node.calls("systemctl")
+
+
 def test_running_it_again_changes_nothing(tmp_path: Path, bundles: dict[str, Path]) -> None:
     node = Node(tmp_path)
     assert node.install(bundles["a"]).code == 0

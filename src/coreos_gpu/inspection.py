@@ -68,6 +68,7 @@ class BundleReport:
     releases: tuple[ReleaseInputs, ...]
     kernel_releases: tuple[str, ...]
     agent_units: tuple[str, ...]
+    on_driver_failure: str
     parts: tuple[PartSize, ...]
     modules: tuple[ModuleReport, ...]
     problems: tuple[str, ...]  # one line each; empty when the bundle is whole
@@ -85,6 +86,7 @@ class BundleReport:
                                        for r in self.releases)),
                 ("kernel releases", ", ".join(self.kernel_releases)),
                 ("agent units", ", ".join(self.agent_units)),
+                ("on driver failure", self.on_driver_failure),
                 ("built by", f"coreos-gpu {self.tool_version}")]
 
     def to_json(self) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class BundleReport:
             "profile": self.profile, "releases": [r.to_json() for r in self.releases],
             "kernel_releases": list(self.kernel_releases),
             "agent_units": list(self.agent_units),
+            "on_driver_failure": self.on_driver_failure,
             "parts": [{"part": p.part, "files": p.files, "size": p.size} for p in self.parts],
             "modules": [{"path": m.path, "kernel_release": m.kernel_release,
                          "vermagic": m.vermagic, "version": m.version,
@@ -358,5 +361,6 @@ def inspect_bundle(path: Path) -> BundleReport:
         tool_version=_text(manifest, "tool_version"), os=_text(manifest, "os"),
         driver_version=driver_version, flavour=_text(manifest, "flavour"),
         profile=_text(manifest, "profile"), releases=releases, kernel_releases=kernels,
-        agent_units=_texts(manifest, "agent_units"), parts=_parts(scan), modules=modules,
+        agent_units=_texts(manifest, "agent_units"),
+        on_driver_failure=_text(manifest, "on_driver_failure"), parts=_parts(scan), modules=modules,
         problems=tuple(scan.problems))
