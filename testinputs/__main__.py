@@ -10,6 +10,7 @@ from pathlib import Path
 from coreos_gpu.errors import CoreosGpuError
 from testinputs.flatcar import build_flatcar_release
 from testinputs.nvidia_run import build_nvidia_run
+from testinputs.vm import build_vm_image
 
 
 def build_flatcar_server_root() -> Path:
@@ -17,9 +18,15 @@ def build_flatcar_server_root() -> Path:
     return build_flatcar_release().server_root
 
 
+def build_vm_image_dir() -> Path:
+    """The folder with root.img and kernels/<release>/{vmlinuz,initrd.img}."""
+    return build_vm_image().root_image.parent
+
+
 BUILDERS: dict[str, Callable[[], Path]] = {
     "nvidia-run": build_nvidia_run,
     "flatcar-release": build_flatcar_server_root,
+    "vm-image": build_vm_image_dir,
 }
 
 

@@ -170,7 +170,8 @@ def deb_file_glob(spec: str) -> str:
     """The file name pattern apt gives `NAME[:ARCH]=VERSION` (epoch colons become %3a)."""
     package, _, version = spec.partition("=")
     name, _, arch = package.partition(":")
-    return f"{name}_{quote(version, safe='~+.-')}_{arch or '*'}.deb"
+    # apt writes the escape in lower case; quote() writes %3A, which a glob would not match.
+    return f"{name}_{quote(version, safe='~+.-').replace('%3A', '%3a')}_{arch or '*'}.deb"
 
 
 def find_deb(store: Path, spec: str) -> Path | None:

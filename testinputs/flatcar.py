@@ -21,7 +21,19 @@ from pathlib import Path
 
 from coreos_gpu.run import run
 from testinputs.cache import build_cached
-from testinputs.debian import RELEASE, apt_dir, debian_mirror, fetch_debs, find_debian_source
+from testinputs.debian import fetch_debs
+from testinputs.debian_root import (
+    DOCS_AND_CACHES,
+    KERNEL_ABI,
+    KERNEL_DEBIAN_VERSION,
+    bootstrap_root,
+    check_root_prerequisites,
+    disk_usage,
+    in_root,
+    remove_paths,
+    sbin_tool,
+    write_ext4,
+)
 from testinputs.gpg import export_public_key, generate_signing_key, gnupg_home, sign_detached
 
 VERSION = "3975.2.2"
@@ -38,10 +50,8 @@ KEY = "www.flatcar.org/security/image-signing-key/Flatcar_Image_Signing_Key.asc"
 KEY_UID = "Flatcar Buildbot (coreos-gpu test key) <buildbot@flatcar.example.invalid>"
 OTHER_KEY_UID = "Someone Else (coreos-gpu test key) <someone@example.invalid>"
 
-KERNEL_ABI = "6.1.0-50"
 KERNEL_FLAVOUR = f"{KERNEL_ABI}-amd64"
-# Pinned: a Debian point release moves bookworm to a new ABI; fetch_debs keeps these in its store.
-KERNEL_PACKAGES = tuple(f"{name}=6.1.176-1" for name in (
+KERNEL_PACKAGES = tuple(f"{name}={KERNEL_DEBIAN_VERSION}" for name in (
     "linux-compiler-gcc-12-x86", "linux-kbuild-6.1", f"linux-headers-{KERNEL_ABI}-common",
     f"linux-headers-{KERNEL_FLAVOUR}"))
 # Beyond minbase: the kernel packages' dependencies (gcc-12 for linux-compiler-gcc-12-x86,
@@ -50,11 +60,8 @@ KERNEL_PACKAGES = tuple(f"{name}=6.1.176-1" for name in (
 INCLUDE = ("gcc-12", "make", "libelf1", "libssl3", "kmod", "xz-utils", "bc", "libc6-dev")
 # Big and not needed to build modules. Flatcar has no apt; the kernel links no sanitizer
 # runtime and does LTO only with clang, so gcc's lto1 never runs.
-STRIP = ("var/cache/apt/*", "var/lib/apt/lists/*", "usr/share/doc/*", "usr/share/man/*",
-         "usr/share/info/*", "usr/share/locale/*", "usr/share/lintian/*", "var/log/*.log",
-         "etc/apt/sources.list", "usr/lib/gcc/x86_64-linux-gnu/12/lto1",
-         "usr/bin/*lto-dump-12", "usr/lib/x86_64-linux-gnu/lib*san.so*", "dev/*")
-SHELL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+STRIP = (*DOCS_AND_CACHES, "usr/lib/gcc/x86_64-linux-gnu/12/lto1", "usr/bin/*lto-dump-12",
+         "usr/lib/x86_64-linux-gnu/lib*san.so*")
 
 SECTOR = 512
 ALIGN = 4096  # sectors: Flatcar aligns partitions to 2 MiB
@@ -73,7 +80,7 @@ PARTITIONS = (  # number, label, type GUID, partition GUID (Flatcar fixes USR-A/
 TOOLS = {"debootstrap": "debootstrap", "chroot": "coreutils", "dpkg-deb": "dpkg",
          "mkfs.ext4": "e2fsprogs", "sgdisk": "gdisk", "gpg": "gpg", "gpgconf": "gpgconf",
          "gpg-agent": "gpg-agent", "bzip2": "bzip2"}
-RECIPE_SOURCES = ("flatcar.py", "gpg.py", "debian.py", "cache.py")
+RECIPE_SOURCES = ("flatcar.py", "gpg.py", "debian.py", "debian_root.py", "cache.py")
 
 
 @dataclass(frozen=True)
@@ -102,39 +109,8 @@ class FlatcarRelease:
         return self.release_dir / IMAGE
 
 
-def sbin_tool(name: str) -> str:
-    """The tool's path; root's tools live in sbin, which a non-login shell may lack in PATH."""
-    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SHELL_PATH}") or name
-
-
 def check_build_prerequisites() -> None:
-    if os.geteuid() != 0:
-        raise RuntimeError("building the Flatcar test release needs root (debootstrap, chroot)")
-    missing = {tool: package for tool, package in TOOLS.items() if sbin_tool(tool) == tool}
-    if missing:
-        raise RuntimeError(f"the Flatcar test release needs {', '.join(missing)}: "
-                           f"apt-get install {' '.join(sorted(set(missing.values())))}")
-
-
-def in_root(root: Path, *argv: str) -> str:
-    """Run argv chrooted into root, with a clean environment."""
-    env = {"PATH": SHELL_PATH, "LC_ALL": "C", "HOME": "/root",
-           "DEBIAN_FRONTEND": "noninteractive"}
-    return run([sbin_tool("chroot"), root, *argv], env=env, what=f"running {argv[0]} in {root}"
-               ).stdout
-
-
-def bootstrap_root(root: Path) -> None:
-    cache = apt_dir() / "debootstrap"  # keeps the .debs: a recipe change downloads nothing
-    cache.mkdir(parents=True, exist_ok=True)
-    source = find_debian_source()
-    keyring = source.signed_by if source.signed_by and source.signed_by.startswith("/") else None
-    run([sbin_tool("debootstrap"), "--variant=minbase", "--arch=amd64",
-         f"--include={','.join(INCLUDE)}", f"--cache-dir={cache}",
-         *([f"--keyring={keyring}"] if keyring else []),
-         RELEASE, root, debian_mirror()], timeout=1800, what="debootstrap of the dev container",
-        # debootstrap itself calls chroot and mknod from sbin.
-        env={**os.environ, "PATH": f"{os.environ.get('PATH', '')}:{SHELL_PATH}"})
+    check_root_prerequisites(TOOLS, what="the Flatcar test release")
 
 
 def install_kernel_headers(root: Path) -> str:
@@ -201,32 +177,15 @@ def render_release_files() -> dict[str, str]:
 
 def build_root(root: Path) -> tuple[str, str]:
     """The dev container's root; → (kernel release, kernel version)."""
-    bootstrap_root(root)
+    bootstrap_root(root, INCLUDE, what="the dev container")
     kernel_release = install_kernel_headers(root)
     check_module_build(root, kernel_release)
     for name, text in render_release_files().items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).unlink(missing_ok=True)  # Debian's os-release may be a link
         (root / name).write_text(text)
-    for pattern in STRIP:
-        for path in root.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    remove_paths(root, STRIP)
     return kernel_release, read_kernel_version(root)
-
-
-def disk_usage(root: Path) -> tuple[int, int]:
-    """(bytes in 4 KiB blocks, inodes) the tree needs in an ext4."""
-    blocks, inodes = 0, 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        inodes += 1 + len(filenames)
-        for name in filenames:
-            size = os.lstat(os.path.join(dirpath, name)).st_size
-            blocks += -(-size // 4096)
-        blocks += 1 + len(dirnames) // 100  # a directory's own blocks
-    return blocks * 4096, inodes
 
 
 def write_disk_image(root: Path, disk: Path) -> None:
@@ -247,9 +206,8 @@ def write_disk_image(root: Path, disk: Path) -> None:
     with open(disk, "wb") as f:
         f.truncate((start + ALIGN) * SECTOR)  # the tail holds the backup GPT
     run([sbin_tool("sgdisk"), *layout, disk], what="partitioning the dev container image")
-    run([sbin_tool("mkfs.ext4"), "-q", "-F", "-b", "4096", "-N", str(inodes + 2048),
-         "-L", "ROOT", "-d", root, "-E", f"offset={root_start * SECTOR}",
-         disk, str(fs_sectors * SECTOR // 4096)], what="writing the ROOT file system")
+    write_ext4(root, disk, size=fs_sectors * SECTOR, inodes=inodes + 2048, label="ROOT",
+               offset=root_start * SECTOR)
 
 
 def compress(raw: Path) -> Path:

@@ -152,3 +152,17 @@ def make_busybox_root(root: Path) -> Path:
         if applet != "busybox":
             (root / "bin" / applet).symlink_to("busybox")
     return root
+
+
+@pytest.fixture(scope="session")
+def vm_image():  # type: ignore[no-untyped-def]
+    """The Debian VM image with kernels 6.1.0-50-amd64 and -cloud-amd64 (tests/vm.py boots it)."""
+    import shutil
+
+    from testinputs.vm import build_vm_image
+
+    if os.geteuid() != 0:
+        pytest.skip("building the VM image needs root (debootstrap)")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (scripts/test installs qemu-system-x86)")
+    return build_vm_image()

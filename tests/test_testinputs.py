@@ -13,6 +13,7 @@ import pytest
 from testinputs import cache
 from testinputs.debian import (
     AptSource,
+    deb_file_glob,
     debian_mirror,
     find_debian_source,
     parse_one_line_sources,
@@ -88,6 +89,19 @@ def test_disabled_deb822_stanza_is_ignored(tmp_path: Path) -> None:
 )
 def test_parse_one_line_sources(line: str, expected: AptSource | None) -> None:
     assert parse_one_line_sources(line) == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("linux-image-6.1.0-50-amd64=6.1.176-1", "linux-image-6.1.0-50-amd64_6.1.176-1_*.deb"),
+        # apt escapes an epoch's colon in lower case: %3a, not quote()'s %3A.
+        ("busybox-static=1:1.35.0-4+deb12u1+b1", "busybox-static_1%3a1.35.0-4+deb12u1+b1_*.deb"),
+        ("libcuda1:i386=535.261.03-1", "libcuda1_535.261.03-1_i386.deb"),
+    ],
+)
+def test_deb_file_glob_matches_apts_file_names(spec: str, expected: str) -> None:
+    assert deb_file_glob(spec) == expected
 
 
 def test_private_sources_have_every_component() -> None:
