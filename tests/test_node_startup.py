@@ -147,7 +147,7 @@ def test_kernel_mismatch_refuses_before_any_insmod(tmp_path: Path, bundle: Path)
 
 @pytest.mark.parametrize(("error", "code", "words"), [
     ("Invalid module format", 4, "kernel mismatch"),
-    ("No such device", 8, "found no usable NVIDIA GPU"),
+    ("No such device", 8, "the kernel accepted nvidia.ko, but the driver found no usable"),
     ("Unknown symbol in module", 5, "insmod"),
 ])
 def test_insmod_failures_have_their_own_exit_codes(
@@ -180,16 +180,26 @@ def test_another_loaded_driver_version_needs_a_reboot(tmp_path: Path, bundle: Pa
     assert not node.calls("insmod")
 
 
-def test_missing_kernel_dependency_fails_the_load(tmp_path: Path, bundle: Path) -> None:
+@pytest.mark.parametrize(("insmod", "code"), [("", 0), ("nvidia:Unknown symbol in module", 5),
+                                              ("nvidia:Invalid module format", 4)])
+def test_a_missing_kernel_dependency_is_named(tmp_path: Path, bundle: Path, insmod: str,
+                                              code: int) -> None:
+    """modprobe of a dependency fails: insmod still runs, so its error tells a kernel
+    mismatch from a missing dependency, and a missing dependency is named."""
     node = installed(tmp_path, bundle)
     node.add_gpu("0000:00:1e.0", 0)
     deps = (node.root / "opt/nvidia/current/node/module-deps")
     deps.write_text(deps.read_text().replace(f"{KERNEL} nvidia -", f"{KERNEL} nvidia ipmi_x,drm"))
     (node.root / "proc/modules").write_text("")
-    result = node.startup(env={"FAKE_MODPROBE_MISSING": "drm"})
-    assert result.code == 5
-    assert "cannot load the kernel module drm, which nvidia needs" in result.errors[0]
+    result = node.startup(env={"FAKE_MODPROBE_MISSING": "drm", "FAKE_INSMOD_ERROR": insmod})
+    assert result.code == code, result.stderr
+    assert "warning: cannot load the kernel module drm, which nvidia needs" in result.stderr
     assert [c[1] for c in node.calls("modprobe") if c[1] != "-q"] == ["ipmi_x", "drm"]
+    assert node.calls("insmod")
+    if code == 5:
+        assert result.errors[0].endswith("these kernel modules it needs could not be loaded: drm")
+    if code == 4:
+        assert "kernel mismatch" in result.errors[0]
 
 
 def test_nvidia_drm_on_request(tmp_path: Path, bundle: Path) -> None:

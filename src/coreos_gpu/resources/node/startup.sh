@@ -135,9 +135,9 @@ load_failed() {
 	*"Invalid module format"* | *"Exec format error"*)
 		die 4 "kernel mismatch: the running kernel $KERNEL refused $lf_name.ko from $MODULES as built for another kernel (Invalid module format) ${lf_kernel}; build a bundle for kernel $KERNEL and install it" ;;
 	*"No such device"*)
-		die 8 "$lf_name.ko loaded, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
+		die 8 "the kernel accepted $lf_name.ko, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
 	*)
-		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}" ;;
+		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
 	esac
 }
 
@@ -157,8 +157,13 @@ for name in $WANTED; do
 		# Ours (nvidia-modeset needs nvidia) come in LOAD_ORDER; the kernel's by modprobe.
 		[ -e "$MODULES/$(printf '%s' "$dep" | tr _ -).ko" ] && continue
 		module_loaded "$dep" && continue
-		act modprobe "$dep" ||
-			die 5 "cannot load the kernel module $dep, which $name needs (modprobe $dep failed)"
+		# Go on without it: insmod then says what is wrong. A module built for another
+		# kernel gets "Invalid module format" (a kernel mismatch, not a missing dependency),
+		# one that needs the dependency "Unknown symbol".
+		act modprobe "$dep" 2>/dev/null || {
+			warn "cannot load the kernel module $dep, which $name needs (modprobe $dep failed)"
+			MISSING_DEPS="${MISSING_DEPS:-}${MISSING_DEPS:+, }$dep"
+		}
 	done
 	if [ "$CHECK" = 1 ]; then
 		say "would run: insmod $MODULES/$name.ko"
