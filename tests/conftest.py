@@ -166,3 +166,37 @@ def vm_image():  # type: ignore[no-untyped-def]
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (scripts/test installs qemu-system-x86)")
     return build_vm_image()
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    archive: Path
+    result: CliResult  # of `coreos-gpu build --json`
+    cache: Path  # the XDG_CACHE_HOME it was built with, for rebuilds from the same cache
+
+
+@pytest.fixture(scope="session")
+def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # type: ignore[no-untyped-def]
+                 nvidia_run: Path):
+    """`coreos-gpu build` of the test inputs (a real compile: minutes), once per set of extra
+    flags in a session, into one cache: the build and the VM tests share the bundles."""
+    from testinputs.serve import serve_folder
+
+    folder = tmp_path_factory.mktemp("builds")
+    built: dict[tuple[str, ...], BuiltBundle] = {}
+
+    def build(*extra: str) -> BuiltBundle:
+        if extra not in built:
+            archive = folder / f"nvidia-{len(built)}.tar.gz"
+            with serve_folder(flatcar_release.server_root) as mirror:
+                result = run_cli(
+                    "build", "--mirror", mirror, "--release", flatcar_release.version,
+                    "--signing-key-fingerprint", flatcar_release.key_fingerprint,
+                    "--driver-url", nvidia_run, "--driver-version", "535.261.03",
+                    "--runtime", "bwrap", "--output", archive, "--json", *extra,
+                    cwd=folder, cache=folder / "cache")
+            assert result.code == 0, result.stderr
+            built[extra] = BuiltBundle(archive, result, folder / "cache")
+        return built[extra]
+
+    return build

@@ -3,6 +3,7 @@ compile in the developer container (about 2-4 minutes per flavour here), and the
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tarfile
@@ -14,7 +15,7 @@ import pytest
 from coreos_gpu.cache import link_tree
 from coreos_gpu.errors import ExitCode
 
-from .conftest import CliResult, Mirror
+from .conftest import CliResult, Mirror, run_cli
 
 KERNEL = "6.1.0-50-amd64"
 VERSION = "535.261.03"
@@ -56,12 +57,10 @@ def _read(archive: Path, name: str) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["proprietary", "open"])
-def test_build_both_flavours(cli, mirror: Mirror, flatcar_release, nvidia_run: Path,  # type: ignore[no-untyped-def]
-                             tmp_path: Path, flavour: str) -> None:
-    archive = tmp_path / "nvidia.tar.gz"
-    result = _build(cli, mirror, flatcar_release, nvidia_run, archive,
-                    "--kernel-module-type", flavour)
-    assert result.code == 0, result.stderr
+def test_build_both_flavours(build_bundle, mirror: Mirror, flatcar_release,  # type: ignore[no-untyped-def]
+                             nvidia_run: Path, tmp_path: Path, flavour: str) -> None:
+    built = build_bundle("--kernel-module-type", flavour)
+    archive, result = built.archive, built.result
     shown = json.loads(result.stdout)
     assert shown["manifest"]["driver_version"] == VERSION
     members = _members(archive)
@@ -73,11 +72,15 @@ def test_build_both_flavours(cli, mirror: Mirror, flatcar_release, nvidia_run: P
     assert [n for n in members if n.startswith(f"{payload}/firmware/") and n.endswith(".bin")]
     assert not [n for n in members if "/lib32/" in n or "/32/" in n]
     assert "MANIFEST.json" in members and "SHA256SUMS" in members
+    for name in ("install_nvidia.sh", "startup.sh", "nvidia.service", "node/bundle.env",
+                 "node/nvidia-doctor"):
+        assert name in members, name
     manifest = json.loads(_read(archive, "MANIFEST.json"))
     assert manifest["flavour"] == flavour
     assert manifest["kernel_releases"] == [KERNEL]
     modules = {f["path"]: f for f in manifest["files"] if f["path"].endswith(".ko")}
     assert len(modules) >= len(MODULES)
+    cli = functools.partial(run_cli, cwd=tmp_path, cache=built.cache)
     # inspect checks every checksum and every module's vermagic.
     inspected = cli("inspect", archive, "--json")
     assert inspected.code == 0, inspected.stdout + inspected.stderr
@@ -89,7 +92,7 @@ def test_build_both_flavours(cli, mirror: Mirror, flatcar_release, nvidia_run: P
 
     # Unchanged inputs: the same bytes, without compiling. First assembled anew (without
     # the finished-archive cache: the assembly itself is reproducible), then from the cache.
-    shutil.rmtree(tmp_path / "cache" / "coreos-gpu" / "bundles")
+    shutil.rmtree(built.cache / "coreos-gpu" / "bundles")
     for name in ("again.tar.gz", "cached.tar.gz"):
         again = _build(cli, mirror, flatcar_release, nvidia_run, tmp_path / name,
                        "--kernel-module-type", flavour)

@@ -161,9 +161,12 @@ def test_insmod_failures_have_their_own_exit_codes(
     assert len(node.calls("insmod")) == 1 and node.nodes() == {}
 
 
-def test_force_load_without_gpu_reports_no_device(tmp_path: Path, bundle: Path) -> None:
+@pytest.mark.parametrize(("args", "env"), [(["--force-load"], {}),
+                                          ([], {"NVIDIA_FORCE_LOAD": "1"})])
+def test_force_load_without_gpu_reports_no_device(tmp_path: Path, bundle: Path,
+                                                  args: list[str], env: dict[str, str]) -> None:
     node = installed(tmp_path, bundle)
-    result = node.startup("--force-load", env={"FAKE_INSMOD_ERROR": "nvidia:No such device"})
+    result = node.startup(*args, env={"FAKE_INSMOD_ERROR": "nvidia:No such device", **env})
     assert result.code == 8
     assert "loading anyway (--force-load)" in result.stderr
 

@@ -17,6 +17,7 @@
 # Settings from the environment (nvidia.service reads /etc/default/nvidia):
 #   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
 #   NVIDIA_LOAD_DRM=1          also load nvidia-drm (needs drm_kms_helper); off for compute
+#   NVIDIA_FORCE_LOAD=1        as --force-load (for tests on machines without a GPU)
 set -u
 PROG=startup.sh
 
@@ -31,7 +32,7 @@ EOF
 
 ROOT=
 CHECK=0
-FORCE=0
+FORCE=${NVIDIA_FORCE_LOAD:-0}
 while [ $# -gt 0 ]; do
 	case $1 in
 	--root)
@@ -74,7 +75,7 @@ act() {
 # --- GPUs -------------------------------------------------------------------------------
 GPUS=$(list_gpus)
 if [ -z "$GPUS" ]; then
-	if [ "$FORCE" = 0 ]; then
+	if [ "$FORCE" != 1 ]; then
 		say "no NVIDIA GPU on PCI (vendor $NVIDIA_VENDOR, class 0x0300 or 0x0302): nothing to load"
 		exit 0
 	fi
