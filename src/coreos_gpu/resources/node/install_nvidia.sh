@@ -266,6 +266,15 @@ case " $KERNEL_RELEASES " in
 *) warn "this node runs kernel $RUNNING, but the bundle has modules only for $KERNEL_RELEASES: the driver will not load until the node boots one of those" ;;
 esac
 
+if [ ! -d "$DEST" ]; then
+	NEED=$(du -sk "$PAYLOAD" "$BUNDLE/node" | awk '{ s += $1 } END { print s + 1024 }')
+	SPACE=$ROOT$OPT
+	while [ ! -d "$SPACE" ]; do SPACE=$(dirname "$SPACE"); done  # the first install makes it
+	FREE=$(df -Pk "$SPACE" | awk 'NR == 2 { print $4 }')
+	[ "${FREE:-0}" -ge "$NEED" ] ||
+		die 5 "not enough space for the driver in $ROOT$OPT: $((NEED / 1024)) MiB needed, $((${FREE:-0} / 1024)) MiB free; free some space and run me again"
+fi
+
 lock
 clean_leftovers
 
@@ -273,12 +282,6 @@ clean_leftovers
 if [ -d "$DEST" ]; then
 	say "driver $DRIVER_VERSION ($ID) is installed already in $OPT/$NAME"
 else
-	NEED=$(du -sk "$PAYLOAD" "$BUNDLE/node" | awk '{ s += $1 } END { print s + 1024 }')
-	SPACE=$ROOT$OPT
-	while [ ! -d "$SPACE" ]; do SPACE=$(dirname "$SPACE"); done  # --dry-run made nothing
-	FREE=$(df -Pk "$SPACE" | awk 'NR == 2 { print $4 }')
-	[ "${FREE:-0}" -ge "$NEED" ] ||
-		die 5 "not enough space for the driver in $ROOT$OPT: $((NEED / 1024)) MiB needed, $((${FREE:-0} / 1024)) MiB free; free some space and run me again"
 	if [ "$DRY" = 1 ]; then
 		say "would install driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
 	else
