@@ -52,6 +52,8 @@ def healthy(tmp_path: Path, bundle: Path, shell: str = "sh") -> Node:
         "4 libs found in cache `/etc/ld.so.cache'\n"
         "\tlibnvidia-ml.so.1 (libc6,x86-64) => /opt/nvidia/current/lib64/libnvidia-ml.so.1\n"
         "\tlibcuda.so.1 (libc6,x86-64) => /opt/nvidia/current/lib64/libcuda.so.1\n")
+    (node.root / ".systemd").mkdir()
+    (node.root / ".systemd/Version").write_text("252.39-1~deb12u2\n")  # the manager's
     set_unit(node, "nvidia.service", Type="oneshot", RemainAfterExit="yes",
              UnitFileState="enabled", Before=" ".join(AGENTS))
     for unit in AGENTS:
@@ -146,6 +148,8 @@ BREAKAGES: dict[str, tuple[Callable[[Node], None], dict[str, str], str, str]] = 
     "agent not after": (_agent_not_after, {}, "unit-ordering",
                         f"{AGENTS[0]} is not After=nvidia.service"),
     "no drop-in": (_no_dropin, {}, "unit-ordering", f"{AGENTS[1]} has no coreos-gpu drop-in"),
+    "no systemd": (lambda n: (n.root / ".systemd/Version").unlink(), {}, "unit-ordering",
+                   "systemd cannot be asked about the units"),
     "cgroup v2": (_cgroup_v2, {}, "cgroups", "no cgroup v1 devices hierarchy is mounted"),
     "smi fails": (lambda n: None, {"FAKE_SMI_FAIL": "1"}, "nvidia-smi", "nvidia-smi -L failed"),
 }
