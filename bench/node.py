@@ -48,7 +48,8 @@ def main(archive: Path) -> None:
         bundle.mkdir()
         subprocess.run(["tar", "xf", archive, "-C", bundle], check=True)
         [payload] = (bundle / "payload").iterdir()
-        size = sum(p.stat().st_size for p in payload.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in payload.rglob("*")
+                   if p.is_file() and not p.is_symlink())
 
         def copy_to(i: int, *, sync: bool) -> list[str]:
             dest = scratch / f"copy-{sync}-{i}"
