@@ -69,15 +69,6 @@ ROOT=$(parse_root "$ROOT")
 # A node's systemd is only asked to reload and start things on a real node, not in a tree.
 [ -z "$ROOT" ] || START=0
 
-# act CMD...: every change to the node goes through here, so --dry-run changes nothing.
-act() {
-	if [ "$DRY" = 1 ]; then
-		say "would run: $*"
-	else
-		"$@"
-	fi
-}
-
 # replace_link TARGET PATH: make PATH a symlink to TARGET in one rename (ln -sf is not
 # atomic: it unlinks first). mv -T keeps mv from moving into a linked folder.
 replace_link() {
@@ -234,11 +225,12 @@ PAYLOAD=$BUNDLE/payload/$DRIVER_VERSION
 # (one short line each: pipe writes that small never interleave); sha256sum without openssl.
 check_sums() {
 	if command -v openssl >/dev/null 2>&1; then
-		sed 's/^[0-9a-f]* [ *]//' SHA256SUMS | while read -r cs_file; do
+		cs_files=$(sed 's/^[0-9a-f]* [ *]//' SHA256SUMS)
+		printf '%s\n' "$cs_files" | while read -r cs_file; do
 			[ -f "$cs_file" ] || { printf '%s: missing\n' "$cs_file"; break; }
 		done
 		cs_cores=$(nproc 2>/dev/null || echo 1)
-		sed 's/^[0-9a-f]* [ *]//' SHA256SUMS | tr '\n' '\0' |
+		printf '%s\n' "$cs_files" | tr '\n' '\0' |
 			xargs -0 -n 1 -P "$cs_cores" openssl dgst -sha256 -r 2>/dev/null |
 			awk 'NR == FNR { sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); want[$0] = sum; next }
 				{ sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); seen[$0] = 1; if (want[$0] != sum) print $0 ": FAILED" }

@@ -72,11 +72,25 @@ list_gpus() {
 	done
 }
 
-describe_class() {
-	case $1 in
-	0x0302*) printf '3D controller' ;;
-	*) printf 'VGA controller' ;;
-	esac
+# describe_gpus "$(list_gpus)": "2 NVIDIA GPU(s): 0000:00:1e.0 (3D controller) …".
+describe_gpus() {
+	printf '%s NVIDIA GPU(s): ' "$(printf '%s\n' "$1" | wc -l | tr -d ' ')"
+	printf '%s\n' "$1" | while read -r dg_bus dg_class; do
+		case $dg_class in
+		0x0302*) printf '%s (3D controller) ' "$dg_bus" ;;
+		*) printf '%s (VGA controller) ' "$dg_bus" ;;
+		esac
+	done
+}
+
+# act CMD...: every change to the node goes through here; with DRY=1 (install's --dry-run,
+# startup's --check) it only says what it would run.
+act() {
+	if [ "${DRY:-0}" = 1 ]; then
+		say "would run: $*"
+	else
+		"$@"
+	fi
 }
 
 # The "Device Minor" of every GPU the driver knows, one per line. Minors do not follow bus

@@ -31,7 +31,7 @@ EOF
 }
 
 ROOT=
-CHECK=0
+DRY=0  # --check: lib.sh's act only says what it would run
 FORCE=${NVIDIA_FORCE_LOAD:-0}
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
 		ROOT=$2
 		shift ;;
 	--root=*) ROOT=${1#--root=} ;;
-	--check) CHECK=1 ;;
+	--check) DRY=1 ;;
 	--force-load) FORCE=1 ;;
 	-h | --help) usage; exit 0 ;;
 	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
@@ -63,15 +63,6 @@ ROOT=$(parse_root "$ROOT")
 PATH=$PATH:$HERE/bin
 export PATH
 
-# act CMD...: run a command that changes the node, or say what it would do with --check.
-act() {
-	if [ "$CHECK" = 1 ]; then
-		say "would run: $*"
-	else
-		"$@"
-	fi
-}
-
 # --- GPUs -------------------------------------------------------------------------------
 GPUS=$(list_gpus)
 if [ -z "$GPUS" ]; then
@@ -81,9 +72,7 @@ if [ -z "$GPUS" ]; then
 	fi
 	say "no NVIDIA GPU on PCI; loading anyway (--force-load)"
 else
-	GPU_COUNT=$(printf '%s\n' "$GPUS" | wc -l | tr -d ' ')
-	say "$GPU_COUNT NVIDIA GPU(s): $(printf '%s\n' "$GPUS" | while read -r bus class; do
-		printf '%s (%s) ' "$bus" "$(describe_class "$class")"; done)"
+	say "$(describe_gpus "$GPUS")"
 fi
 
 # --- kernel -----------------------------------------------------------------------------
@@ -110,7 +99,7 @@ if [ -d "$HERE/firmware" ]; then
 	OLD=$(cat "$PARAM" 2>/dev/null || true)
 	if [ "$OLD" != "$FIRMWARE" ]; then
 		[ -z "$OLD" ] || warn "the firmware search path was $OLD; it is now $FIRMWARE"
-		if [ "$CHECK" = 1 ]; then
+		if [ "$DRY" = 1 ]; then
 			say "would set the firmware search path to $FIRMWARE"
 		else
 			printf '%s' "$FIRMWARE" >"$PARAM" ||
@@ -166,7 +155,7 @@ for name in $WANTED; do
 			MISSING_DEPS="${MISSING_DEPS:-}${MISSING_DEPS:+, }$dep"
 		}
 	done
-	if [ "$CHECK" = 1 ]; then
+	if [ "$DRY" = 1 ]; then
 		say "would run: insmod $MODULES/$name.ko"
 		continue
 	fi
@@ -181,14 +170,16 @@ for name in $WANTED; do
 done
 
 # --- device nodes -----------------------------------------------------------------------
-[ "$CHECK" = 1 ] || [ -n "$(gpu_minors)" ] ||
+MINORS=$(gpu_minors)
+[ "$DRY" = 1 ] || [ -n "$MINORS" ] ||
 	die 8 "the driver is loaded but lists no GPU in /proc/driver/nvidia/gpus; see dmesg for NVRM messages"
-SEEN=$(gpu_minors | wc -l | tr -d ' ')
-[ -z "$GPUS" ] || [ "$SEEN" = "${GPU_COUNT:-0}" ] ||
-	warn "$GPU_COUNT NVIDIA GPU(s) on PCI, but the driver sees $SEEN; see dmesg for NVRM messages"
+ON_PCI=$(printf '%s\n' "$GPUS" | grep -c .)
+SEEN=$(printf '%s\n' "$MINORS" | grep -c .)
+[ -z "$GPUS" ] || [ "$SEEN" = "$ON_PCI" ] ||
+	warn "$ON_PCI NVIDIA GPU(s) on PCI, but the driver sees $SEEN; see dmesg for NVRM messages"
 expected_nodes | while read -r path major minor; do
 	if [ "$major" = "?" ]; then
-		[ "$CHECK" = 1 ] && { say "would make $path once nvidia-uvm is loaded"; continue; }
+		[ "$DRY" = 1 ] && { say "would make $path once nvidia-uvm is loaded"; continue; }
 		die 6 "nvidia-uvm is loaded but not in $ROOT/proc/devices: cannot make $path"
 	fi
 	if node_is "$path" "$major" "$minor"; then
@@ -203,7 +194,7 @@ expected_nodes | while read -r path major minor; do
 	fi
 	act mknod -m 0666 "$ROOT$path" c "$major" "$minor" ||
 		die 6 "cannot make the device node $path (c $major $minor)"
-	[ "$CHECK" = 1 ] || say "made $path (c $major $minor)"
+	[ "$DRY" = 1 ] || say "made $path (c $major $minor)"
 done || exit $?
 
 # --- persistence and a last check ---------------------------------------------------------
