@@ -19,12 +19,14 @@ One VM per module flavour, four boots each:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from coreos_gpu.cache import sha256_of
+from coreos_gpu.layout import render_sums
 
 from .conftest import BuiltBundle
 from .vm import AgentStart, Boot, Vm
@@ -82,8 +84,7 @@ def make_guard(archive: Path, folder: Path) -> Path:
         path.write_text(path.read_text().replace(KERNEL, CLOUD))
     files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
                    if p.is_file() and not p.is_symlink() and p.name != "SHA256SUMS")
-    (tree / "SHA256SUMS").write_text("".join(
-        f"{hashlib.sha256((tree / f).read_bytes()).hexdigest()}  {f}\n" for f in files))
+    (tree / "SHA256SUMS").write_bytes(render_sums({f: sha256_of(tree / f) for f in files}))
     guard = folder / "guard.tar.gz"
     subprocess.run(["tar", "czf", guard, "-C", tree, "."], check=True)
     return guard
