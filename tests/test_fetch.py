@@ -1,14 +1,22 @@
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import random
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from coreos_gpu.cache import sha256_of
-from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.errors import CoreosGpuError, DownloadError, ExitCode
 from coreos_gpu.fetch import cached, fetch
 
 from .conftest import Mirror
@@ -60,6 +68,8 @@ def test_404_and_offline(http_dir: Mirror, tmp_path: Path) -> None:
     with pytest.raises(CoreosGpuError) as info:
         fetch(f"{http_dir.url}/missing.bin", tmp_path)
     assert info.value.code is ExitCode.DOWNLOAD
+    assert isinstance(info.value, DownloadError) and info.value.status == 404
+    assert info.value.not_found
     assert info.value.message.endswith("HTTP 404 File not found")
     url = _serve(http_dir, "a.bin")
     with pytest.raises(CoreosGpuError) as info:
@@ -102,3 +112,177 @@ def test_two_processes_fetching_one_url(http_dir: Mirror, tmp_path: Path) -> Non
     index = list((tmp_path / "downloads" / "urls").glob("*.json"))
     assert len(index) == 1 and json.loads(index[0].read_text())["url"] == url
     assert list((tmp_path / "downloads" / "partial").iterdir()) == []
+
+
+# --- servers that misbehave in ways real ones do -------------------------------------------
+
+
+@contextmanager
+def served(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering with handler, in a thread; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def handler_with(base: type[BaseHTTPRequestHandler], **attrs: Any) -> type[Any]:
+    """A subclass of base with its own state (each test gets fresh lists)."""
+    return type(base.__name__, (base,), attrs)
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # chunked transfers and keep-alive, like real servers
+    requests: ClassVar[list[dict[str, str]]]  # the headers of each request, in order
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def start(self) -> int:
+        """Record the request; return the offset a Range header asks for (0 without one)."""
+        self.requests.append(dict(self.headers.items()))
+        header = self.headers.get("Range", "")
+        return int(header[6:].split("-")[0]) if header.startswith("bytes=") else 0
+
+
+def _gzipped(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+class GzipAnyway(_Quiet):
+    """Compresses every response (Content-Encoding: gzip) whatever the client asked for, and
+    serves ranges of the compressed bytes; can cut its first response short."""
+
+    body: ClassVar[bytes]
+    cut_first: ClassVar[list[int]]  # bytes to send of the next response, then hang up
+
+    def do_GET(self) -> None:
+        start = self.start()
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(self.body) - start))
+        if start:
+            self.send_header("Content-Range",
+                             f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+        self.end_headers()
+        end = self.cut_first.pop() if self.cut_first else len(self.body)
+        self.wfile.write(self.body[start:end])
+        self.close_connection = end < len(self.body)
+
+
+@pytest.mark.parametrize("cut", [None, 300_000])
+def test_a_server_that_compresses_anyway(tmp_path: Path, cut: int | None) -> None:
+    data = random.Random(16).randbytes(1 << 20)  # gzip cannot shrink it: sizes stay close
+    handler = handler_with(GzipAnyway, requests=[], body=_gzipped(data),
+                           cut_first=[cut] if cut else [])
+    with served(handler) as base:
+        path = fetch(f"{base}/image.bin.bz2", tmp_path)
+    # The cache holds exactly what was served: the size check and the resume count those.
+    assert path.read_bytes() == handler.body
+    assert [r.get("Accept-Encoding") for r in handler.requests] == ["identity"] * (
+        2 if cut else 1)
+    assert [r.get("Range") for r in handler.requests][1:] == ([f"bytes={cut}-"] if cut else [])
+
+
+class BadRanges(_Quiet):
+    """Serves `body`; answers a Range request with `on_range`: 416, or a 206 for other bytes."""
+
+    body: ClassVar[bytes]
+    on_range: ClassVar[str]
+
+    def do_GET(self) -> None:
+        start = self.start()
+        if start and self.on_range == "416":
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        # A 206 whose Content-Range starts at 0, not where the client asked.
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(self.body)))
+        if start:
+            self.send_header("Content-Range", f"bytes 0-{len(self.body) - 1}/{len(self.body)}")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def _stale_partial(cache: Path, url: str, data: bytes) -> None:
+    """What an interrupted download of an older version of url left behind."""
+    partial = cache / "downloads" / "partial"
+    partial.mkdir(parents=True)
+    (partial / hashlib.sha256(url.encode()).hexdigest()).write_bytes(data)
+
+
+@pytest.mark.parametrize(("on_range", "stale"),
+                         [("416", DATA + b"older, longer"), ("wrong range", DATA[:1000])])
+def test_an_unusable_partial_restarts_the_download(tmp_path: Path, on_range: str,
+                                                   stale: bytes) -> None:
+    handler = handler_with(BadRanges, requests=[], body=DATA, on_range=on_range)
+    with served(handler) as base:
+        url = f"{base}/a.bin"
+        _stale_partial(tmp_path, url, stale)
+        path = fetch(url, tmp_path)
+    assert path.read_bytes() == DATA
+    assert [r.get("Range") for r in handler.requests] == [f"bytes={len(stale)}-", None]
+    assert list((tmp_path / "downloads" / "partial").iterdir()) == []
+
+
+def test_a_stale_partial_on_the_plain_mirror(http_dir: Mirror, tmp_path: Path) -> None:
+    # The test mirror answers 416 to a range past the end, as SimpleHTTPRequestHandler would.
+    url = _serve(http_dir, "a.bin")
+    _stale_partial(tmp_path, url, DATA + b"x")
+    assert fetch(url, tmp_path).read_bytes() == DATA
+    assert http_dir.ranges_seen == [f"bytes={len(DATA) + 1}-"]
+
+
+class CutChunked(_Quiet):
+    """Sends `body` chunked (no Content-Length), hanging up mid-chunk on the first `cuts`
+    responses, before the last chunk; serves ranges (206, chunked) for the resume."""
+
+    body: ClassVar[bytes]
+    cuts: ClassVar[list[int]]  # one entry per response still to cut
+
+    def do_GET(self) -> None:
+        start = self.start()
+        self.send_response(206 if start else 200)
+        self.send_header("Transfer-Encoding", "chunked")
+        if start:
+            self.send_header("Content-Range",
+                             f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+        self.end_headers()
+        cut = bool(self.cuts and self.cuts.pop())
+        rest = self.body[start:]
+        for at in range(0, len(rest), 1 << 16):
+            chunk = rest[at:at + (1 << 16)]
+            if cut and at >= len(rest) // 2:
+                self.wfile.write(b"%x\r\n" % len(chunk) + chunk[:100])  # and hang up
+                self.close_connection = True
+                return
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_a_cut_chunked_response_is_resumed(tmp_path: Path) -> None:
+    handler = handler_with(CutChunked, requests=[], body=DATA, cuts=[1])
+    with served(handler) as base:
+        path = fetch(f"{base}/a.bin", tmp_path)
+    assert path.read_bytes() == DATA
+    assert len(handler.requests) == 2 and handler.requests[1]["Range"].startswith("bytes=")
+
+
+def test_a_chunked_response_cut_every_time_is_not_complete(tmp_path: Path) -> None:
+    handler = handler_with(CutChunked, requests=[], body=DATA, cuts=[1, 1, 1])
+    with served(handler) as base:
+        url = f"{base}/a.bin"
+        with pytest.raises(CoreosGpuError) as info:
+            fetch(url, tmp_path)
+    assert info.value.code is ExitCode.INCOMPLETE
+    assert "before the end of the transfer" in info.value.message
+    assert len(handler.requests) == 3
+    assert cached(url, tmp_path) is None
+    assert not [e for e in _entries(tmp_path) if e.startswith(("sha256", "urls"))]

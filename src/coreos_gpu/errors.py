@@ -37,3 +37,17 @@ class CoreosGpuError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class DownloadError(CoreosGpuError):
+    """A download that failed; `status` is the HTTP status where a server answered, so callers
+    tell a missing file from a failing server without reading the message."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint, code=ExitCode.DOWNLOAD)
+        self.status = status
+
+    @property
+    def not_found(self) -> bool:
+        return self.status in (404, 410)
+

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from coreos_gpu import ui
 from coreos_gpu.cache import locked, sha256_of, write_atomically
-from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.errors import CoreosGpuError, DownloadError, ExitCode
 
 ATTEMPTS = 3
 TIMEOUT = httpx.Timeout(30.0, read=120.0)
@@ -51,45 +52,70 @@ def forget(url: str, cache_dir: Path) -> None:
         blob.unlink(missing_ok=True)
 
 
-def _fail_status(url: str, response: httpx.Response) -> CoreosGpuError:
-    return CoreosGpuError(
+def _fail_status(url: str, response: httpx.Response) -> DownloadError:
+    return DownloadError(
         f"download of {url} failed: HTTP {response.status_code} {response.reason_phrase}",
-        code=ExitCode.DOWNLOAD)
+        status=response.status_code)
 
 
-def _attempt(url: str, partial: Path) -> tuple[int, int | None]:
-    """One GET, resuming after what partial holds; return (bytes held, total size if known)."""
+class _Outcome(NamedTuple):
+    held: int  # bytes the partial file holds
+    total: int | None  # the whole file's size, where the server said it
+    whole: bool  # the body arrived to its end: all of Content-Length, or a clean last chunk
+
+
+def _resume_offset(url: str, response: httpx.Response, offset: int) -> int | None:
+    """Where the response's body goes in the file, or None when what we hold is unusable."""
+    if response.status_code == 416:  # what we hold is stale (the file shrank) or whole
+        return None
+    if response.status_code == 206:
+        content_range = response.headers.get("content-range", "")
+        return offset if content_range.startswith(f"bytes {offset}-") else None
+    if response.status_code == 200:
+        return 0  # the server ignored the range: take the whole file again
+    raise _fail_status(url, response)
+
+
+def _attempt(url: str, partial: Path) -> _Outcome:
+    """One GET, resuming after what partial holds."""
     offset = partial.stat().st_size if partial.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # Content-Length and Range count the bytes as sent; httpx would decode a compressed body
+    # and break both. So ask for none, and store whatever comes raw, exactly as served.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     with httpx.stream("GET", url, headers=headers, follow_redirects=True,
                       timeout=TIMEOUT) as response:
-        if response.status_code == 416:  # what we hold is stale or already whole: start over
-            partial.unlink()
-            return 0, None
-        if response.status_code == 206:
-            content_range = response.headers.get("content-range", "")
-            if not content_range.startswith(f"bytes {offset}-"):
-                partial.unlink()
-                return 0, None
-        elif response.status_code == 200:
-            offset = 0  # the server ignored the range: take the whole file again
-        else:
-            raise _fail_status(url, response)
+        start = _resume_offset(url, response, offset)
+        if start is None:
+            partial.unlink(missing_ok=True)  # the next attempt starts from zero
+            return _Outcome(0, None, whole=False)
         length = response.headers.get("content-length")
-        total = (offset + int(length)) if length and length.isdigit() else None
+        total = (start + int(length)) if length and length.isdigit() else None
         name = Path(urlsplit(url).path).name or url
-        with partial.open("r+b" if offset else "wb") as out, \
+        with partial.open("r+b" if start else "wb") as out, \
                 ui.ByteProgress(f"downloading {name}", total) as progress:
-            out.seek(offset)
+            out.seek(start)
             out.truncate()
-            progress.advance(offset)
+            progress.advance(start)
             try:
-                for chunk in response.iter_bytes():
+                for chunk in response.iter_raw():
                     out.write(chunk)
                     progress.advance(len(chunk))
             except httpx.TransportError:
-                pass  # the connection broke: keep what arrived, the caller resumes
-            return out.tell(), total
+                # Keep what arrived for the next attempt to resume. Without a Content-Length
+                # (chunked), this is the only sign that the body was cut short.
+                return _Outcome(out.tell(), total, whole=False)
+            held = out.tell()
+    return _Outcome(held, total, whole=total is None or held == total)
+
+
+def _stopped(url: str, outcome: _Outcome) -> CoreosGpuError:
+    size = (f"of {outcome.total} bytes" if outcome.total is not None
+            else "bytes, before the end of the transfer")
+    return CoreosGpuError(
+        f"download of {url} stopped at {outcome.held} {size} after {ATTEMPTS} attempts",
+        hint="run the command again to resume it", code=ExitCode.INCOMPLETE)
 
 
 def _download(url: str, cache_dir: Path) -> Path:
@@ -97,21 +123,18 @@ def _download(url: str, cache_dir: Path) -> Path:
     for folder in (blobs, urls, partials):
         folder.mkdir(parents=True, exist_ok=True)
     partial = partials / _url_key(url)
-    held, total = 0, None
+    outcome = _Outcome(0, None, whole=False)
     for _ in range(ATTEMPTS):
         try:
-            held, total = _attempt(url, partial)
+            outcome = _attempt(url, partial)
         except httpx.TransportError as e:
             if not partial.exists():
-                raise CoreosGpuError(f"download of {url} failed: {e}",
-                                     code=ExitCode.DOWNLOAD) from e
+                raise DownloadError(f"download of {url} failed: {e}") from e
             continue
-        if total is None or held == total:
+        if outcome.whole:
             break
     else:
-        raise CoreosGpuError(
-            f"download of {url} stopped at {held} of {total} bytes after {ATTEMPTS} attempts",
-            hint="run the command again to resume it", code=ExitCode.INCOMPLETE)
+        raise _stopped(url, outcome)
     blob = blobs / sha256_of(partial)
     os.replace(partial, blob)
     record = {"url": url, "sha256": blob.name, "size": blob.stat().st_size}
@@ -139,8 +162,7 @@ def fetch(source: str, cache_dir: Path, *, offline: bool = False, fresh: bool = 
         if hit is not None and (offline or not fresh):
             return hit
         if offline:
-            raise CoreosGpuError(
+            raise DownloadError(
                 f"{source} is not in the cache and --offline forbids downloading",
-                hint="run once without --offline, or copy the file and pass its path",
-                code=ExitCode.DOWNLOAD)
+                hint="run once without --offline, or copy the file and pass its path")
         return _download(source, cache_dir)
