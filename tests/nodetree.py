@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreos_gpu.bundle import NodeSettings, assemble_bundle
+from coreos_gpu.cache import sha256_of
 from coreos_gpu.config import DEFAULT_AGENT_UNITS, Compression, DriverFailurePolicy, Profile
+from coreos_gpu.layout import CONTENTS_NAME, SUMS_NAME, render_contents, render_sums
 
 from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, VERSION, make_package, module_set
 
@@ -158,6 +160,25 @@ def make_bundle(folder: Path, ko_dir: Path, *, tool_version: str = "0.1.0",
     with tarfile.open(bundle.path) as tar:  # the tools the real archive carries
         assert "payload/535.261.03/bin/nvidia-smi" in tar.getnames()
     return extracted
+
+
+BUNDLE_PARTS = ("install_nvidia.sh", "nvidia.service", "startup.sh", "MANIFEST.json", SUMS_NAME,
+                "node", "payload")
+
+
+def reseal(tree: Path) -> None:
+    """Rewrite node/contents and SHA256SUMS to describe the extracted bundle as it is now,
+    as someone who changed it on purpose would (a test's guard bundle, a hostile one)."""
+    members = sorted(p for part in BUNDLE_PARTS for p in [tree / part, *(tree / part).rglob("*")]
+                     if p.is_symlink() or p.is_file())
+    described = {str(p.relative_to(tree)): (
+        (0o777, os.readlink(p)) if p.is_symlink() else (p.stat().st_mode & 0o7777, None))
+        for p in members}
+    described[CONTENTS_NAME] = (0o644, None)
+    (tree / CONTENTS_NAME).write_bytes(render_contents(described))
+    files = [path for path, (_, target) in described.items()
+             if target is None and path != SUMS_NAME]
+    (tree / SUMS_NAME).write_bytes(render_sums({f: sha256_of(tree / f) for f in files}))
 
 
 class Node:

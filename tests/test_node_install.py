@@ -14,12 +14,12 @@ import pytest
 
 from coreos_gpu.config import DriverFailurePolicy
 
-from .nodetree import SHELLS, Node, make_bundle, snapshot
+from .nodetree import SHELLS, Node, make_bundle, reseal, snapshot
 from .test_bundle import CLOUD, KERNEL, VERSION
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
-TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-doctor")
+TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-doctor", "nvidia-uninstall")
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +51,39 @@ def with_unrelated_files(node: Node) -> None:
         (node.root / path).write_text(text)
 
 
+def contents(bundle: Path) -> dict[str, tuple[int, str | None]]:
+    """node/contents: {path in the driver folder: (mode, link target or None)}."""
+    found = {}
+    for line in (bundle / "node/contents").read_text().splitlines():
+        mode, kind, path, *target = line.split(" ")
+        found[path.removeprefix(f"payload/{VERSION}/")] = (
+            int(mode, 8), target[0] if kind == "link" else None)
+    return found
+
+
 def check_installed(node: Node, bundle: Path) -> None:
-    """The node carries this bundle, complete, and everything points at it."""
+    """The node carries this bundle, complete, root's, and everything points at it."""
     root = node.root
     name = f"{VERSION}-{bundle_id(bundle)}"
     assert os.readlink(root / "opt/nvidia/current") == name
     folder = root / "opt/nvidia" / name
     for line in (bundle / "SHA256SUMS").read_text().splitlines():
         digest, path = line.split("  ", 1)
-        inside = path.removeprefix(f"payload/{VERSION}/")
-        if path in ("install_nvidia.sh",):
-            continue
-        target = folder / inside
-        assert target.is_file(), inside
-        assert hashlib.sha256(target.read_bytes()).hexdigest() == digest, inside
+        target = folder / path.removeprefix(f"payload/{VERSION}/")
+        assert target.is_file() and not target.is_symlink(), path
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == digest, path
+    # Owner and modes from the bundle, whoever extracted it and with whatever umask.
+    for path, (mode, link) in contents(bundle).items():
+        st = (folder / path).lstat()
+        assert (st.st_uid, st.st_gid) == (0, 0), path
+        if link is None:
+            assert st.st_mode & 0o7777 == mode, path
+        else:
+            assert os.readlink(folder / path) == link, path
+    for sub in [folder, *folder.rglob("*")]:
+        st = sub.lstat()
+        assert (st.st_uid, st.st_gid) == (0, 0), sub
+        assert sub.is_symlink() or not st.st_mode & 0o022, sub
     assert os.readlink(root / "opt/nvidia/startup.sh") == "current/startup.sh"
     assert (root / "etc/ld.so.conf.d/nvidia.conf").read_text().splitlines()[-1] == (
         "/opt/nvidia/current/lib64")
@@ -75,10 +94,10 @@ def check_installed(node: Node, bundle: Path) -> None:
     for unit in units.split("=", 1)[1].strip("'").split():
         assert os.readlink(root / f"etc/systemd/system/{unit}.d/coreos-gpu.conf") == (
             "/opt/nvidia/current/node/agent-dropin.conf")
+    inside = {"nvidia-doctor": "node/nvidia-doctor", "nvidia-uninstall": "install_nvidia.sh"}
     for tool in TOOLS:
-        expected = ("/opt/nvidia/current/node/nvidia-doctor" if tool == "nvidia-doctor"
-                    else f"/opt/nvidia/current/bin/{tool}")
-        assert os.readlink(root / "opt/bin" / tool) == expected
+        assert os.readlink(root / "opt/bin" / tool) == (
+            f"/opt/nvidia/current/{inside.get(tool, f'bin/{tool}')}")
     assert not list((root / "opt/nvidia").glob(".stage.*"))
     assert not [p for p in root.rglob("*.tmp.*")]
 
@@ -204,15 +223,20 @@ def without_openssl(folder: Path) -> str:
     return f"{folder}:/usr/sbin"
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["upgrade", "first install"])
 @pytest.mark.parametrize("checker", ["openssl", "sha256sum"])
 @pytest.mark.parametrize(("damage", "words"), [
     ("flip", "the bundle in {b} is corrupt: payload/535.261.03/lib64/libcuda.so.535.261.03: "
-             "FAILED"),
-    ("extra", "has a file SHA256SUMS does not list: payload/535.261.03/bin/extra"),
-    ("missing", "is corrupt: {missing}payload/535.261.03/bin/nvidia-smi: {no_such}"),
+             "FAILED (in its root-owned copy)"),
+    ("extra", "is corrupt: payload/535.261.03/bin/extra: not part of the bundle"),
+    ("missing", "is corrupt: payload/535.261.03/bin/nvidia-smi: missing"),
+    ("link", "is corrupt: payload/535.261.03/bin/nvidia-smi: not a regular file"),
+    ("wrong link", "is corrupt: payload/535.261.03/lib64/libcuda.so.1: links to "
+                   "libnvidia-ml.so.1, not libcuda.so.535.261.03"),
 ])
 def test_a_damaged_bundle_changes_nothing(tmp_path: Path, bundles: dict[str, Path],
-                                          damage: str, words: str, checker: str) -> None:
+                                          damage: str, words: str, checker: str,
+                                          first: bool) -> None:
     bundle = tmp_path / "bundle"
     subprocess.run(["cp", "-a", bundles["a"], bundle], check=True)
     payload = bundle / f"payload/{VERSION}"
@@ -223,20 +247,27 @@ def test_a_damaged_bundle_changes_nothing(tmp_path: Path, bundles: dict[str, Pat
         lib.write_bytes(bytes(data))
     elif damage == "extra":
         (payload / "bin/extra").write_text("#!/bin/sh\n")
-    else:
+    elif damage == "missing":
         (payload / "bin/nvidia-smi").unlink()
+    elif damage == "link":  # a file swapped for a link to anything on the node
+        (payload / "bin/nvidia-smi").unlink()
+        (payload / "bin/nvidia-smi").symlink_to("/bin/true")
+    else:
+        (payload / "lib64/libcuda.so.1").unlink()
+        (payload / "lib64/libcuda.so.1").symlink_to("libnvidia-ml.so.1")
     node = Node(tmp_path / "node")
-    assert node.install(bundles["c"]).code == 0  # the driver in use
+    if not first:
+        assert node.install(bundles["c"]).code == 0  # the driver in use
     before = snapshot(node.root)
     env = {} if checker == "openssl" else {
         "PATH": f"{node.bin}:{without_openssl(tmp_path / 'no-openssl')}"}
     result = node.install(bundle, env=env)
-    assert result.code == 4
+    assert result.code == 4, result.stderr
     [error] = result.errors
-    assert words.format(b=bundle, missing="" if checker == "openssl" else "sha256sum: ",
-                        no_such="missing" if checker == "openssl" else "No such file") in error
+    assert words.format(b=bundle) in error
     assert snapshot(node.root) == before
-    check_installed(node, bundles["c"])
+    if not first:
+        check_installed(node, bundles["c"])
 
 
 def test_not_root(tmp_path: Path, bundles: dict[str, Path]) -> None:

@@ -23,6 +23,7 @@ from coreos_gpu.driver import DriverPackage
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.inspection import BundleReport, ModuleReport, PartSize, inspect_bundle
 from coreos_gpu.layout import (
+    CONTENTS_NAME,
     FORMAT,
     MANIFEST_NAME,
     SUMS_NAME,
@@ -30,6 +31,7 @@ from coreos_gpu.layout import (
     module_path,
     payload_dir,
     payload_path,
+    render_contents,
     render_sums,
 )
 from coreos_gpu.modinfo import vermagic_release
@@ -94,6 +96,17 @@ def _node_members(node: NodeSettings, scripts: Traversable | None, package: Driv
     return [_Member(f.path, f.mode, data=f.data) for f in render_node_files(
         node, driver_version=package.version, flavour=module_sets[0].flavour.value,
         module_sets=module_sets, tool_version=tool_version, scripts=scripts)]
+
+
+def _contents_member(members: Sequence[_Member]) -> _Member:
+    """node/contents: every member but the folders, itself and the two written last."""
+    described = {m.path: (m.mode, m.target) for m in members}
+    described.update({CONTENTS_NAME: (0o644, None), MANIFEST_NAME: (0o644, None),
+                      SUMS_NAME: (0o644, None)})
+    try:
+        return _Member(CONTENTS_NAME, 0o644, data=render_contents(described))
+    except ValueError as e:
+        raise _bad(f"cannot bundle {e}") from e
 
 
 def _bad(message: str, hint: str = "") -> CoreosGpuError:
@@ -207,9 +220,9 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
     _check_inputs(package, module_sets, releases)
     module_sets = sorted(module_sets, key=lambda s: _version_key(s.kernel_release))
     releases = sorted(releases, key=lambda r: (r.os, r.channel, _version_key(r.version)))
-    members = _sorted_with_folders(
-        _userspace_members(package, profile) + _module_members(package.version, module_sets)
-        + _node_members(node, node_files, package, module_sets, tool_version))
+    listed = (_userspace_members(package, profile) + _module_members(package.version, module_sets)
+              + _node_members(node, node_files, package, module_sets, tool_version))
+    members = _sorted_with_folders([*listed, _contents_member(listed)])
     key = _bundle_key(members, module_sets, profile, compression, releases, node,
                       tool_version, package)
     if cache_dir is not None and (hit := _from_cache(cache_dir / "bundles", key, output)):

@@ -20,6 +20,10 @@ from coreos_gpu.manifest import Arch, ManifestEntry
 FORMAT = 1  # of MANIFEST.json; raise it when a reader would misread a new layout
 MANIFEST_NAME = "MANIFEST.json"
 SUMS_NAME = "SHA256SUMS"
+# Every member that is not a folder, with its kind and mode (and a link's target), one per
+# line, for install_nvidia.sh: sh cannot read MANIFEST.json, and SHA256SUMS says nothing
+# about links and modes.
+CONTENTS_NAME = "node/contents"
 PAYLOAD = "payload"
 NODE = "node"
 # The names the original shell version's users already script against stay at the top.
@@ -122,6 +126,20 @@ def part_of(path: str) -> str:
 
 # A line of `sha256sum` output: two spaces (text mode) or " *" (binary mode).
 SUM_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
+
+
+def render_contents(members: Mapping[str, tuple[int, str | None]]) -> bytes:
+    """node/contents: "<mode> file <path>" or "<mode> link <path> <target>" lines, sorted by
+    path, from {path: (mode, link target or None)}. Its format has no quoting, so a name
+    with white space in it cannot be bundled."""
+    lines = []
+    for path in sorted(members):
+        mode, target = members[path]
+        if any(c.isspace() for c in path + (target or "")):
+            raise ValueError(f"{path!r} (or its link target) has white space in it")
+        lines.append(f"{mode:04o} file {path}" if target is None
+                     else f"{mode:04o} link {path} {target}")
+    return "".join(f"{line}\n" for line in lines).encode()
 
 
 def render_sums(sums: Mapping[str, str]) -> bytes:

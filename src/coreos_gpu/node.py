@@ -4,7 +4,9 @@ Nodes have no Python, so what the node side needs to know about its bundle reach
 files the scripts read: `node/bundle.env` (sourced by sh), `node/module-deps` (each
 module's kernel dependencies, from its .modinfo at build time: no modinfo on the node), and
 the unit and agent drop-in rendered from `resources/templates/`. The scripts themselves
-(`resources/node/`) are carried as they are.
+(`resources/node/`) are carried as they are, except that a line that sources a sibling and
+ends in `# coreos-gpu: inline` is replaced by that file: install_nvidia.sh runs from a folder
+anyone may have written to, so it must not source anything from it before it has checked it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,18 @@ def render_module_deps(module_sets: Sequence[ModuleSet]) -> str:
 
 
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+# `. "…/node/lib.sh" # coreos-gpu: inline`
+_INLINE = re.compile(r'^\. "[^"]*/(?P<name>[\w.-]+)" # coreos-gpu: inline$', re.MULTILINE)
+
+
+def _inline(data: bytes, folder: Traversable) -> bytes:
+    """A script with each of its `# coreos-gpu: inline` source lines replaced by the file."""
+    if b"# coreos-gpu: inline" not in data:
+        return data
+    def include(m: re.Match[str]) -> str:
+        text = (folder / m.group("name")).read_text()
+        return f"# --- node/{m.group('name')}, copied in by the build ---\n{text.rstrip()}\n# ---"
+    return _INLINE.sub(include, data.decode()).encode()
 
 
 def _render(template: str, values: dict[str, str]) -> bytes:
@@ -106,7 +120,8 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
     """Every node file of a bundle. scripts: the folder of node scripts carried as they are
     (the package's resources/node by default)."""
     folder = default_node_files() if scripts is None else scripts
-    carried = [_file(name, r.read_bytes()) for name, r in _walk(folder)] if folder.is_dir() else []
+    carried = ([_file(name, _inline(r.read_bytes(), folder)) for name, r in _walk(folder)]
+               if folder.is_dir() else [])
     values = {"DRIVER_VERSION": driver_version,
               "AGENT_UNITS": " ".join(settings.agent_units),
               "POLICY": settings.on_driver_failure.value,

@@ -3,22 +3,36 @@
 #
 #   tar xzf nvidia.tar.gz -C /tmp && sudo /tmp/install_nvidia.sh
 #
-# The driver goes to /opt/nvidia/<driver>-<bundle id>/ through a temporary folder and a
-# rename, and /opt/nvidia/current flips to it in one rename: until then the previous driver
-# stays in use, and a run stopped at any point leaves the old or the new driver complete,
-# never a mix. Everything else it adds (ld.so.conf.d entry, unit, agent drop-ins, /opt/bin
-# links) points through /opt/nvidia/current. Running it again is safe.
+# What it trusts: nothing from the folder it was extracted into is sourced or run. That
+# folder may belong to whoever ran tar, and may hold other files: only the bundle's own
+# names count (install_nvidia.sh, nvidia.service, startup.sh, MANIFEST.json, SHA256SUMS,
+# node/, payload/). The bundle is copied into a root-owned staging folder under /opt/nvidia,
+# made root:root with the modes node/contents lists, and checked there, where nobody else
+# can change it any more: every file against SHA256SUMS, every link against node/contents,
+# nothing missing and nothing more. Only then is it renamed into place.
+#
+# The driver goes to /opt/nvidia/<driver>-<bundle id>/ through that staging folder, and
+# /opt/nvidia/current flips to it in one rename: until then the previous driver stays in
+# use, and a run stopped at any point leaves the old or the new driver complete, never a
+# mix. Everything else it adds (ld.so.conf.d entry, unit, agent drop-ins, /opt/bin links)
+# points through /opt/nvidia/current. Running it again is safe. The installed folder keeps
+# a copy of this script: /opt/bin/nvidia-uninstall (or install_nvidia.sh --uninstall from
+# /opt/nvidia/current) removes everything after a reboot has emptied /tmp.
 #
 # Exit codes:
-#   0  installed (and the driver started, unless --no-start), or uninstalled
-#   1  a step failed (the message says which)
-#   2  bad command line
-#   3  not run as root
-#   4  the bundle is corrupt or incomplete (a file does not match SHA256SUMS)
-#   5  not enough free space
-#   6  another install_nvidia.sh kept the lock for 10 minutes
-#   7  a command this script needs is missing
-#   10 installed, but the driver did not start (startup.sh's reason is shown above)
+#   0      installed (and the driver started, unless --no-start), or uninstalled
+#   1      a step failed (the message says which)
+#   2      bad command line
+#   3      not run as root
+#   4      the bundle is corrupt, incomplete or unsafe (a file does not match SHA256SUMS, a
+#          link leaves the bundle, a file is missing or not part of the bundle)
+#   5      not enough free space
+#   6      another install_nvidia.sh kept the lock for 10 minutes
+#   7      a command this script needs is missing
+#   11-19  installed, but the driver did not start: 10 + startup.sh's exit code 3..9 (14:
+#          kernel mismatch, 15: a module failed to load, 18: no usable GPU, …; see
+#          startup.sh), 11 for any other
+#   20     installed and startup.sh succeeded, but systemctl start nvidia.service failed
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -30,7 +44,7 @@ usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [
   --root DIR    install into the tree under DIR (an image being prepared, a test tree)
   --no-start    do not load the driver now (it loads at the next boot)
   --no-enable   do not enable nvidia.service
-  --uninstall   remove everything this script added, and nothing else
+  --uninstall   remove everything this script added, and nothing else (also: nvidia-uninstall)
   --dry-run     check the bundle and say what would be done, without changing anything
 EOF
 }
@@ -40,6 +54,8 @@ START=1
 ENABLE=1
 UNINSTALL=0
 DRY=0
+# /opt/bin/nvidia-uninstall links to the installed copy of this script.
+case ${0##*/} in nvidia-uninstall) UNINSTALL=1 ;; esac
 while [ $# -gt 0 ]; do
 	case $1 in
 	--root)
@@ -57,17 +73,22 @@ while [ $# -gt 0 ]; do
 	shift
 done
 
-BUNDLE=$(cd "$(dirname "$0")" && pwd -P) || exit 1
-[ -r "$BUNDLE/node/lib.sh" ] || {
-	printf '%s: error: %s/node/lib.sh is missing: extract the whole archive\n' "$PROG" "$BUNDLE" >&2
-	exit 4
-}
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$BUNDLE/node/lib.sh"
+# The shared helpers (say, die, act, parse_root, …) are copied in here when the bundle is
+# built (node.py), so that nothing is sourced from the extracted folder; the line below is
+# what a build replaces, and what shellcheck follows.
+# shellcheck source=lib.sh
+. "${0%/*}/node/lib.sh" # coreos-gpu: inline
+
+SELF=$(readlink -f "$0") || die 1 "cannot resolve $0"
+BUNDLE=${SELF%/*}
 ROOT=$(parse_root "$ROOT")
 [ -z "$ROOT" ] || [ -d "$ROOT" ] || die 2 "--root $ROOT is not a folder"
 # A node's systemd is only asked to reload and start things on a real node, not in a tree.
 [ -z "$ROOT" ] || START=0
+# The copy in an installed driver folder (no payload/ beside it) can only uninstall.
+if [ "$UNINSTALL" = 0 ] && [ ! -d "$BUNDLE/payload" ] && [ -f "$BUNDLE/node/bundle.env" ]; then
+	die 2 "$BUNDLE is an installed driver, not an extracted bundle: run $SELF --uninstall, or install_nvidia.sh from an extracted archive"
+fi
 
 # replace_link TARGET PATH: make PATH a symlink to TARGET in one rename (ln -sf is not
 # atomic: it unlinks first). mv -T keeps mv from moving into a linked folder.
@@ -149,11 +170,25 @@ make_opt() {
 }
 
 # lock: serialise against a concurrent run; the lock file lives with the installation.
+# --uninstall (and a first install whose bundle fails its checks) removes the lock file
+# while holding it, so a run that was waiting on it may wake up holding a lock on a file
+# nobody else can open any more: it then locks the file that is there now instead.
 lock() {
-	make_opt || die 1 "cannot create $OPT under ${ROOT:-/}"
-	[ "$DRY" = 1 ] && return 0
-	exec 9>>"$ROOT$OPT/.lock" || die 1 "cannot open the lock file $ROOT$OPT/.lock"
-	flock -w 600 9 || die 6 "another install_nvidia.sh holds $ROOT$OPT/.lock; wait for it to finish"
+	if [ "$DRY" = 1 ]; then
+		make_opt
+		return 0
+	fi
+	lock_tries=0
+	while [ "$lock_tries" -lt 20 ]; do
+		lock_tries=$((lock_tries + 1))
+		make_opt || die 1 "cannot create $OPT under ${ROOT:-/}"
+		exec 9>>"$ROOT$OPT/.lock" || die 1 "cannot open the lock file $ROOT$OPT/.lock"
+		flock -w 600 9 || die 6 "another install_nvidia.sh holds $ROOT$OPT/.lock; wait for it to finish"
+		# The same file? (test -ef is not POSIX; /dev/fd/9 leads to the file even once removed)
+		[ "$(stat -L -c %d:%i "$ROOT$OPT/.lock" 2>/dev/null)" = "$(stat -L -c %d:%i /dev/fd/9)" ] &&
+			return 0
+	done
+	die 6 "$ROOT$OPT/.lock keeps being removed while this run waits for it; run me again when no other install_nvidia.sh runs"
 }
 
 # A run that was killed leaves temporary names behind: clear them under the lock.
@@ -164,6 +199,19 @@ clean_leftovers() {
 		[ -e "$left" ] || [ -L "$left" ] || continue
 		act rm -rf "$left"
 	done
+}
+
+# drop_opt: remove the lock, the record and the folders this script made, where nothing of
+# a driver is left in them (the end of --uninstall; a first install refused midway).
+drop_opt() {
+	do_created=$(cat "$ROOT$OPT/.created-dirs" 2>/dev/null || true)
+	act rm -f "$ROOT$OPT/.created-dirs" "$ROOT$OPT/.lock"
+	act rmdir "$ROOT$OPT" 2>/dev/null
+	# Folders it made (none inside $OPT), deepest first, where they are empty now.
+	printf '%s\n' "$do_created" | sort -r | while read -r do_dir; do
+		[ -n "$do_dir" ] && [ -d "$ROOT$do_dir" ] && act rmdir "$ROOT$do_dir" 2>/dev/null
+	done
+	return 0
 }
 
 uninstall() {
@@ -186,77 +234,194 @@ uninstall() {
 	if [ -f "$LDCONF" ] && grep -q '^# coreos-gpu' "$LDCONF"; then
 		act rm -f "$LDCONF"
 	fi
-	CREATED=$(cat "$ROOT$OPT/.created-dirs" 2>/dev/null || true)
-	# Only what this script puts in /opt/nvidia: an earlier tool's files there stay.
+	# Only what this script puts in /opt/nvidia: an earlier tool's files there stay. This
+	# script may run from one of these folders: sh has it open already, so it reads on.
 	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh \
 		"$ROOT$OPT"/*/node/bundle.env; do
 		[ -e "$item" ] || [ -L "$item" ] || continue
 		case $item in */node/bundle.env) item=${item%/node/bundle.env} ;; esac
 		act rm -rf "$item"
 	done
-	act rm -f "$ROOT$OPT/.created-dirs" "$ROOT$OPT/.lock"
-	# Folders it made, deepest first, where they are empty now.
-	printf '%s\n' "$CREATED" | sort -r | while read -r dir; do
-		[ -n "$dir" ] && [ -d "$ROOT$dir" ] && act rmdir "$ROOT$dir" 2>/dev/null
-	done
-	act rmdir "$ROOT$OPT" 2>/dev/null || true
+	drop_opt
 	run_ldconfig || warn "ldconfig failed; run it by hand"
 	[ -n "$ROOT" ] || systemctl_root daemon-reload || true
 	say "uninstalled; modules already loaded stay loaded until the next reboot"
 	exit 0
 }
 
+# --- the bundle's own checks (no helper from the extracted folder: see the top) -----------
+# The bundle's parts, relative to the folder it was extracted into; anything else there is
+# not ours to look at.
+TOP_NAMES="install_nvidia.sh nvidia.service startup.sh MANIFEST.json SHA256SUMS"
+
+# bundle_value KEY FILE: a value of node/bundle.env, read, not sourced (KEY='value').
+bundle_value() {
+	sed -n "s/^$1=//p" "$2" | sed "s/^'\\(.*\\)'\$/\\1/"
+}
+
+# check_contents: node/contents (in the current folder) describes a bundle that cannot
+# reach outside itself: plain relative paths in the bundle's parts, no link to an absolute
+# path or out of its folder (payload links stay in the driver folder), nothing beneath a
+# link, no group- or world-writable file. Prints the first problem.
+check_contents() {
+	awk -v v="$DRIVER_VERSION" -v top=" $TOP_NAMES " '
+		function fail(why) { print why; bad = 1; exit }
+		{
+			mode = $1; kind = $2; path = $3; target = $4
+			if (NF != (kind == "link" ? 4 : 3) || (kind != "file" && kind != "link"))
+				fail("node/contents line " NR " is malformed")
+			if (path ~ /^\// || path ~ /(^|\/)\.\.?(\/|$)/ || path ~ /\/\//)
+				fail(path ": not a plain relative path")
+			base = ""
+			if (index(path, "payload/") == 1) {
+				base = "payload/" v "/"
+				if (index(path, base) != 1)
+					fail(path ": outside payload/" v)
+				first = substr(path, length(base) + 1)
+				sub(/\/.*/, "", first)
+				if (first == "node" || index(top, " " first " "))
+					fail(path ": would land on the driver folder'\''s own " first)
+			} else if (index(path, "node/") != 1 && !index(top, " " path " "))
+				fail(path ": not part of a coreos-gpu bundle")
+			if (kind == "file" && (mode !~ /^[0-7]?[0-7][0-7][0-7]$/ ||
+				substr(mode, length(mode) - 1, 1) ~ /[2367]/ || substr(mode, length(mode), 1) ~ /[2367]/))
+				fail(path ": mode " mode " is not a safe file mode (group or world could write it)")
+			if (kind == "link") {
+				if (target ~ /^\//)
+					fail(path ": links to the absolute path " target)
+				depth = split(substr(path, length(base) + 1), up, "/") - 1
+				n = split(target, hop, "/")
+				for (i = 1; i <= n; i++) {
+					if (hop[i] == "..") depth--
+					else if (hop[i] != "." && hop[i] != "") depth++
+					if (depth < 0)
+						fail(path ": links to " target ", outside " (base == "" ? "the bundle" : base))
+				}
+				links[path] = 1
+			}
+			paths[NR] = path
+		}
+		END {
+			if (bad) exit
+			for (i in paths) for (l in links)
+				if (index(paths[i], l "/") == 1) { print paths[i] ": lies beneath the link " l; exit }
+		}' node/contents
+}
+
+# check_tree STRIP: the current folder holds exactly the files and links node/contents
+# lists (STRIP, the payload prefix, removed from their paths: "" in the extracted bundle,
+# payload/<driver>/ in the driver folder), each of its kind; folders do not count. Prints
+# the first difference. In the extracted bundle only the bundle's parts are looked at.
+check_tree() {
+	if [ -n "$1" ]; then
+		ct_where=.
+	else
+		ct_where="$TOP_NAMES node payload"
+	fi
+	# shellcheck disable=SC2086 # the names are word-split on purpose
+	{ cat node/contents; printf '%s\n' '--- found'; find $ct_where ! -type d -printf '%y %p %l\n' 2>/dev/null; } |
+		awk -v strip="$1" '
+		$0 == "--- found" { found = 1; next }
+		!found {
+			path = $3
+			if (strip != "" && index(path, strip) == 1) path = substr(path, length(strip) + 1)
+			want[path] = ($2 == "link") ? "l " $4 : "f"
+			next
+		}
+		{
+			path = $2
+			sub(/^\.\//, "", path)
+			have = ($1 == "l") ? "l " $3 : $1
+			seen[path] = 1
+			if (!(path in want)) { print path ": not part of the bundle (node/contents does not list it)"; done = 1; exit }
+			if (have == want[path]) next
+			if (want[path] == "f") print path ": not a regular file"
+			else if ($1 == "l") print path ": links to " $3 ", not " substr(want[path], 3)
+			else print path ": not a link to " substr(want[path], 3)
+			done = 1
+			exit
+		}
+		END {
+			if (done) exit
+			for (path in want) if (!(path in seen)) { print path ": missing"; exit }
+		}'
+}
+
+# check_sums STRIP: every file in the current folder against SHA256SUMS (paths as in
+# check_tree). openssl uses the CPU's SHA instructions (4x coreutils' sha256sum here), a few
+# files per process on every core (one short line each: pipe writes that small never
+# interleave); sha256sum where openssl is missing. Prints the first file that differs, by
+# its path in the archive.
+check_sums() {
+	# "<sum> <path here> <path in the archive>" per file
+	cs_list=$(awk -v strip="$1" '{
+		sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); archived = $0
+		if (strip != "" && index($0, strip) == 1) $0 = substr($0, length(strip) + 1)
+		print sum, $0, archived }' SHA256SUMS)
+	if command -v openssl >/dev/null 2>&1; then
+		cs_cores=$(nproc 2>/dev/null || echo 1)
+		cs_hash="openssl dgst -sha256 -r"
+	else
+		cs_cores=1
+		cs_hash=sha256sum
+	fi
+	# shellcheck disable=SC2086 # cs_hash is a command and its options
+	{
+		printf '%s\n' "$cs_list"
+		printf '%s\n' '--- hashed'
+		printf '%s\n' "$cs_list" | cut -d' ' -f2 | tr '\n' '\0' |
+			xargs -0 -n 8 -P "$cs_cores" $cs_hash 2>/dev/null
+	} | awk '
+		$0 == "--- hashed" { hashed = 1; next }
+		!hashed { want[$2] = $1; archived[$2] = $3; next }
+		{ sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); seen[$0] = 1
+		  if (want[$0] != sum) { print archived[$0] ": FAILED"; done = 1; exit } }
+		END { if (!done) for (f in want) if (!(f in seen)) { print archived[f] ": unreadable"; exit } }'
+}
+
+# check_bundle STRIP: all of the above, in the current folder; prints the first problem.
+check_bundle() {
+	cb_bad=$(check_contents)
+	[ -n "$cb_bad" ] || cb_bad=$(check_tree "$1")
+	[ -n "$cb_bad" ] || [ "${2:-}" = structure ] || cb_bad=$(check_sums "$1")
+	printf '%s' "$cb_bad"
+}
+
 # --- checks: nothing on the node changes before they pass ---------------------------------
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
 	die 3 "run me as root (sudo $0)"
 fi
-need_tools 7 sha256sum flock mktemp readlink df du cp mv ln rm awk sort ldconfig
+need_tools 7 flock mktemp readlink stat df du cp mv ln rm awk sed sort find xargs chmod chown ldconfig
 [ "$ENABLE" = 0 ] && [ "$START" = 0 ] && [ "$UNINSTALL" = 0 ] || need_tools 7 systemctl
+command -v openssl >/dev/null 2>&1 || need_tools 7 sha256sum
 [ "$UNINSTALL" = 0 ] || uninstall
 
-[ -r "$BUNDLE/node/bundle.env" ] && [ -r "$BUNDLE/SHA256SUMS" ] ||
-	die 4 "$BUNDLE is not a whole coreos-gpu bundle (node/bundle.env or SHA256SUMS is missing); extract the whole archive"
-# shellcheck source=/dev/null
-. "$BUNDLE/node/bundle.env"
+# The driver version is the one folder in payload/ (bundle.env is read only once verified).
+for version in "$BUNDLE"/payload/*/; do
+	[ -n "${DRIVER_VERSION:-}" ] &&
+		die 4 "$BUNDLE/payload holds more than one driver; extract the archive into an empty folder"
+	DRIVER_VERSION=${version%/}
+	DRIVER_VERSION=${DRIVER_VERSION##*/}
+done
+case ${DRIVER_VERSION:-*} in
+"*" | *[!0-9.]*) die 4 "$BUNDLE is not a whole coreos-gpu bundle (no payload/<driver version>/); extract the whole archive" ;;
+esac
+[ -f "$BUNDLE/node/contents" ] && [ -f "$BUNDLE/SHA256SUMS" ] ||
+	die 4 "$BUNDLE is not a whole coreos-gpu bundle (node/contents or SHA256SUMS is missing); extract the whole archive"
 PAYLOAD=$BUNDLE/payload/$DRIVER_VERSION
-
-# Every file against SHA256SUMS, and no file that SHA256SUMS does not list. openssl uses the
-# CPU's SHA instructions (4x coreutils' sha256sum here), one file per process on every core
-# (one short line each: pipe writes that small never interleave); sha256sum without openssl.
-check_sums() {
-	if command -v openssl >/dev/null 2>&1; then
-		cs_files=$(sed 's/^[0-9a-f]* [ *]//' SHA256SUMS)
-		printf '%s\n' "$cs_files" | while read -r cs_file; do
-			[ -f "$cs_file" ] || { printf '%s: missing\n' "$cs_file"; break; }
-		done
-		cs_cores=$(nproc 2>/dev/null || echo 1)
-		printf '%s\n' "$cs_files" | tr '\n' '\0' |
-			xargs -0 -n 1 -P "$cs_cores" openssl dgst -sha256 -r 2>/dev/null |
-			awk 'NR == FNR { sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); want[$0] = sum; next }
-				{ sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); seen[$0] = 1; if (want[$0] != sum) print $0 ": FAILED" }
-				END { for (f in want) if (!(f in seen)) print f ": unreadable" }' SHA256SUMS -
-	else
-		sha256sum -c --strict --quiet SHA256SUMS 2>&1
-	fi
-}
-BAD=$(cd "$BUNDLE" && check_sums | head -n 1)
-[ -z "$BAD" ] ||
-	die 4 "the bundle in $BUNDLE is corrupt: $BAD; download and extract it again"
-EXTRA=$(cd "$BUNDLE" && find . -type f ! -path ./SHA256SUMS | sed 's|^\./||' | awk '
-	NR == FNR { sub(/^[0-9a-f]+ [ *]/, ""); listed[$0] = 1; next }
-	!($0 in listed) { print; exit }' SHA256SUMS -)
-[ -z "$EXTRA" ] ||
-	die 4 "the bundle in $BUNDLE has a file SHA256SUMS does not list: $EXTRA; extract the archive into an empty folder"
-[ -d "$PAYLOAD" ] || die 4 "$PAYLOAD is missing; extract the whole archive"
-
 ID=$(sha256sum "$BUNDLE/SHA256SUMS" | cut -c1-12)
 NAME=$DRIVER_VERSION-$ID
 DEST=$ROOT$OPT/$NAME
-RUNNING=$(uname -r)
-case " $KERNEL_RELEASES " in
-*" $RUNNING "*) ;;
-*) warn "this node runs kernel $RUNNING, but the bundle has modules only for $KERNEL_RELEASES: the driver will not load until the node boots one of those" ;;
-esac
+
+# Here the shape of the bundle (cheap: names, kinds, link targets); the sums are checked on
+# the root-owned copy (or here, on a dry run, where nothing is copied).
+if [ "$DRY" = 1 ]; then
+	BAD=$(cd "$BUNDLE" && check_bundle "")
+else
+	BAD=$(cd "$BUNDLE" && check_bundle "" structure)
+fi
+[ -z "$BAD" ] ||
+	die 4 "the bundle in $BUNDLE is corrupt: $BAD; download and extract it again"
 
 if [ ! -d "$DEST" ]; then
 	NEED=$(du -sk "$PAYLOAD" "$BUNDLE/node" | awk '{ s += $1 } END { print s + 1024 }')
@@ -270,26 +435,61 @@ fi
 lock
 clean_leftovers
 
+# refuse_stage MESSAGE: drop the staging folder (and /opt/nvidia, if this was to be the
+# first driver in it), then exit 4.
+refuse_stage() {
+	rm -rf "$STAGE"
+	[ -e "$ROOT$OPT/current" ] || [ -L "$ROOT$OPT/current" ] || ls -d "$ROOT$OPT"/*/node/bundle.env >/dev/null 2>&1 ||
+		drop_opt
+	die 4 "$1"
+}
+
 # --- the driver folder ----------------------------------------------------------------------
 if [ -d "$DEST" ]; then
 	say "driver $DRIVER_VERSION ($ID) is installed already in $OPT/$NAME"
+	SETTINGS=$DEST/node/bundle.env
+elif [ "$DRY" = 1 ]; then
+	say "would install driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
+	SETTINGS=$BUNDLE/node/bundle.env
 else
-	if [ "$DRY" = 1 ]; then
-		say "would install driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
-	else
-		STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
-		cp -a "$PAYLOAD/." "$STAGE/" &&
-			cp -a "$BUNDLE/node" "$BUNDLE/startup.sh" "$BUNDLE/nvidia.service" \
-				"$BUNDLE/MANIFEST.json" "$BUNDLE/SHA256SUMS" "$STAGE/" ||
-			die 1 "cannot copy the driver into $STAGE"
-		# The soname links (libnvidia-ml.so.1 -> …) are ldconfig's to make, in the new folder
-		# before it goes live; the cache itself is refreshed once current points there.
-		[ ! -d "$STAGE/lib64" ] || ldconfig -n "$STAGE/lib64" || die 1 "ldconfig -n $STAGE/lib64 failed"
-		chmod 0755 "$STAGE" && sync -f "$STAGE" || die 1 "cannot write $STAGE to disk"
-		mv "$STAGE" "$DEST" || die 1 "cannot rename $STAGE to $DEST"
-		say "installed driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
-	fi
+	STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
+	# -P: links stay links; no -p: the copies are root's, not the extracting user's.
+	# shellcheck disable=SC2086 # the names are word-split on purpose
+	cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/") ||
+		refuse_stage "cannot copy the bundle in $BUNDLE into $STAGE; extract the whole archive again"
+	# Its shape before anything follows a path in it (chmod would follow a link), then
+	# owner and modes, then the sums.
+	BAD=$(cd "$STAGE" && check_bundle "payload/$DRIVER_VERSION/" structure)
+	[ -z "$BAD" ] ||
+		refuse_stage "the bundle in $BUNDLE changed after it was extracted: $BAD; download and extract it again, where only root can write"
+	chown -R -h 0:0 "$STAGE" || die 1 "cannot make $STAGE root's"
+	# The modes the bundle lists, one chmod call per mode (links have no mode of their own).
+	(cd "$STAGE" && find . -type d -exec chmod 0755 {} + &&
+		awk -v strip="payload/$DRIVER_VERSION/" '$2 == "file" {
+			if (index($3, strip) == 1) $3 = substr($3, length(strip) + 1); print $1, $3 }' node/contents |
+		sort | awk '$1 != mode { if (mode != "") print ""; mode = $1; printf "%s", mode } { printf " %s", $2 } END { print "" }' |
+		while read -r mode files; do
+			# shellcheck disable=SC2086 # a list of plain relative paths
+			chmod "$mode" $files || exit 1
+		done) || die 1 "cannot set the modes of the files in $STAGE"
+	BAD=$(cd "$STAGE" && check_sums "payload/$DRIVER_VERSION/")
+	[ -z "$BAD" ] ||
+		refuse_stage "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
+	# The soname links (libnvidia-ml.so.1 -> …) are ldconfig's to make, in the new folder
+	# before it goes live; the cache itself is refreshed once current points there.
+	[ ! -d "$STAGE/lib64" ] || ldconfig -n "$STAGE/lib64" || die 1 "ldconfig -n $STAGE/lib64 failed"
+	chmod 0755 "$STAGE" && sync -f "$STAGE" || die 1 "cannot write $STAGE to disk"
+	mv "$STAGE" "$DEST" || die 1 "cannot rename $STAGE to $DEST"
+	say "installed driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
+	SETTINGS=$DEST/node/bundle.env
 fi
+AGENT_UNITS=$(bundle_value AGENT_UNITS "$SETTINGS")
+KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$SETTINGS")
+RUNNING=$(uname -r)
+case " $KERNEL_RELEASES " in
+*" $RUNNING "*) ;;
+*) warn "this node runs kernel $RUNNING, but the bundle has modules only for $KERNEL_RELEASES: the driver will not load until the node boots one of those" ;;
+esac
 
 # --- what points through current (constant: it never names a version) ----------------------
 make_dir "$ROOT/etc/ld.so.conf.d" && write_file "$LDCONF" "$LDCONF_TEXT" ||
@@ -303,17 +503,21 @@ for unit in $AGENT_UNITS; do
 		die 1 "cannot add the drop-in for $unit"
 done
 make_dir "$ROOT/opt/bin" || die 1 "cannot create /opt/bin"
-for tool in "$PAYLOAD"/bin/* "$BUNDLE/node/nvidia-doctor"; do
-	[ -e "$tool" ] || continue
-	tool=${tool##*/}
-	target=$OPT/current/bin/$tool
-	[ "$tool" != nvidia-doctor ] || target=$OPT/current/node/nvidia-doctor
+# /opt/bin links, for humans: the driver's tools, the doctor, and nvidia-uninstall (the
+# driver folder's copy of this script, which outlives the extracted bundle in /tmp).
+[ -d "$DEST" ] && TOOLS_FROM=$DEST || TOOLS_FROM=$PAYLOAD  # a dry run's first install
+{
+	for tool in "$TOOLS_FROM"/bin/*; do
+		[ -e "$tool" ] && printf '%s bin/%s\n' "${tool##*/}" "${tool##*/}"
+	done
+	printf '%s\n' "nvidia-doctor node/nvidia-doctor" "nvidia-uninstall install_nvidia.sh"
+} | while read -r tool inside; do
 	if [ -e "$ROOT/opt/bin/$tool" ] && ! ours "$ROOT/opt/bin/$tool"; then
 		warn "/opt/bin/$tool is not coreos-gpu's; leaving it"
 		continue
 	fi
-	replace_link "$target" "$ROOT/opt/bin/$tool" || die 1 "cannot link /opt/bin/$tool"
-done
+	replace_link "$OPT/current/$inside" "$ROOT/opt/bin/$tool" || die 1 "cannot link /opt/bin/$tool"
+done || exit $?
 
 # --- the switch: one rename -------------------------------------------------------------------
 # `previous` names the driver before the last switch: kept for a rollback, and set before
@@ -347,8 +551,15 @@ done
 	die 1 "systemctl enable nvidia.service failed"
 if [ "$START" = 1 ]; then
 	# startup.sh here, so its words reach the terminal; then the unit, so systemd knows.
-	act "$ROOT$OPT/startup.sh" || die 10 "installed driver $DRIVER_VERSION, but it did not start (exit $?): see above, fix it, then: systemctl restart nvidia.service"
-	systemctl_root start nvidia.service || die 10 "installed driver $DRIVER_VERSION, but nvidia.service failed: journalctl -u nvidia.service"
+	act "$ROOT$OPT/startup.sh"
+	STARTED=$?
+	# startup.sh's own code shows through: 10 + its 3..9 (any other: 11).
+	case $STARTED in
+	0) ;;
+	[3-9]) die $((10 + STARTED)) "installed driver $DRIVER_VERSION, but it did not start (startup.sh exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
+	*) die 11 "installed driver $DRIVER_VERSION, but startup.sh failed (exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
+	esac
+	systemctl_root start nvidia.service || die 20 "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"
 fi
 if [ "$DRY" = 1 ]; then
 	say "dry run: nothing was changed"
