@@ -18,7 +18,7 @@ from coreos_gpu.devcontainer import (
     read_kernel_release,
     resolve_in_root,
 )
-from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.errors import CoreosGpuError, ExitCode, KernelTreeNotPrepared
 from coreos_gpu.release import OsRelease
 from coreos_gpu.sandbox import EngineOptions
 
@@ -172,7 +172,7 @@ def test_kernel_tree_found_inside_the_root_once(tmp_path: Path) -> None:
 def test_unprepared_tree_is_refused(tmp_path: Path) -> None:
     _tree(tmp_path, "6.6.56-flatcar", (".config", "include/generated/utsrelease.h"))
     build_dir, tree = find_kernel_tree(tmp_path)
-    with pytest.raises(CoreosGpuError) as info:
+    with pytest.raises(KernelTreeNotPrepared) as info:  # the kind CoreOS's recipe can mend
         read_kernel_release(tree, build_dir, "6.6.56-flatcar")
     assert info.value.code is ExitCode.IMAGE
     assert info.value.message.endswith("is not prepared: it lacks Module.symvers")

@@ -286,3 +286,37 @@ def test_a_chunked_response_cut_every_time_is_not_complete(tmp_path: Path) -> No
     assert len(handler.requests) == 3
     assert cached(url, tmp_path) is None
     assert not [e for e in _entries(tmp_path) if e.startswith(("sha256", "urls"))]
+
+
+class Statuses(_Quiet):
+    """Serves `files` by path, answers `statuses` (path → HTTP status) with that status."""
+
+    files: ClassVar[dict[str, bytes]]
+    statuses: ClassVar[dict[str, int]]
+
+    def do_GET(self) -> None:
+        self.start()
+        status = self.statuses.get(self.path, 200 if self.path in self.files else 404)
+        body = self.files.get(self.path, b"") if status == 200 else b""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize(("status", "not_found"), [(404, True), (410, True), (500, False),
+                                                   (403, False)])
+def test_download_errors_carry_the_status(tmp_path: Path, status: int, not_found: bool) -> None:
+    handler = handler_with(Statuses, requests=[], files={}, statuses={"/x": status})
+    with served(handler) as base, pytest.raises(DownloadError) as info:
+        fetch(f"{base}/x", tmp_path)
+    assert (info.value.status, info.value.not_found) == (status, not_found)
+    assert info.value.code is ExitCode.DOWNLOAD
+
+
+def test_a_network_failure_has_no_status(tmp_path: Path) -> None:
+    with served(_Quiet) as base:
+        pass  # the port is closed again: nothing listens there now
+    with pytest.raises(DownloadError) as info:
+        fetch(f"{base}/x", tmp_path)
+    assert info.value.status is None and not info.value.not_found

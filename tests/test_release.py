@@ -18,6 +18,7 @@ from coreos_gpu.release import (
 )
 
 from .conftest import Mirror
+from .test_fetch import Statuses, handler_with, served
 
 
 @pytest.mark.parametrize(
@@ -123,3 +124,27 @@ def test_coreos_has_no_lts(tmp_path: Path) -> None:
         list_releases(OsName.COREOS, Channel.LTS, mirror="", cache_dir=tmp_path, offline=True)
     assert info.value.code is ExitCode.CONFIG
     assert info.value.message == "coreos has no 'lts' channel (allowed: stable, beta, alpha)"
+
+
+VERSION_TXT = "/stable.release.flatcar-linux.net/amd64-usr/3975.2.2/version.txt"
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (404, f"flatcar stable has no release 3975.2.2: http://{{host}}{VERSION_TXT} gave "
+         "HTTP 404"),
+        (410, "flatcar stable has no release 3975.2.2: "),  # gone is as missing as not found
+        (500, f"download of http://{{host}}{VERSION_TXT} failed: HTTP 500"),
+        (403, f"download of http://{{host}}{VERSION_TXT} failed: HTTP 403"),
+    ],
+)
+def test_a_missing_release_is_told_by_the_status(tmp_path: Path, status: int,
+                                                 message: str) -> None:
+    handler = handler_with(Statuses, requests=[], statuses={VERSION_TXT: status}, files={
+        "/www.flatcar.org/releases-json/releases-stable.json": json.dumps(FEED).encode()})
+    with served(handler) as base, pytest.raises(CoreosGpuError) as info:
+        resolve_release(OsName.FLATCAR, Channel.STABLE, Board.AMD64_USR, "3975.2.2",
+                        mirror=base, cache_dir=tmp_path, offline=False)
+    assert info.value.code is ExitCode.DOWNLOAD
+    assert info.value.message.startswith(message.format(host=base.removeprefix("http://")))

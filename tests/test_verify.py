@@ -25,6 +25,7 @@ from testinputs.gpg import (
 )
 
 from .conftest import Mirror
+from .test_fetch import Statuses, handler_with, served
 
 
 @dataclass(frozen=True)
@@ -152,3 +153,37 @@ def test_fetch_verified_refuses(http_dir: Mirror, keys: tuple[Key, Key], tmp_pat
     assert cached(published.url, tmp_path) is None
     blobs = tmp_path / "downloads" / "sha256"
     assert not [p for p in blobs.iterdir() if p.read_bytes().startswith(b"imag")]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "status", "code"),
+    [
+        (".DIGESTS", 404, ExitCode.UNVERIFIABLE),
+        (".DIGESTS", 410, ExitCode.UNVERIFIABLE),
+        (".DIGESTS", 500, ExitCode.DOWNLOAD),  # a failing server says nothing about the file
+        (".sig", 404, ExitCode.UNVERIFIABLE),
+        (".sig", 503, ExitCode.DOWNLOAD),
+        ("", 404, ExitCode.DOWNLOAD),  # the image itself
+    ],
+)
+def test_a_missing_proof_is_told_by_the_status(keys: tuple[Key, Key], tmp_path: Path,
+                                               suffix: str, status: int,
+                                               code: ExitCode) -> None:
+    data = b"image" * 1000
+    image, sig = tmp_path / "img.bz2", tmp_path / "img.bz2.sig"
+    image.write_bytes(data)
+    _sign(keys[0], image, sig)
+    files = {"/img.bz2": data, "/img.bz2.DIGESTS": _digests(data, "img.bz2").encode(),
+             "/img.bz2.sig": sig.read_bytes()}
+    handler = handler_with(Statuses, requests=[], files=files,
+                           statuses={f"/img.bz2{suffix}": status})
+    with served(handler) as base:
+        url = f"{base}/img.bz2"
+        published = Published(url, url + ".DIGESTS", url + ".sig", str(keys[0].public),
+                              keys[0].fingerprint)
+        with pytest.raises(CoreosGpuError) as info:
+            fetch_verified(published, tmp_path / "cache", offline=False)
+    assert info.value.code is code
+    if code is ExitCode.UNVERIFIABLE:
+        assert info.value.message.endswith(f"does not exist (HTTP {status}): nothing to verify "
+                                           "the download with")

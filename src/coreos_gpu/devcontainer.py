@@ -26,7 +26,7 @@ from typing import IO
 from coreos_gpu import ui
 from coreos_gpu.cache import content_digest, locked, write_atomically
 from coreos_gpu.config import BuildConfig, OsName, Runtime
-from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.errors import CoreosGpuError, ExitCode, KernelTreeNotPrepared
 from coreos_gpu.release import SCHEMES, OsRelease, mirrored, resolve_release
 from coreos_gpu.run import check_tools, run
 from coreos_gpu.sandbox import Bind, EngineOptions, SandboxSpec, run_in_sandbox
@@ -195,10 +195,10 @@ def read_kernel_release(tree: Path, build_dir: str, modules_of: str) -> str:
     """The prepared tree's UTS_RELEASE, which must be the modules folder it belongs to."""
     missing = [f for f in PREPARED_FILES if not (tree / f).is_file()]
     if missing:
-        raise CoreosGpuError(
+        raise KernelTreeNotPrepared(
             f"the kernel build tree {build_dir} is not prepared: it lacks {', '.join(missing)}",
             hint="a module build needs .config, Module.symvers and the generated headers "
-            "(make modules_prepare)", code=ExitCode.IMAGE)
+            "(make modules_prepare)")
     text = (tree / "include/generated/utsrelease.h").read_text(errors="replace")
     found = re.search(r'#define\s+UTS_RELEASE\s+"([^"]+)"', text)
     if not found:
@@ -238,8 +238,8 @@ def prepare_kernel_tree(root: Path, release: OsRelease, *, runtime: Runtime, eng
     modules_of = build_dir.rstrip("/").split("/")[-2]
     try:
         return build_dir, read_kernel_release(tree, build_dir, modules_of)
-    except CoreosGpuError as e:
-        if release.os is not OsName.COREOS or "is not prepared" not in e.message:
+    except KernelTreeNotPrepared:
+        if release.os is not OsName.COREOS:
             raise
     prepare_coreos_tree(root, runtime=runtime, engine=engine, log_file=log_file,
                         image_key=image_key)

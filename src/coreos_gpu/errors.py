@@ -51,3 +51,10 @@ class DownloadError(CoreosGpuError):
     def not_found(self) -> bool:
         return self.status in (404, 410)
 
+
+class KernelTreeNotPrepared(CoreosGpuError):
+    """A kernel build tree without .config, Module.symvers or generated headers: CoreOS's
+    developer containers ship one like that, and it can be prepared."""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint, code=ExitCode.IMAGE)

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from coreos_gpu.config import Board, Channel, OsName
-from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.errors import CoreosGpuError, DownloadError, ExitCode
 from coreos_gpu.fetch import fetch
 
 
@@ -189,11 +189,11 @@ def resolve_release(os: OsName, channel: Channel, board: Board, version: str, *,
     try:
         text = fetch(url, cache_dir, offline=offline, fresh=version == "current").read_text(
             errors="replace")
-    except CoreosGpuError as e:
-        if "HTTP 404" not in e.message:
+    except DownloadError as e:
+        if not e.not_found:
             raise
         raise CoreosGpuError(
-            f"{os.value} {channel.value} has no release {version}: {url} gave HTTP 404",
+            f"{os.value} {channel.value} has no release {version}: {url} gave HTTP {e.status}",
             hint=f"coreos-gpu releases --os {os.value} --channel {channel.value} lists them",
             code=ExitCode.DOWNLOAD) from e
     named = parse_version_txt(text).get(SCHEMES[os].version_key, "")

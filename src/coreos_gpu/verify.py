@@ -15,7 +15,7 @@ from pathlib import Path
 
 from coreos_gpu import ui
 from coreos_gpu.cache import sha256_of, write_atomically
-from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.errors import CoreosGpuError, DownloadError, ExitCode
 from coreos_gpu.fetch import fetch, forget
 from coreos_gpu.run import check_tools, run
 
@@ -95,11 +95,11 @@ class Published:
 def _fetch_proof(url: str, what: str, cache_dir: Path, offline: bool) -> Path:
     try:
         return fetch(url, cache_dir, offline=offline)
-    except CoreosGpuError as e:
-        if e.code is ExitCode.DOWNLOAD and "HTTP 404" in e.message:
-            raise CoreosGpuError(f"{what} {url} does not exist (HTTP 404): nothing to verify "
-                                 "the download with", code=ExitCode.UNVERIFIABLE) from e
-        raise
+    except DownloadError as e:
+        if not e.not_found:
+            raise
+        raise CoreosGpuError(f"{what} {url} does not exist (HTTP {e.status}): nothing to "
+                             "verify the download with", code=ExitCode.UNVERIFIABLE) from e
 
 
 def fetch_verified(published: Published, cache_dir: Path, *, offline: bool) -> Path:
