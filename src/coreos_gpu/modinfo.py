@@ -22,12 +22,12 @@ def read_modinfo(path: Path) -> dict[str, str]:
             elf = ELFFile(f)
             section = elf.get_section_by_name(".modinfo")
             data = section.data() if section is not None else None
-    except (OSError, ELFError) as e:
+    except (OSError, ELFError) as e:  # ELFParseError too: a truncated or damaged file
         raise CoreosGpuError(f"cannot read {path.name} as an ELF kernel module: {e}",
-                             code=ExitCode.FAILED) from e
+                             code=ExitCode.MODULES) from e
     if data is None:
         raise CoreosGpuError(f"{path.name} has no .modinfo section: not a kernel module",
-                             code=ExitCode.FAILED)
+                             code=ExitCode.MODULES)
     fields: dict[str, str] = {}
     for item in data.split(b"\0"):
         key, sep, value = item.decode("utf-8", errors="replace").partition("=")
