@@ -80,7 +80,12 @@ if [ "$name" = nvidia ]; then
 	echo "$FAKE_DRIVER_VERSION" >"$FAKE_ROOT/sys/module/nvidia/version"
 fi
 """,
+    # -c: the "options" lines of the configuration (-C DIR, else the root's modprobe.d).
     "modprobe": """
+if [ "$1" = -c ]; then
+	cat "${3:-$FAKE_ROOT/etc/modprobe.d}"/*.conf 2>/dev/null | sed 's/#.*//' | grep '^options'
+	exit 0
+fi
 [ "$1" = -q ] && shift
 case " $FAKE_MODPROBE_MISSING " in *" $1 "*) exit 1 ;; esac
 echo "$1 16384 0 - Live 0x0000000000000000" >>"$FAKE_ROOT/proc/modules"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -336,3 +339,222 @@ def test_concurrent_runs_take_turns(tmp_path: Path, bundles: dict[str, Path]) ->
     current = os.readlink(node.root / "opt/nvidia/current")
     check_installed(node, bundles["a"] if current.endswith(bundle_id(bundles["a"]))
                     else bundles["c"])
+
+
+# --- the documented flow, and what the install trusts --------------------------------------
+def extract_as_nobody(archive: Path, folder: Path, *, umask: str = "022") -> None:
+    """`tar xzf nvidia.tar.gz -C /tmp` run by an unprivileged user (uid 65534)."""
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                    f'umask {umask} && tar xzf "$0" -C "$1"', archive, folder], check=True)
+
+
+@pytest.fixture
+def user_tmp() -> Iterator[Path]:
+    """A folder an unprivileged user can reach (pytest's tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="coreos-gpu-test-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def busy_tmp(tmp_path: Path, bundle: Path) -> tuple[Path, Path]:
+    """A /tmp like the provisioning flow leaves it (tmp_path: a fresh user_tmp): world-
+    writable and sticky, other files and folders in it, and the archive downloaded there."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)
+    (tmp / "terraform_123.sh").write_text("#!/bin/sh\necho provisioning\n")
+    (tmp / "systemd-private-1a2b").mkdir()
+    (tmp / "systemd-private-1a2b/tmp").mkdir()
+    (tmp / ".X11-unix").mkdir()
+    archive = tmp / "nvidia.tar.gz"
+    subprocess.run(["cp", bundle.parent / "nvidia.tar.gz", archive], check=True)
+    os.chown(archive, 65534, 65534)
+    return tmp, archive
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_documented_flow(user_tmp: Path, bundles: dict[str, Path], shell: str) -> None:
+    """wget -O /tmp/nvidia.tar.gz …; tar xfz /tmp/nvidia.tar.gz -C /tmp (a user, umask 077);
+    sudo /tmp/install_nvidia.sh: installed, complete, and every installed file root's with the
+    bundle's modes, though the extracted ones are the user's and unreadable to others."""
+    tmp_path = user_tmp
+    tmp, _ = busy_tmp(tmp_path, bundles["a"])
+    extract_as_nobody(tmp / "nvidia.tar.gz", tmp, umask="077")
+    assert (tmp / "startup.sh").stat().st_uid == 65534
+    assert (tmp / "startup.sh").stat().st_mode & 0o777 == 0o700
+    node = Node(tmp_path, shell=shell)
+    result = node.install(tmp)
+    assert result.code == 0, result.stderr
+    check_installed(node, tmp)
+    assert (tmp / "terraform_123.sh").is_file()  # what lay beside it is not ours
+
+
+def test_a_file_swapped_after_extraction_is_refused(user_tmp: Path,
+                                                    bundles: dict[str, Path]) -> None:
+    tmp_path = user_tmp
+    tmp, _ = busy_tmp(tmp_path, bundles["a"])
+    extract_as_nobody(tmp / "nvidia.tar.gz", tmp)
+    smi = tmp / f"payload/{VERSION}/bin/nvidia-smi"
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                    'printf "#!/bin/sh\\nid >/tmp/owned\\n" >"$0"', smi], check=True)
+    node = Node(tmp_path / "node")
+    before = snapshot(node.root)
+    result = node.install(tmp)
+    assert result.code == 4
+    assert (f"is corrupt: payload/{VERSION}/bin/nvidia-smi: FAILED (in its root-owned copy)"
+            in result.errors[0])
+    assert snapshot(node.root) == before
+
+
+def test_a_swap_while_it_copies_is_refused(user_tmp: Path, bundles: dict[str, Path]) -> None:
+    """The sums are checked on the root-owned copy, not on the extracted files: a file the
+    user changes between the first look and the copy is caught there."""
+    tmp_path = user_tmp
+    tmp, _ = busy_tmp(tmp_path, bundles["a"])
+    extract_as_nobody(tmp / "nvidia.tar.gz", tmp)
+    node = Node(tmp_path / "node")
+    smi = tmp / f"payload/{VERSION}/bin/nvidia-smi"
+    # The first cp of the install is the payload's: change a file of it just before.
+    (node.bin / "cp").write_text(f"""#!/bin/sh
+[ -e "{tmp_path}/swapped" ] || {{ echo swapped >"{tmp_path}/swapped"; echo '#!/bin/sh' >>"{smi}"; }}
+exec /bin/cp "$@"
+""")
+    (node.bin / "cp").chmod(0o755)
+    before = snapshot(node.root)
+    result = node.install(tmp)
+    assert (tmp_path / "swapped").exists()
+    assert result.code == 4, result.stderr
+    assert f"payload/{VERSION}/bin/nvidia-smi: FAILED (in its root-owned copy)" in result.stderr
+    assert snapshot(node.root) == before
+
+
+def test_nothing_from_the_extracted_folder_runs_before_it_is_checked(
+        tmp_path: Path, bundles: dict[str, Path]) -> None:
+    """node/lib.sh and node/bundle.env changed to run a command when sourced: the install
+    refuses the bundle, and neither ran."""
+    bundle = tmp_path / "bundle"
+    subprocess.run(["cp", "-a", bundles["a"], bundle], check=True)
+    marker = tmp_path / "sourced"
+    for name in ("node/lib.sh", "node/bundle.env"):
+        with (bundle / name).open("a") as f:
+            f.write(f'touch "{marker}.{name.replace("/", "-")}"\n')
+    script = (bundle / "install_nvidia.sh").read_text()
+    # The build copied lib.sh in: the shipped script sources nothing.
+    assert "# --- node/lib.sh, copied in by the build ---" in script
+    assert not [line for line in script.splitlines() if line.lstrip().startswith(". ")]
+    node = Node(tmp_path / "node")
+    result = node.install(bundle)
+    assert result.code == 4, result.stderr
+    assert "node/bundle.env: FAILED" in result.stderr or "node/lib.sh: FAILED" in result.stderr
+    assert not list(tmp_path.glob("sourced.*"))
+
+
+@pytest.mark.parametrize(("hostile", "words"), [
+    ("absolute link", f"payload/{VERSION}/lib64/libevil.so: links to the absolute path "
+                      "/etc/shadow"),
+    ("escaping link", f"payload/{VERSION}/lib64/libevil.so: links to ../../../../etc/shadow, "
+                      f"outside payload/{VERSION}/"),
+    ("beneath a link", f"payload/{VERSION}/share/x/evil: lies beneath the link "
+                       f"payload/{VERSION}/share/x"),
+    ("group-writable", f"payload/{VERSION}/bin/nvidia-smi: mode 0775 is not a safe file mode"),
+    ("outside the parts", "etc/passwd: not part of a coreos-gpu bundle"),
+])
+def test_a_hostile_bundle_changes_nothing(tmp_path: Path, bundles: dict[str, Path],
+                                          hostile: str, words: str) -> None:
+    """Bundles whose node/contents and SHA256SUMS agree with the changes (as an attacker
+    would make them): links out of the bundle, files beneath a link, unsafe modes."""
+    bundle = tmp_path / "bundle"
+    subprocess.run(["cp", "-a", bundles["a"], bundle], check=True)
+    payload = bundle / f"payload/{VERSION}"
+    if hostile == "absolute link":
+        (payload / "lib64/libevil.so").symlink_to("/etc/shadow")
+    elif hostile == "escaping link":
+        (payload / "lib64/libevil.so").symlink_to("../../../../etc/shadow")
+    elif hostile == "beneath a link":
+        (payload / "share").mkdir(exist_ok=True)
+        (payload / "share/x").symlink_to("../lib64")
+    elif hostile == "group-writable":
+        (payload / "bin/nvidia-smi").chmod(0o775)
+    reseal(bundle)
+    if hostile == "beneath a link":  # as a tar member payload/…/share/x/evil would claim
+        with (bundle / "node/contents").open("a") as f:
+            f.write(f"0644 file payload/{VERSION}/share/x/evil\n")
+    elif hostile == "outside the parts":
+        with (bundle / "node/contents").open("a") as f:
+            f.write("0644 file etc/passwd\n")
+    node = Node(tmp_path / "node")
+    before = snapshot(node.root)
+    result = node.install(bundle)
+    assert result.code == 4, result.stderr
+    assert words in result.errors[0]
+    assert snapshot(node.root) == before
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_uninstall_after_a_reboot(tmp_path: Path, bundles: dict[str, Path], shell: str) -> None:
+    """/tmp is gone after a reboot: the installed copy of the script uninstalls, run as
+    /opt/nvidia/current/install_nvidia.sh --uninstall or through a link named
+    nvidia-uninstall (as /opt/bin/nvidia-uninstall is)."""
+    node = Node(tmp_path, shell=shell)
+    with_unrelated_files(node)
+    before = snapshot(node.root)
+    extracted = tmp_path / "extracted"
+    subprocess.run(["cp", "-a", bundles["a"], extracted], check=True)
+    assert node.install(extracted).code == 0
+    subprocess.run(["rm", "-rf", extracted], check=True)
+    installed = node.root / "opt/nvidia/current/install_nvidia.sh"
+    refused = node.run(installed, "--root", str(node.root))
+    assert refused.code == 2
+    assert "is an installed driver, not an extracted bundle" in refused.errors[0]
+    assert os.readlink(node.root / "opt/bin/nvidia-uninstall") == (
+        "/opt/nvidia/current/install_nvidia.sh")
+    (tmp_path / "bin2").mkdir()
+    (tmp_path / "bin2/nvidia-uninstall").symlink_to(installed)
+    result = node.run(tmp_path / "bin2/nvidia-uninstall", "--root", str(node.root))
+    assert result.code == 0, result.stderr
+    assert snapshot(node.root) == before
+
+
+def test_a_run_waiting_on_uninstalls_lock_stays_serialised(tmp_path: Path,
+                                                           bundles: dict[str, Path]) -> None:
+    """--uninstall removes the lock file while holding it. An install that was waiting on
+    it must not then run beside a third run that made a new lock file: it locks that one."""
+    node = Node(tmp_path)
+    assert node.install(bundles["a"]).code == 0
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    # systemctl --root … disable (uninstall) and ldconfig -n (the install's staging) wait
+    # for a gate file each, so the test decides who is where.
+    (node.bin / "systemctl").write_text(f"""#!/bin/sh
+case " $* " in *" disable "*) while [ ! -e "{gates}/uninstall" ]; do sleep 0.05; done ;; esac
+exit 0
+""")
+    (node.bin / "ldconfig").write_text(f"""#!/bin/sh
+[ "$1" = -n ] || exit 0
+echo "$$" >>"{gates}/in-ldconfig"
+while [ ! -e "{gates}/install-$(wc -l <"{gates}/in-ldconfig")" ]; do sleep 0.05; done
+""")
+    uninstall = subprocess.Popen(["sh", bundles["a"] / "install_nvidia.sh", "--root",
+                                  node.root, "--uninstall"], env=node.env,
+                                 stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # uninstall holds the lock, in systemctl disable
+    waiting = subprocess.Popen(["sh", bundles["b"] / "install_nvidia.sh", "--root",
+                                node.root], env=node.env, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the install waits for the lock
+    (gates / "uninstall").touch()
+    assert uninstall.wait(timeout=30) == 0
+    deadline = time.monotonic() + 30
+    while not (gates / "in-ldconfig").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The waiting install holds the (new) lock and stands in its staging; a third run now
+    # must wait for it instead of running beside it.
+    third = subprocess.Popen(["sh", bundles["c"] / "install_nvidia.sh", "--root", node.root],
+                             env=node.env, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert (gates / "in-ldconfig").read_text().count("\n") == 1, "the third run did not wait"
+    (gates / "install-1").touch()
+    assert waiting.wait(timeout=30) == 0, waiting.stderr.read() if waiting.stderr else ""
+    (gates / "install-2").touch()
+    assert third.wait(timeout=30) == 0, third.stderr.read() if third.stderr else ""
+    check_installed(node, bundles["c"])

@@ -49,7 +49,9 @@ def test_no_gpu_loads_nothing_and_succeeds(tmp_path: Path, bundle: Path, shell: 
     result = node.startup()
     assert result.code == 0, result.stderr
     assert "no NVIDIA GPU on PCI" in result.stderr
-    assert not node.calls("insmod") and not node.calls("mknod") and not node.calls("modprobe")
+    # Only modprobe -c, which reads its configuration and loads nothing.
+    assert not node.calls("insmod") and not node.calls("mknod")
+    assert [c[1] for c in node.calls("modprobe")] in ([], ["-c"])
     assert node.nodes() == {}
 
 
@@ -61,9 +63,10 @@ def test_one_gpu(tmp_path: Path, bundle: Path, shell: str, cls: str) -> None:
     result = node.startup()
     assert result.code == 0, result.stderr
     folder = module_dir(node)
-    # Kernel dependencies first, then ours by full path, in order.
+    # modprobe's configuration (for the options), kernel dependencies, then ours by full
+    # path, in order.
     assert [c[:2] for c in node.calls() if c[0] in ("insmod", "modprobe")] == [
-        ["modprobe", "-q"], ["modprobe", "-q"], ["insmod", f"{folder}/nvidia.ko"],
+        ["modprobe", "-c"], ["modprobe", "-q"], ["modprobe", "-q"], ["insmod", f"{folder}/nvidia.ko"],
         ["insmod", f"{folder}/nvidia-modeset.ko"], ["insmod", f"{folder}/nvidia-uvm.ko"]]
     assert node.nodes() == expected_nodes(0)
     assert node.calls("nvidia-smi") == [["nvidia-smi", "-L"]]
@@ -197,7 +200,7 @@ def test_a_missing_kernel_dependency_is_named(tmp_path: Path, bundle: Path, insm
     result = node.startup(env={"FAKE_MODPROBE_MISSING": "drm", "FAKE_INSMOD_ERROR": insmod})
     assert result.code == code, result.stderr
     assert "warning: cannot load the kernel module drm, which nvidia needs" in result.stderr
-    assert [c[1] for c in node.calls("modprobe") if c[1] != "-q"] == ["ipmi_x", "drm"]
+    assert [c[1] for c in node.calls("modprobe") if c[1] not in ("-q", "-c")] == ["ipmi_x", "drm"]
     assert node.calls("insmod")
     if code == 5:
         assert result.errors[0].endswith("these kernel modules it needs could not be loaded: drm")
@@ -245,7 +248,9 @@ def test_check_changes_nothing(tmp_path: Path, bundle: Path, shell: str) -> None
     node.add_gpu("0000:00:1e.0", 0)
     result = node.startup("--check")
     assert result.code == 7  # nothing is loaded, so nvidia-smi cannot answer
-    assert not node.calls("insmod") and not node.calls("mknod") and not node.calls("modprobe")
+    # Only modprobe -c, which reads its configuration and loads nothing.
+    assert not node.calls("insmod") and not node.calls("mknod")
+    assert [c[1] for c in node.calls("modprobe")] in ([], ["-c"])
     assert node.nodes() == {}
     assert (node.root / "sys/module/firmware_class/parameters/path").read_text() == "\n"
     assert f"would run: insmod {module_dir(node)}/nvidia.ko" in result.stderr
@@ -270,3 +275,29 @@ def test_bad_arguments(tmp_path: Path, bundle: Path) -> None:
     result = node.startup("--frobnicate")
     assert result.code == 2
     assert result.errors == ["startup.sh: error: unknown argument --frobnicate"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_modprobe_d_options_reach_insmod(tmp_path: Path, bundle: Path, shell: str) -> None:
+    """insmod ignores /etc/modprobe.d: startup.sh passes each module its options as modprobe
+    -c gives them (module names with - or _ alike), and no other module's."""
+    node = installed(tmp_path, bundle, shell=shell)
+    node.add_gpu("0000:00:1e.0", 0)
+    conf = node.root / "etc/modprobe.d"
+    conf.mkdir(parents=True)
+    (conf / "nvidia.conf").write_text(
+        "# GSP firmware off: the driver's own documented switch\n"
+        "options nvidia NVreg_EnableGpuFirmware=0\n"
+        "options nvidia NVreg_DeviceFileMode=0660 NVreg_RegistryDwords=\"RMA=1;RMB=2\"\n"
+        "options nvidia-uvm uvm_perf_prefetch_enable=0\n"
+        "options nvidia_drm modeset=1\n"
+        "blacklist nouveau\n")
+    result = node.startup()
+    assert result.code == 0, result.stderr
+    folder = module_dir(node)
+    assert node.calls("insmod") == [
+        ["insmod", f"{folder}/nvidia.ko", "NVreg_EnableGpuFirmware=0", "NVreg_DeviceFileMode=0660",
+         'NVreg_RegistryDwords="RMA=1;RMB=2"'],
+        ["insmod", f"{folder}/nvidia-modeset.ko"],
+        ["insmod", f"{folder}/nvidia-uvm.ko", "uvm_perf_prefetch_enable=0"]]
+    assert ["modprobe", "-c", "-C", f"{node.root}/etc/modprobe.d"] in node.calls("modprobe")

@@ -131,6 +131,19 @@ load_failed() {
 	esac
 }
 
+# insmod reads no modprobe.d: each module's options (options nvidia NVreg_…=…, options
+# nvidia-drm modeset=1) come from modprobe's own view of its configuration, read once.
+if [ -n "$ROOT" ]; then
+	OPTIONS=$(modprobe -c -C "$ROOT/etc/modprobe.d" 2>/dev/null | grep '^options ')
+else
+	OPTIONS=$(modprobe -c 2>/dev/null | grep '^options ')
+fi
+options_of() {
+	printf '%s\n' "$OPTIONS" | awk -v m="$(printf '%s' "$1" | tr - _)" '
+		{ name = $2; gsub("-", "_", name) }
+		name == m { for (i = 3; i <= NF; i++) printf "%s%s", (found++ ? " " : ""), $i }'
+}
+
 WANTED=$LOAD_ORDER
 [ "${NVIDIA_LOAD_DRM:-0}" != 1 ] || WANTED="$WANTED nvidia-drm"
 # IPMI lets the driver talk to the board's management controller; absent on many kernels.
@@ -155,18 +168,22 @@ for name in $WANTED; do
 			MISSING_DEPS="${MISSING_DEPS:-}${MISSING_DEPS:+, }$dep"
 		}
 	done
+	OPTS=$(options_of "$name")
 	if [ "$DRY" = 1 ]; then
-		say "would run: insmod $MODULES/$name.ko"
+		say "would run: insmod $MODULES/$name.ko${OPTS:+ $OPTS}"
 		continue
 	fi
-	# /lib/modules is read-only on these OSes: insmod by full path, not modprobe.
-	if ! ERROR=$(insmod "$MODULES/$name.ko" 2>&1); then
+	# /lib/modules is read-only on these OSes: insmod by full path, not modprobe. The
+	# options are split into words as modprobe would pass them (insmod joins them again;
+	# the kernel reads quotes in them), with globbing off.
+	# shellcheck disable=SC2086
+	if ! ERROR=$(set -f; insmod "$MODULES/$name.ko" $OPTS 2>&1); then
 		case $ERROR in
 		*"File exists"*) say "$name was loaded meanwhile" ;;
 		*) load_failed "$name" "$ERROR" ;;
 		esac
 	fi
-	say "loaded $name"
+	say "loaded $name${OPTS:+ ($OPTS)}"
 done
 
 # --- device nodes -----------------------------------------------------------------------
