@@ -3,7 +3,9 @@ Debian VM (QEMU, TCG) with systemd and a stand-in for DC/OS's agent unit, across
 on the kernel it was built for (6.1.0-50-amd64) and on another one (6.1.0-50-cloud-amd64).
 
 One VM per module flavour, four boots each:
-  1. amd64: extract the bundle and run install_nvidia.sh (the agent stand-in was up first);
+  1. amd64: the documented flow: the archive downloaded into /tmp (which holds other things),
+     extracted there by an unprivileged user (umask 077), then `/tmp/install_nvidia.sh` as
+     root (the agent stand-in was up first); the installed files are root's;
   2. amd64, a reboot: nvidia.service finished before the agent started; nvidia-doctor under
      real systemd; a forced load (no GPU here): the kernel accepts nvidia.ko, which then finds
      no GPU (ENODEV, "NVRM: No NVIDIA GPU found."), and startup.sh says exactly that (exit 8);
@@ -12,7 +14,8 @@ One VM per module flavour, four boots each:
      without a GPU nothing is loaded on any kernel): nvidia.service's startup.sh refuses
      before any insmod, naming both kernels (exit 4), and the
      agent starts without GPUs (proprietary bundle, the default policy) or stays down (open
-     bundle, built with --on-driver-failure wait). Then the guard of the guard: a bundle
+     bundle, built with --on-driver-failure wait); install_nvidia.sh run again there shows
+     startup.sh's code through (10 + 4). Then the guard of the guard: a bundle
      whose modules were built for amd64 but which claims the cloud kernel gets "Invalid
      module format" from the kernel, and startup.sh reports a kernel mismatch (exit 4).
 """
@@ -25,10 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from coreos_gpu.cache import sha256_of
-from coreos_gpu.layout import render_sums
-
 from .conftest import BuiltBundle
+from .nodetree import reseal
 from .vm import AgentStart, Boot, Vm
 
 pytestmark = pytest.mark.slow
@@ -40,9 +41,15 @@ set -u
 r=/data/results
 case $1 in
 1)
-	mkdir -p /tmp/bundle && tar xzf /data/nvidia.tar.gz -C /tmp/bundle
-	/tmp/bundle/install_nvidia.sh >$r/install.log 2>&1
+	# wget -O /tmp/nvidia.tar.gz …; tar xfz /tmp/nvidia.tar.gz -C /tmp (a user); sudo …
+	echo 'echo provisioning' >/tmp/terraform_123.sh && mkdir -p /tmp/other/folder
+	cp /data/nvidia.tar.gz /tmp/nvidia.tar.gz && chown nobody: /tmp/nvidia.tar.gz
+	setpriv --reuid=65534 --regid=65534 --clear-groups sh -c \
+		'umask 077 && tar xfz /tmp/nvidia.tar.gz -C /tmp' >$r/extract.log 2>&1
+	/tmp/install_nvidia.sh >$r/install.log 2>&1
 	echo $? >$r/install.rc
+	stat -c '%u:%g %a %n' /tmp/startup.sh /opt/nvidia/current/startup.sh \
+		/opt/nvidia/current/bin/nvidia-smi >$r/owners.txt 2>&1
 	systemctl is-enabled nvidia.service >$r/enabled.txt 2>&1
 	;;
 2)
@@ -61,6 +68,9 @@ case $1 in
 	NVIDIA_FORCE_LOAD=1 /opt/nvidia/startup.sh >$r/mismatch.log 2>&1
 	echo $? >$r/mismatch.rc
 	{ grep '^nvidia' /proc/modules; dmesg | grep -i nvidia; } >$r/nvidia-in-kernel.txt
+	mkdir -p /tmp/again && tar xzf /data/nvidia.tar.gz -C /tmp/again
+	NVIDIA_FORCE_LOAD=1 /tmp/again/install_nvidia.sh >$r/again.log 2>&1
+	echo $? >$r/again.rc
 	mkdir -p /tmp/guard && tar xzf /data/guard.tar.gz -C /tmp/guard
 	/tmp/guard/install_nvidia.sh --no-start >$r/guard-install.log 2>&1
 	echo $? >$r/guard-install.rc
@@ -82,9 +92,7 @@ def make_guard(archive: Path, folder: Path) -> Path:
     for name in ("node/bundle.env", "node/module-deps", "MANIFEST.json"):
         path = tree / name
         path.write_text(path.read_text().replace(KERNEL, CLOUD))
-    files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
-                   if p.is_file() and not p.is_symlink() and p.name != "SHA256SUMS")
-    (tree / "SHA256SUMS").write_bytes(render_sums({f: sha256_of(tree / f) for f in files}))
+    reseal(tree)
     guard = folder / "guard.tar.gz"
     subprocess.run(["tar", "czf", guard, "-C", tree, "."], check=True)
     return guard
@@ -129,6 +137,9 @@ def test_bundle_on_a_booted_kernel(vm_image, build_bundle, tmp_path: Path,  # ty
         install_log = result(first, "install.log")
         assert "no NVIDIA GPU on PCI" in install_log and "done: driver" in install_log
         assert result(first, "enabled.txt").strip() == "enabled", result(first, "enabled.txt")
+        assert result(first, "owners.txt").splitlines() == [
+            "65534:65534 700 /tmp/startup.sh", "0:0 755 /opt/nvidia/current/startup.sh",
+            "0:0 755 /opt/nvidia/current/bin/nvidia-smi"], result(first, "owners.txt")
         [before] = first.agent_starts()
         assert before.nvidia["LoadState"] == "not-found"  # the agent was up before the install
 
@@ -171,6 +182,9 @@ def test_bundle_on_a_booted_kernel(vm_image, build_bundle, tmp_path: Path,  # ty
             assert starts == [], cloud.describe()  # Requires=: the agent waits for the driver
             assert "ActiveState=inactive" in result(cloud, "agent-state.txt")
             assert "Dependency failed for" in cloud.read("journal"), cloud.describe()
+        again = result(cloud, "again.log")
+        assert result(cloud, "again.rc").strip() == "14", again  # 10 + startup.sh's 4
+        assert "(startup.sh exit 4)" in again, again
         # 4b. The guard of the guard: modules for amd64 claiming the cloud kernel.
         assert result(cloud, "guard-install.rc").strip() == "0", result(cloud,
                                                                          "guard-install.log")

@@ -66,8 +66,9 @@ def test_one_gpu(tmp_path: Path, bundle: Path, shell: str, cls: str) -> None:
     # modprobe's configuration (for the options), kernel dependencies, then ours by full
     # path, in order.
     assert [c[:2] for c in node.calls() if c[0] in ("insmod", "modprobe")] == [
-        ["modprobe", "-c"], ["modprobe", "-q"], ["modprobe", "-q"], ["insmod", f"{folder}/nvidia.ko"],
-        ["insmod", f"{folder}/nvidia-modeset.ko"], ["insmod", f"{folder}/nvidia-uvm.ko"]]
+        ["modprobe", "-c"], ["modprobe", "-q"], ["modprobe", "-q"],
+        ["insmod", f"{folder}/nvidia.ko"], ["insmod", f"{folder}/nvidia-modeset.ko"],
+        ["insmod", f"{folder}/nvidia-uvm.ko"]]
     assert node.nodes() == expected_nodes(0)
     assert node.calls("nvidia-smi") == [["nvidia-smi", "-L"]]
     # The GSP firmware search path: the resolved version folder, as the node sees it.
