@@ -229,7 +229,7 @@ def test_compute_layout(bundle: Bundle) -> None:
     links = {n: m.linkname for n, m in found.items() if m.issym()}
     modules = {f"{P}/modules/{KERNEL}/{name}.ko" for name in MODULES}
     generated = {"nvidia.service", "node/agent-dropin.conf", "node/bundle.env",
-                 "node/module-deps"}
+                 "node/module-deps", "node/contents"}
     assert files == COMPUTE_FILES | modules | generated | {"MANIFEST.json", "SHA256SUMS"}
     assert links == COMPUTE_LINKS
     # Folders are members too (mode 0755), each before what it holds.
@@ -273,13 +273,13 @@ def test_node_files_go_to_the_top_and_into_node(
     assert {n: m.mode for n, m in found.items() if n.split("/")[0] != "payload" and m.isreg()
             } == {"install_nvidia.sh": 0o755, "nvidia.service": 0o644, "startup.sh": 0o755,
                   "node/dropins/10-nvidia.conf": 0o644, "node/agent-dropin.conf": 0o644,
-                  "node/bundle.env": 0o644, "node/module-deps": 0o644,
+                  "node/bundle.env": 0o644, "node/module-deps": 0o644, "node/contents": 0o644,
                   "MANIFEST.json": 0o644, "SHA256SUMS": 0o644}
     report = inspect_bundle(bundle.path)
     assert report.ok, report.problems
     assert [(p.part, p.files) for p in report.parts] == [
         ("libraries", 5), ("binaries", 2), ("firmware", 1), (f"modules {KERNEL}", 3),
-        ("node files", 7), ("other", 1), ("metadata", 2)]
+        ("node files", 8), ("other", 1), ("metadata", 2)]
 
 
 def test_the_packaged_node_files_are_carried(
@@ -302,9 +302,29 @@ def test_the_packaged_node_files_are_carried(
                 else:
                     packaged.add(f"{prefix}{child.name}")
     carried = {f["path"] for f in bundle.manifest["files"] if part_of(f["path"]) == "node files"}
-    generated = {"nvidia.service", "agent-dropin.conf", "bundle.env", "module-deps"}
+    generated = {"nvidia.service", "agent-dropin.conf", "bundle.env", "module-deps", "contents"}
     assert {n.removeprefix("node/") for n in carried} == packaged | generated
     assert {"install_nvidia.sh", "startup.sh", "lib.sh", "nvidia-doctor"} <= packaged
+
+
+def test_node_contents_describes_every_member(bundle: Bundle) -> None:
+    """node/contents (what install_nvidia.sh checks the extracted bundle and its copy
+    against) lists every member but the folders, with its mode and kind, and each link's
+    target, exactly as the archive holds them."""
+    found = members(bundle.path)
+    with tarfile.open(bundle.path) as tar:
+        stream = tar.extractfile("node/contents")
+        assert stream is not None
+        lines = stream.read().decode().splitlines()
+    assert lines == sorted(lines, key=lambda line: line.split(" ")[2])
+    described = {}
+    for line in lines:
+        mode, kind, path, *target = line.split(" ")
+        described[path] = (int(mode, 8), kind, target)
+    assert described == {
+        n: (m.mode, "link" if m.issym() else "file", [m.linkname] if m.issym() else [])
+        for n, m in found.items() if not m.isdir()}
+    assert described[f"{P}/lib64/libcuda.so.1"] == (0o777, "link", [f"libcuda.so.{VERSION}"])
 
 
 def test_manifest_json(bundle: Bundle, package: DriverPackage) -> None:
