@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -319,12 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         args.config = getattr(args, "config", None)
-        code = args.func(args)
+        return int(args.func(args) or ExitCode.OK)
     except CoreosGpuError as e:
         if debug:
             traceback.print_exc()
@@ -334,11 +335,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         ui.print_error("interrupted")
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
-        return int(code or ExitCode.OK)
+        # stdout is the one pipe coreos-gpu writes to itself: its reader stopped reading.
+        return int(ExitCode.BROKEN_PIPE)
     except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
             traceback.print_exc()
         ui.print_error(f"internal error: {type(e).__name__}: {e}",
                        "rerun with --debug for the traceback, and report it")
         return int(ExitCode.INTERNAL)
-    return int(code or ExitCode.OK)
+
+
+def _flush_stdout() -> bool:
+    """Write out what stdout still holds; False when its reader has gone (`| head -1`)."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit and would print "Exception ignored" for
+        # that; what is left can go nowhere, so let it go to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    code = _run(argv)
+    # A reader that stops early (`coreos-gpu releases | head -1`) is no error to report:
+    # exit quietly with 141, as a tool killed by SIGPIPE does (a pipeline without pipefail
+    # shows head's 0), unless the verb failed on its own: its code says more.
+    if not _flush_stdout() and code == ExitCode.OK:
+        return int(ExitCode.BROKEN_PIPE)
+    return code

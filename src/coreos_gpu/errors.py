@@ -24,6 +24,9 @@ class ExitCode(IntEnum):
     MODULES = 13  # the module build produced no or wrong kernel modules
     INTERNAL = 70  # a bug in coreos-gpu (EX_SOFTWARE)
     INTERRUPTED = 130
+    # stdout was closed before all was written (`coreos-gpu releases | head -1`): 128 + SIGPIPE,
+    # what any Unix tool that dies of the signal reports, so `set -o pipefail` sees it alike.
+    BROKEN_PIPE = 141
 
 
 class CoreosGpuError(Exception):

@@ -68,8 +68,13 @@ class ByteProgress:
             self._progress.stop()
 
 
+# Results go out in pieces, never one large write: CPython can cut a large write to a pipe
+# short without an error when the reader leaves (`| head -1`), and the rest is lost unnoticed.
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -84,11 +89,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         stdout.print(table)
         return
     widths = [max(len(r[i]) for r in [list(columns), *cells]) for i in range(len(columns))]
-    lines = [f"{title}:"] + [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [list(columns), *cells]
-    ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write(f"{title}:\n")
+    sys.stdout.writelines(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        for row in [list(columns), *cells])
 
 
 def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
