@@ -1,12 +1,18 @@
 """Parse the `.manifest` inside an extracted NVIDIA `.run`.
 
-The format is nvidia-installer's: a header (description, version, kernel interface file(s),
-module names, uninstall lists, build and precompiled dirs), then one line per file:
+The format is nvidia-installer's (install-from-cwd.c `parse_manifest`, manifest.c's type
+table). The header is read by position: description, version, the kernel interface line
+(ignored since nvidia-installer 331; a `.o` name or empty), the kernel module names, module
+names and module files to uninstall, the kernel module build dir and the precompiled dir.
+Packages of 2004 (nvidia-installer 1.0-6106/6111) have one more `.o` line before the module
+names. Then one line per file:
 
-    file mode TYPE [NATIVE|COMPAT32] [path | INHERIT_PATH_DEPTH:N] [symlink target] ... MODULE:x
+    file mode TYPE [NATIVE|COMPAT32] [CLASSIC|NEW] [path | INHERIT_PATH_DEPTH:N] [target]
+        [GLVND|NON_GLVND] MODULE:x
 
 Which optional fields a line carries depends on its TYPE, so the type table below is needed
-to read it at all.
+to read it at all. A `*_SYMLINK` entry (mode 0000) is no file of the package: nvidia-installer
+creates the link from its target.
 """
 
 from __future__ import annotations
@@ -113,7 +119,8 @@ FILE_TYPES: dict[str, FileType] = {
 
 _MODE = re.compile(r"[0-7]{3,4}")
 _TYPE = re.compile(r"[A-Z][A-Z0-9_]*")
-_VERSION = re.compile(r"\d+\.\d+(\.\d+)?")
+# 535.261.03, 390.157, 100.14.19 and the 1.0-6111 of the 9-line header's era.
+_VERSION = re.compile(r"\d+\.\d+([.-]\d+)?")
 _MODULE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 _INHERIT = "INHERIT_PATH_DEPTH:"
 _MODULE_TAG = "MODULE:"
@@ -121,15 +128,23 @@ _MODULE_TAG = "MODULE:"
 _FLAG_TAGS = frozenset({"GLVND", "NON_GLVND", "CLASSIC", "NEW"})
 
 
+def _is_symlink_type(type_name: str, mode: int) -> bool:
+    info = FILE_TYPES.get(type_name)
+    if info is not None:
+        return info.is_symlink
+    # A type newer than the table: NVIDIA names every link type *_SYMLINK and gives it mode 0.
+    return type_name.endswith("_SYMLINK") or mode == 0
+
+
 @dataclass(frozen=True)
 class ManifestEntry:
-    file: str  # relative to the extracted package
+    file: str  # relative to the extracted package; not there for symlinks
     mode: int
     type: str
     line: int
     arch: Arch | None = None
     path: str | None = None  # install sub-path, given or inherited
-    target: str | None = None  # symlinks only
+    target: str | None = None  # symlinks only, and always set for them
     module: str | None = None
     tags: tuple[str, ...] = ()  # GLVND/NON_GLVND, CLASSIC/NEW
     extra: tuple[str, ...] = ()  # fields of a type this parser does not know
@@ -140,8 +155,7 @@ class ManifestEntry:
 
     @property
     def is_symlink(self) -> bool:
-        info = FILE_TYPES.get(self.type)
-        return info.is_symlink if info else self.mode == 0
+        return _is_symlink_type(self.type, self.mode)
 
     @property
     def name(self) -> str:
@@ -152,19 +166,24 @@ class ManifestEntry:
 class Manifest:
     description: str
     version: str
-    interface_files: tuple[str, ...]
+    interface_files: tuple[str, ...]  # the header's .o names, which nvidia-installer ignores
     kernel_modules: tuple[str, ...]
+    uninstall_modules: tuple[str, ...]  # module names nvidia-installer unloads first
+    uninstall_files: tuple[str, ...]  # module files nvidia-installer removes first
     build_dir: str
+    precompiled_dir: str
     entries: tuple[ManifestEntry, ...]
 
 
-def _fail(source: str, line: int, why: str) -> CoreosGpuError:
+def entry_error(source: str, line: int, why: str) -> CoreosGpuError:
+    """The error for a bad .manifest line: one line that names it, exit code DRIVER."""
     return CoreosGpuError(
         f"{source}: malformed entry on line {line}: {why}",
         hint="the .run is damaged or of a format coreos-gpu does not know; "
         "try a fresh download",
         code=ExitCode.DRIVER,
     )
+
 
 
 def _looks_like_entry(tokens: list[str]) -> bool:
@@ -175,19 +194,31 @@ def _looks_like_entry(tokens: list[str]) -> bool:
 def _check_relative(value: str, what: str, source: str, line: int) -> None:
     p = PurePosixPath(value)
     if p.is_absolute() or ".." in p.parts:
-        raise _fail(source, line, f"{what} {value!r} leaves the package folder")
+        raise entry_error(source, line, f"{what} {value!r} leaves the package folder")
+
+
+def _inherited_path(file: str, depth_text: str, type_name: str, source: str,
+                    line: int) -> str:
+    # nvidia-installer takes the file's folder and strips N leading components; a file
+    # outside any folder, or fewer folders than N, is an invalid manifest there too.
+    depth = depth_text[len(_INHERIT):] if depth_text.startswith(_INHERIT) else ""
+    parents = PurePosixPath(file).parent.parts
+    if not depth.isdigit() or not parents or int(depth) > len(parents):
+        raise entry_error(source, line, f"{type_name} {file} needs {_INHERIT}N within its path")
+    return str(PurePosixPath(*parents[int(depth):]))
 
 
 def parse_entry(text: str, line: int, source: str = ".manifest") -> ManifestEntry:
     tokens = text.split()
     if len(tokens) < 3:
-        raise _fail(source, line, f"expected 'file mode TYPE ...', got {text.strip()!r}")
+        raise entry_error(source, line, f"expected 'file mode TYPE ...', got {text.strip()!r}")
     file, mode_text, type_name, *rest = tokens
     if not _MODE.fullmatch(mode_text):
-        raise _fail(source, line, f"mode {mode_text!r} of {file} is not octal")
+        raise entry_error(source, line, f"mode {mode_text!r} of {file} is not octal")
     if not _TYPE.fullmatch(type_name):
-        raise _fail(source, line, f"file type {type_name!r} of {file} is not a type name")
+        raise entry_error(source, line, f"file type {type_name!r} of {file} is not a type name")
     _check_relative(file, "file", source, line)
+    mode = int(mode_text, 8)
 
     module = None
     if rest and rest[-1].startswith(_MODULE_TAG):  # MODULE: always comes last
@@ -201,80 +232,96 @@ def parse_entry(text: str, line: int, source: str = ".manifest") -> ManifestEntr
         if rest and rest[0] in Arch.__members__:
             arch = Arch(rest.pop(0))
         elif info is not None:
-            raise _fail(source, line, f"{type_name} {file} lacks NATIVE or COMPAT32")
-    if info is None:
-        return ManifestEntry(file, int(mode_text, 8), type_name, line, arch,
-                             module=module, tags=tags, extra=tuple(rest))
+            raise entry_error(source, line, f"{type_name} {file} lacks NATIVE or COMPAT32")
 
     path = None
-    if info.has_path:
+    if info is not None and info.has_path:
         if not rest:
-            raise _fail(source, line, f"{type_name} {file} lacks its install path")
+            raise entry_error(source, line, f"{type_name} {file} lacks its install path")
         path = rest.pop(0)
-    elif info.inherit_path:
-        depth_text = rest.pop(0) if rest else ""
-        depth = depth_text[len(_INHERIT):] if depth_text.startswith(_INHERIT) else ""
-        parents = PurePosixPath(file).parent.parts
-        if not depth.isdigit() or int(depth) > len(parents):
-            raise _fail(source, line, f"{type_name} {file} needs {_INHERIT}N within its path")
-        path = str(PurePosixPath(*parents[int(depth):]))
+    elif info is not None and info.inherit_path:
+        path = _inherited_path(file, rest.pop(0) if rest else "", type_name, source, line)
     if path is not None:
         # Install paths are relative to a prefix even when NVIDIA writes them as "/" or "/x".
         _check_relative(path.lstrip("/") or ".", "install path", source, line)
 
     target = None
-    if info.is_symlink:
+    if _is_symlink_type(type_name, mode):
         if not rest:
-            raise _fail(source, line, f"symlink {file} lacks its target")
-        target = rest.pop(0)
+            raise entry_error(source, line, f"symlink {file} lacks its target")
+        # The target follows the path; of a type this parser does not know it is the last
+        # field, which keeps bundle writers from ever reading a link off the disk.
+        target = rest.pop() if info is None else rest.pop(0)
+        if target.startswith("/"):
+            raise entry_error(source, line, f"symlink {file} has the absolute target "
+                                            f"{target!r}: it would point outside the package")
+    if info is None:
+        return ManifestEntry(file, mode, type_name, line, arch, target=target, module=module,
+                             tags=tags, extra=tuple(rest))
     if rest:
-        raise _fail(source, line, f"unexpected field(s) {' '.join(rest)!r} after {file}")
-    return ManifestEntry(file, int(mode_text, 8), type_name, line, arch, path, target, module,
-                         tags)
+        raise entry_error(source, line, f"unexpected field(s) {' '.join(rest)!r} after {file}")
+    return ManifestEntry(file, mode, type_name, line, arch, path, target, module, tags)
+
+
+# What each header line holds, by position, as nvidia-installer reads them.
+HEADER = ("description", "version", "kernel interface file", "kernel module names",
+          "module names to uninstall", "module files to uninstall",
+          "kernel module build directory", "precompiled kernel interface directory")
+# nvidia-installer 1.0-6106 and 1.0-6111 (2004) read the kernel module's .o file name, then
+# the kernel interface's, where every later one reads a single (and since 331 ignored) line.
+OLD_HEADER = ("description", "version", "kernel module file", *HEADER[2:])
+
+
+def _split_lines(text: str) -> list[str]:
+    # nvidia-installer ends a line at \n or \r only; str.splitlines would also split at
+    # form feeds and Unicode separators.
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def parse_manifest(text: str, source: str = ".manifest") -> Manifest:
     """Parse a whole .manifest; any malformed line is an error naming its line number."""
-    lines = text.splitlines()
-    # The header's length differs between driver generations (older ones list a second
-    # kernel interface .o), so it ends where the first file entry starts.
-    first_entry = next(
-        (i for i, line in enumerate(lines) if _looks_like_entry(line.split())), len(lines))
-    header = [line.strip() for line in lines[:first_entry]]
-    if len(header) < 2 or not header[0]:
-        raise _fail(source, 1, "the header lacks the description and version lines")
-    description, version = header[0], header[1]
+    lines = _split_lines(text)
+    if len(lines) < 2 or not lines[0].strip():
+        raise entry_error(source, 1, "the header lacks the description and version lines")
+    description, version = lines[0].strip(), lines[1].strip()
     if not _VERSION.fullmatch(version):
-        raise _fail(source, 2, f"{version!r} is not a driver version")
-    rest = header[2:]
-    interface_files: list[str] = []
-    while rest and rest[0].endswith(".o"):
-        interface_files.append(rest.pop(0))
-    modules = rest.pop(0).split() if rest else []
+        raise entry_error(source, 2, f"{version!r} is not a driver version")
+    # Only the 9-line header has a .o name on line 4; elsewhere line 4 names modules.
+    names = OLD_HEADER if len(lines) > 3 and lines[3].strip().endswith(".o") else HEADER
+    # Every line counts, blank or not. nvidia-installer's get_next_line (misc.c) steps over
+    # blank lines, so where its own installer reads a package, an "empty" header line holds
+    # a space, which reads the same both ways.
+    header = [line.strip() for line in lines[:len(names)]]
+    for number, (line, what) in enumerate(zip(lines, names, strict=False), start=1):
+        if number > 2 and _looks_like_entry(line.split()):
+            raise entry_error(source, number, f"expected the {what} (header line {number}), "
+                                              "got a file entry: the header is too short")
+    if len(header) < len(names):
+        raise entry_error(source, len(lines), f"the header ends before its "
+                                              f"{names[len(header)]} line")
+    *objects, modules_line, unload, remove, build_dir, precompiled_dir = header[2:]
+    modules = modules_line.split()
+    modules_at = len(names) - 4
+    if not modules:
+        raise entry_error(source, modules_at, "the header names no kernel modules")
     for name in modules:
         if not _MODULE_NAME.fullmatch(name):
-            line_no = first_entry - len(rest)
-            raise _fail(source, line_no, f"kernel module name {name!r} is not a module name")
-    # Then: module names to uninstall, module files to uninstall, build dir, precompiled dir.
-    if len(rest) > 4:
-        # More header than any driver has: the first file entry itself is malformed.
-        bad = first_entry - len(rest) + 5
-        parse_entry(lines[bad - 1], bad, source)
-        raise _fail(source, bad, f"expected a file entry, got {lines[bad - 1].strip()!r}")
-    build_dir = rest[2] if len(rest) >= 3 and rest[2] else "kernel"
+            raise entry_error(source, modules_at,
+                              f"kernel module name {name!r} is not a module name")
 
     entries: list[ManifestEntry] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines[first_entry:], start=first_entry + 1):
-        if not line.strip():
+    for number, line in enumerate(lines[len(names):], start=len(names) + 1):
+        if not line.strip():  # get_next_line skips them; their line numbers still count
             continue
         entry = parse_entry(line, number, source)
         if entry.file in seen:
-            raise _fail(source, number, f"{entry.file} is listed twice (also line "
-                                        f"{seen[entry.file]})")
+            raise entry_error(source, number, f"{entry.file} is listed twice (also line "
+                                              f"{seen[entry.file]})")
         seen[entry.file] = number
         entries.append(entry)
     if not entries:
-        raise _fail(source, len(lines) or 1, "no file entries")
-    return Manifest(description, version, tuple(interface_files), tuple(modules), build_dir,
-                    tuple(entries))
+        raise entry_error(source, len(lines) or 1, "no file entries")
+    return Manifest(description, version, tuple(o for o in objects if o), tuple(modules),
+                    tuple(unload.split()), tuple(remove.split()), build_dir or "kernel",
+                    precompiled_dir, tuple(entries))
