@@ -1,8 +1,9 @@
 """`coreos-gpu inspect`: what a bundle holds, and whether it is whole.
 
 One streaming pass over the archive hashes every member and reads each .ko's modinfo; then
-the members are checked against SHA256SUMS and MANIFEST.json, and every module against the
-kernel folder it sits in and the driver version. Nothing is extracted but one .ko at a time,
+the members are checked against SHA256SUMS and MANIFEST.json, every module against the
+kernel folder it sits in and the driver version, and every symlink for where extracting the
+archive would make it point (or write through it). Nothing is extracted but one .ko at a time,
 to a temporary folder, because pyelftools reads ELF files by seeking.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import tarfile
 import tempfile
 from contextlib import nullcontext
@@ -120,6 +122,7 @@ class _Scan:
     """What one pass over the archive found (the one mutable workspace of an inspection)."""
 
     members: dict[str, _Seen] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # of every member, folders too
     texts: dict[str, bytes] = field(default_factory=dict)  # MANIFEST.json, SHA256SUMS
     modinfo: dict[str, dict[str, str]] = field(default_factory=dict)  # by .ko path
     problems: list[str] = field(default_factory=list)
@@ -167,6 +170,7 @@ def _scan_archive(path: Path) -> tuple[Compression, str, int, _Scan]:
             open_archive(path) as archive:
         for member in archive.tar:
             name = member.name
+            scan.names.append(name)
             if name in scan.members:
                 scan.problems.append(f"{name}: in the archive twice")
             if PurePosixPath(name).is_absolute() or ".." in name.split("/"):
@@ -175,10 +179,41 @@ def _scan_archive(path: Path) -> tuple[Compression, str, int, _Scan]:
                 _scan_file(archive.tar, member, scan, Path(tmp))
             elif member.issym():
                 scan.members[name] = _Seen("symlink", member.mode, target=member.linkname)
+                _check_link(name, member.linkname, scan)
             elif not member.isdir():
                 scan.problems.append(f"{name}: neither a file, a folder nor a symlink")
         digest = archive.finish()
+    _check_beneath_links(scan)
     return archive.compression, digest.sha256, digest.size, scan
+
+
+def _check_link(name: str, target: str, scan: _Scan) -> None:
+    """A link must point inside the folder the archive is extracted to, as tar would make it."""
+    if not target:
+        scan.problems.append(f"{name}: a symlink without a target")
+    elif target.startswith("/"):
+        scan.problems.append(f"{name}: a symlink to the absolute path {target}, outside the "
+                             "folder it is extracted to")
+    else:
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+        if resolved == ".." or resolved.startswith("../"):
+            scan.problems.append(f"{name}: a symlink to {target}, which leaves the folder it is "
+                                 "extracted to")
+
+
+def _check_beneath_links(scan: _Scan) -> None:
+    """Nothing may sit beneath a symlink: extracting it would write wherever the link points,
+    which is how a hostile archive writes outside its folder with harmless-looking names."""
+    links = {posixpath.normpath(n) for n, seen in scan.members.items() if seen.kind == "symlink"}
+    if not links:
+        return
+    for name in scan.names:
+        parts = posixpath.normpath(name).split("/")
+        above = next(("/".join(parts[:i]) for i in range(1, len(parts))
+                      if "/".join(parts[:i]) in links), None)
+        if above is not None:
+            scan.problems.append(f"{name}: beneath the symlink {above}, so extracting it would "
+                                 "write where the link points")
 
 
 def _check_sums(scan: _Scan) -> None:

@@ -1,0 +1,83 @@
+"""`coreos-gpu inspect` against hand-made hostile archives: links that leave the folder the
+archive is extracted to, and members that would be written through a link."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.inspection import inspect_bundle
+
+P = "payload/535.261.03"
+
+
+def _archive(path: Path, members: list[tuple[str, str]]) -> Path:
+    """A gzipped tar of (name, link target) members; an empty target makes a file, a
+    target of "/" a folder."""
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, target in members:
+            info = tarfile.TarInfo(name)
+            if target == "/":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif target:
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                tar.addfile(info)
+            else:
+                data = f"{name}\n".encode()
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _link_problems(path: Path) -> list[str]:
+    """The problems about links; a hand-made archive has others (no SHA256SUMS...)."""
+    return [p for p in inspect_bundle(path).problems if "symlink" in p]
+
+
+@pytest.mark.parametrize(
+    ("members", "problems"),
+    [
+        ([(f"{P}/lib64/libcuda.so.1", "/etc/shadow")],
+         [f"{P}/lib64/libcuda.so.1: a symlink to the absolute path /etc/shadow, outside the "
+          "folder it is extracted to"]),
+        ([(f"{P}/lib64/libcuda.so.1", "../../../../etc/shadow")],
+         [f"{P}/lib64/libcuda.so.1: a symlink to ../../../../etc/shadow, which leaves the "
+          "folder it is extracted to"]),
+        ([("evil", "..")], ["evil: a symlink to .., which leaves the folder it is extracted to"]),
+        # Down, then up past the top: still out.
+        ([("a/b", "c/../../../x")],
+         ["a/b: a symlink to c/../../../x, which leaves the folder it is extracted to"]),
+        # A harmless-looking link, then a file written through it.
+        ([(f"{P}/lib64", "/"), (f"{P}/lib64/up", ".."), (f"{P}/lib64/up/x", "")],
+         [f"{P}/lib64/up/x: beneath the symlink {P}/lib64/up, so extracting it would write "
+          "where the link points"]),
+        # Through a link to an absolute folder, by a spelling tar normalises.
+        ([("etc", "/etc"), ("./etc/cron.d/x", ""), ("etc/cron.d", "/")],
+         ["etc: a symlink to the absolute path /etc, outside the folder it is extracted to",
+          "./etc/cron.d/x: beneath the symlink etc, so extracting it would write where the link "
+          "points",
+          "etc/cron.d: beneath the symlink etc, so extracting it would write where the link "
+          "points"]),
+        ([("empty", "")], []),  # a file, not a link
+        ([(f"{P}/lib64/libcuda.so", "libcuda.so.1"), (f"{P}/lib64/gbm/nvidia-drm_gbm.so",
+                                                      "../libnvidia-allocator.so.1"),
+          (f"{P}/lib64/x", "../../../README")], []),  # all inside
+    ],
+    ids=["absolute", "dotdot", "parent", "down-then-out", "file-beneath-link",
+         "folder-beneath-link", "no-links", "links-inside"],
+)
+def test_hostile_links_are_problems(tmp_path: Path, members: list[tuple[str, str]],
+                                    problems: list[str]) -> None:
+    assert _link_problems(_archive(tmp_path / "x.tar.gz", members)) == problems
+
+
+def test_inspect_exits_12_on_a_hostile_link(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    archive = _archive(tmp_path / "nvidia.tar.gz", [("lib", "/usr/lib"), ("lib/x.so", "")])
+    result = cli("inspect", archive, "--json")
+    assert result.code == 12
+    assert "lib/x.so: beneath the symlink lib, so extracting it would write where the link " \
+        "points" in result.stdout
