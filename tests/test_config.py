@@ -50,6 +50,15 @@ def test_flag_beats_file_beats_default(tmp_path: Path) -> None:
     assert config.output == tmp_path / "out" / "nvidia.tar.gz"
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("", ""), ("AB" * 32, "ab" * 32), ("0123456789abcdef" * 4, "0123456789abcdef" * 4)],
+)
+def test_driver_sha256_is_kept_in_lower_case(raw: str, expected: str) -> None:
+    assert load_config({"driver_sha256": raw}, None).driver_sha256 == expected
+    assert load_config({}, None).driver_sha256 == ""  # not checked unless pinned
+
+
 def test_list_settings_take_repeated_flags() -> None:
     config = load_config({"releases": ["3975.2.2", "current"],
                           "agent_units": ["my-agent.service"]}, None)
@@ -92,6 +101,11 @@ def test_example_file_names_every_setting_and_holds_the_defaults() -> None:
         ('mirror = "ftp://example.invalid"', [], r"invalid mirror in .*\(expected an http"),
         ('', ["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
         ('', ["--config", "missing.toml"], r"config file missing.toml does not exist"),
+        ('', ["--driver-sha256", "abc"],
+         r"invalid --driver-sha256: 'abc' \(expected a sha256: 64 hex digits\)"),
+        (f'driver_sha256 = "{"g" * 64}"', [], r"invalid driver_sha256 in .*coreos-gpu.toml"),
+        (f'driver_sha256 = "{"0" * 65}"', [], r"invalid driver_sha256 in "),
+        ("driver_sha256 = 7", [], r"invalid driver_sha256 in .*: 7 \(expected a sha256"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(cli, tmp_path: Path, toml: str,

@@ -113,6 +113,12 @@ def _text(raw: Any) -> str:
     raise BadValue(raw, "expected a string")
 
 
+def _sha256(raw: Any) -> str:
+    if isinstance(raw, str) and re.fullmatch(r"|[0-9A-Fa-f]{64}", raw):
+        return raw.lower()
+    raise BadValue(raw, "expected a sha256: 64 hex digits")
+
+
 def _url(raw: Any) -> str:
     if isinstance(raw, str) and (raw == "" or re.match(r"(https?|file)://[^\s]+$", raw)):
         return raw.rstrip("/")
@@ -195,6 +201,8 @@ SETTINGS: tuple[Setting, ...] = (
             lambda: DEFAULT_DRIVER_VERSION, "VERSION"),
     Setting("driver_url", "NVIDIA .run to use instead of NVIDIA's download URL (URL or path)",
             _text, lambda: "", "URL|PATH"),
+    Setting("driver_sha256", "sha256 the .run must have, 64 hex digits (default: not "
+            "checked)", _sha256, lambda: "", "SHA256"),
     Setting("profile", "which userspace files go into the bundle", _choice(Profile),
             lambda: Profile.COMPUTE, "PROFILE"),
     Setting("kernel_module_type", "which kernel module sources to build",
@@ -239,6 +247,7 @@ class BuildConfig:
     signing_key_fingerprint: str
     driver_version: str
     driver_url: str
+    driver_sha256: str
     profile: Profile
     kernel_module_type: KernelModuleType
     agent_units: tuple[str, ...]
