@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from coreos_gpu.config import KernelModuleType, Profile
-from coreos_gpu.driver import MESOS_TOOLS, DriverPackage, load_driver, read_package
+from coreos_gpu.driver import (
+    MESOS_TOOLS,
+    DriverPackage,
+    check_flavour,
+    fetch_driver,
+    load_driver,
+    read_package,
+)
 from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.fetch import cached
 from coreos_gpu.manifest import Arch
 
 from .conftest import Mirror
@@ -43,7 +52,11 @@ def test_every_file_of_the_package_is_in_its_manifest(package: DriverPackage) ->
         str(p.relative_to(package.root)) for p in package.root.rglob("*")
         if p.is_symlink() or p.is_file()
     } - {".manifest"}
-    assert on_disk == {e.file for e in package.manifest.entries}
+    # As in NVIDIA's packages, the manifest's symlinks are not in the package: no file there.
+    links = {e.file for e in package.manifest.entries if e.is_symlink}
+    assert {"libnvidia-ml.so.1", "libcuda.so.1", "32/libcuda.so"} <= links
+    assert on_disk == {e.file for e in package.manifest.entries} - links
+    assert all(e.target for e in package.manifest.entries if e.is_symlink)
 
 
 @pytest.mark.slow
@@ -85,6 +98,11 @@ def test_inspect_json_and_text(cli, nvidia_run: Path) -> None:
     assert shown["flavours"] == ["proprietary", "open"]
     by_file = {f["file"]: f for f in shown["files"]}
     assert by_file[f"libnvidia-ml.so.{VERSION}"]["profiles"] == ["compute", "full"]
+    # The link comes from the manifest alone: no file in the package, no bytes.
+    assert by_file["libnvidia-ml.so.1"] == {
+        "file": "libnvidia-ml.so.1", "type": "UTILITY_LIB_SYMLINK", "arch": "NATIVE",
+        "mode": "0000", "size": 0, "target": f"libnvidia-ml.so.{VERSION}",
+        "profiles": ["compute", "full"]}
     assert by_file[f"32/libcuda.so.{VERSION}"]["profiles"] == ["full"]
     assert shown["profiles"]["compute"]["bytes"] < shown["profiles"]["full"]["bytes"]
     text = cli("driver", "inspect", nvidia_run)
@@ -167,3 +185,131 @@ def test_manifest_listing_a_missing_file_is_refused(tmp_path: Path) -> None:
         read_package(tmp_path, sha256="0" * 64, source="X.run")
     assert info.value.message == "X.run: .manifest line 9 lists nvidia-smi, which the " \
         "package lacks"
+
+
+# --- packages laid out by hand: what the manifest says against what the package holds -------
+
+def _package(root: Path, entries: str) -> DriverPackage:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".manifest").write_text(NEW_HEADER + entries)
+    for line in entries.splitlines():
+        file, mode = line.split()[:2]
+        if mode != "0000":  # like NVIDIA's, the package holds no symlink
+            (root / file).parent.mkdir(parents=True, exist_ok=True)
+            (root / file).write_text(f"{file}\n")
+    return read_package(root, sha256="0" * 64, source="X.run")
+
+
+LIB = f"libnvidia-ml.so.{VERSION} 0755 UTILITY_LIB NATIVE MODULE:nvml\n"
+SOURCES = "kernel/Makefile 0644 KERNEL_MODULE_SRC INHERIT_PATH_DEPTH:1 MODULE:resman\n"
+
+
+def test_symlinks_come_from_the_manifest_not_the_package(tmp_path: Path) -> None:
+    package = _package(tmp_path, LIB + f"libnvidia-ml.so.1 0000 UTILITY_LIB_SYMLINK NATIVE "
+                                       f"libnvidia-ml.so.{VERSION} MODULE:nvml\n")
+    link = package.manifest.entries[1]
+    assert (link.is_symlink, link.target) == (True, f"libnvidia-ml.so.{VERSION}")
+    assert not (tmp_path / link.file).exists() and not (tmp_path / link.file).is_symlink()
+    assert package.size_of(link) == 0
+    assert [e.file for e in package.files(Profile.COMPUTE)] == [
+        f"libnvidia-ml.so.{VERSION}", "libnvidia-ml.so.1"]
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("libnvidia-ml.so.1 0000 UTILITY_LIB_SYMLINK NATIVE ../../etc/shadow MODULE:nvml",
+         "symlink libnvidia-ml.so.1's target '../../etc/shadow' leaves the package (seen from "
+         "its install folder lib64/)"),
+        ("32/libcuda.so.1 0000 CUDA_SYMLINK COMPAT32 / ../../../x MODULE:compute",
+         "symlink 32/libcuda.so.1's target '../../../x' leaves the package"),
+        ("nvidia-smi.link 0000 UTILITY_BIN_SYMLINK ../../bin/sh MODULE:nvml",
+         "symlink nvidia-smi.link's target '../../bin/sh' leaves the package"),
+        # From <libdir>/gbm/, one .. stays in the package and two leave it.
+        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../../../x.so MODULE:opengl",
+         "symlink nvidia-drm_gbm.so's target '../../../x.so' leaves the package (seen from its "
+         "install folder lib64/gbm/)"),
+        ("libnvidia-ml.so.1 0000 UTILITY_LIB_SYMLINK NATIVE /etc/shadow MODULE:nvml",
+         "symlink libnvidia-ml.so.1 has the absolute target '/etc/shadow'"),
+    ],
+)
+def test_symlink_target_outside_the_package_is_a_manifest_error(tmp_path: Path, line: str,
+                                                                 why: str) -> None:
+    with pytest.raises(CoreosGpuError) as info:
+        _package(tmp_path, LIB + line + "\n")
+    assert info.value.code is ExitCode.DRIVER
+    assert info.value.message.startswith(f"X.run: .manifest: malformed entry on line 10: {why}")
+
+
+def test_links_that_stay_inside_are_kept(tmp_path: Path) -> None:
+    package = _package(tmp_path, LIB + (
+        "nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../libnvidia-allocator.so.1 "
+        "MODULE:opengl\n"
+        "32/libcuda.so 0000 CUDA_SYMLINK COMPAT32 / libcuda.so.1 MODULE:compute\n"))
+    assert [e.target for e in package.manifest.entries[1:]] == [
+        "../libnvidia-allocator.so.1", "libcuda.so.1"]
+
+
+def test_file_entry_that_is_a_symlink_in_the_package_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "nvidia-smi").symlink_to("/etc/shadow")
+    with pytest.raises(CoreosGpuError) as info:
+        _package(tmp_path, LIB + "nvidia-smi 0755 UTILITY_BINARY MODULE:nvml\n")
+    assert info.value.code is ExitCode.DRIVER
+    assert info.value.message == ("X.run: .manifest line 10 lists nvidia-smi as a file, but the "
+                                  "package has a symlink there")
+
+
+def test_a_flavour_the_package_lacks_is_refused_before_anything_is_fetched(
+        tmp_path: Path) -> None:
+    proprietary = _package(tmp_path / "p", SOURCES + LIB)
+    assert proprietary.flavours == (KernelModuleType.PROPRIETARY,)
+    check_flavour(proprietary, KernelModuleType.PROPRIETARY)
+    with pytest.raises(CoreosGpuError) as info:
+        check_flavour(proprietary, KernelModuleType.OPEN)
+    assert info.value.code is ExitCode.CONFIG
+    assert info.value.message == f"driver {VERSION} has no open kernel modules (kernel-open/)"
+    assert info.value.hint == "use --kernel-module-type proprietary"
+    both = _package(tmp_path / "b", SOURCES + SOURCES.replace("kernel/", "kernel-open/") + LIB)
+    check_flavour(both, KernelModuleType.OPEN)
+
+
+# --- driver_sha256 ---------------------------------------------------------------------------
+
+FAKE_RUN = b"#!/bin/sh\necho 'this would run'\n"
+
+
+def test_pinned_sha256_mismatch_drops_the_download_and_extracts_nothing(
+        http_dir: Mirror, tmp_path: Path) -> None:
+    (http_dir.root / "NVIDIA-Linux-x86_64-535.261.03.run").write_bytes(FAKE_RUN)
+    url = f"{http_dir.url}/NVIDIA-Linux-x86_64-535.261.03.run"
+    cache = tmp_path / "cache"
+    with pytest.raises(CoreosGpuError) as info:
+        fetch_driver(url, cache, offline=False, sha256="AB" * 32)
+    assert info.value.code is ExitCode.DIGEST
+    assert info.value.message == (
+        f"NVIDIA-Linux-x86_64-535.261.03.run has sha256 {hashlib.sha256(FAKE_RUN).hexdigest()}"
+        f", not the pinned driver_sha256 {'ab' * 32}")
+    assert "removed from the cache" in info.value.hint
+    assert cached(url, cache) is None
+    assert list((cache / "downloads/sha256").iterdir()) == []
+    assert not (cache / "drivers").exists()  # nothing of it ran
+
+
+def test_pinned_sha256_mismatch_keeps_a_local_file(tmp_path: Path) -> None:
+    run_file = tmp_path / "driver.run"
+    run_file.write_bytes(FAKE_RUN)
+    with pytest.raises(CoreosGpuError) as info:
+        fetch_driver(str(run_file), tmp_path / "cache", offline=False, sha256="0" * 64)
+    assert info.value.code is ExitCode.DIGEST
+    assert run_file.read_bytes() == FAKE_RUN
+    assert not (tmp_path / "cache/drivers").exists()
+
+
+@pytest.mark.slow
+def test_pinned_sha256_that_matches_reads_the_driver(nvidia_run: Path, http_dir: Mirror,
+                                                      tmp_path: Path) -> None:
+    shutil.copy(nvidia_run, http_dir.root / nvidia_run.name)
+    digest = hashlib.sha256(nvidia_run.read_bytes()).hexdigest()
+    package = fetch_driver(f"{http_dir.url}/{nvidia_run.name}", tmp_path / "cache",
+                           offline=False, sha256=digest.upper())
+    assert (package.version, package.sha256) == (VERSION, digest)

@@ -1,21 +1,27 @@
 """Driver stage: an NVIDIA `.run` → `DriverPackage` (version, kernel sources, files by profile).
 
 The `.run` is extracted with its own `-x --target` (NVIDIA's supported way; nvidia-installer
-is never used), once per sha256, into the cache.
+is never used), once per sha256, into the cache. Its `.manifest` says what is in it; the
+symlinks it lists are not in it (nvidia-installer makes them from their targets), so they
+come from the manifest alone.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from coreos_gpu.cache import content_digest, locked
 from coreos_gpu.config import KernelModuleType, Profile
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.manifest import Arch, Manifest, ManifestEntry, parse_manifest
+from coreos_gpu.fetch import fetch, forget
+from coreos_gpu.layout import payload_path
+from coreos_gpu.manifest import Arch, Manifest, ManifestEntry, entry_error, parse_manifest
 from coreos_gpu.run import run
 
 MANIFEST_NAME = ".manifest"
@@ -63,7 +69,8 @@ class DriverPackage:
         return select_files(self.manifest, profile)
 
     def size_of(self, entry: ManifestEntry) -> int:
-        return (self.root / entry.file).lstat().st_size
+        """Bytes of a file; a symlink holds none (and is not in the package)."""
+        return 0 if entry.is_symlink else (self.root / entry.file).lstat().st_size
 
 
 def _in_compute(entry: ManifestEntry) -> bool:
@@ -120,13 +127,19 @@ def _check_run_file(run_file: Path) -> None:
             code=ExitCode.DRIVER)
 
 
-def extract_run(run_file: Path, cache_dir: Path) -> tuple[Path, str]:
-    """Extract a .run into the cache (once per sha256); return the folder and the sha256."""
+def _check_exists(run_file: Path) -> None:
     if not run_file.is_file():
         raise CoreosGpuError(f"driver package {run_file} does not exist or is not a file",
                              code=ExitCode.DRIVER)
+
+
+def extract_run(run_file: Path, cache_dir: Path, *, digest: str = "") -> tuple[Path, str]:
+    """Extract a .run into the cache (once per sha256); return the folder and the sha256.
+
+    digest is the file's sha256 where the caller has it already."""
+    _check_exists(run_file)
     _check_run_file(run_file)
-    digest = content_digest(run_file)
+    digest = digest or content_digest(run_file)
     drivers = cache_dir / "drivers"
     final = drivers / digest
     if final.is_dir():
@@ -161,16 +174,40 @@ def _detect_flavours(root: Path, manifest: Manifest) -> tuple[KernelModuleType, 
         if folder in sources and (root / folder / "Makefile").is_file())
 
 
+def check_link_target(entry: ManifestEntry, version: str, source: str) -> None:
+    """A symlink entry's target must stay in the package, seen from where the link goes.
+
+    Targets are relative to the link's install folder, not to its line's file name:
+    nvidia-installer puts GBM backend links in <libdir>/gbm/ with targets ../lib…."""
+    assert entry.target is not None  # parse_entry gives every symlink its target
+    folder = PurePosixPath(payload_path(entry, version)).parent
+    resolved = posixpath.normpath(folder / entry.target)
+    if resolved == ".." or resolved.startswith("../"):
+        raise entry_error(source, entry.line, f"symlink {entry.file}'s target "
+                                              f"{entry.target!r} leaves the package (seen from "
+                                              f"its install folder {folder}/)")
+
+
 def read_package(root: Path, *, sha256: str, source: str) -> DriverPackage:
-    """Parse the extracted package's .manifest and check that every listed file is there."""
+    """Parse the extracted package's .manifest; every file it lists must be there, as a file,
+    and every symlink's target must stay inside the package."""
     manifest_path = root / MANIFEST_NAME
     try:
         text = manifest_path.read_text(encoding="utf-8", errors="strict")
     except (OSError, UnicodeDecodeError) as e:
         raise CoreosGpuError(f"cannot read {manifest_path}: {e}", code=ExitCode.DRIVER) from e
-    manifest = parse_manifest(text, source=f"{Path(source).name}: {MANIFEST_NAME}")
+    where = f"{Path(source).name}: {MANIFEST_NAME}"
+    manifest = parse_manifest(text, source=where)
     for entry in manifest.entries:
-        if not (root / entry.file).is_symlink() and not (root / entry.file).exists():
+        path = root / entry.file
+        if entry.is_symlink:
+            check_link_target(entry, manifest.version, where)
+        elif path.is_symlink():
+            # A bundle copies files by following their path: a link would copy what it names.
+            raise CoreosGpuError(
+                f"{source}: {MANIFEST_NAME} line {entry.line} lists {entry.file} as a file, "
+                "but the package has a symlink there", code=ExitCode.DRIVER)
+        elif not path.is_file():
             raise CoreosGpuError(
                 f"{source}: {MANIFEST_NAME} line {entry.line} lists {entry.file}, "
                 "which the package lacks", code=ExitCode.DRIVER)
@@ -185,6 +222,46 @@ def read_package(root: Path, *, sha256: str, source: str) -> DriverPackage:
     )
 
 
-def load_driver(run_file: Path, cache_dir: Path, *, source: str = "") -> DriverPackage:
-    root, digest = extract_run(run_file, cache_dir)
+def load_driver(run_file: Path, cache_dir: Path, *, source: str = "",
+                digest: str = "") -> DriverPackage:
+    root, digest = extract_run(run_file, cache_dir, digest=digest)
     return read_package(root, sha256=digest, source=source or str(run_file))
+
+
+def verify_driver_sha256(run_file: Path, source: str, expected: str, cache_dir: Path) -> str:
+    """The .run's sha256, which must be the pinned one; a mismatching download is dropped
+    from the cache, so the next run fetches it again instead of failing on the same bytes."""
+    _check_exists(run_file)
+    actual = content_digest(run_file)
+    if actual != expected.lower():
+        downloaded = urlsplit(source).scheme in ("http", "https")
+        if downloaded:
+            forget(source, cache_dir)
+        raise CoreosGpuError(
+            f"{Path(urlsplit(source).path).name or source} has sha256 {actual}, not the "
+            f"pinned driver_sha256 {expected.lower()}",
+            hint="the download was damaged or is not the pinned driver; it was removed from "
+            "the cache" if downloaded else "check the file, or the pin in driver_sha256",
+            code=ExitCode.DIGEST)
+    return actual
+
+
+def fetch_driver(source: str, cache_dir: Path, *, offline: bool,
+                 sha256: str = "") -> DriverPackage:
+    """Fetch a .run (URL or path), check it against a pinned sha256 where one is given,
+    before anything in it runs, and read it."""
+    run_file = fetch(source, cache_dir, offline=offline)
+    digest = verify_driver_sha256(run_file, source, sha256, cache_dir) if sha256 else ""
+    return load_driver(run_file, cache_dir, source=source, digest=digest)
+
+
+def check_flavour(package: DriverPackage, flavour: KernelModuleType) -> None:
+    """Refuse a kernel module flavour the package lacks: called right after the driver is
+    read, before gigabytes of developer containers are fetched for nothing."""
+    if flavour not in package.flavours:
+        have = [f.value for f in package.flavours]
+        raise CoreosGpuError(
+            f"driver {package.version} has no {flavour.value} kernel modules "
+            f"({FLAVOUR_DIRS[flavour]}/)",
+            hint=f"use --kernel-module-type {have[0]}" if have else "this package has no "
+            "kernel module sources at all", code=ExitCode.CONFIG)
