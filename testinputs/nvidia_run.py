@@ -1,8 +1,10 @@
 """A real-format NVIDIA-Linux-x86_64-535.261.03.run, assembled from Debian's NVIDIA packages.
 
 The tree looks like NVIDIA's extracted .run: kernel/ and kernel-open/ sources, userspace under
-NVIDIA's file names, 32/, firmware/ and a `.manifest` in nvidia-installer's format. It is packed
-as a shell header plus an xz tar that accepts NVIDIA's `-x [--target DIR]`.
+NVIDIA's file names, 32/, firmware/ and a `.manifest` in nvidia-installer's format. Like NVIDIA's,
+it holds no symlinks: the manifest's `*_SYMLINK` entries name links that nvidia-installer makes
+from their targets. It is packed as a shell header plus an xz tar that accepts NVIDIA's
+`-x [--target DIR]`.
 """
 
 from __future__ import annotations
@@ -233,19 +235,22 @@ def assemble_tree(unpacked: Path, tree: Path) -> list[str]:
         dest.chmod(pick.mode)
         lines.append(render_manifest_line(pick.name, pick.mode, pick.type, pick.module,
                                           path=pick.path))
-    for link in LINKS:
-        (tree / link.name).symlink_to(link.target)
+    for link in LINKS:  # in the manifest only, as in NVIDIA's packages
         lines.append(render_manifest_line(link.name, 0, link.type, link.module,
                                           target=link.target))
     return lines
 
 
 def check_tree(tree: Path, lines: list[str]) -> None:
-    """The manifest lists every file and link of the tree, and 32/ holds a 32-bit ELF."""
-    listed = {line.split()[0] for line in lines}
+    """The manifest lists every file of the tree, the tree has no symlink (NVIDIA's have
+    none: its links are manifest entries), and 32/ holds a 32-bit ELF."""
+    files = {line.split()[0] for line in lines if line.split()[1] != "0000"}
     present = {p.relative_to(tree).as_posix() for p in tree.rglob("*") if not p.is_dir()}
-    if listed != present:
-        raise RuntimeError(f"manifest/tree mismatch: {sorted(listed ^ present)[:10]}")
+    if files != present:
+        raise RuntimeError(f"manifest/tree mismatch: {sorted(files ^ present)[:10]}")
+    links = [p for p in tree.rglob("*") if p.is_symlink()]
+    if links:
+        raise RuntimeError(f"the tree holds symlinks, which NVIDIA's packages do not: {links[:3]}")
     # e_ident[EI_CLASS] is 1 for ELFCLASS32.
     if (tree / f"32/libcuda.so.{VERSION}").read_bytes()[:5] != b"\x7fELF\x01":
         raise RuntimeError("32/libcuda.so is not a 32-bit ELF file")

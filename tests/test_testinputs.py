@@ -22,6 +22,7 @@ from testinputs.debian import (
 from testinputs.nvidia_run import (
     PACKAGE_DIR,
     VERSION,
+    check_tree,
     render_manifest_line,
     render_run_header,
 )
@@ -140,6 +141,16 @@ def test_manifest_line_rejects_symlink_without_target() -> None:
         render_manifest_line("libcuda.so.1", 0, "CUDA_SYMLINK", "compute")
 
 
+def test_tree_with_a_symlink_is_not_nvidias(tmp_path: Path) -> None:
+    (tmp_path / f"libcuda.so.{VERSION}").write_text("elf")
+    (tmp_path / "libcuda.so.1").symlink_to(f"libcuda.so.{VERSION}")
+    lines = [render_manifest_line(f"libcuda.so.{VERSION}", 0o755, "CUDA_LIB", "compute"),
+             render_manifest_line("libcuda.so.1", 0, "CUDA_SYMLINK", "compute",
+                                  target=f"libcuda.so.{VERSION}")]
+    with pytest.raises(RuntimeError, match=r"manifest/tree mismatch: \['libcuda.so.1'\]"):
+        check_tree(tmp_path, lines)
+
+
 @pytest.mark.parametrize("shell", ["bash", "dash"])
 def test_run_header_parses(shell: str, tmp_path: Path) -> None:
     header = tmp_path / "header.sh"
@@ -225,11 +236,15 @@ def check_extracted(tree: Path) -> None:
     lines = (tree / ".manifest").read_text().splitlines()
     assert lines[:2] == ["NVIDIA Accelerated Graphics Driver for Linux-x86_64", VERSION]
     for line in lines[8:]:
-        assert os.path.lexists(tree / line.split()[0]), line
+        file, mode = line.split()[:2]
+        # As in NVIDIA's packages, a symlink entry (mode 0000) names a link nvidia-installer
+        # makes: the package holds no file for it.
+        assert os.path.lexists(tree / file) == (mode != "0000"), line
+    assert "libcuda.so.1 0000 CUDA_SYMLINK NATIVE / libcuda.so.535.261.03 MODULE:compute" in lines
+    assert [p for p in tree.rglob("*") if p.is_symlink()] == []
     assert (tree / "kernel/Makefile").is_file()
     assert (tree / "kernel/nvidia/nv-kernel.o_binary").is_file()
     assert (tree / "kernel-open/Makefile").is_file()
-    assert os.readlink(tree / "libcuda.so.1") == f"libcuda.so.{VERSION}"
     assert (tree / "nvidia-smi").stat().st_mode & 0o777 == 0o755
 
 
