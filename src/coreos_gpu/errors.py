@@ -61,3 +61,12 @@ class KernelTreeNotPrepared(CoreosGpuError):
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message, hint=hint, code=ExitCode.IMAGE)
+
+
+class SignatureError(CoreosGpuError):
+    """A signature that does not verify. `file_changed` when gpg showed that the pinned key
+    signed other bytes (BADSIG), rather than that the key file cannot check the signature."""
+
+    def __init__(self, message: str, *, file_changed: bool, hint: str = "") -> None:
+        super().__init__(message, hint=hint, code=ExitCode.SIGNATURE)
+        self.file_changed = file_changed
