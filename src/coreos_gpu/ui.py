@@ -68,8 +68,9 @@ class ByteProgress:
             self._progress.stop()
 
 
-# Results go out in pieces, never one large write: CPython can cut a large write to a pipe
-# short without an error when the reader leaves (`| head -1`), and the rest is lost unnoticed.
+# Results go out in pieces, never in one large write: with stdout unbuffered
+# (PYTHONUNBUFFERED), CPython takes a large write that a leaving reader (`| head -1`) cut
+# short as done, and the rest is lost without an error.
 
 
 def print_json(data: Any) -> None:
