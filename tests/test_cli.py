@@ -108,6 +108,7 @@ IMAGE = f"{RELEASE}/flatcar_developer_container.bin.bz2"
         (f"{IMAGE}.DIGESTS", 502, ExitCode.DOWNLOAD, ".DIGESTS failed: HTTP 502"),
         (f"{IMAGE}.sig", 404, ExitCode.UNVERIFIABLE, ".sig does not exist (HTTP 404)"),
         (FEED_PATH, 404, ExitCode.DOWNLOAD, "failed: HTTP 404"),  # `releases` needs the feed
+        (FEED_PATH, 0, ExitCode.DOWNLOAD, "does not exist or is not a file"),  # file:// mirror
     ],
 )
 def test_missing_and_failing_downloads_exit_codes(cli, tmp_path: Path, path: str,  # type: ignore[no-untyped-def]
@@ -120,7 +121,8 @@ def test_missing_and_failing_downloads_exit_codes(cli, tmp_path: Path, path: str
         argv = ["devcontainer", "prepare", "--release", "3975.2.2"]
         if path == FEED_PATH:
             argv = ["releases"]
-        result: CliResult = cli(*argv, "--mirror", base)
+        mirror = base if status else (tmp_path / "empty mirror").as_uri()
+        result: CliResult = cli(*argv, "--mirror", mirror)
     assert result.code == code, result.stderr
     assert "Traceback" not in result.stderr
     [error, *_] = result.error_lines

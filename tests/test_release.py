@@ -148,3 +148,22 @@ def test_a_missing_release_is_told_by_the_status(tmp_path: Path, status: int,
                         mirror=base, cache_dir=tmp_path, offline=False)
     assert info.value.code is ExitCode.DOWNLOAD
     assert info.value.message.startswith(message.format(host=base.removeprefix("http://")))
+
+
+def test_a_file_mirror_without_the_release(tmp_path: Path) -> None:
+    # An air-gapped site's file:// mirror: a file it lacks is what a 404 is over HTTP.
+    feed = tmp_path / "mirror" / "www.flatcar.org/releases-json/releases-stable.json"
+    feed.parent.mkdir(parents=True)
+    kwargs = {"mirror": (tmp_path / "mirror").as_uri(), "cache_dir": tmp_path / "cache",
+              "offline": False}
+    with pytest.raises(CoreosGpuError) as info:
+        list_releases(OsName.FLATCAR, Channel.STABLE, **kwargs)  # type: ignore[arg-type]
+    assert info.value.code is ExitCode.DOWNLOAD
+    assert info.value.message.endswith("releases-stable.json does not exist or is not a file")
+    feed.write_text(json.dumps(FEED))
+    with pytest.raises(CoreosGpuError) as info:
+        resolve_release(OsName.FLATCAR, Channel.STABLE, Board.AMD64_USR, "3975.2.2",
+                        **kwargs)  # type: ignore[arg-type]
+    assert info.value.code is ExitCode.DOWNLOAD
+    assert info.value.message.startswith("flatcar stable has no release 3975.2.2: file://")
+    assert info.value.message.endswith("/version.txt does not exist")

@@ -311,3 +311,25 @@ def test_signature_problems_name_key_and_subkey(status: str, reason: str | None,
     else:
         assert problem is not None and problem.reason.startswith(reason)
         assert problem.file_changed is file_changed
+
+
+@pytest.mark.parametrize(("missing", "code"), [(".DIGESTS", ExitCode.UNVERIFIABLE),
+                                               (".sig", ExitCode.UNVERIFIABLE),
+                                               ("", ExitCode.DOWNLOAD)])
+def test_a_file_mirror_without_a_proof(keys: tuple[Key, Key], tmp_path: Path, missing: str,
+                                       code: ExitCode) -> None:
+    data = b"image" * 1000
+    image = tmp_path / "img.bz2"
+    image.write_bytes(data)
+    Path(f"{image}.DIGESTS").write_text(_digests(data, "img.bz2"))
+    _sign(keys[0], image, Path(f"{image}.sig"))
+    url = image.as_uri()
+    Path(f"{image}{missing}").unlink()
+    published = Published(url, url + ".DIGESTS", url + ".sig", str(keys[0].public),
+                          keys[0].fingerprint)
+    with pytest.raises(CoreosGpuError) as info:
+        fetch_verified(published, tmp_path / "cache", offline=False)
+    assert info.value.code is code
+    if missing:
+        assert info.value.message.endswith(f"img.bz2{missing} does not exist: nothing to "
+                                           "verify the download with")

@@ -44,15 +44,18 @@ class CoreosGpuError(Exception):
 
 class DownloadError(CoreosGpuError):
     """A download that failed; `status` is the HTTP status where a server answered, so callers
-    tell a missing file from a failing server without reading the message."""
+    tell a missing file from a failing server without reading the message. `missing`: a local
+    file (a file:// mirror's) that does not exist."""
 
-    def __init__(self, message: str, *, status: int | None = None, hint: str = "") -> None:
+    def __init__(self, message: str, *, status: int | None = None, missing: bool = False,
+                 hint: str = "") -> None:
         super().__init__(message, hint=hint, code=ExitCode.DOWNLOAD)
         self.status = status
+        self.missing = missing
 
     @property
     def not_found(self) -> bool:
-        return self.status in (404, 410)
+        return self.missing or self.status in (404, 410)
 
 
 class KernelTreeNotPrepared(CoreosGpuError):

@@ -166,3 +166,12 @@ def fetch(source: str, cache_dir: Path, *, offline: bool = False, fresh: bool = 
                 f"{source} is not in the cache and --offline forbids downloading",
                 hint="run once without --offline, or copy the file and pass its path")
         return _download(source, cache_dir)
+
+
+def fetch_file(source: str, cache_dir: Path, *, offline: bool, fresh: bool = False) -> Path:
+    """fetch(), where a path or file:// URL that does not exist is a DownloadError (missing)
+    as an HTTP 404 is: a file:// mirror then fails as an http one does."""
+    path = fetch(source, cache_dir, offline=offline, fresh=fresh)
+    if not path.is_file():
+        raise DownloadError(f"{source} does not exist or is not a file", missing=True)
+    return path

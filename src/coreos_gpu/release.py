@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from coreos_gpu.config import Board, Channel, OsName
 from coreos_gpu.errors import CoreosGpuError, DownloadError, ExitCode
-from coreos_gpu.fetch import fetch
+from coreos_gpu.fetch import fetch_file
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def parse_feed(text: str, source: str) -> dict[str, FeedEntry]:
 def read_feed(os: OsName, channel: Channel, *, mirror: str, cache_dir: Path,
               offline: bool) -> dict[str, FeedEntry]:
     url = feed_url(os, channel, mirror)
-    path = fetch(url, cache_dir, offline=offline, fresh=True)
+    path = fetch_file(url, cache_dir, offline=offline, fresh=True)
     return parse_feed(path.read_text(encoding="utf-8", errors="replace"), url)
 
 
@@ -187,13 +187,14 @@ def resolve_release(os: OsName, channel: Channel, board: Board, version: str, *,
     check_channel(os, channel)
     url = release_folder_url(os, channel, board, version, mirror) + "version.txt"
     try:
-        text = fetch(url, cache_dir, offline=offline, fresh=version == "current").read_text(
-            errors="replace")
+        text = fetch_file(url, cache_dir, offline=offline,
+                          fresh=version == "current").read_text(errors="replace")
     except DownloadError as e:
         if not e.not_found:
             raise
+        found = f"gave HTTP {e.status}" if e.status else "does not exist"
         raise CoreosGpuError(
-            f"{os.value} {channel.value} has no release {version}: {url} gave HTTP {e.status}",
+            f"{os.value} {channel.value} has no release {version}: {url} {found}",
             hint=f"coreos-gpu releases --os {os.value} --channel {channel.value} lists them",
             code=ExitCode.DOWNLOAD) from e
     named = parse_version_txt(text).get(SCHEMES[os].version_key, "")

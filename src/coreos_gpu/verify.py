@@ -19,7 +19,7 @@ from typing import NamedTuple
 from coreos_gpu import ui
 from coreos_gpu.cache import sha256_of, write_atomically
 from coreos_gpu.errors import CoreosGpuError, DownloadError, ExitCode, SignatureError
-from coreos_gpu.fetch import cached, fetch, forget
+from coreos_gpu.fetch import cached, fetch_file, forget
 from coreos_gpu.run import check_tools, run
 
 _SECTION = re.compile(r"#\s*(\w+)\s+HASH\s*$")
@@ -137,12 +137,13 @@ class Published:
 
 def _fetch_proof(url: str, what: str, cache_dir: Path, offline: bool) -> Path:
     try:
-        return fetch(url, cache_dir, offline=offline)
+        return fetch_file(url, cache_dir, offline=offline)
     except DownloadError as e:
         if not e.not_found:
             raise
-        raise CoreosGpuError(f"{what} {url} does not exist (HTTP {e.status}): nothing to "
-                             "verify the download with", code=ExitCode.UNVERIFIABLE) from e
+        status = f" (HTTP {e.status})" if e.status else ""
+        raise CoreosGpuError(f"{what} {url} does not exist{status}: nothing to verify the "
+                             "download with", code=ExitCode.UNVERIFIABLE) from e
 
 
 def _fetch_key(key: str, cache_dir: Path, *, offline: bool) -> Path:
@@ -150,7 +151,7 @@ def _fetch_key(key: str, cache_dir: Path, *, offline: bool) -> Path:
     gains new signing subkeys as Flatcar rotates them. Where it cannot be fetched, the copy
     fetched before still serves, and a stale one is named if a signature then fails."""
     try:
-        return fetch(key, cache_dir, offline=offline, fresh=True)
+        return fetch_file(key, cache_dir, offline=offline, fresh=True)
     except DownloadError as e:
         held = cached(key, cache_dir)
         if held is None:
@@ -164,7 +165,7 @@ def fetch_verified(published: Published, cache_dir: Path, *, offline: bool) -> P
     digests = _fetch_proof(published.digests_url, "checksum file", cache_dir, offline)
     sig = _fetch_proof(published.sig_url, "signature", cache_dir, offline)
     key = _fetch_key(published.key, cache_dir, offline=offline)
-    path = fetch(published.url, cache_dir, offline=offline)
+    path = fetch_file(published.url, cache_dir, offline=offline)
     # Verification is remembered per exact content of file, digests, signature and key.
     proof = json.dumps([sha256_of(p) for p in (digests, sig, key)] + [published.fingerprint])
     marker = path.with_name(path.name + ".verified")
