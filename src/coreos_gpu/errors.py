@@ -22,6 +22,10 @@ class ExitCode(IntEnum):
     IMAGE = 11  # the developer container image or its kernel build tree is unusable
     BUNDLE = 12  # a bundle cannot be assembled from its inputs, or fails inspection
     MODULES = 13  # the module build produced no or wrong kernel modules
+    # A bundle repository cannot be reached, read or written (folder not writable, S3 bucket
+    # missing or access denied), or a URL holds no repository (or a broken one).
+    REPOSITORY = 14
+    KEY = 15  # a key file is not a usable key (not PEM, wrong kind), or keygen would overwrite
     INTERNAL = 70  # a bug in coreos-gpu (EX_SOFTWARE)
     INTERRUPTED = 130
     # stdout was closed before all was written (`coreos-gpu releases | head -1`): 128 + SIGPIPE,
