@@ -19,6 +19,7 @@ from coreos_gpu.bundle import (
     assemble_bundle,
     inspect_bundle,
 )
+from coreos_gpu.cli_repository import add_repository_verbs
 from coreos_gpu.config import (
     BuildConfig,
     Profile,
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_archive.add_argument("archive", type=Path, metavar="ARCHIVE",
                                  help="nvidia.tar.gz (or .tar.xz, .tar.zst)")
     verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
+    add_repository_verbs(verbs, verb)  # keygen, publish, repository list/verify
 
     devcontainer = verbs.add_parser(
         "devcontainer", help="the OS's developer container, the module build's root"

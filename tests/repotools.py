@@ -1,0 +1,162 @@
+"""Helpers for the repository tests: small real bundles, a node's own check of the index
+(sh + awk + openssl, nothing else), an S3 server (moto's) on 127.0.0.1, and publishers that
+race each other in separate processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coreos_gpu.bundle import NodeSettings, assemble_bundle
+from coreos_gpu.config import Compression, Profile
+from coreos_gpu.layout import ReleaseInputs
+
+from .conftest import REPO
+from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, make_package, module_set
+
+OTHER_RELEASE = ReleaseInputs(  # a second release on KERNEL: the index lists both
+    os="flatcar", channel="stable", version="3975.2.3", kernel_release=KERNEL,
+    image_url="https://stable.release.flatcar-linux.net/amd64-usr/3975.2.3/"
+    "flatcar_developer_container.bin.bz2", image_sha256="5" * 64)
+
+
+@dataclass(frozen=True)
+class Bundles:
+    amd64: Path  # KERNEL, releases 3975.2.2 and 3975.2.3
+    cloud: Path  # CLOUD
+    both: Path  # KERNEL and CLOUD in one bundle
+    broken: Path  # amd64 with one payload file changed: fails inspect
+    other_tool: Path  # amd64's inputs, another tool version: another bundle
+
+
+def make_bundles(folder: Path, ko_dir: Path) -> Bundles:
+    node_files = folder / "no-node-files"
+    node_files.mkdir(parents=True)
+
+    def one(name: str, kernels: tuple[str, ...], releases: tuple[ReleaseInputs, ...],
+            tool_version: str = "0.1.0") -> Path:
+        work = folder / name
+        return assemble_bundle(
+            package=make_package(work / "driver"),
+            module_sets=[module_set(ko_dir, k) for k in kernels], profile=Profile.COMPUTE,
+            compression=Compression.GZIP, output=work / "nvidia.tar.gz", releases=releases,
+            node=NodeSettings(("dcos-mesos-slave.service",)), tool_version=tool_version,
+            node_files=node_files).path
+
+    amd64 = one("amd64", (KERNEL,), (RELEASE, OTHER_RELEASE))
+    broken = folder / "broken" / "nvidia.tar.gz"
+    broken.parent.mkdir()
+    with tarfile.open(amd64) as old, tarfile.open(broken, "w:gz") as new:
+        for member in old.getmembers():
+            stream = old.extractfile(member)
+            data = stream.read() if stream else b""
+            if member.name.endswith("/bin/nvidia-smi"):
+                data = b"not what SHA256SUMS says\n"
+                member.size = len(data)
+            new.addfile(member, io.BytesIO(data) if member.isreg() else None)
+    return Bundles(amd64=amd64, cloud=one("cloud", (CLOUD,), (CLOUD_RELEASE,)),
+                   both=one("both", (KERNEL, CLOUD), (RELEASE, CLOUD_RELEASE), "0.1.1"),
+                   broken=broken,
+                   other_tool=one("other-tool", (KERNEL,), (RELEASE,), "0.2.0"))
+
+
+# --- what a node runs ------------------------------------------------------------------------
+
+# Exactly what a node can do with its repository's public key: read the pointer with sh,
+# check the signature with openssl, and pick a bundle for a kernel with awk. POSIX sh only.
+NODE_CHECK = r"""
+set -eu
+repo=$1 key=$2 kernel=$3
+read -r magic format sha < "$repo/index.current"
+[ "$magic" = coreos-gpu-repository ] && [ "$format" = 1 ]
+openssl dgst -sha256 -verify "$key" -signature "$repo/index/$sha.txt.sig" "$repo/index/$sha.txt"
+awk -v k="$kernel" 'NR == 1 && $0 != "coreos-gpu-index 1" { exit 3 }
+                    $1 == "bundle" && $7 == k { print $8, $9, $10 }' "$repo/index/$sha.txt"
+"""
+
+
+def node_check(repo: Path, key: Path, kernel: str = KERNEL) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", NODE_CHECK, "node-check", str(repo), str(key), kernel],
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def current_text(repo: Path) -> Path:
+    sha = (repo / "index.current").read_text().split()[2]
+    return repo / "index" / f"{sha}.txt"
+
+
+# --- S3 --------------------------------------------------------------------------------------
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+    # never the user's own profiles, files or endpoints
+    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def aws_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in AWS_UNSET}
+    return {**env, **AWS_ENV, **extra}
+
+
+def s3_client(endpoint: str, **credentials: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id=credentials.get("key", "testing"),
+                        aws_secret_access_key=credentials.get("secret", "testing"))
+
+
+# --- racing publishers -----------------------------------------------------------------------
+
+RACE_WAIT = 3.0  # seconds a publisher waits for its rival at the swap
+
+
+def race_main() -> None:
+    """`coreos-gpu` whose publish waits, right before it swaps index.current the first time,
+    until every rival has reached that point too (or RACE_WAIT passed). Without a lock or a
+    condition on the swap, both then write an index made from the same old one, and one
+    entry is lost."""
+    from coreos_gpu import cli, stores
+
+    folder, name, peers = Path(os.environ["RACE_DIR"]), os.environ["RACE_NAME"], int(
+        os.environ["RACE_PEERS"])
+
+    def patch(cls: Any) -> None:
+        original = cls.swap_pointer
+
+        def swap_pointer(self: Any, data: bytes, version: str) -> None:
+            ready = folder / f"{name}.ready"
+            if not ready.exists():
+                ready.touch()
+                deadline = time.monotonic() + RACE_WAIT
+                while (len(list(folder.glob("*.ready"))) < peers
+                       and time.monotonic() < deadline):
+                    time.sleep(0.02)
+            original(self, data, version)
+
+        cls.swap_pointer = swap_pointer
+
+    patch(stores.FolderStore)
+    patch(stores.S3Store)
+    sys.exit(cli.main(sys.argv[1:]))
+
+
+def start_racer(race_dir: Path, name: str, peers: int, *argv: str | Path,
+                env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    code = "import sys; sys.path.insert(0, sys.argv.pop(1)); " \
+           "from tests.repotools import race_main; race_main()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(REPO), *map(str, argv)], cwd=cwd, text=True,
+        env={**env, "RACE_DIR": str(race_dir), "RACE_NAME": name, "RACE_PEERS": str(peers)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
