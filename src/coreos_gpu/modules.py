@@ -1,9 +1,10 @@
 """Modules stage: kernel tree (DevRoot) + driver sources (DriverPackage) → `ModuleSet`.
 
 The NVIDIA kernel modules are compiled with kbuild inside the developer container root,
-through the sandbox, and every .ko is checked before it is kept: its vermagic must name the
-target kernel release and its version the driver version. Results are cached by a hash of
-every input, so an unchanged rebuild compiles nothing.
+through the sandbox, with the compiler the kernel was built with, and every .ko is checked
+before it is kept: its vermagic must name the target kernel release and its version the
+driver version. Results are cached by a hash of every input, so an unchanged rebuild
+compiles nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,11 @@ from coreos_gpu import ui
 from coreos_gpu.cache import hash_inputs, link_tree, locked, sha256_of, write_atomically
 from coreos_gpu.config import KernelModuleType, Runtime
 from coreos_gpu.devcontainer import DevRoot, read_kernel_release, resolve_in_root
-from coreos_gpu.driver import DriverPackage
+from coreos_gpu.driver import DriverPackage, check_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.modinfo import read_modinfo, vermagic_release
 from coreos_gpu.run import tail
-from coreos_gpu.sandbox import Bind, EngineOptions, SandboxSpec, run_in_sandbox
+from coreos_gpu.sandbox import DEFAULT_ENV, Bind, EngineOptions, SandboxSpec, run_in_sandbox
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ModuleSet:
 
 
 # Part of every cache key: bump it when the build commands below change.
-BUILD_RECIPE = "1"
+BUILD_RECIPE = "2"  # 2: CC (and LD) as the kernel was built with
 # Without these three the driver cannot work; nvidia-drm and nvidia-peermem are optional
 # (kernels without DRM or InfiniBand build without them).
 REQUIRED = ("nvidia", "nvidia-uvm", "nvidia-modeset")
@@ -69,6 +71,133 @@ def module_set_key(package: DriverPackage, devroot: DevRoot,
               "image_sha256": devroot.image_sha256, "build_dir": devroot.build_dir,
               "kernel_release": devroot.kernel_release}
     return hash_inputs(inputs)
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What make is told to compile and link with; empty: kbuild's own default."""
+
+    cc: str = ""
+    ld: str = ""
+
+    def make_args(self) -> list[str]:
+        return [f"{name}={value}" for name, value in (("CC", self.cc), ("LD", self.ld))
+                if value]
+
+
+@dataclass(frozen=True)
+class CompilerWanted:
+    """The commands that would be the kernel's compiler and linker, best first."""
+
+    what: str  # for messages: the kernel's CONFIG_CC_VERSION_TEXT, or its CONFIG_*_VERSION
+    cc: tuple[str, ...] = ()  # empty: the config does not say (kernels before 4.18)
+    ld: tuple[str, ...] = ()  # empty: kbuild's default ld is right
+    ld_required: bool = False  # ld.lld: kbuild's default ld cannot link a clang+LLD kernel's
+
+
+_KCONFIG_LINE = re.compile(r'(CONFIG_[A-Z0-9_]+)=(?:"((?:[^"\\]|\\.)*)"|(\S*))')
+# gcc's --version starts with the name it was run as: "gcc-12 (Debian 12.2.0-14) 12.2.0",
+# "x86_64-cros-linux-gnu-gcc (Gentoo Hardened 13.3.1_p20240614 p17) 13.3.1 20240614".
+_GCC_NAME = re.compile(r"(?P<prefix>[\w.+-]*-)?gcc(-[\d.]+)?")
+_CLANG_MAJOR = re.compile(r"\bclang version (\d+)")
+
+
+def read_kconfig(text: str) -> dict[str, str]:
+    """A kernel .config's set options; quoted values unquoted."""
+    options = {}
+    for line in text.splitlines():
+        match = _KCONFIG_LINE.fullmatch(line.strip())
+        if match:
+            quoted, plain = match.group(2), match.group(3)
+            options[match.group(1)] = (re.sub(r"\\(.)", r"\1", quoted) if quoted is not None
+                                       else plain)
+    return options
+
+
+def _major(options: dict[str, str], key: str) -> str:
+    number = options.get(key, "0")  # 120200 for 12.2.0
+    return str(int(number) // 10000) if number.isdigit() and int(number) else ""
+
+
+_COMMAND = re.compile(r"[\w.+-]+")
+
+
+def _unique(names: list[str]) -> tuple[str, ...]:
+    """Command names only (no paths, no empties), each once, in order."""
+    return tuple(dict.fromkeys(n for n in names if _COMMAND.fullmatch(n)))
+
+
+def wanted_compiler(options: dict[str, str]) -> CompilerWanted:
+    """The kernel's compiler and linker, from its .config (CONFIG_CC_VERSION_TEXT is the first
+    line of `$(CC) --version` when the kernel was configured, since Linux 5.8)."""
+    text = options.get("CONFIG_CC_VERSION_TEXT", "")
+    lld = options.get("CONFIG_LD_IS_LLD") == "y"
+    if options.get("CONFIG_CC_IS_CLANG") == "y" or "clang" in text:
+        # clang prints "Debian clang version 16.0.6", whatever name it was run as.
+        found = _CLANG_MAJOR.search(text)
+        major = found.group(1) if found else _major(options, "CONFIG_CLANG_VERSION")
+        suffix = f"-{major}" if major else ""
+        return CompilerWanted(text or f"clang {major}".strip(),
+                              _unique([f"clang{suffix}", "clang"]),
+                              _unique([f"ld.lld{suffix}", "ld.lld"]) if lld else (),
+                              ld_required=lld)
+    major = _major(options, "CONFIG_GCC_VERSION")
+    first = text.split()[0] if text.split() else ""
+    named = _GCC_NAME.fullmatch(first)
+    if options.get("CONFIG_CC_IS_GCC") != "y" and named is None:
+        first = ""  # not gcc's --version: no name in it
+    if not first and not major:
+        return CompilerWanted(text or "an unknown compiler")  # a kernel too old to say
+    cc = [first, f"gcc-{major}" if major else "", "gcc"]
+    # A cross-named gcc (Flatcar's SDK builds with x86_64-cros-linux-gnu-gcc) came with
+    # its binutils of the same prefix; kbuild would take plain ld.
+    prefix = named.group("prefix") if named else None
+    ld = ["ld.lld"] if lld else [f"{prefix}ld" if prefix else ""]
+    return CompilerWanted(text or f"gcc {major}", _unique(cc), _unique(ld), ld_required=lld)
+
+
+def find_command(root: Path, names: tuple[str, ...]) -> str:
+    """The first of names that is an executable on the sandbox's PATH in root; "" if none."""
+    for name in names:
+        for folder in DEFAULT_ENV["PATH"].split(":"):
+            path = resolve_in_root(root, f"{folder}/{name}")
+            if path.is_file() and path.stat().st_mode & (stat.S_IXUSR | stat.S_IXGRP
+                                                         | stat.S_IXOTH):
+                return name
+    return ""
+
+
+def resolve_toolchain(devroot: DevRoot) -> Toolchain:
+    """CC (and LD) as the kernel tree was built with, found in the developer container.
+
+    On make's command line they reach kbuild and every NVIDIA Makefile and conftest below
+    it. Otherwise NVIDIA's Makefile falls back to `cc` (535's first tries the first word of
+    CONFIG_CC_VERSION_TEXT, for itself only), and kbuild to `gcc` unless the tree sets CC
+    (Debian's headers do, in .kernelvariables; Flatcar's do not): a root with gcc-12 but
+    neither `cc` nor `gcc`, like the test developer container, builds only this way."""
+    tree = resolve_in_root(devroot.root, devroot.build_dir)
+    try:
+        options = read_kconfig((tree / ".config").read_text(errors="replace"))
+    except OSError as e:
+        raise CoreosGpuError(f"cannot read {devroot.build_dir}/.config: {e.strerror}",
+                             code=ExitCode.IMAGE) from e
+    wanted = wanted_compiler(options)
+    cc = find_command(devroot.root, wanted.cc)
+    if wanted.cc and not cc:
+        raise _missing_tool(devroot, "compiler", wanted.what, wanted.cc)
+    ld = find_command(devroot.root, wanted.ld)
+    if wanted.ld_required and not ld:
+        raise _missing_tool(devroot, "linker", wanted.what, wanted.ld)
+    return Toolchain(cc, ld)
+
+
+def _missing_tool(devroot: DevRoot, kind: str, what: str,
+                  names: tuple[str, ...]) -> CoreosGpuError:
+    return CoreosGpuError(
+        f"kernel {devroot.kernel_release} was built with {what!r}, but the developer container "
+        f"has no such {kind}: none of {', '.join(names)} is on its PATH",
+        hint="modules must be built by the kernel's own compiler; use the developer container "
+        "of the OS release the kernel comes from", code=ExitCode.IMAGE)
 
 
 def _in_root_path(root: Path, host_path: Path) -> str:
@@ -127,11 +256,7 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
                   runtime: Runtime, engine: EngineOptions, jobs: int,
                   cache_dir: Path) -> ModuleSet:
     """Compile (or find in the cache) the driver's kernel modules for the DevRoot's kernel."""
-    if flavour not in package.flavours:
-        raise CoreosGpuError(
-            f"driver {package.version} has no {flavour.value} kernel modules "
-            f"({package.kernel_source_dir(flavour).name}/)",
-            hint="choose another kernel_module_type", code=ExitCode.CONFIG)
+    check_flavour(package, flavour)
     key = module_set_key(package, devroot, flavour)
     folder = cache_dir / "modules"
     entry = folder / key
@@ -140,6 +265,7 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
     # Compiling against an unprepared tree "works" and makes modules the kernel refuses.
     read_kernel_release(resolve_in_root(devroot.root, devroot.build_dir), devroot.build_dir,
                         devroot.kernel_release)
+    toolchain = resolve_toolchain(devroot)
     with locked(folder / f"{key}.lock"):
         if (entry / "modules.json").is_file():
             return _load(entry)
@@ -154,9 +280,12 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
             what = (f"compiling the {flavour.value} NVIDIA {package.version} modules for "
                     f"{devroot.kernel_release}")
             with ui.step(what):
+                if toolchain.cc:
+                    ui.log(f"    with {' '.join(toolchain.make_args())}, as the kernel was built")
                 run_in_sandbox(
-                    spec, ["make", "-C", SOURCES_IN_SANDBOX, f"SYSSRC={_kernel_source(devroot)}",
-                           f"SYSOUT={devroot.build_dir}", f"-j{jobs}", "modules"],
+                    spec, ["make", "-C", SOURCES_IN_SANDBOX, *toolchain.make_args(),
+                           f"SYSSRC={_kernel_source(devroot)}", f"SYSOUT={devroot.build_dir}",
+                           f"-j{jobs}", "modules"],
                     runtime=runtime, log_file=log, what=what, engine_options=engine,
                     image_key=devroot.image_sha256, progress=_Counter())
             built = sorted(sources.glob("*.ko"))
