@@ -29,9 +29,8 @@ from coreos_gpu.config import (
     load_config,
 )
 from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontainer
-from coreos_gpu.driver import DRIVER_URL, DriverPackage, load_driver
+from coreos_gpu.driver import DRIVER_URL, DriverPackage, check_flavour, fetch_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.fetch import fetch
 from coreos_gpu.manifest import ManifestEntry
 from coreos_gpu.modules import build_modules
 from coreos_gpu.release import list_releases, mirrored
@@ -63,8 +62,8 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 def cmd_driver_inspect(args: argparse.Namespace) -> None:
     config = _config(args)
     with ui.step(f"reading driver package {Path(args.package).name}"):
-        run_file = fetch(args.package, config.cache_dir, offline=config.offline)
-        package = load_driver(run_file, config.cache_dir, source=args.package)
+        package = fetch_driver(args.package, config.cache_dir, offline=config.offline,
+                               sha256=config.driver_sha256)
     if args.json:
         ui.print_json(render_driver_json(package))
     else:
@@ -132,13 +131,14 @@ def cmd_build(args: argparse.Namespace) -> None:
     source = config.driver_url or mirrored(DRIVER_URL.format(v=config.driver_version),
                                            config.mirror)
     with ui.step(f"reading driver package {Path(source).name}"):
-        package = load_driver(fetch(source, config.cache_dir, offline=config.offline),
-                              config.cache_dir, source=source)
+        package = fetch_driver(source, config.cache_dir, offline=config.offline,
+                               sha256=config.driver_sha256)
     if package.version != config.driver_version:
         raise CoreosGpuError(
             f"{source} is driver {package.version}, not driver_version {config.driver_version}",
             hint=f"set --driver-version {package.version}, or point driver_url at the "
             f"{config.driver_version} .run", code=ExitCode.CONFIG)
+    check_flavour(package, config.kernel_module_type)
     devroots = [prepare_devcontainer(config, version) for version in config.releases]
     # One module set per distinct kernel: several releases may share one.
     by_kernel = {d.kernel_release: d for d in reversed(devroots)}
