@@ -190,3 +190,16 @@ def test_json_escapes_what_it_quotes(tmp_path: Path, bundle: Path) -> None:
     report = json.loads(node.doctor("--json").stdout)
     [failed] = [c for c in report["checks"] if c["check"] == "nvidia-smi"]
     assert 'a "quoted"\tback\\slash' in failed["detail"]
+
+
+def test_exit_codes_have_one_meaning_each(tmp_path: Path, bundle: Path) -> None:
+    """0 all pass, 1 a check failed, 2 bad command line, 3 the installation is incomplete."""
+    node = healthy(tmp_path, bundle)
+    assert node.doctor().code == 0
+    assert node.doctor("--bogus").code == 2
+    (node.bin / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    assert node.doctor().code == 1
+    (node.root / "opt/nvidia/current/node/lib.sh").unlink()
+    incomplete = node.doctor()
+    assert incomplete.code == 3
+    assert "lib.sh is missing: run install_nvidia.sh again" in incomplete.errors[0]

@@ -8,7 +8,7 @@
 #   3  the installation is incomplete (run install_nvidia.sh again)
 #   4  kernel mismatch: no modules for `uname -r`, or the kernel refused them as built for
 #      another kernel ("Invalid module format")
-#   5  a module failed to load for another reason
+#   5  a module failed to load for another reason, or the firmware search path could not be set
 #   6  device nodes could not be made
 #   7  nvidia-smi does not answer
 #   8  the driver loaded but found no usable GPU ("No such device")
