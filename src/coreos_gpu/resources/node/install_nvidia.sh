@@ -391,9 +391,9 @@ check_bundle() {
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
 	die 3 "run me as root (sudo $0)"
 fi
-need_tools 7 flock mktemp readlink stat df du cp mv ln rm awk sed sort find xargs chmod chown ldconfig
+need_tools 7 sha256sum flock mktemp readlink stat df du cp mv ln rm awk sed sort find xargs chmod \
+	chown ldconfig
 [ "$ENABLE" = 0 ] && [ "$START" = 0 ] && [ "$UNINSTALL" = 0 ] || need_tools 7 systemctl
-command -v openssl >/dev/null 2>&1 || need_tools 7 sha256sum
 [ "$UNINSTALL" = 0 ] || uninstall
 
 # The driver version is the one folder in payload/ (bundle.env is read only once verified).
