@@ -214,6 +214,10 @@ SETTINGS: tuple[Setting, ...] = (
             "start-without-gpus (the node still runs CPU tasks) or wait (they stay down "
             "until nvidia.service succeeds)", _choice(DriverFailurePolicy),
             lambda: DriverFailurePolicy.START_WITHOUT_GPUS, "POLICY"),
+    Setting("repository", "bundle repository the nodes trust (http://, https:// or file://; "
+            "see coreos-gpu publish); needs repository_key", _url, lambda: "", "URL"),
+    Setting("repository_key", "public key (PEM) the repository's index must be signed with "
+            "(the .pub of coreos-gpu keygen)", _text, lambda: "", "PUB.pem"),
     Setting("output", "archive to write", _path, lambda: Path("nvidia.tar.gz"), "PATH"),
     Setting("compression", "archive compression", _choice(Compression),
             lambda: Compression.GZIP, "ALGO"),
@@ -252,6 +256,8 @@ class BuildConfig:
     kernel_module_type: KernelModuleType
     agent_units: tuple[str, ...]
     on_driver_failure: DriverFailurePolicy
+    repository: str
+    repository_key: str
     output: Path
     compression: Compression
     cache_dir: Path
