@@ -119,18 +119,15 @@ def s3_client(endpoint: str, **credentials: str) -> Any:
 
 # --- racing publishers -----------------------------------------------------------------------
 
-RACE_WAIT = 3.0  # seconds a publisher waits for its rival at the swap
-
-
 def race_main() -> None:
     """`coreos-gpu` whose publish waits, right before it swaps index.current the first time,
-    until every rival has reached that point too (or RACE_WAIT passed). Without a lock or a
+    until every rival has reached that point too (or RACE_WAIT seconds passed). Without a lock or a
     condition on the swap, both then write an index made from the same old one, and one
     entry is lost."""
     from coreos_gpu import cli, stores
 
-    folder, name, peers = Path(os.environ["RACE_DIR"]), os.environ["RACE_NAME"], int(
-        os.environ["RACE_PEERS"])
+    folder, name = Path(os.environ["RACE_DIR"]), os.environ["RACE_NAME"]
+    peers, wait = int(os.environ["RACE_PEERS"]), float(os.environ["RACE_WAIT"])
 
     def patch(cls: Any) -> None:
         original = cls.swap_pointer
@@ -139,11 +136,15 @@ def race_main() -> None:
             ready = folder / f"{name}.ready"
             if not ready.exists():
                 ready.touch()
-                deadline = time.monotonic() + RACE_WAIT
+                deadline = time.monotonic() + wait
                 while (len(list(folder.glob("*.ready"))) < peers
                        and time.monotonic() < deadline):
                     time.sleep(0.02)
-            original(self, data, version)
+            try:
+                original(self, data, version)
+            except stores.Conflict:
+                (folder / f"{name}.conflict").touch()  # the retry path ran
+                raise
 
         cls.swap_pointer = swap_pointer
 
@@ -152,11 +153,12 @@ def race_main() -> None:
     sys.exit(cli.main(sys.argv[1:]))
 
 
-def start_racer(race_dir: Path, name: str, peers: int, *argv: str | Path,
+def start_racer(race_dir: Path, name: str, peers: int, wait: float, *argv: str | Path,
                 env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
     code = "import sys; sys.path.insert(0, sys.argv.pop(1)); " \
            "from tests.repotools import race_main; race_main()"
     return subprocess.Popen(
         [sys.executable, "-c", code, str(REPO), *map(str, argv)], cwd=cwd, text=True,
-        env={**env, "RACE_DIR": str(race_dir), "RACE_NAME": name, "RACE_PEERS": str(peers)},
+        env={**env, "RACE_DIR": str(race_dir), "RACE_NAME": name, "RACE_PEERS": str(peers),
+             "RACE_WAIT": str(wait)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -29,6 +29,7 @@ from coreos_gpu.repository import (
     Entry,
     Index,
     Release,
+    load_trust,
     parse_json,
     parse_text,
     render_json,
@@ -403,3 +404,20 @@ def test_a_folder_store_reads_what_it_wrote(tmp_path: Path) -> None:
     assert store.read("index/x") == b"data"
     assert store.digest("index/x") == (hashlib.sha256(b"data").hexdigest(), 4)
     assert stat.S_IMODE((tmp_path / "repo/index/x").stat().st_mode) == 0o644
+
+
+# --- what a bundle built with --repository carries -----------------------------------------
+
+def test_load_trust_takes_both_settings_or_neither(tmp_path: Path, key: Path) -> None:
+    assert load_trust("", "") is None
+    trust = load_trust("https://repo.example/gpu/", str(pub(key)))
+    assert trust is not None
+    assert trust.url == "https://repo.example/gpu"
+    assert trust.public_key_pem == pub(key).read_bytes()
+    assert trust.fingerprint == fingerprint(load_public_key(pub(key)))
+    for url, key_path, code in (("https://repo.example", "", ExitCode.CONFIG),
+                                ("", str(pub(key)), ExitCode.CONFIG),
+                                ("https://repo.example", str(key), ExitCode.KEY)):
+        with pytest.raises(CoreosGpuError) as caught:
+            load_trust(url, key_path)
+        assert caught.value.code == code

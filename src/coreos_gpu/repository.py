@@ -26,11 +26,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.inspection import BundleReport
-from coreos_gpu.keys import PublicKey, fingerprint, signature_matches
+from coreos_gpu.keys import PublicKey, fingerprint, load_public_key, public_pem, signature_matches
 
 FORMAT = 1  # of the repository layout, the pointer and both index forms
 POINTER = "index.current"
@@ -44,6 +45,31 @@ _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 NONE = "-"  # an empty releases field
+
+
+@dataclass(frozen=True)
+class RepositoryTrust:
+    """What a bundle built with --repository and --repository-key carries, so that its nodes
+    fetch from that repository and trust no index but one signed by that key."""
+
+    url: str
+    public_key_pem: bytes  # normalised: what `openssl dgst -verify` reads
+    fingerprint: str
+
+
+def load_trust(url: str, key_path: str) -> RepositoryTrust | None:
+    """The build's repository settings, checked: both or neither, and a usable public key."""
+    if not url and not key_path:
+        return None
+    if not (url and key_path):
+        given, missing = ("repository", "repository_key") if url else (
+            "repository_key", "repository")
+        raise CoreosGpuError(f"{given} is set but {missing} is not: a node must know both "
+                             "where its repository is and which key signs it",
+                             hint=f"set {missing} too (--{missing.replace('_', '-')})",
+                             code=ExitCode.CONFIG)
+    key = load_public_key(Path(key_path).expanduser())
+    return RepositoryTrust(url.rstrip("/"), public_pem(key), fingerprint(key))
 
 
 class MissingFile(CoreosGpuError):
