@@ -421,3 +421,12 @@ def test_load_trust_takes_both_settings_or_neither(tmp_path: Path, key: Path) ->
         with pytest.raises(CoreosGpuError) as caught:
             load_trust(url, key_path)
         assert caught.value.code == code
+
+
+def test_an_index_replaced_by_garbage_is_a_signature_failure(
+        cli: Cli, tmp_path: Path, key: Path, bundles: Bundles) -> None:
+    repo = tmp_path / "repo"
+    publish(cli, repo, key, bundles.amd64)
+    current_text(repo).write_bytes(b"\x00\xff not an index at all")
+    assert "does not match its signature" in error(
+        cli("repository", "verify", repo, "--key", pub(key)), ExitCode.SIGNATURE)

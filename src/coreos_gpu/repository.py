@@ -127,8 +127,7 @@ class Index:
 @dataclass(frozen=True)
 class LoadedIndex:
     index: Index
-    text_sha256: str
-    signed: bool  # the signature was checked (a key was given)
+    text_sha256: str  # which index.current names
 
 
 def bundle_path(sha256: str, compression: str) -> str:
@@ -315,7 +314,7 @@ def parse_pointer(data: bytes, location: str) -> str:
 
 def _signature_error(reader: Reader, name: str, key: PublicKey, signer: str) -> CoreosGpuError:
     given = fingerprint(key)
-    if signer != given:
+    if signer and signer != given:
         return CoreosGpuError(
             f"{reader.location}/{name} is signed by another key ({signer}), not by {given}",
             hint="pass the repository's public key with --key", code=ExitCode.SIGNATURE)
@@ -340,9 +339,13 @@ def load_index_at(reader: Reader, key: PublicKey | None, pointer: bytes) -> Load
     text_sha = parse_pointer(pointer, reader.location)
     name = text_path(text_sha)
     text = reader.read(name)
-    parsed = parse_text(text, reader.location)
     if key is not None and not signature_matches(key, text, reader.read(f"{name}.sig")):
-        raise _signature_error(reader, name, key, parsed.key)
+        try:  # only to say whose key it claims, in the message: nothing else is trusted
+            signer = parse_text(text, reader.location).key
+        except CoreosGpuError:
+            signer = ""
+        raise _signature_error(reader, name, key, signer)
+    parsed = parse_text(text, reader.location)
     if hashlib.sha256(text).hexdigest() != text_sha:
         raise CoreosGpuError(f"{reader.location}/{name} does not match the sha256 in its name",
                              code=ExitCode.DIGEST)
@@ -357,7 +360,7 @@ def load_index_at(reader: Reader, key: PublicKey | None, pointer: bytes) -> Load
             or (index.generation, index.created, index.key)
             != (parsed.generation, parsed.created, parsed.key)):
         raise _bad(reader.location, f"{name} and {json_name} list different bundles")
-    return LoadedIndex(index, text_sha, signed=key is not None)
+    return LoadedIndex(index, text_sha)
 
 
 def require_index(reader: Reader, key: PublicKey | None) -> LoadedIndex:
