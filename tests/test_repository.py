@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import (
     fingerprint,
+    fingerprint_of_pem,
     load_private_key,
     load_public_key,
     sign,
@@ -415,6 +416,8 @@ def test_load_trust_takes_both_settings_or_neither(tmp_path: Path, key: Path) ->
     assert trust.url == "https://repo.example/gpu"
     assert trust.public_key_pem == pub(key).read_bytes()
     assert trust.fingerprint == fingerprint(load_public_key(pub(key)))
+    assert fingerprint_of_pem(trust.public_key_pem) == trust.fingerprint
+    assert fingerprint_of_pem(b"junk") == fingerprint_of_pem(key.read_bytes()) == ""
     for url, key_path, code in (("https://repo.example", "", ExitCode.CONFIG),
                                 ("", str(pub(key)), ExitCode.CONFIG),
                                 ("https://repo.example", str(key), ExitCode.KEY)):

@@ -97,6 +97,16 @@ def fingerprint(key: PublicKey) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
+def fingerprint_of_pem(data: bytes) -> str:
+    """The fingerprint of a PEM public key (a bundle's node/repository.pub, for inspect);
+    empty when the bytes are no usable public key."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        return ""
+    return fingerprint(key) if isinstance(key, PublicKey) else ""
+
+
 def sign(key: PrivateKey, data: bytes) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(data, ec.ECDSA(hashes.SHA256()))  # DER, as openssl writes it
