@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from coreos_gpu.errors import ExitCode
 from testinputs.nvidia_run import write_run
 
@@ -60,3 +62,17 @@ def test_a_run_that_is_not_the_pinned_one_builds_nothing(cli, http_dir, tmp_path
     inspect = cli("driver", "inspect", url, "--driver-sha256", digest, "--json")
     assert inspect.code == 0, inspect.stderr
     assert cli("driver", "inspect", url, "--driver-sha256", "1" * 64).code == ExitCode.DIGEST
+
+
+@pytest.mark.parametrize("which", ["no key", "bad key"])
+def test_a_repository_without_a_usable_key_is_refused_before_any_download(
+        cli, tmp_path: Path, which: str) -> None:  # type: ignore[no-untyped-def]
+    args = ["--repository", "https://repo.example/gpu"]
+    if which == "bad key":
+        (tmp_path / "repo.pub").write_text("not a key\n")
+        args += ["--repository-key", str(tmp_path / "repo.pub")]
+    result = cli("build", "--driver-url", _tiny_run(tmp_path), "--driver-version", "535.261.03",
+                 *args, "--mirror", "http://127.0.0.1:9", "--release", "3975.2.2",
+                 "--output", tmp_path / "nvidia.tar.gz")
+    assert result.code == (ExitCode.CONFIG if which == "no key" else ExitCode.KEY), result.stderr
+    assert not (tmp_path / "cache/coreos-gpu/downloads").exists()

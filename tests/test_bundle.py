@@ -32,9 +32,11 @@ from coreos_gpu.cache import sha256_of
 from coreos_gpu.config import Compression, KernelModuleType, Profile
 from coreos_gpu.driver import DriverPackage, read_package
 from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.keys import write_key_pair
 from coreos_gpu.layout import part_of, payload_path
 from coreos_gpu.manifest import parse_entry
 from coreos_gpu.modules import KernelModule, ModuleSet
+from coreos_gpu.repository import load_trust
 
 from .test_manifest import NEW_HEADER
 
@@ -640,3 +642,52 @@ def test_inspect_refuses_what_is_no_archive(not_bundles: Path, name: str, messag
 def test_inspect_hashes_match_hashlib(bundle: Bundle) -> None:
     assert inspect_bundle(bundle.path).sha256 == hashlib.sha256(
         bundle.path.read_bytes()).hexdigest()
+
+
+# --- the repository a bundle's nodes trust ---------------------------------------------------
+def test_a_bundle_carries_its_repository_and_inspect_checks_the_key(
+        package: DriverPackage, ko_dir: Path, tmp_path: Path) -> None:
+    """build --repository URL --repository-key PUB.pem: node/repository.pub is that key as
+    `openssl dgst -verify` reads it, bundle.env and MANIFEST.json name the repository and the
+    key's fingerprint, and inspect shows them and refuses a key that is not the named one."""
+    pair = write_key_pair(tmp_path / "keys/repo")
+    trust = load_trust("https://repo.example/gpu/", str(pair.public))
+    assert trust is not None
+    empty = tmp_path / "no-node-files"
+    empty.mkdir()
+    bundle = assemble_bundle(
+        package=package, module_sets=[module_set(ko_dir, KERNEL)], profile=Profile.COMPUTE,
+        compression=Compression.GZIP, output=tmp_path / "repo.tar.gz", releases=[RELEASE],
+        node=NodeSettings(("dcos-mesos-slave.service",), repository=trust),
+        tool_version="0.1.0", node_files=empty)
+    with tarfile.open(bundle.path) as tar:
+        def read(name: str) -> bytes:
+            stream = tar.extractfile(name)
+            assert stream is not None
+            return stream.read()
+        assert read("node/repository.pub") == pair.public.read_bytes()
+        env = read("node/bundle.env").decode()
+    assert "REPOSITORY_URL=https://repo.example/gpu\n" in env
+    assert f"REPOSITORY_KEY_FINGERPRINT={pair.fingerprint}\n" in env
+    assert bundle.manifest["repository"] == {"url": "https://repo.example/gpu",
+                                             "key_fingerprint": pair.fingerprint}
+    report = inspect_bundle(bundle.path)
+    assert report.ok, report.problems
+    assert report.to_json()["repository"] == bundle.manifest["repository"]
+    assert ("repository", f"https://repo.example/gpu (key {pair.fingerprint})") in (
+        report.summary())
+    # Another key in its place: inspect names both.
+    other = write_key_pair(tmp_path / "keys/other")
+    swapped = rewrite(bundle.path, tmp_path / "swapped.tar.gz", lambda m, data: (
+        other.public.read_bytes() if m.name == "node/repository.pub" else data))
+    problems = inspect_bundle(swapped).problems
+    assert (f"node/repository.pub is key {other.fingerprint}, not {pair.fingerprint} as "
+            "MANIFEST.json says") in problems, problems
+
+
+def test_a_bundle_without_a_repository(bundle: Bundle) -> None:
+    assert "node/repository.pub" not in members(bundle.path)
+    assert bundle.manifest["repository"] is None
+    report = inspect_bundle(bundle.path)
+    assert report.ok and report.repository_url == "" and report.to_json()["repository"] is None
+    assert ("repository", "none") in report.summary()

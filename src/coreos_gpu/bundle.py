@@ -175,6 +175,9 @@ def _manifest(package: DriverPackage, module_sets: Sequence[ModuleSet], profile:
         "releases": [r.to_json() for r in releases],
         "agent_units": list(node.agent_units),
         "on_driver_failure": node.on_driver_failure.value,
+        "repository": ({"url": node.repository.url,
+                        "key_fingerprint": node.repository.fingerprint}
+                       if node.repository else None),
         "inputs": [{"what": "driver", "source": package.source, "sha256": package.sha256}] + [
             {"what": f"{r.os} {r.channel} {r.version} image", "source": r.image_url,
              "sha256": r.image_sha256} for r in releases],
@@ -260,6 +263,8 @@ def _bundle_key(members: Sequence[_Member], module_sets: Sequence[ModuleSet], pr
         "compression": compression.value, "profile": profile.value,
         "driver_sha256": package.sha256, "agent_units": list(node.agent_units),
         "on_driver_failure": node.on_driver_failure.value,
+        "repository": [node.repository.url, node.repository.fingerprint]
+        if node.repository else None,
         "releases": [r.to_json() for r in releases],
         "modules": [[s.key, [m.sha256 for m in s.modules]] for s in module_sets],
         "members": [[m.path, m.mode, m.target, str(m.source) if m.source else None,

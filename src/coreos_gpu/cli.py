@@ -34,6 +34,7 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.manifest import ManifestEntry
 from coreos_gpu.modules import build_modules
 from coreos_gpu.release import list_releases, mirrored
+from coreos_gpu.repository import load_trust
 from coreos_gpu.sandbox import SandboxSpec, run_interactive
 
 
@@ -127,6 +128,8 @@ def cmd_devcontainer_run(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> None:
     config = _config(args)
+    # The repository's key is read before anything is downloaded: a bad one stops the build.
+    trust = load_trust(config.repository, config.repository_key)
     # The driver first: a wrong driver_version should not wait for gigabytes of images.
     source = config.driver_url or mirrored(DRIVER_URL.format(v=config.driver_version),
                                            config.mirror)
@@ -156,7 +159,7 @@ def cmd_build(args: argparse.Namespace) -> None:
                                     image_url=d.release.canonical_image_url,
                                     image_sha256=d.image_sha256)
                       for d in devroots],
-            node=NodeSettings(config.agent_units, config.on_driver_failure),
+            node=NodeSettings(config.agent_units, config.on_driver_failure, trust),
             tool_version=__version__,
             cache_dir=config.cache_dir)
     if args.json:

@@ -22,10 +22,12 @@ from typing import Any
 from coreos_gpu.archive import COPY_BUFFER, open_archive
 from coreos_gpu.config import Compression
 from coreos_gpu.errors import CoreosGpuError
+from coreos_gpu.keys import fingerprint_of_pem
 from coreos_gpu.layout import (
     FORMAT,
     MANIFEST_NAME,
     PAYLOAD,
+    REPOSITORY_KEY_NAME,
     SUM_LINE,
     SUMS_NAME,
     ReleaseInputs,
@@ -37,6 +39,7 @@ _TEXT_LIMIT = 64 << 20  # MANIFEST.json and SHA256SUMS are read into memory: a b
 _PART_ORDER = ("libraries", "binaries", "firmware", "modules", "node files", "other",
                "metadata")
 _METADATA = (MANIFEST_NAME, SUMS_NAME)
+_KEPT = (*_METADATA, REPOSITORY_KEY_NAME)  # small files read into memory
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class BundleReport:
     kernel_releases: tuple[str, ...]
     agent_units: tuple[str, ...]
     on_driver_failure: str
+    repository_url: str  # empty when the bundle names no repository
+    repository_key_fingerprint: str
     parts: tuple[PartSize, ...]
     modules: tuple[ModuleReport, ...]
     problems: tuple[str, ...]  # one line each; empty when the bundle is whole
@@ -89,6 +94,8 @@ class BundleReport:
                 ("kernel releases", ", ".join(self.kernel_releases)),
                 ("agent units", ", ".join(self.agent_units)),
                 ("on driver failure", self.on_driver_failure),
+                ("repository", f"{self.repository_url} (key {self.repository_key_fingerprint})"
+                 if self.repository_url else "none"),
                 ("built by", f"coreos-gpu {self.tool_version}")]
 
     def to_json(self) -> dict[str, Any]:
@@ -101,6 +108,9 @@ class BundleReport:
             "kernel_releases": list(self.kernel_releases),
             "agent_units": list(self.agent_units),
             "on_driver_failure": self.on_driver_failure,
+            "repository": {"url": self.repository_url,
+                           "key_fingerprint": self.repository_key_fingerprint}
+            if self.repository_url else None,
             "parts": [{"part": p.part, "files": p.files, "size": p.size} for p in self.parts],
             "modules": [{"path": m.path, "kernel_release": m.kernel_release,
                          "vermagic": m.vermagic, "version": m.version,
@@ -132,7 +142,7 @@ def _scan_file(tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _Scan, tmp: 
     name = member.name
     stream = tar.extractfile(member)
     assert stream is not None  # a regular file always has one
-    keep = name in _METADATA and member.size <= _TEXT_LIMIT
+    keep = name in _KEPT and member.size <= _TEXT_LIMIT
     chunks: list[bytes] = []
     # pyelftools reads by seeking, so each .ko goes to a temporary file, one at a time.
     module = tmp / PurePosixPath(name).name if name.endswith(".ko") else None
@@ -352,6 +362,29 @@ def _parts(scan: _Scan) -> tuple[PartSize, ...]:
     return tuple(PartSize(p, *totals[p]) for p in sorted(totals, key=order))
 
 
+def _repository(manifest: dict[str, Any], scan: _Scan) -> tuple[str, str]:
+    """The repository MANIFEST.json names, checked against the key the nodes will trust."""
+    named = manifest.get("repository")
+    has_key = REPOSITORY_KEY_NAME in scan.members
+    if named is None:
+        if has_key:
+            scan.problems.append(f"{REPOSITORY_KEY_NAME} is there, but {MANIFEST_NAME} names "
+                                 "no repository")
+        return "", ""
+    url = str(named.get("url", "")) if isinstance(named, dict) else ""
+    want = str(named.get("key_fingerprint", "")) if isinstance(named, dict) else ""
+    key = scan.texts.get(REPOSITORY_KEY_NAME)
+    if not url or not want:
+        scan.problems.append(f"{MANIFEST_NAME}'s repository lacks its url or key_fingerprint")
+    elif key is None:
+        scan.problems.append(f"{MANIFEST_NAME} names the repository {url}, but "
+                             f"{REPOSITORY_KEY_NAME} is missing")
+    elif (found := fingerprint_of_pem(key)) != want:
+        scan.problems.append(f"{REPOSITORY_KEY_NAME} is key {found or 'no usable key'}, not "
+                             f"{want} as {MANIFEST_NAME} says")
+    return url, want
+
+
 def _text(manifest: dict[str, Any], key: str) -> str:
     value = manifest.get(key, "")
     return value if isinstance(value, str) else str(value)
@@ -387,6 +420,7 @@ def inspect_bundle(path: Path) -> BundleReport:
     kernels = _texts(manifest, "kernel_releases")
     releases = _releases(manifest, scan)
     modules = _check_modules(scan, driver_version, kernels)
+    url, key_fingerprint = _repository(manifest, scan)
     for release in releases:
         if release.kernel_release not in kernels:
             scan.problems.append(f"release {release.version} runs kernel "
@@ -397,5 +431,6 @@ def inspect_bundle(path: Path) -> BundleReport:
         driver_version=driver_version, flavour=_text(manifest, "flavour"),
         profile=_text(manifest, "profile"), releases=releases, kernel_releases=kernels,
         agent_units=_texts(manifest, "agent_units"),
-        on_driver_failure=_text(manifest, "on_driver_failure"), parts=_parts(scan), modules=modules,
+        on_driver_failure=_text(manifest, "on_driver_failure"), repository_url=url,
+        repository_key_fingerprint=key_fingerprint, parts=_parts(scan), modules=modules,
         problems=tuple(scan.problems))

@@ -24,6 +24,8 @@ SUMS_NAME = "SHA256SUMS"
 # line, for install_nvidia.sh: sh cannot read MANIFEST.json, and SHA256SUMS says nothing
 # about links and modes.
 CONTENTS_NAME = "node/contents"
+# The public key of the repository a bundle's nodes fetch from (build --repository-key).
+REPOSITORY_KEY_NAME = "node/repository.pub"
 PAYLOAD = "payload"
 NODE = "node"
 # The names the original shell version's users already script against stay at the top.

@@ -17,10 +17,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.abc import Traversable
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 from coreos_gpu.config import DriverFailurePolicy
-from coreos_gpu.layout import NODE, NODE_TOP_LEVEL
+from coreos_gpu.layout import NODE, NODE_TOP_LEVEL, REPOSITORY_KEY_NAME
 from coreos_gpu.modules import ModuleSet
+
+if TYPE_CHECKING:
+    from coreos_gpu.repository import RepositoryTrust
 
 _POLICY_TEXT = {
     DriverFailurePolicy.START_WITHOUT_GPUS: "starts anyway, without GPUs",
@@ -38,6 +42,9 @@ class NodeSettings:
 
     agent_units: tuple[str, ...]
     on_driver_failure: DriverFailurePolicy = DriverFailurePolicy.START_WITHOUT_GPUS
+    # Where the nodes fetch bundles for other kernels, and the one key whose index they
+    # trust (build --repository/--repository-key); None: no repository.
+    repository: RepositoryTrust | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,9 @@ def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: s
         "KERNEL_RELEASES": " ".join(kernel_releases),
         "AGENT_UNITS": " ".join(settings.agent_units),
         "ON_DRIVER_FAILURE": settings.on_driver_failure.value,
+        "REPOSITORY_URL": settings.repository.url if settings.repository else "",
+        "REPOSITORY_KEY_FINGERPRINT": (settings.repository.fingerprint
+                                       if settings.repository else ""),
     }
     return (f"# Written by coreos-gpu {tool_version}; sourced by install_nvidia.sh, startup.sh "
             "and nvidia-doctor.\n"
@@ -135,4 +145,7 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
             tool_version=tool_version).encode()),
         _file("module-deps", render_module_deps(module_sets).encode()),
     ]
+    if settings.repository is not None:
+        generated.append(_file(REPOSITORY_KEY_NAME.removeprefix(f"{NODE}/"),
+                               settings.repository.public_key_pem))
     return carried + rendered + generated
