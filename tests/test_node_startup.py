@@ -302,3 +302,81 @@ def test_modprobe_d_options_reach_insmod(tmp_path: Path, bundle: Path, shell: st
         ["insmod", f"{folder}/nvidia-modeset.ko"],
         ["insmod", f"{folder}/nvidia-uvm.ko", "uvm_perf_prefetch_enable=0"]]
     assert ["modprobe", "-c", "-C", f"{node.root}/etc/modprobe.d"] in node.calls("modprobe")
+
+
+@pytest.fixture(scope="module")
+def two_kernels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two bundles of one driver: one for the kernel the node runs now, one for the kernel
+    an OS update brings (another bundle id)."""
+    folder = tmp_path_factory.mktemp("update")
+    ko_dir = folder / "ko"
+    ko_dir.mkdir()
+    return (make_bundle(folder / "now", ko_dir),
+            make_bundle(folder / "next", ko_dir, tool_version="0.2.0", kernels=(CLOUD,)))
+
+
+def current(node: Node) -> str:
+    return os.readlink(node.root / "opt/nvidia/current")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_boot_into_another_kernel_switches_to_the_folder_for_it(
+        tmp_path: Path, two_kernels: tuple[Path, Path], shell: str) -> None:
+    """The bundle for the next kernel installed (current points at it), the node still on
+    the old kernel, then the update's kernel, then a rollback to the old one: each boot uses
+    the folder with modules for the kernel it runs, switching `current` without network."""
+    now, upcoming = two_kernels
+    node = installed(tmp_path, now, shell=shell)
+    first = current(node)
+    assert node.install(upcoming).code == 0
+    second = current(node)
+    node.add_gpu("0000:00:1e.0", 0)
+    # Still on the old kernel: back to the first folder.
+    result = node.startup()
+    assert result.code == 0, result.stderr
+    assert current(node) == first
+    assert os.readlink(node.root / "opt/nvidia/previous") == second
+    assert f"/opt/nvidia/current is now {first} (was {second})" in result.stderr
+    assert [c[1] for c in node.calls("insmod")][0] == (
+        f"{node.root}/opt/nvidia/{first}/modules/{KERNEL}/nvidia.ko")
+    # The update's kernel: the second folder, its modules.
+    for path in ("proc/modules", "sys/module/nvidia/version"):
+        (node.root / path).unlink()
+    (node.root / "proc/modules").write_text("")
+    updated = node.startup(env={"FAKE_KERNEL": CLOUD})
+    assert updated.code == 0, updated.stderr
+    assert current(node) == second
+    assert [c[1] for c in node.calls("insmod")] == [
+        f"{node.root}/opt/nvidia/{second}/modules/{CLOUD}/{m}.ko"
+        for m in ("nvidia", "nvidia-modeset", "nvidia-uvm")]
+    firmware = (node.root / "sys/module/firmware_class/parameters/path").read_text()
+    assert firmware == f"/opt/nvidia/{second}/firmware"
+
+
+def test_check_says_it_would_switch_and_changes_nothing(
+        tmp_path: Path, two_kernels: tuple[Path, Path]) -> None:
+    now, upcoming = two_kernels
+    node = installed(tmp_path, now)
+    assert node.install(upcoming).code == 0
+    before = current(node)
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup("--check")
+    assert f"would point /opt/nvidia/current at {os.readlink(node.root / 'opt/nvidia/previous')}"\
+        f", which has modules for kernel {KERNEL}" in result.stderr
+    assert result.stderr.count("NVIDIA GPU(s)") == 1  # said once, by the folder switched to
+    assert current(node) == before and not node.calls("insmod")
+
+
+def test_no_switch_to_another_flavour(tmp_path: Path, two_kernels: tuple[Path, Path]) -> None:
+    """A folder of the same driver with the other module flavour is not this driver."""
+    now, upcoming = two_kernels
+    node = installed(tmp_path, now)
+    other = current(node)
+    env = node.root / "opt/nvidia" / other / "node/bundle.env"
+    env.write_text(env.read_text().replace("FLAVOUR=proprietary", "FLAVOUR=open"))
+    assert node.install(upcoming).code == 0
+    node.add_gpu("0000:00:1e.0", 0)
+    result = node.startup()
+    assert result.code == 4, result.stderr
+    assert "no other installed folder of driver" in result.errors[0]
+    assert current(node) != other and not node.calls("insmod")

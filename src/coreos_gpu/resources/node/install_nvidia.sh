@@ -90,13 +90,6 @@ if [ "$UNINSTALL" = 0 ] && [ ! -d "$BUNDLE/payload" ] && [ -f "$BUNDLE/node/bund
 	die 2 "$BUNDLE is an installed driver, not an extracted bundle: run $SELF --uninstall, or install_nvidia.sh from an extracted archive"
 fi
 
-# replace_link TARGET PATH: make PATH a symlink to TARGET in one rename (ln -sf is not
-# atomic: it unlinks first). mv -T keeps mv from moving into a linked folder.
-replace_link() {
-	[ "$(readlink "$2" 2>/dev/null)" = "$1" ] && return 0
-	act ln -s "$1" "$2.tmp.$$" && act mv -Tf "$2.tmp.$$" "$2"
-}
-
 # write_file PATH TEXT: the same, for a small file.
 write_file() {
 	[ -f "$1" ] && [ "$(cat "$1")" = "$2" ] && return 0
@@ -253,11 +246,6 @@ uninstall() {
 # The bundle's parts, relative to the folder it was extracted into; anything else there is
 # not ours to look at.
 TOP_NAMES="install_nvidia.sh nvidia.service startup.sh MANIFEST.json SHA256SUMS"
-
-# bundle_value KEY FILE: a value of node/bundle.env, read, not sourced (KEY='value').
-bundle_value() {
-	sed -n "s/^$1=//p" "$2" | sed "s/^'\\(.*\\)'\$/\\1/"
-}
 
 # check_contents: node/contents (in the current folder) describes a bundle that cannot
 # reach outside itself: plain relative paths in the bundle's parts, no link to an absolute
@@ -520,14 +508,7 @@ make_dir "$ROOT/opt/bin" || die 1 "cannot create /opt/bin"
 done || exit $?
 
 # --- the switch: one rename -------------------------------------------------------------------
-# `previous` names the driver before the last switch: kept for a rollback, and set before
-# the switch so that a run stopped after it keeps the same one.
-WAS=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
-if [ -n "$WAS" ] && [ "$WAS" != "$NAME" ]; then
-	replace_link "$WAS" "$ROOT$OPT/previous" || die 1 "cannot link $OPT/previous"
-fi
-replace_link "$NAME" "$ROOT$OPT/current" || die 1 "cannot point $OPT/current at $NAME"
-[ "$WAS" = "$NAME" ] || [ "$DRY" = 1 ] || say "$OPT/current is now $NAME${WAS:+ (was $WAS)}"
+switch_current "$NAME" || die 1 "cannot point $OPT/current at $NAME"
 PREVIOUS=$(readlink "$ROOT$OPT/previous" 2>/dev/null || true)
 
 # --- after the switch: caches, units, old versions -------------------------------------------

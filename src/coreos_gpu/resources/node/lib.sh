@@ -160,3 +160,27 @@ kernel_releases_in() {
 json_string() {
 	printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g; s/	/\\t/g' | tr '\n\r' '  ')"
 }
+
+# replace_link TARGET PATH: make PATH a symlink to TARGET in one rename (ln -sf is not
+# atomic: it unlinks first). mv -T keeps mv from moving into a linked folder.
+replace_link() {
+	[ "$(readlink "$2" 2>/dev/null)" = "$1" ] && return 0
+	act ln -s "$1" "$2.tmp.$$" && act mv -Tf "$2.tmp.$$" "$2"
+}
+
+# bundle_value KEY FILE: a value of node/bundle.env, read, not sourced (KEY='value').
+bundle_value() {
+	sed -n "s/^$1=//p" "$2" | sed "s/^'\\(.*\\)'\$/\\1/"
+}
+
+# switch_current NAME: point $OPT/current at the driver folder NAME in one rename. `previous`
+# names the driver before the last switch: kept for a rollback, and set before the switch
+# so that a run stopped after it keeps the same one.
+switch_current() {
+	sc_was=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
+	if [ -n "$sc_was" ] && [ "$sc_was" != "$1" ]; then
+		replace_link "$sc_was" "$ROOT$OPT/previous" || return 1
+	fi
+	replace_link "$1" "$ROOT$OPT/current" || return 1
+	[ "$sc_was" = "$1" ] || [ "${DRY:-0}" = 1 ] || say "$OPT/current is now $1${sc_was:+ (was $sc_was)}"
+}

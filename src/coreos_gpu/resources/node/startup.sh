@@ -18,6 +18,8 @@
 #   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
 #   NVIDIA_LOAD_DRM=1          also load nvidia-drm (needs drm_kms_helper); off for compute
 #   NVIDIA_FORCE_LOAD=1        as --force-load (for tests on machines without a GPU)
+# "A && B || die …" means: die when either fails.
+# shellcheck disable=SC2015
 set -u
 PROG=startup.sh
 
@@ -63,6 +65,40 @@ ROOT=$(parse_root "$ROOT")
 PATH=$PATH:$HERE/bin
 export PATH
 
+# --- the folder for this kernel ----------------------------------------------------------
+KERNEL=$(uname -r)
+MODULES=$HERE/modules/$KERNEL
+# After an OS update, or a rollback to the previous release, another installed folder of
+# this driver and flavour may have the modules for the running kernel: point `current` at
+# it (one rename, under the install lock, as install_nvidia.sh does) and carry on with that
+# folder's own startup.sh. No network needed.
+if [ ! -d "$MODULES" ]; then
+	for OTHER in "$ROOT$OPT"/*/; do
+		OTHER=${OTHER%/}
+		[ "$OTHER" != "$HERE" ] && [ -d "$OTHER/modules/$KERNEL" ] && [ -r "$OTHER/node/bundle.env" ] &&
+			[ -x "$OTHER/startup.sh" ] || continue
+		[ "$(bundle_value DRIVER_VERSION "$OTHER/node/bundle.env")" = "$DRIVER_VERSION" ] &&
+			[ "$(bundle_value FLAVOUR "$OTHER/node/bundle.env")" = "$FLAVOUR" ] || continue
+		if [ "$DRY" = 1 ]; then
+			say "would point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
+		else
+			if [ -e "$ROOT$OPT/.lock" ]; then
+				exec 9<"$ROOT$OPT/.lock" && flock -w 120 9 ||
+					die 3 "another install_nvidia.sh holds $ROOT$OPT/.lock; run me again when it is done"
+			fi
+			switch_current "${OTHER##*/}" ||
+				die 3 "cannot point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
+			exec 9<&-
+		fi
+		set --
+		[ -z "$ROOT" ] || set -- "$@" --root "$ROOT"
+		[ "$DRY" = 0 ] || set -- "$@" --check
+		[ "$FORCE" != 1 ] || set -- "$@" --force-load
+		# shellcheck disable=SC2093 # on purpose: that folder's startup.sh takes over
+		exec "$OTHER/startup.sh" "$@"
+	done
+fi
+
 # --- GPUs -------------------------------------------------------------------------------
 GPUS=$(list_gpus)
 if [ -z "$GPUS" ]; then
@@ -76,12 +112,10 @@ else
 fi
 
 # --- kernel -----------------------------------------------------------------------------
-KERNEL=$(uname -r)
-MODULES=$HERE/modules/$KERNEL
 # Never insmod a module built for another kernel: after an OS update the node boots a
 # kernel the bundle may not have been built for.
 [ -d "$MODULES" ] ||
-	die 4 "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
+	die 4 "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES, and no other installed folder of driver $DRIVER_VERSION has any for it; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
 
 if [ -r "$ROOT/sys/module/nvidia/version" ]; then
 	read -r LOADED <"$ROOT/sys/module/nvidia/version"
