@@ -4,8 +4,9 @@ Targets (DESIGN.md): node install ≤ 1.5 x a plain copy of the payload; startup
 excluding the kernel's own module init, ≤ 0.5 s. Measured in one run on one disk:
   1. plain copy: `cp -a payload/<driver>/. DEST` then `sync -f DEST` (the install syncs too,
      so a power cut cannot leave a renamed but empty driver), and without the sync,
-  2. install: `install_nvidia.sh --root R --no-enable` (checks every file against
-     SHA256SUMS, copies, ldconfig -n, syncs, renames, links, real `ldconfig -r`),
+  2. install: `install_nvidia.sh --root R --no-enable` (checks the bundle's shape, copies it
+     into a staging folder, checks the shape there, sets owner and modes, checks every file
+     against SHA256SUMS there, ldconfig -n, syncs, renames, links, real `ldconfig -r`),
   3. startup: `startup.sh --root R` on a fake 8-GPU node whose insmod, modprobe,
      nvidia-smi and uname are stand-ins (tests/nodetree.py): modules, device nodes, firmware.
 The median of five runs each. Run from the repository root, as root:
