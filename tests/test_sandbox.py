@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coreos_gpu import sandbox
 from coreos_gpu.config import Runtime
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.sandbox import (
@@ -23,7 +24,8 @@ from coreos_gpu.sandbox import (
     SandboxSpec,
     Tmpfs,
     check_runtime,
-    detect_runtime,
+    choose_runtime,
+    chosen_runtime,
     image_name,
     run_in_sandbox,
     sandbox_argv,
@@ -165,20 +167,132 @@ def test_root_only_runtimes_refuse_users(runtime: Runtime, tmp_path: Path,
     assert e.value.code is ExitCode.CONFIG
 
 
-def test_detect_runtime_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
+@pytest.fixture(autouse=True)
+def fresh_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test probes anew: the cache lasts one run, and PATH changes between tests."""
+    monkeypatch.setattr(sandbox, "_PROBES", {})
+    monkeypatch.setattr(sandbox, "_CHOICES", {})
+
+
+RLIMIT_ERROR = ('echo "Error: crun: setrlimit \\`RLIMIT_NPROC\\`: Operation not permitted: '
+                'OCI permission denied" >&2; exit 126')
+TAR = shutil.which("tar") or "/usr/bin/tar"
+NO_ENGINE = 'echo "Cannot connect to the Docker daemon at unix:///x.sock" >&2; exit 1'
+
+
+def _recording_tool(folder: Path, name: str, script: str) -> None:
+    _fake_tool(folder, name, f'printf "%s\\n" "$*" >> {folder}/{name}.calls\n{script}')
+
+
+def _calls(folder: Path, name: str) -> list[str]:
+    path = folder / f"{name}.calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_auto_takes_the_first_runtime_that_passes_its_probe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    tools, root = tmp_path / "bin", tmp_path / "root"
+    tools.mkdir()
+    root.mkdir()
+    monkeypatch.setenv("PATH", str(tools))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # rules out nspawn and chroot
-    with pytest.raises(CoreosGpuError, match="no sandbox works") as e:
-        detect_runtime()
+    with pytest.raises(CoreosGpuError, match="no sandbox works here") as e:
+        choose_runtime(Runtime.AUTO, root)
     assert e.value.code is ExitCode.TOOL
-    _fake_tool(tmp_path, "bwrap")
-    _fake_tool(tmp_path, "docker", 'echo "Cannot connect to the Docker daemon" >&2; exit 1')
-    assert detect_runtime() is Runtime.BWRAP  # a docker client without engine is skipped
-    _fake_tool(tmp_path, "docker")
-    assert detect_runtime() is Runtime.DOCKER
-    _fake_tool(tmp_path, "podman", '[ "$1" = --g ] && exit 0; exit 1')
-    assert detect_runtime() is Runtime.DOCKER  # podman info fails without its options
-    assert detect_runtime(EngineOptions(("--g",))) is Runtime.PODMAN
+    assert "podman: the podman sandbox needs podman, which is not on PATH" in e.value.message
+    assert "nspawn: the nspawn sandbox needs systemd-nspawn" in e.value.message
+
+    monkeypatch.setattr(sandbox, "_PROBES", {})
+    monkeypatch.setattr(sandbox, "_CHOICES", {})
+    _recording_tool(tools, "podman", RLIMIT_ERROR)  # installed, `podman info` would answer
+    _recording_tool(tools, "docker", NO_ENGINE)
+    (tools / "tar").symlink_to(TAR)  # docker imports the root with it
+    _recording_tool(tools, "bwrap", "exit 0")
+    capsys.readouterr()
+    options = EngineOptions(("--g",), ("--r",))
+    choice = choose_runtime(Runtime.AUTO, root, options, image_key="k")
+    assert choice.runtime is Runtime.BWRAP and choice.requested is Runtime.AUTO
+    podman, docker, bwrap = choice.probes
+    assert (podman.runtime, podman.ok, docker.ok, bwrap.ok) == (Runtime.PODMAN, False, False,
+                                                                True)
+    assert "exit code 126" in podman.reason and "RLIMIT_NPROC" in podman.reason
+    assert "podman_options / podman_run_options" in podman.reason
+    assert "Cannot connect to the Docker daemon" in docker.reason
+    # The probe is a trivial command in the root, with the options the build gets.
+    [probed] = _calls(tools, "podman")
+    assert probed.startswith("--g run --r --rm --network none")
+    assert probed.endswith(f"--rootfs {root} /bin/sh -c exec \"$@\" 2>&1 sh sh -c :")
+    assert _calls(tools, "bwrap")[0].endswith("-- sh -c :")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"    sandbox: podman skipped: {podman.reason}",
+                     f"    sandbox: docker skipped: {docker.reason}",
+                     "    sandbox: bwrap (runtime auto: the first of podman, docker, bwrap, "
+                     "nspawn, chroot that runs sh -c : in the root)"]
+    assert choice.to_json() == {"requested": "auto", "runtime": "bwrap", "probes": [
+        {"runtime": "podman", "ok": False, "reason": podman.reason},
+        {"runtime": "docker", "ok": False, "reason": docker.reason},
+        {"runtime": "bwrap", "ok": True, "reason": ""}]}
+    assert chosen_runtime() == choice
+
+    # Once per run: every later sandbox uses the choice without probing again.
+    engine_calls = _calls(tools, "podman") + _calls(tools, "docker")
+    for n in range(2):
+        run_in_sandbox(SandboxSpec(root), ["make"], runtime=Runtime.AUTO,
+                       log_file=tmp_path / f"{n}.log", what="x", engine_options=options,
+                       image_key="k")
+    assert _calls(tools, "podman") + _calls(tools, "docker") == engine_calls
+    assert [c.endswith("-- sh -c :") for c in _calls(tools, "bwrap")] == [True, False, False]
+    assert capsys.readouterr().err == ""
+
+
+def test_an_explicit_runtime_is_never_replaced(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tools, root = tmp_path / "bin", tmp_path / "root"
+    tools.mkdir()
+    root.mkdir()
+    monkeypatch.setenv("PATH", str(tools))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    _recording_tool(tools, "podman", RLIMIT_ERROR)
+    _recording_tool(tools, "docker", NO_ENGINE)
+    (tools / "tar").symlink_to(TAR)
+    _recording_tool(tools, "bwrap", "exit 0")
+    log = tmp_path / "build.log"
+    with pytest.raises(CoreosGpuError) as e:
+        run_in_sandbox(SandboxSpec(root), ["make"], runtime=Runtime.PODMAN, log_file=log,
+                       what="x", image_key="k")
+    assert e.value.code is ExitCode.COMMAND
+    assert e.value.message.startswith(f"the podman sandbox cannot run a command in {root}: "
+                                      "sh -c : in the root failed with exit code 126")
+    assert e.value.hint.startswith('bwrap passes the same probe here: use --runtime bwrap (or '
+                                   'runtime = "auto"); or: ')
+    assert "podman_options" in e.value.hint and "podman_run_options" in e.value.hint
+    assert not log.exists() and not any(c.endswith(" make") for c in _calls(tools, "bwrap"))
+    _fake_tool(tools, "bwrap", "exit 1")
+    monkeypatch.setattr(sandbox, "_PROBES", {})
+    with pytest.raises(CoreosGpuError) as e:
+        choose_runtime(Runtime.PODMAN, root, image_key="k")
+    assert e.value.hint.startswith("no other installed sandbox passes it either; or: ")
+
+
+@pytest.mark.parametrize(("failure", "settings"), [
+    (RLIMIT_ERROR, True),
+    ('echo "error setting rlimit type 7: operation not permitted" >&2; exit 125', True),
+    ('echo "Error: OCI runtime error: crun: cannot set cgroup limit" >&2; exit 126', True),
+    ('echo "kernel/cgroup/cgroup.c: error: expected ;" >&2; exit 2', False),  # the build's own
+])
+def test_an_engine_limits_error_names_the_settings(failure: str, settings: bool, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "root").mkdir()
+    # It passes the probe; the build itself then fails as given.
+    _fake_tool(tmp_path, "podman", f'case "$*" in *" sh -c :") exit 0;; esac\n{failure}')
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CoreosGpuError) as e:
+        run_in_sandbox(SandboxSpec(tmp_path / "root"), ["make"], runtime=Runtime.PODMAN,
+                       log_file=tmp_path / "log", what="compiling")
+    assert e.value.message.startswith("compiling failed with exit code")
+    assert "to reproduce: podman run " in e.value.hint
+    assert ("podman_options" in e.value.hint and "podman_run_options" in e.value.hint) is settings
 
 
 # ---------------------------------------------------------------- real sandboxes

@@ -20,6 +20,7 @@ from coreos_gpu.bundle import (
     inspect_bundle,
 )
 from coreos_gpu.cli_repository import add_repository_verbs
+from coreos_gpu.completion import SHELLS, render_completion
 from coreos_gpu.config import (
     BuildConfig,
     Profile,
@@ -35,7 +36,7 @@ from coreos_gpu.manifest import ManifestEntry
 from coreos_gpu.modules import build_modules
 from coreos_gpu.release import list_releases, mirrored
 from coreos_gpu.repository import load_trust
-from coreos_gpu.sandbox import SandboxSpec, run_interactive
+from coreos_gpu.sandbox import SandboxSpec, chosen_runtime, run_interactive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,16 +163,23 @@ def cmd_build(args: argparse.Namespace) -> None:
             node=NodeSettings(config.agent_units, config.on_driver_failure, trust),
             tool_version=__version__,
             cache_dir=config.cache_dir)
+    sandbox = chosen_runtime()  # None when every module set came from the cache
     if args.json:
         ui.print_json({"path": str(bundle.path), "sha256": bundle.sha256, "size": bundle.size,
-                       "manifest": bundle.manifest})
+                       "manifest": bundle.manifest,
+                       "sandbox": sandbox.to_json() if sandbox else None})
     else:
         ui.print_fields([
             ("archive", bundle.path), ("sha256", bundle.sha256), ("size", _mib(bundle.size)),
             ("driver", f"{package.version} ({config.kernel_module_type.value} modules, "
                        f"{config.profile.value} profile)"),
             ("kernels", ", ".join(m.kernel_release for m in module_sets)),
+            ("sandbox", sandbox.runtime if sandbox else "none needed (all cached)"),
         ])
+
+
+def cmd_completion(args: argparse.Namespace) -> None:
+    sys.stdout.write(render_completion(build_parser(), args.shell))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -322,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
                "is coreos-gpu's", cmd_devcontainer_run)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the command and its arguments")
+    completion = verbs.add_parser("completion", parents=[common], help="print the shell "
+                                  "completion script", description="print the completion script "
+                                  "for SHELL (see README: Shell completion)")
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help=", ".join(SHELLS))
+    completion.set_defaults(func=cmd_completion)
     return parser
 
 

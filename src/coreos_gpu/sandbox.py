@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from coreos_gpu import ui
 from coreos_gpu.config import Runtime
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.run import TAIL_LINES, run
@@ -37,7 +39,7 @@ DETECTION_ORDER = (Runtime.PODMAN, Runtime.DOCKER, Runtime.BWRAP, Runtime.NSPAWN
 ENGINES = (Runtime.PODMAN, Runtime.DOCKER)
 NEEDS_ROOT = (Runtime.NSPAWN, Runtime.CHROOT)
 TOOLS: Mapping[Runtime, Mapping[str, str]] = {  # tool -> Debian package
-    Runtime.PODMAN: {"podman": "podman"}, Runtime.DOCKER: {"docker": "docker.io"},
+    Runtime.PODMAN: {"podman": "podman"}, Runtime.DOCKER: {"docker": "docker.io", "tar": "tar"},
     Runtime.BWRAP: {"bwrap": "bubblewrap"}, Runtime.NSPAWN: {"systemd-nspawn": "systemd-container"},
     Runtime.CHROOT: {"unshare": "util-linux", "mount": "mount", "chroot": "coreutils"}}
 Progress = Callable[[str], None]
@@ -227,21 +229,140 @@ def check_runtime(runtime: Runtime) -> None:
                              hint="run as root, or use --runtime bwrap or podman")
 
 
-def detect_runtime(engine_options: EngineOptions = EngineOptions()) -> Runtime:
-    """The first sandbox that works here, for `--runtime auto`."""
-    # A docker client without a running engine is common, and bwrap fails where user
-    # namespaces are off: both are cheap to ask.
-    probes = {Runtime.BWRAP: ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"],
-              **{e: [e, *engine_options.global_args, "info"] for e in ENGINES}}
-    for runtime in DETECTION_ORDER:
-        with contextlib.suppress(CoreosGpuError):
-            check_runtime(runtime)
-            if runtime in probes:
-                run(probes[runtime], timeout=30)
-            return runtime
-    raise CoreosGpuError(f"no sandbox works here (tried {', '.join(DETECTION_ORDER)})",
-                         hint="install one (Debian: apt-get install bubblewrap, or podman); "
-                         "nspawn and chroot need root", code=ExitCode.TOOL)
+# --- which sandbox works here -----------------------------------------------------------
+
+# What a probe runs in the root: a sandbox that cannot start this cannot run the build.
+PROBE_COMMAND = ("sh", "-c", ":")
+PROBE_TIMEOUT = 60
+# podman and docker exit 125 (their own error) or 126 (the OCI runtime's) when they may not
+# set the container's rlimits or use the host's cgroups: inside containers, on hybrid cgroup
+# hosts, without CAP_SYS_RESOURCE. Their extra options fix that; the reproduce line does not.
+_LIMITS_ERROR = re.compile(r"rlimit|cgroup", re.IGNORECASE)
+ENGINE_SETTINGS_HINT = (
+    "podman (or docker) may not set rlimits or use cgroups here: set podman_options (e.g. "
+    '["--cgroup-manager=cgroupfs", "--runtime=runc"]) and podman_run_options (e.g. '
+    '["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]) in the config file, or '
+    "--podman-option=... and --podman-run-option=... flags")
+
+
+def _engine_limits(runtime: Runtime, code: int, tail: str) -> bool:
+    return runtime in ENGINES and code in (125, 126) and bool(_LIMITS_ERROR.search(tail))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a runtime ran PROBE_COMMAND in the root; if not, why, in one line."""
+
+    runtime: Runtime
+    ok: bool
+    reason: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"runtime": self.runtime.value, "ok": self.ok, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The sandbox a run uses: the one asked for (auto or a name), the one taken, the probes."""
+
+    requested: Runtime
+    runtime: Runtime
+    probes: tuple[Probe, ...]  # in DETECTION_ORDER, the one taken last
+
+    def to_json(self) -> dict[str, object]:
+        return {"requested": self.requested.value, "runtime": self.runtime.value,
+                "probes": [p.to_json() for p in self.probes]}
+
+
+# A probe starts a container: each runtime is probed once per run (per engine options), and
+# the choice is made once. This cache is the one state the sandbox keeps across calls.
+_PROBES: dict[tuple[Runtime, EngineOptions], Probe] = {}
+_CHOICES: dict[tuple[Runtime, EngineOptions], RuntimeChoice] = {}
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _probe(runtime: Runtime, root: Path, opts: EngineOptions, image_key: str) -> Probe:
+    try:
+        check_runtime(runtime)
+        with tempfile.TemporaryFile() as log:
+            code, tail, expired, _ = _run_batch(runtime, SandboxSpec(root=root), PROBE_COMMAND,
+                                                log=log, opts=opts, image_key=image_key,
+                                                timeout=PROBE_TIMEOUT)
+    except CoreosGpuError as e:  # not installed, not allowed, or docker cannot import the root
+        return Probe(runtime, ok=False, reason=_last_line(e.message))
+    if code == 0 and not expired:
+        return Probe(runtime, ok=True)
+    command = shlex.join(PROBE_COMMAND)
+    if expired:
+        return Probe(runtime, ok=False, reason=f"{command} did not finish within "
+                     f"{PROBE_TIMEOUT} s")
+    settings = " (podman_options / podman_run_options)" if _engine_limits(runtime, code,
+                                                                           tail) else ""
+    return Probe(runtime, ok=False, reason=f"{command} in the root failed with exit code {code}: "
+                 f"{_last_line(tail)}{settings}")
+
+
+def probe_runtime(runtime: Runtime, root: Path, opts: EngineOptions = EngineOptions(),
+                  image_key: str = "") -> Probe:
+    """Whether runtime runs a trivial command in root, as the build will run it (cached)."""
+    key = (runtime, opts)
+    if key not in _PROBES:
+        _PROBES[key] = _probe(runtime, root, opts, image_key)
+    return _PROBES[key]
+
+
+def choose_runtime(requested: Runtime, root: Path, opts: EngineOptions = EngineOptions(),
+                   image_key: str = "") -> RuntimeChoice:
+    """The sandbox to use in root: for auto, the first in DETECTION_ORDER that passes its
+    probe; otherwise the one requested, which is never replaced: if it fails its probe, the
+    error names the installed ones that pass."""
+    key = (requested, opts)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if requested is Runtime.AUTO:
+        probes: list[Probe] = []
+        for runtime in DETECTION_ORDER:
+            probes.append(probe_runtime(runtime, root, opts, image_key))
+            if probes[-1].ok:
+                break
+        else:
+            raise CoreosGpuError(
+                "no sandbox works here: " + "; ".join(f"{p.runtime}: {p.reason}" for p in probes),
+                hint="install one (Debian: apt-get install bubblewrap, or podman); nspawn and "
+                "chroot need root", code=ExitCode.TOOL)
+        choice = RuntimeChoice(requested, probes[-1].runtime, tuple(probes))
+        for p in probes[:-1]:
+            ui.log(f"    sandbox: {p.runtime} skipped: {p.reason}")
+        ui.log(f"    sandbox: {choice.runtime} (runtime auto: the first of "
+               f"{', '.join(DETECTION_ORDER)} that runs {shlex.join(PROBE_COMMAND)} in the root)")
+    else:
+        probe = probe_runtime(requested, root, opts, image_key)
+        if not probe.ok:
+            raise _unusable(probe, root, opts, image_key)
+        choice = RuntimeChoice(requested, requested, (probe,))
+    _CHOICES[key] = choice
+    return choice
+
+
+def _unusable(probe: Probe, root: Path, opts: EngineOptions, image_key: str) -> CoreosGpuError:
+    working = [r for r in DETECTION_ORDER
+               if r is not probe.runtime and probe_runtime(r, root, opts, image_key).ok]
+    passes = "pass" if len(working) > 1 else "passes"
+    hint = (f"{', '.join(working)} {passes} the same probe here: use --runtime {working[0]} (or "
+            "runtime = \"auto\")" if working else "no other installed sandbox passes it either")
+    if probe.runtime in ENGINES and _LIMITS_ERROR.search(probe.reason):
+        hint += f"; or: {ENGINE_SETTINGS_HINT}"
+    return CoreosGpuError(f"the {probe.runtime} sandbox cannot run a command in {root}: "
+                          f"{probe.reason}", hint=hint, code=ExitCode.COMMAND)
+
+
+def chosen_runtime() -> RuntimeChoice | None:
+    """The sandbox this run took last (for the build's output); None if none ran."""
+    return next(reversed(_CHOICES.values()), None)
 
 
 def _execute(argv: Sequence[str], *, log: BinaryIO | None, feed: Sequence[str] = (),
@@ -303,11 +424,7 @@ def _execute(argv: Sequence[str], *, log: BinaryIO | None, feed: Sequence[str] =
     return code, "\n".join(lines), expired.is_set()
 
 
-def _resolve(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions) -> Runtime:
-    runtime = detect_runtime(opts) if runtime is Runtime.AUTO else runtime
-    check_runtime(runtime)
-    if not spec.root.is_dir():
-        raise CoreosGpuError(f"root folder {spec.root} does not exist")
+def _check_mount_points(runtime: Runtime, spec: SandboxSpec) -> None:
     # chroot resolves mount points on the host: a symlink in the root (often absolute) would
     # put the mount, and mkdir -p, outside the root.
     for m in spec.mounts if runtime is Runtime.CHROOT else ():
@@ -315,7 +432,17 @@ def _resolve(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions) -> Runtim
         if any(spec.root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts) + 1)):
             raise CoreosGpuError(f"cannot mount on {m.target} with chroot: it crosses a symlink",
                                  hint="choose another --runtime", code=ExitCode.CONFIG)
-    return runtime
+
+
+def _resolve(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions, image_key: str) -> Runtime:
+    if not spec.root.is_dir():
+        raise CoreosGpuError(f"root folder {spec.root} does not exist")
+    if runtime is not Runtime.AUTO:  # what the user asked for is refused before it is probed
+        check_runtime(runtime)
+        _check_mount_points(runtime, spec)
+    chosen = choose_runtime(runtime, spec.root, opts, image_key).runtime
+    _check_mount_points(chosen, spec)
+    return chosen
 
 
 def _import_root(spec: SandboxSpec, image_key: str, opts: EngineOptions,
@@ -336,6 +463,35 @@ def _import_root(spec: SandboxSpec, image_key: str, opts: EngineOptions,
     return image
 
 
+def _run_batch(runtime: Runtime, spec: SandboxSpec, argv: Sequence[str], *, log: BinaryIO,
+               opts: EngineOptions, image_key: str, timeout: float | None,
+               progress: Progress | None = None) -> tuple[int, str, bool, list[str]]:
+    """Run argv in the sandbox, output into log; return (exit code, tail, timed out, argv)."""
+    docker = runtime is Runtime.DOCKER
+    image = _import_root(spec, image_key, opts, log) if docker else ""
+    engine = runtime in ENGINES
+    name = f"coreos-gpu-{os.getpid()}-{os.urandom(4).hex()}" if engine else ""
+    if engine:
+        # An engine carries stdout and stderr over separate streams, which reorders them:
+        # a compiler error would land thousands of lines before the end of the log.
+        argv = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
+    args = sandbox_argv(spec, argv, runtime=runtime, engine_options=opts, image=image,
+                        name=name)
+
+    def stop_sandbox(pid: int) -> None:
+        if engine:  # killing the client would leave the container running
+            with contextlib.suppress(CoreosGpuError):  # already gone
+                run([runtime, *opts.global_args, "kill", name], timeout=60)
+        else:  # a SIGKILLed nspawn leaves its container running; on SIGTERM it kills it
+            os.killpg(pid, signal.SIGTERM)
+
+    log.write(f"$ {shlex.join(args)}\n".encode())
+    stoppable = engine or runtime is Runtime.NSPAWN
+    code, tail, expired = _execute(args, log=log, progress=progress, timeout=timeout,
+                                   on_stop=stop_sandbox if stoppable else None)
+    return code, tail, expired, args
+
+
 def run_in_sandbox(spec: SandboxSpec, argv: Sequence[str], *, runtime: Runtime, log_file: Path,
                    what: str, engine_options: EngineOptions = EngineOptions(),
                    image_key: str = "", timeout: float | None = None,
@@ -344,45 +500,29 @@ def run_in_sandbox(spec: SandboxSpec, argv: Sequence[str], *, runtime: Runtime, 
 
     `what` names the step in the error ("building nvidia.ko for 6.1.0-50-amd64").
     """
-    runtime = _resolve(runtime, spec, engine_options)
+    runtime = _resolve(runtime, spec, engine_options, image_key)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("wb") as log:
-        docker = runtime is Runtime.DOCKER
-        image = _import_root(spec, image_key, engine_options, log) if docker else ""
-        engine = runtime in ENGINES
-        name = f"coreos-gpu-{os.getpid()}-{os.urandom(4).hex()}" if engine else ""
-        if engine:
-            # An engine carries stdout and stderr over separate streams, which reorders them:
-            # a compiler error would land thousands of lines before the end of the log.
-            argv = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
-        args = sandbox_argv(spec, argv, runtime=runtime, engine_options=engine_options,
-                            image=image, name=name)
-
-        def stop_sandbox(pid: int) -> None:
-            if engine:  # killing the client would leave the container running
-                with contextlib.suppress(CoreosGpuError):  # already gone
-                    run([runtime, *engine_options.global_args, "kill", name], timeout=60)
-            else:  # a SIGKILLed nspawn leaves its container running; on SIGTERM it kills it
-                os.killpg(pid, signal.SIGTERM)
-
-        log.write(f"$ {shlex.join(args)}\n".encode())
-        stoppable = engine or runtime is Runtime.NSPAWN
-        code, tail, expired = _execute(args, log=log, progress=progress, timeout=timeout,
-                                       on_stop=stop_sandbox if stoppable else None)
+        code, tail, expired, args = _run_batch(runtime, spec, argv, log=log,
+                                               opts=engine_options, image_key=image_key,
+                                               timeout=timeout, progress=progress)
     if code == 0 and not expired:
         return
     status = (f"did not finish within {timeout:.0f} s" if expired
               else f"was killed by {signal.Signals(-code).name}" if code < 0
               else f"failed with exit code {code}")
+    hint = f"to reproduce: {shlex.join(args)}"
+    if _engine_limits(runtime, code, tail):
+        hint = f"{ENGINE_SETTINGS_HINT}; {hint}"
     raise CoreosGpuError(f"{what} {status} (sandbox: {runtime})\n{tail}\nfull log: {log_file}",
-                         hint=f"to reproduce: {shlex.join(args)}", code=ExitCode.COMMAND)
+                         hint=hint, code=ExitCode.COMMAND)
 
 
 def run_interactive(spec: SandboxSpec, argv: Sequence[str] = ("/bin/sh",), *,
                     runtime: Runtime, engine_options: EngineOptions = EngineOptions(),
                     image_key: str = "") -> int:
     """Run argv in the same sandbox with our terminal (`devcontainer shell`, --debug-shell)."""
-    runtime = _resolve(runtime, spec, engine_options)
+    runtime = _resolve(runtime, spec, engine_options, image_key)
     docker = runtime is Runtime.DOCKER
     image = _import_root(spec, image_key, engine_options, None) if docker else ""
     if "TERM" in os.environ and "TERM" not in spec.env:  # the one host variable a shell needs
