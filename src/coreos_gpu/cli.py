@@ -19,6 +19,7 @@ from coreos_gpu.bundle import (
     assemble_bundle,
     inspect_bundle,
 )
+from coreos_gpu.cli_render import add_render_verb
 from coreos_gpu.cli_repository import add_repository_verbs
 from coreos_gpu.completion import SHELLS, render_completion
 from coreos_gpu.config import (
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="nvidia.tar.gz (or .tar.xz, .tar.zst)")
     verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
     add_repository_verbs(verbs, verb)  # keygen, publish, repository list/verify
+    add_render_verb(verbs)  # render ignition|butane|terraform|marathon-app|metronome-job
 
     devcontainer = verbs.add_parser(
         "devcontainer", help="the OS's developer container, the module build's root"
