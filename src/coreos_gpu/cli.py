@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the command and its arguments")
     completion = verbs.add_parser("completion", parents=[common], help="print the shell "
                                   "completion script", description="print the completion script "
-                                  "for SHELL (see README: Shell completion)")
+                                  "for SHELL, generated from this command's own options")
     completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help=", ".join(SHELLS))
     completion.set_defaults(func=cmd_completion)
     return parser
