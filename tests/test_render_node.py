@@ -1,0 +1,286 @@
+"""The acceptance test of `coreos-gpu render`: what a rendered Ignition config (or Terraform
+block) does on a node gives the same node tree as the README's manual steps,
+
+    tar xzf nvidia.tar.gz -C /tmp && sudo /tmp/install_nvidia.sh
+
+The config is "unpacked" as Ignition does it (render_tools.ignite: the bundle downloaded
+from an HTTP server on 127.0.0.1 and written only after its verification.hash matched,
+every file with its mode, the unit enabled through Ignition's preset), then its unit's
+ExecStart runs against a fake node tree (nodetree.Node) with the real install_nvidia.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.keys import load_private_key, write_key_pair
+from coreos_gpu.provision import DIR, UNIT
+from coreos_gpu.publish import publish
+from coreos_gpu.stores import open_store
+
+from .conftest import CliResult, Mirror
+from .nodetree import Node, Result, make_bundle, snapshot
+from .render_tools import HashMismatch, ignite, remote_exec_inline, unit_setting
+from .test_bundle import CLOUD
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
+Cli = Callable[..., CliResult]
+PRESET = "etc/systemd/system-preset/20-ignition.preset"
+# What provisioning adds beside what the manual steps make.
+EXTRAS = {"opt/coreos-gpu", "opt/coreos-gpu/provision.sh", "opt/coreos-gpu/provisioned",
+          f"etc/systemd/system/{UNIT}", "etc/systemd/system-preset", PRESET}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle extracted with tar, as the manual steps do; the archive beside it."""
+    folder = tmp_path_factory.mktemp("render-node")
+    ko_dir = folder / "ko"
+    ko_dir.mkdir()
+    return make_bundle(folder / "b", ko_dir)
+
+
+def archive_of(extracted: Path) -> Path:
+    return extracted.parent / "nvidia.tar.gz"
+
+
+def a_node(folder: Path) -> Node:
+    """A node as it boots: /opt and /etc/systemd/system are there on any real one."""
+    node = Node(folder)
+    for sub in ("opt", "etc/systemd/system"):
+        (node.root / sub).mkdir(parents=True, exist_ok=True)
+    return node
+
+
+@pytest.fixture(scope="module")
+def manual_tree(extracted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The README's manual steps: the extracted bundle's install_nvidia.sh."""
+    node = a_node(tmp_path_factory.mktemp("manual"))
+    result = node.install(extracted)
+    assert result.code == 0, result.stderr
+    return snapshot(node.root)
+
+
+def boot(node: Node, env: dict[str, str] | None = None) -> Result:
+    """The first boot: what the enabled unit's ExecStart runs (systemd would run it)."""
+    unit = (node.root / "etc/systemd/system" / UNIT).read_text()
+    assert f"enable {UNIT}" in (node.root / PRESET).read_text().splitlines()
+    [exec_start] = unit_setting(unit, "ExecStart")
+    return node.run(node.root / exec_start.lstrip("/"), "--root", str(node.root), env=env)
+
+
+def same_tree(tree: dict[str, str], manual: dict[str, str], extras: set[str]) -> None:
+    assert set(tree) - set(manual) == extras
+    assert set(manual) - set(tree) == set()
+    assert {k: v for k, v in tree.items() if k in manual} == manual
+
+
+@pytest.mark.parametrize("flags", [(), ("--os", "flatcar", "--ignition-version", "2.2.0")],
+                         ids=["spec 3.3.0", "spec 2.2.0"])
+def test_an_ignition_config_gives_the_manual_steps_node(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path,
+        manual_tree: dict[str, str], flags: tuple[str, ...]) -> None:
+    archive = archive_of(extracted)
+    shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
+    result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
+                 f"{http_dir.url}/nvidia.tar.gz", *flags)
+    assert result.code == 0, result.stderr
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    written = node.root / DIR.lstrip("/")
+    assert (written / "nvidia.tar.gz").read_bytes() == archive.read_bytes()
+    assert (written / "nvidia.tar.gz").stat().st_mode & 0o777 == 0o600
+    assert written.stat().st_mode & 0o777 == 0o700
+    booted = boot(node)
+    assert booted.code == 0, booted.stderr
+    tree = snapshot(node.root)
+    same_tree(tree, manual_tree, EXTRAS)
+    sha = subprocess.run(["sha256sum", archive], capture_output=True, text=True,
+                         check=True).stdout.split()[0]
+    assert (written / "provisioned").read_text() == f"{sha}\n"
+    assert tree["opt/coreos-gpu/provision.sh"].startswith("file 700 ")
+    # The download is gone once installed; a second boot does nothing.
+    again = boot(node)
+    assert again.code == 0 and "installed before" in again.stderr
+    assert snapshot(node.root) == tree
+    assert not node.calls("systemctl")
+
+
+def test_ignition_refuses_a_bundle_that_is_not_the_one_rendered(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
+    """The hash in the config is the file's: one byte more on the server and Ignition
+    writes nothing."""
+    archive = archive_of(extracted)
+    result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
+                 f"{http_dir.url}/nvidia.tar.gz")
+    (http_dir.root / "nvidia.tar.gz").write_bytes(archive.read_bytes() + b"\0")
+    node = a_node(tmp_path / "node")
+    before = snapshot(node.root)
+    with pytest.raises(HashMismatch):
+        ignite(json.loads(result.stdout), node.root)
+    assert snapshot(node.root) == before
+
+
+def test_a_bundle_changed_on_disk_is_refused_before_it_is_read(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
+    archive = archive_of(extracted)
+    shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
+    result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
+                 f"{http_dir.url}/nvidia.tar.gz")
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    other = tmp_path / "other.tar.gz"
+    subprocess.run(["tar", "czf", other, "-C", extracted, "install_nvidia.sh"], check=True)
+    shutil.copy(other, node.root / "opt/coreos-gpu/nvidia.tar.gz")
+    booted = boot(node)
+    assert booted.code == 21, booted.stderr
+    assert "does not match sha256" in booted.stderr
+    assert not (node.root / "opt/nvidia").exists()
+    assert not (node.root / "opt/coreos-gpu/provisioned").exists()  # tried again next boot
+
+
+# --- from a repository ---------------------------------------------------------------------
+
+@pytest.fixture
+def repository(http_dir: Mirror, extracted: Path, tmp_path: Path) -> tuple[str, Path]:
+    """The bundle published into a signed repository served on 127.0.0.1."""
+    pair = write_key_pair(tmp_path / "keys" / "repo.key")
+    publish([archive_of(extracted)], open_store(str(http_dir.root / "repo")),
+            load_private_key(pair.private))
+    return f"{http_dir.url}/repo", pair.public
+
+
+def test_a_repository_config_fetches_the_kernels_bundle_and_gives_the_same_node(
+        cli: Cli, repository: tuple[str, Path], tmp_path: Path,
+        manual_tree: dict[str, str]) -> None:
+    url, pub = repository
+    result = cli("render", "ignition", "--repository", url, "--repository-key", pub)
+    assert result.code == 0, result.stderr
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    booted = boot(node)
+    assert booted.code == 0, booted.stderr
+    same_tree(snapshot(node.root), manual_tree, EXTRAS | {"opt/coreos-gpu/repository.pub"})
+    assert not [p for p in (node.root / "opt/coreos-gpu").iterdir()
+                if p.name.startswith(("fetch.", "bundle."))]
+
+
+def test_an_index_that_fails_its_signature_installs_nothing(
+        cli: Cli, repository: tuple[str, Path], http_dir: Mirror, tmp_path: Path) -> None:
+    url, pub = repository
+    result = cli("render", "ignition", "--repository", url, "--repository-key", pub)
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    [index] = (http_dir.root / "repo/index").glob("*.txt")
+    with index.open("a") as f:
+        f.write(index.read_text().splitlines()[-1].replace(" 535.261.03 ", " 999.1.1 ") + "\n")
+    booted = boot(node)
+    assert booted.code == 23, booted.stderr
+    assert "does not match its signature" in booted.stderr
+    assert not (node.root / "opt/nvidia").exists()
+
+
+def test_no_bundle_for_the_nodes_kernel_installs_nothing(
+        cli: Cli, repository: tuple[str, Path], tmp_path: Path) -> None:
+    url, pub = repository
+    result = cli("render", "ignition", "--repository", url, "--repository-key", pub)
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    booted = boot(node, env={"FAKE_KERNEL": CLOUD})
+    assert booted.code == 24, booted.stderr
+    assert f"lists no flatcar bundle for kernel {CLOUD}" in booted.stderr
+    assert not (node.root / "opt/nvidia").exists()
+
+
+# --- Terraform -------------------------------------------------------------------------------
+
+SUDO = """#!/bin/sh
+# Runs as is (the test runs as root), but the install acts on the fake node's tree.
+case $1 in */install_nvidia.sh) exec "$@" --root "$FAKE_ROOT" ;; esac
+exec "$@"
+"""
+
+
+@pytest.fixture
+def var_tmp() -> Iterator[None]:
+    before = set(Path("/var/tmp").glob("coreos-gpu.*"))
+    yield
+    for path in set(Path("/var/tmp").glob("coreos-gpu.*")) - before:
+        shutil.rmtree(path)
+
+
+def run_terraform_block(cli: Cli, node: Node, archive: Path, url: str,
+                        tmp_path: Path) -> Result:
+    """The block's inline commands, joined as Terraform's remote-exec joins them."""
+    result = cli("render", "terraform", "--bundle", archive, "--bundle-url", url)
+    assert result.code == 0, result.stderr
+    script = tmp_path / "terraform_123.sh"
+    script.write_text("\n".join(remote_exec_inline(result.stdout)) + "\n")
+    (node.bin / "sudo").write_text(SUDO)
+    (node.bin / "sudo").chmod(0o755)
+    return node.run(script)
+
+
+@pytest.mark.usefixtures("var_tmp")
+def test_the_terraform_block_gives_the_manual_steps_node(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path,
+        manual_tree: dict[str, str]) -> None:
+    archive = archive_of(extracted)
+    shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
+    node = a_node(tmp_path / "node")
+    ran = run_terraform_block(cli, node, archive, f"{http_dir.url}/nvidia.tar.gz", tmp_path)
+    assert ran.code == 0, ran.stderr
+    assert snapshot(node.root) == manual_tree
+    assert node.calls("systemctl")[-1] == ["systemctl", "is-enabled", "--quiet",
+                                           "nvidia.service"]
+
+
+@pytest.mark.usefixtures("var_tmp")
+def test_the_terraform_block_checks_the_download_before_anything_runs(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
+    archive = archive_of(extracted)
+    (http_dir.root / "nvidia.tar.gz").write_bytes(archive.read_bytes()[:-1] + b"\1")
+    node = a_node(tmp_path / "node")
+    before = snapshot(node.root)
+    ran = run_terraform_block(cli, node, archive, f"{http_dir.url}/nvidia.tar.gz", tmp_path)
+    assert ran.code != 0
+    assert "FAILED" in ran.stdout + ran.stderr  # sha256sum -c
+    assert snapshot(node.root) == before
+    assert not node.calls("systemctl")  # install_nvidia.sh never ran
+    assert not [c for c in node.calls() if c[0] == "sudo" and "tar" in c]
+
+
+# --- the unit under systemd's own check ---------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["bundle", "repository"])
+def test_the_provision_unit_passes_systemd_analyze_verify(
+        cli: Cli, tmp_path: Path, extracted: Path, mode: str) -> None:
+    pub = write_key_pair(tmp_path / "k" / "repo.key").public
+    source = (("--bundle", str(archive_of(extracted)), "--bundle-url",
+               "https://gpu.example.com/nvidia.tar.gz") if mode == "bundle"
+              else ("--repository", "https://gpu.example.com/repo", "--repository-key",
+                    str(pub)))
+    result = cli("render", "ignition", *source)
+    node = a_node(tmp_path / "node")
+    config = json.loads(result.stdout)
+    config["storage"]["files"] = [f for f in config["storage"]["files"]
+                                  if f["contents"]["source"].startswith("data:")]
+    ignite(config, node.root)
+    units = tmp_path / "units"
+    units.mkdir()
+    shutil.copy(node.root / "etc/systemd/system" / UNIT, units)
+    (units / "dcos-mesos-slave.service").write_text(
+        "[Unit]\nDescription=DC/OS agent stand-in\n[Service]\nExecStart=/bin/true\n")
+    verified = subprocess.run(
+        ["bwrap", "--dev-bind", "/", "/", "--bind", node.root / "opt", "/opt",
+         "env", f"SYSTEMD_UNIT_PATH={units}:", "systemd-analyze", "verify",
+         units / UNIT, units / "dcos-mesos-slave.service"],
+        capture_output=True, text=True, check=False)
+    assert verified.returncode == 0 and not verified.stdout + verified.stderr, (
+        verified.stdout + verified.stderr)
