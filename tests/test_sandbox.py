@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from coreos_gpu import sandbox
+from coreos_gpu.cache import link_tree
 from coreos_gpu.config import Runtime
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.sandbox import (
@@ -31,7 +33,7 @@ from coreos_gpu.sandbox import (
     sandbox_argv,
 )
 
-from .conftest import REPO, make_busybox_root
+from .conftest import REPO, CliResult, make_busybox_root, run_cli
 
 # What podman needs on this machine kind (DESIGN "Recipes"): no CAP_SYS_RESOURCE, hybrid cgroups.
 PODMAN_GLOBAL = ("--storage-driver", "vfs", "--cgroup-manager=cgroupfs",
@@ -463,3 +465,63 @@ def test_chroot_refuses_mount_points_through_symlinks(tmp_path: Path) -> None:
         run_in_sandbox(spec, ["true"], runtime=Runtime.CHROOT, log_file=tmp_path / "log",
                        what="x")
     assert e.value.code is ExitCode.CONFIG and not (tmp_path / "log").exists()
+
+
+# ---------------------------------------------------------------- auto on a real developer root
+
+# A real kbuild build of a one-file module, inside the developer container's /tmp.
+HELLO_MODULE = r"""set -e
+mkdir /tmp/hello && cd /tmp/hello
+printf '#include <linux/module.h>\nMODULE_LICENSE("GPL");\n' > hello.c
+echo 'obj-m := hello.o' > Kbuild
+make -s -C /usr/lib/modules/*/build M=/tmp/hello CC=gcc-12 modules 2>&1
+echo "vermagic=$(modinfo -F vermagic hello.ko)"
+"""
+
+
+@pytest.mark.slow
+def test_auto_skips_a_podman_that_cannot_start_and_builds(  # type: ignore[no-untyped-def]
+        http_dir, flatcar_release, tmp_path: Path) -> None:
+    link_tree(flatcar_release.server_root, http_dir.root)
+    # Only podman is faked: it fails as it does where it may not set rlimits.
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    _recording_tool(wrapper, "podman", RLIMIT_ERROR)
+    env = {"PATH": f"{wrapper}{os.pathsep}{os.environ['PATH']}"}
+    source = ("--mirror", http_dir.url, "--release", flatcar_release.version,
+              "--signing-key-fingerprint", flatcar_release.key_fingerprint)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def cli(*argv: str) -> CliResult:
+        return run_cli(*argv, cwd=work, env=env, cache=tmp_path / "cache")
+
+    prepared = cli("devcontainer", "prepare", *source)
+    assert prepared.code == 0, prepared.stderr
+    built = cli("devcontainer", "run", *source, "--", "sh", "-c", HELLO_MODULE)
+    assert built.code == 0, built.stdout + built.stderr
+    assert "vermagic=6.1.0-50-amd64 SMP" in built.stdout
+    lines = built.stderr.splitlines()
+    skipped = [line for line in lines if line.startswith("    sandbox: podman skipped: ")]
+    assert len(skipped) == 1 and "RLIMIT_NPROC" in skipped[0], built.stderr
+    [chosen] = [line for line in lines if "(runtime auto: the first of" in line]
+    taken = chosen.split()[1]
+    assert taken in {"docker", "bwrap", "nspawn", "chroot"}
+    assert len(_calls(wrapper, "podman")) == 1  # the probe only: podman ran nothing else
+
+    # An explicit podman is not replaced: it fails, and says which runtime works here.
+    refused = cli("devcontainer", "run", *source, "--runtime", "podman", "--", "true")
+    assert refused.code == ExitCode.COMMAND
+    [error, hint] = refused.error_lines
+    assert error.startswith("coreos-gpu: error: the podman sandbox cannot run a command in ")
+    assert "RLIMIT_NPROC" in error
+    assert f"use --runtime {taken} " in hint
+    assert "podman_options" in hint and "podman_run_options" in hint
+
+
+@pytest.mark.slow
+def test_build_says_which_sandbox_it_used(build_bundle) -> None:  # type: ignore[no-untyped-def]
+    # The build test's own bundle (one compile per session): its JSON names the sandbox.
+    shown = json.loads(build_bundle("--kernel-module-type", "proprietary").result.stdout)
+    assert shown["sandbox"] == {"requested": "bwrap", "runtime": "bwrap", "probes": [
+        {"runtime": "bwrap", "ok": True, "reason": ""}]}
