@@ -337,7 +337,7 @@ def test_a_boot_into_another_kernel_switches_to_the_folder_for_it(
     assert current(node) == first
     assert os.readlink(node.root / "opt/nvidia/previous") == second
     assert f"/opt/nvidia/current is now {first} (was {second})" in result.stderr
-    assert [c[1] for c in node.calls("insmod")][0] == (
+    assert node.calls("insmod")[0][1] == (
         f"{node.root}/opt/nvidia/{first}/modules/{KERNEL}/nvidia.ko")
     # The update's kernel: the second folder, its modules.
     for path in ("proc/modules", "sys/module/nvidia/version"):
