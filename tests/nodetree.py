@@ -13,13 +13,26 @@ import hashlib
 import os
 import subprocess
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coreos_gpu.bundle import NodeSettings, assemble_bundle
 from coreos_gpu.cache import sha256_of
-from coreos_gpu.config import DEFAULT_AGENT_UNITS, Compression, DriverFailurePolicy, Profile
-from coreos_gpu.layout import CONTENTS_NAME, SUMS_NAME, render_contents, render_sums
+from coreos_gpu.config import (
+    DEFAULT_AGENT_UNITS,
+    Compression,
+    DriverFailurePolicy,
+    KernelModuleType,
+    Profile,
+)
+from coreos_gpu.layout import (
+    CONTENTS_NAME,
+    SUMS_NAME,
+    ReleaseInputs,
+    render_contents,
+    render_sums,
+)
+from coreos_gpu.repository import RepositoryTrust
 
 from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, VERSION, make_package, module_set
 
@@ -104,6 +117,11 @@ if [ "$1" = show ]; then
 	cat "$FAKE_ROOT/.systemd/$5/$3" 2>/dev/null
 	exit 0
 fi
+# `systemctl is-active -q UNIT`: active unless FAKE_INACTIVE names it.
+if [ "$1" = is-active ]; then
+	case " $FAKE_INACTIVE " in *" $3 "*) exit 3 ;; esac
+	exit 0
+fi
 exit "${FAKE_SYSTEMCTL_RC:-0}"
 """,
     "nvidia-smi": """
@@ -131,7 +149,24 @@ echo "/dev/vda9 1000000 0 $FAKE_DF_AVAIL 1% /"
     "dmesg": "exit 0\n",
 }
 STAND_IN_ENV = ("FAKE_INSMOD_ERROR", "FAKE_MODPROBE_MISSING", "FAKE_MKNOD_FAIL", "FAKE_SMI_FAIL",
-                "FAKE_DF_AVAIL")
+                "FAKE_DF_AVAIL", "FAKE_INACTIVE")
+# Flatcar's update_engine_client (flatcar/update_engine, update_engine_client.cc): -status
+# prints these five lines (shared/reference/flatcar-update.md); -watch_for_updates logs each
+# status signal to stderr and never returns (here: the lines of .update-engine-signals once
+# that file is there, then it waits). Added by Node.add_update_engine.
+UPDATE_ENGINE_CLIENT = """
+case $1 in
+-status)
+	printf '%s\n' "I1202 10:00:00.000000  1234 update_engine_client.cc:241]" \
+		"Querying Update Engine status..." | paste -sd' ' >&2
+	cat "$FAKE_ROOT/.update-engine-status" ;;
+-watch_for_updates)
+	while [ ! -e "$FAKE_ROOT/.update-engine-signals" ]; do sleep 0.1; done
+	cat "$FAKE_ROOT/.update-engine-signals" >&2
+	exec sleep 3600 ;;
+*) exit 1 ;;
+esac
+"""
 
 
 @dataclass(frozen=True)
@@ -148,16 +183,22 @@ class Result:
 def make_bundle(folder: Path, ko_dir: Path, *, tool_version: str = "0.1.0",
                 kernels: tuple[str, ...] = (KERNEL,),
                 policy: DriverFailurePolicy = DriverFailurePolicy.START_WITHOUT_GPUS,
-                agent_units: tuple[str, ...] = DEFAULT_AGENT_UNITS) -> Path:
+                agent_units: tuple[str, ...] = DEFAULT_AGENT_UNITS,
+                repository: RepositoryTrust | None = None,
+                flavour: KernelModuleType = KernelModuleType.PROPRIETARY,
+                releases: tuple[ReleaseInputs, ...] = ()) -> Path:
     """A real bundle (with the real node scripts), extracted with tar like an operator
-    does; another tool_version gives the same driver with another bundle id."""
+    does, in folder/bundle (the archive: folder/nvidia.tar.gz); another tool_version gives
+    the same driver with another bundle id."""
     folder.mkdir(parents=True)
-    releases = {KERNEL: RELEASE, CLOUD: CLOUD_RELEASE}
+    by_kernel = {KERNEL: RELEASE, CLOUD: CLOUD_RELEASE}
     bundle = assemble_bundle(
         package=make_package(folder / "driver"),
-        module_sets=[module_set(ko_dir, k) for k in kernels], profile=Profile.COMPUTE,
+        module_sets=[replace(module_set(ko_dir, k), flavour=flavour) for k in kernels],
+        profile=Profile.COMPUTE,
         compression=Compression.GZIP, output=folder / "nvidia.tar.gz",
-        releases=[releases[k] for k in kernels], node=NodeSettings(agent_units, policy),
+        releases=list(releases) or [by_kernel[k] for k in kernels],
+        node=NodeSettings(agent_units, policy, repository),
         tool_version=tool_version)
     extracted = folder / "bundle"
     extracted.mkdir()
@@ -230,6 +271,27 @@ class Node:
             "Video BIOS: \t 88.00.4f.00.09\nBus Type: \t PCIe\nDMA Size: \t 47 bits\n"
             f"DMA Mask: \t 0x7fffffffffff\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n"
             "GPU Excluded: \t No\n")
+
+    def add_update_engine(self, op: str = "UPDATE_STATUS_IDLE", new_version: str = "0.0.0"
+                          ) -> None:
+        """update_engine_client on PATH, in the state given."""
+        (self.root / ".update-engine-status").write_text(
+            "LAST_CHECKED_TIME=1733083200\nPROGRESS=0.000000\n"
+            f"CURRENT_OP={op}\nNEW_VERSION={new_version}\nNEW_SIZE=465371229\n")
+        # StatusUpdateSignalHandler's LOG(INFO) lines, glog's prefix and all.
+        log = "I1202 10:00:00.000000  1234 update_engine_client.cc:{}] {}\n".format
+        (self.root / ".update-engine-signals").write_text("".join(
+            log(line, text) for line, text in (
+                (80, "Got status update:"), (81, "  last_checked_time: 1733083200"),
+                (82, "  progress: 1"), (83, f"  current_operation: {op}"),
+                (84, f"  new_version: {new_version}"), (85, "  new_size: 465371229"))))
+        tool = self.bin / "update_engine_client"
+        tool.write_text(_RECORD + UPDATE_ENGINE_CLIENT)
+        tool.chmod(0o755)
+
+    def fetch(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        return self.run(self.root / "opt/nvidia/current/node/fetch.sh", "--root",
+                        str(self.root), *args, env=env)
 
     # --- running things --------------------------------------------------------------------
     def run(self, script: Path | str, *args: str, env: dict[str, str] | None = None,

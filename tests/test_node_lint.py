@@ -15,7 +15,7 @@ from coreos_gpu.config import DriverFailurePolicy
 from .nodetree import SHELLS, Node, make_bundle
 
 NODE = Path(__file__).resolve().parents[1] / "src/coreos_gpu/resources/node"
-SCRIPTS = ("install_nvidia.sh", "startup.sh", "nvidia-doctor", "lib.sh")
+SCRIPTS = ("install_nvidia.sh", "startup.sh", "nvidia-doctor", "lib.sh", "fetch.sh")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -58,6 +58,39 @@ def test_systemd_analyze_verify(tmp_path: Path, policy: DriverFailurePolicy) -> 
         ["bwrap", "--dev-bind", "/", "/", "--bind", node.root / "opt", "/opt",
          "env", f"SYSTEMD_UNIT_PATH={units}:", "systemd-analyze", "verify",
          units / "nvidia.service", units / "dcos-mesos-slave.service"],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and not result.stdout + result.stderr, (
+        result.stdout + result.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
+def test_systemd_analyze_verify_the_repository_units(tmp_path: Path) -> None:
+    """A bundle built with a repository: nvidia.service waits for the network, and the
+    retry timer, its service and the staging watcher verify cleanly, as installed."""
+    from coreos_gpu.keys import write_key_pair
+    from coreos_gpu.repository import load_trust
+
+    ko_dir = tmp_path / "ko"
+    ko_dir.mkdir()
+    keys = write_key_pair(tmp_path / "keys" / "repo.key")
+    node = Node(tmp_path / "node")
+    bundle = make_bundle(tmp_path / "b", ko_dir, repository=load_trust(
+        "https://repository.example/gpu", str(keys.public)))
+    assert node.install(bundle).code == 0
+    installed = (node.root / "opt/nvidia/current").resolve()
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "dcos-mesos-slave.service").write_text(
+        "[Unit]\nDescription=DC/OS agent stand-in\n[Service]\nExecStart=/bin/true\n")
+    names = ["nvidia-retry.timer", "nvidia-retry.service", "nvidia-stage.service"]
+    shutil.copy(installed / "nvidia.service", units)
+    for name in names:
+        shutil.copy(installed / "node" / name, units)
+    # The watcher's condition: update_engine_client exists on Flatcar, not here.
+    result = subprocess.run(
+        ["bwrap", "--dev-bind", "/", "/", "--bind", node.root / "opt", "/opt",
+         "env", f"SYSTEMD_UNIT_PATH={units}:", "systemd-analyze", "verify",
+         units / "nvidia.service", *(units / n for n in names)],
         capture_output=True, text=True, check=False)
     assert result.returncode == 0 and not result.stdout + result.stderr, (
         result.stdout + result.stderr)

@@ -93,10 +93,12 @@ def _module_members(version: str, module_sets: Sequence[ModuleSet]) -> list[_Mem
 
 
 def _node_members(node: NodeSettings, scripts: Traversable | None, package: DriverPackage,
-                  module_sets: Sequence[ModuleSet], tool_version: str) -> list[_Member]:
+                  module_sets: Sequence[ModuleSet], profile: Profile, os: str,
+                  tool_version: str) -> list[_Member]:
     return [_Member(f.path, f.mode, data=f.data) for f in render_node_files(
         node, driver_version=package.version, flavour=module_sets[0].flavour.value,
-        module_sets=module_sets, tool_version=tool_version, scripts=scripts)]
+        profile=profile.value, os=os, module_sets=module_sets, tool_version=tool_version,
+        scripts=scripts)]
 
 
 def _contents_member(members: Sequence[_Member]) -> _Member:
@@ -225,7 +227,8 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
     module_sets = sorted(module_sets, key=lambda s: _version_key(s.kernel_release))
     releases = sorted(releases, key=lambda r: (r.os, r.channel, _version_key(r.version)))
     listed = (_userspace_members(package, profile) + _module_members(package.version, module_sets)
-              + _node_members(node, node_files, package, module_sets, tool_version))
+              + _node_members(node, node_files, package, module_sets, profile, releases[0].os,
+                             tool_version))
     members = _sorted_with_folders([*listed, _contents_member(listed)])
     key = _bundle_key(members, module_sets, profile, compression, releases, node,
                       tool_version, package)

@@ -83,10 +83,14 @@ def _file(name: str, data: bytes) -> NodeFile:
 
 
 def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: str,
-                      kernel_releases: Sequence[str], tool_version: str) -> str:
+                      profile: str, os: str, kernel_releases: Sequence[str],
+                      tool_version: str) -> str:
     values = {
         "DRIVER_VERSION": driver_version,
         "FLAVOUR": flavour,
+        # With the OS, what a node matches in the repository's index (fetch.sh).
+        "PROFILE": profile,
+        "OS": os,
         "KERNEL_RELEASES": " ".join(kernel_releases),
         "AGENT_UNITS": " ".join(settings.agent_units),
         "ON_DRIVER_FAILURE": settings.on_driver_failure.value,
@@ -106,6 +110,7 @@ def render_module_deps(module_sets: Sequence[ModuleSet]) -> str:
 
 
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+_REPOSITORY_UNITS = "repository/"
 # `. "…/node/lib.sh" # coreos-gpu: inline`
 _INLINE = re.compile(r'^\. "[^"]*/(?P<name>[\w.-]+)" # coreos-gpu: inline$', re.MULTILINE)
 
@@ -125,8 +130,8 @@ def _render(template: str, values: dict[str, str]) -> bytes:
 
 
 def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: str,
-                      module_sets: Sequence[ModuleSet], tool_version: str,
-                      scripts: Traversable | None = None) -> list[NodeFile]:
+                      profile: str, os: str, module_sets: Sequence[ModuleSet],
+                      tool_version: str, scripts: Traversable | None = None) -> list[NodeFile]:
     """Every node file of a bundle. scripts: the folder of node scripts carried as they are
     (the package's resources/node by default)."""
     folder = default_node_files() if scripts is None else scripts
@@ -137,10 +142,22 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
               "POLICY": settings.on_driver_failure.value,
               "POLICY_TEXT": _POLICY_TEXT[settings.on_driver_failure],
               "DEPENDENCY": _DEPENDENCY[settings.on_driver_failure]}
-    rendered = [_file(name, _render(r.read_text(), values)) for name, r in _walk(_templates())]
+    if settings.repository is not None:
+        # The boot may fetch a bundle: it needs the network, and the download's time.
+        values |= {"NETWORK": "Wants=network-online.target\nAfter=network-online.target",
+                   "FETCH_TIME": ", and a bundle fetched from the repository (NVIDIA_FETCH_"
+                                 "TIMEOUT) before them",
+                   "START_TIMEOUT": "600"}
+    else:
+        values |= {"NETWORK": "# No network: this bundle has no repository to fetch from.",
+                   "FETCH_TIME": "", "START_TIMEOUT": "300"}
+    # templates/repository/: the units a node with a repository runs (retry, staging).
+    rendered = [_file(name.removeprefix(_REPOSITORY_UNITS), _render(r.read_text(), values))
+                for name, r in _walk(_templates())
+                if settings.repository is not None or not name.startswith(_REPOSITORY_UNITS)]
     generated = [
         _file("bundle.env", render_bundle_env(
-            settings, driver_version=driver_version, flavour=flavour,
+            settings, driver_version=driver_version, flavour=flavour, profile=profile, os=os,
             kernel_releases=[s.kernel_release for s in module_sets],
             tool_version=tool_version).encode()),
         _file("module-deps", render_module_deps(module_sets).encode()),

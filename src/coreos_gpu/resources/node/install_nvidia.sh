@@ -19,6 +19,10 @@
 # a copy of this script: /opt/bin/nvidia-uninstall (or install_nvidia.sh --uninstall from
 # /opt/nvidia/current) removes everything after a reboot has emptied /tmp.
 #
+# --stage installs the driver folder only, beside `current`, for a kernel the node boots
+# later (an OS update waiting for its reboot): /opt/nvidia/staged records it, and at that
+# boot startup.sh switches to it. node/fetch.sh stages what it fetches this way.
+#
 # Exit codes:
 #   0      installed (and the driver started, unless --no-start), or uninstalled
 #   1      a step failed (the message says which)
@@ -33,6 +37,8 @@
 #          kernel mismatch, 15: a module failed to load, 18: no usable GPU, …; see
 #          startup.sh), 11 for any other
 #   20     installed and startup.sh succeeded, but systemctl start nvidia.service failed
+#   21-27  installed, but the bundle has no modules for the running kernel and fetching them
+#          from the repository failed: startup.sh's code (see node/fetch.sh)
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -41,11 +47,15 @@ PROG=install_nvidia.sh
 usage() {
 	cat <<'EOF'
 usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [--dry-run]
+                         [--stage [--release VERSION]]
   --root DIR    install into the tree under DIR (an image being prepared, a test tree)
   --no-start    do not load the driver now (it loads at the next boot)
   --no-enable   do not enable nvidia.service
   --uninstall   remove everything this script added, and nothing else (also: nvidia-uninstall)
   --dry-run     check the bundle and say what would be done, without changing anything
+  --stage       install the driver folder beside the current one without switching to it,
+                for a kernel the node boots later (startup.sh switches at that boot)
+  --release VERSION  with --stage: the OS release it is staged for (nvidia-doctor shows it)
 EOF
 }
 
@@ -54,6 +64,8 @@ START=1
 ENABLE=1
 UNINSTALL=0
 DRY=0
+STAGE_ONLY=0
+STAGE_RELEASE=-
 # /opt/bin/nvidia-uninstall links to the installed copy of this script.
 case ${0##*/} in nvidia-uninstall) UNINSTALL=1 ;; esac
 while [ $# -gt 0 ]; do
@@ -67,6 +79,12 @@ while [ $# -gt 0 ]; do
 	--no-enable) ENABLE=0 ;;
 	--uninstall) UNINSTALL=1 ;;
 	--dry-run) DRY=1 ;;
+	--stage) STAGE_ONLY=1 ;;
+	--release)
+		[ $# -ge 2 ] || { usage >&2; exit 2; }
+		STAGE_RELEASE=$2
+		shift ;;
+	--release=*) STAGE_RELEASE=${1#--release=} ;;
 	-h | --help) usage; exit 0 ;;
 	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -83,6 +101,13 @@ SELF=$(readlink -f "$0") || die 1 "cannot resolve $0"
 BUNDLE=${SELF%/*}
 ROOT=$(parse_root "$ROOT")
 [ -z "$ROOT" ] || [ -d "$ROOT" ] || die 2 "--root $ROOT is not a folder"
+case $STAGE_ONLY:$UNINSTALL:$STAGE_RELEASE in
+1:1:*) die 2 "--stage and --uninstall do not go together" ;;
+0:*:[!-]*) die 2 "--release names the OS release a --stage is for: give --stage too" ;;
+*:*:*[!A-Za-z0-9._+~-]* | *:*:) die 2 "--release $STAGE_RELEASE is not an OS release (e.g. 4081.2.0)" ;;
+esac
+# A staged driver is not switched to: nothing starts, nothing is enabled.
+[ "$STAGE_ONLY" = 0 ] || { START=0; ENABLE=0; }
 # A node's systemd is only asked to reload and start things on a real node, not in a tree.
 [ -z "$ROOT" ] || START=0
 # The copy in an installed driver folder (no payload/ beside it) can only uninstall.
@@ -137,6 +162,10 @@ run_ldconfig() {
 }
 
 UNITS=$ROOT/etc/systemd/system
+# A bundle built with a repository also carries these, in node/: the retry timer (and the
+# service it starts) and the watcher that stages the bundle for a downloaded OS update.
+REPOSITORY_UNITS="nvidia-retry.timer nvidia-retry.service nvidia-stage.service"
+ENABLED_REPOSITORY_UNITS="nvidia-retry.timer nvidia-stage.service"
 LDCONF=$ROOT/etc/ld.so.conf.d/nvidia.conf
 LDCONF_TEXT="# coreos-gpu: the NVIDIA driver's libraries, found by the Mesos agent through ld.so.cache
 $OPT/current/lib64"
@@ -214,10 +243,11 @@ uninstall() {
 		say "no coreos-gpu driver is installed under ${ROOT:-/}; removing what is left, if anything"
 	# First what activates the driver, then the driver: a stop midway leaves nothing that
 	# points at a missing file for long, and a second --uninstall finishes the job.
-	if [ -L "$UNITS/nvidia.service" ] && ours "$UNITS/nvidia.service"; then
-		systemctl_root disable nvidia.service >/dev/null 2>&1 || true
-		act rm -f "$UNITS/nvidia.service"
-	fi
+	for unit in nvidia.service $REPOSITORY_UNITS; do
+		[ -L "$UNITS/$unit" ] && ours "$UNITS/$unit" || continue
+		systemctl_root disable "$unit" >/dev/null 2>&1 || true
+		act rm -f "$UNITS/$unit"
+	done
 	for dropin in "$UNITS"/*.d/"$DROPIN_NAME"; do
 		ours "$dropin" && act rm -f "$dropin"
 	done
@@ -229,8 +259,8 @@ uninstall() {
 	fi
 	# Only what this script puts in /opt/nvidia: an earlier tool's files there stay. This
 	# script may run from one of these folders: sh has it open already, so it reads on.
-	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh \
-		"$ROOT$OPT"/*/node/bundle.env; do
+	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh "$ROOT$STAGED" \
+		"$ROOT$OPT"/.fetch.* "$ROOT$OPT"/*/node/bundle.env; do
 		[ -e "$item" ] || [ -L "$item" ] || continue
 		case $item in */node/bundle.env) item=${item%/node/bundle.env} ;; esac
 		act rm -rf "$item"
@@ -397,6 +427,15 @@ esac
 [ -f "$BUNDLE/node/contents" ] && [ -f "$BUNDLE/SHA256SUMS" ] ||
 	die 4 "$BUNDLE is not a whole coreos-gpu bundle (node/contents or SHA256SUMS is missing); extract the whole archive"
 PAYLOAD=$BUNDLE/payload/$DRIVER_VERSION
+if [ "$STAGE_ONLY" = 1 ]; then
+	# startup.sh switches only among folders of current's driver and flavour.
+	[ -f "$ROOT$OPT/current/node/bundle.env" ] ||
+		die 2 "--stage installs beside an installed driver, and none is installed under ${ROOT:-/}; run me without --stage"
+	for key in DRIVER_VERSION FLAVOUR; do
+		[ "$(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env")" = "$(bundle_value "$key" "$BUNDLE/node/bundle.env")" ] ||
+			die 2 "--stage: this bundle's $key is $(bundle_value "$key" "$BUNDLE/node/bundle.env"), the installed driver's $(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env"); startup.sh would never switch to it: install it without --stage"
+	done
+fi
 ID=$(sha256sum "$BUNDLE/SHA256SUMS" | cut -c1-12)
 NAME=$DRIVER_VERSION-$ID
 DEST=$ROOT$OPT/$NAME
@@ -473,6 +512,18 @@ else
 fi
 AGENT_UNITS=$(bundle_value AGENT_UNITS "$SETTINGS")
 KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$SETTINGS")
+if [ "$STAGE_ONLY" = 1 ]; then
+	CURRENT=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
+	if [ "$CURRENT" = "$NAME" ]; then
+		say "driver $DRIVER_VERSION ($ID) is the current one already: nothing to stage"
+	elif [ "$DRY" = 1 ]; then
+		say "would record $OPT/$NAME in $STAGED as staged for release $STAGE_RELEASE"
+	else
+		record_staged "$NAME" "$STAGE_RELEASE" || die 1 "cannot write $ROOT$STAGED"
+		say "staged driver $DRIVER_VERSION ($ID) for kernel $KERNEL_RELEASES in $OPT/$NAME; $OPT/current stays $CURRENT until the node boots that kernel"
+	fi
+	exit 0
+fi
 RUNNING=$(uname -r)
 case " $KERNEL_RELEASES " in
 *" $RUNNING "*) ;;
@@ -485,6 +536,15 @@ make_dir "$ROOT/etc/ld.so.conf.d" && write_file "$LDCONF" "$LDCONF_TEXT" ||
 replace_link current/startup.sh "$ROOT$OPT/startup.sh" || die 1 "cannot link $OPT/startup.sh"
 make_dir "$UNITS" && replace_link "$OPT/current/nvidia.service" "$UNITS/nvidia.service" ||
 	die 1 "cannot link $UNITS/nvidia.service"
+# The repository's units come and go with the bundle's repository setting.
+for unit in $REPOSITORY_UNITS; do
+	if [ -f "$DEST/node/$unit" ] || { [ ! -d "$DEST" ] && [ -f "$BUNDLE/node/$unit" ]; }; then  # (a dry run)
+		replace_link "$OPT/current/node/$unit" "$UNITS/$unit" || die 1 "cannot link $UNITS/$unit"
+	elif [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; then
+		systemctl_root disable "$unit" >/dev/null 2>&1 || true
+		act rm -f "$UNITS/$unit"
+	fi
+done
 for unit in $AGENT_UNITS; do
 	make_dir "$UNITS/$unit.d" &&
 		replace_link "$OPT/current/node/agent-dropin.conf" "$UNITS/$unit.d/$DROPIN_NAME" ||
@@ -509,7 +569,6 @@ done || exit $?
 
 # --- the switch: one rename -------------------------------------------------------------------
 switch_current "$NAME" || die 1 "cannot point $OPT/current at $NAME"
-PREVIOUS=$(readlink "$ROOT$OPT/previous" 2>/dev/null || true)
 
 # --- after the switch: caches, units, old versions -------------------------------------------
 run_ldconfig || die 1 "ldconfig failed"
@@ -520,16 +579,16 @@ for dropin in "$UNITS"/*.d/"$DROPIN_NAME"; do
 	case " $AGENT_UNITS " in *" ${unit%.d} "*) continue ;; esac
 	act rm -f "$dropin"
 done
-# Keep the previous driver (a rollback is one install_nvidia.sh of its bundle away).
-for old in "$ROOT$OPT"/*/; do
-	old=${old%/}
-	old=${old##*/}
-	case $old in "$NAME" | "$PREVIOUS" | current | previous) continue ;; esac
-	[ -f "$ROOT$OPT/$old/node/bundle.env" ] && act rm -rf "${ROOT:?}$OPT/$old"
-done
+# Keep the previous driver (a rollback is one install_nvidia.sh of its bundle away, and
+# Flatcar may boot the previous release again) and the staged ones.
+drop_unbootable || die 1 "cannot update $ROOT$STAGED"
 [ -n "$ROOT" ] || systemctl_root daemon-reload || die 1 "systemctl daemon-reload failed"
-[ "$ENABLE" = 0 ] || systemctl_root enable nvidia.service ||
-	die 1 "systemctl enable nvidia.service failed"
+if [ "$ENABLE" = 1 ]; then
+	systemctl_root enable nvidia.service || die 1 "systemctl enable nvidia.service failed"
+	for unit in $ENABLED_REPOSITORY_UNITS; do
+		[ ! -L "$UNITS/$unit" ] || systemctl_root enable "$unit" || die 1 "systemctl enable $unit failed"
+	done
+fi
 if [ "$START" = 1 ]; then
 	# startup.sh here, so its words reach the terminal; then the unit, so systemd knows.
 	act "$ROOT$OPT/startup.sh"
@@ -538,6 +597,7 @@ if [ "$START" = 1 ]; then
 	case $STARTED in
 	0) ;;
 	[3-9]) die $((10 + STARTED)) "installed driver $DRIVER_VERSION, but it did not start (startup.sh exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
+	2[1-7]) die "$STARTED" "installed driver $DRIVER_VERSION, but it has no modules for this kernel and none could be fetched (startup.sh exit $STARTED): see above" ;;
 	*) die 11 "installed driver $DRIVER_VERSION, but startup.sh failed (exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
 	esac
 	systemctl_root start nvidia.service || die 20 "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"

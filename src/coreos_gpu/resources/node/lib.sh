@@ -184,3 +184,97 @@ switch_current() {
 	replace_link "$1" "$ROOT$OPT/current" || return 1
 	[ "$sc_was" = "$1" ] || [ "${DRY:-0}" = 1 ] || say "$OPT/current is now $1${sc_was:+ (was $sc_was)}"
 }
+
+# --- staged drivers and what a node keeps ---------------------------------------------------
+# $OPT/staged lists the driver folders installed beside `current` for a kernel the node has
+# not booted yet (an OS update waiting for its reboot, or a fetch at boot just before the
+# switch), one "<folder> <OS release or ->" line each.
+STAGED=$OPT/staged
+
+# record_staged NAME RELEASE: add (or replace) NAME's line, in one rename.
+record_staged() {
+	rs_file=$ROOT$STAGED
+	{
+		[ ! -f "$rs_file" ] || awk -v n="$1" '$1 != n' "$rs_file"
+		printf '%s %s\n' "$1" "${2:--}"
+	} >"$rs_file.tmp.$$" && mv -f "$rs_file.tmp.$$" "$rs_file"
+}
+
+# staged_for RELEASE: the staged folder recorded for that OS release, if it is still there.
+staged_for() {
+	[ -f "$ROOT$STAGED" ] || return 0
+	awk -v r="$1" '$2 == r { print $1 }' "$ROOT$STAGED" | while read -r sf_name; do
+		[ -f "$ROOT$OPT/$sf_name/node/bundle.env" ] && { printf '%s\n' "$sf_name"; break; }
+	done
+}
+
+# installed_for KERNEL: an installed folder of this DRIVER_VERSION and FLAVOUR with modules
+# for KERNEL (current's first), if any.
+installed_for() {
+	for if_dir in "$ROOT$OPT/current" "$ROOT$OPT"/*/; do
+		if_dir=${if_dir%/}
+		[ -d "$if_dir/modules/$1" ] && [ -r "$if_dir/node/bundle.env" ] || continue
+		[ "$(bundle_value DRIVER_VERSION "$if_dir/node/bundle.env")" = "$DRIVER_VERSION" ] &&
+			[ "$(bundle_value FLAVOUR "$if_dir/node/bundle.env")" = "$FLAVOUR" ] || continue
+		if_dir=$(readlink -f "$if_dir")
+		printf '%s\n' "${if_dir##*/}"
+		return 0
+	done
+}
+
+# drop_unbootable: remove the driver folders no boot of this node can want any more. Kept:
+# `current` (the running kernel's), `previous` (the release before: Flatcar falls back to
+# its USR partition when a boot fails) and the staged ones (the update waiting for its
+# reboot). Staged lines for folders now in use, or gone, are dropped. Call it under the lock.
+drop_unbootable() {
+	du_current=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
+	du_previous=$(readlink "$ROOT$OPT/previous" 2>/dev/null || true)
+	du_keep=" $du_current $du_previous "
+	if [ -f "$ROOT$STAGED" ]; then
+		du_lines=$(while read -r du_name du_release; do
+			[ "$du_name" != "$du_current" ] && [ -d "$ROOT$OPT/$du_name" ] &&
+				printf '%s %s\n' "$du_name" "$du_release"
+		done <"$ROOT$STAGED")
+		du_keep="$du_keep$(printf '%s\n' "$du_lines" | cut -d' ' -f1 | tr '\n' ' ')"
+		if [ "${DRY:-0}" = 1 ]; then
+			:
+		elif [ -n "$du_lines" ]; then
+			printf '%s\n' "$du_lines" >"$ROOT$STAGED.tmp.$$" && mv -f "$ROOT$STAGED.tmp.$$" "$ROOT$STAGED" || return 1
+		else
+			rm -f "$ROOT$STAGED" || return 1
+		fi
+	fi
+	for du_dir in "$ROOT$OPT"/*/; do
+		du_dir=${du_dir%/}
+		du_name=${du_dir##*/}
+		case $du_keep in *" $du_name "*) continue ;; esac
+		[ -L "$du_dir" ] || [ ! -f "$du_dir/node/bundle.env" ] && continue
+		if act rm -rf "$du_dir"; then
+			[ "${DRY:-0}" = 1 ] || say "removed $OPT/$du_name: not the running, the previous or a staged driver"
+		fi
+	done
+}
+
+# repository_url FOLDER: the bundle repository the driver in FOLDER fetches from, "" when it
+# has none: the bundle's REPOSITORY_URL, or NVIDIA_REPOSITORY_URL from the environment or
+# /etc/default/nvidia (a mirror; "none" turns fetching off). Only with the bundle's key.
+repository_url() {
+	if [ -n "${NVIDIA_REPOSITORY_URL+set}" ]; then
+		ru_url=$NVIDIA_REPOSITORY_URL
+	elif grep -q '^NVIDIA_REPOSITORY_URL=' "$ROOT/etc/default/nvidia" 2>/dev/null; then
+		ru_url=$(sed -n 's/^NVIDIA_REPOSITORY_URL=//p' "$ROOT/etc/default/nvidia" | tail -n 1 |
+			sed "s/^\"\\(.*\\)\"\$/\\1/; s/^'\\(.*\\)'\$/\\1/")
+	else
+		ru_url=$(bundle_value REPOSITORY_URL "$1/node/bundle.env")
+	fi
+	[ "$ru_url" != none ] && [ -r "$1/node/repository.pub" ] || return 0
+	printf '%s' "${ru_url%/}"
+}
+
+# pending_release: NEW_VERSION when update-engine has an update waiting for its reboot.
+pending_release() {
+	command -v update_engine_client >/dev/null 2>&1 || return 0
+	update_engine_client -status 2>/dev/null | awk -F= '
+		$1 == "CURRENT_OP" { op = $2 } $1 == "NEW_VERSION" { v = $2 }
+		END { if (op == "UPDATE_STATUS_UPDATED_NEED_REBOOT" && v ~ /^[0-9]+\.[0-9]+\.[0-9]+/ && v != "0.0.0") print v }'
+}

@@ -13,11 +13,17 @@
 #   7  nvidia-smi does not answer
 #   8  the driver loaded but found no usable GPU ("No such device")
 #   9  another NVIDIA driver version is loaded already (reboot to switch)
+#   21-27  no installed folder has modules for this kernel, and fetching one from the bundle
+#      repository failed: node/fetch.sh's code (22: the repository has no bundle for this
+#      kernel, 23: unreachable or a download failed, 24: bad signature, 25: bad sha256, 26:
+#      the fetched bundle did not install, 27: no space; 21: any other failure)
 #
 # Settings from the environment (nvidia.service reads /etc/default/nvidia):
 #   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
 #   NVIDIA_LOAD_DRM=1          also load nvidia-drm (needs drm_kms_helper); off for compute
 #   NVIDIA_FORCE_LOAD=1        as --force-load (for tests on machines without a GPU)
+#   NVIDIA_REPOSITORY_URL=URL  fetch from this repository instead of the bundle's (none: off)
+#   NVIDIA_FETCH_TIMEOUT=S     bound a bundle's download to S seconds (default 180)
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -72,32 +78,33 @@ MODULES=$HERE/modules/$KERNEL
 # this driver and flavour may have the modules for the running kernel: point `current` at
 # it (one rename, under the install lock, as install_nvidia.sh does) and carry on with that
 # folder's own startup.sh. No network needed.
-if [ ! -d "$MODULES" ]; then
-	for OTHER in "$ROOT$OPT"/*/; do
-		OTHER=${OTHER%/}
-		[ "$OTHER" != "$HERE" ] && [ -d "$OTHER/modules/$KERNEL" ] && [ -r "$OTHER/node/bundle.env" ] &&
-			[ -x "$OTHER/startup.sh" ] || continue
-		[ "$(bundle_value DRIVER_VERSION "$OTHER/node/bundle.env")" = "$DRIVER_VERSION" ] &&
-			[ "$(bundle_value FLAVOUR "$OTHER/node/bundle.env")" = "$FLAVOUR" ] || continue
-		if [ "$DRY" = 1 ]; then
-			say "would point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
-		else
-			if [ -e "$ROOT$OPT/.lock" ]; then
-				exec 9<"$ROOT$OPT/.lock" && flock -w 120 9 ||
-					die 3 "another install_nvidia.sh holds $ROOT$OPT/.lock; run me again when it is done"
-			fi
-			switch_current "${OTHER##*/}" ||
-				die 3 "cannot point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
-			exec 9<&-
+# It is tried again after a fetch from the repository, below.
+switch_to_installed() {
+	OTHER=$(installed_for "$KERNEL")
+	[ -n "$OTHER" ] && [ -x "$ROOT$OPT/$OTHER/startup.sh" ] || return 0
+	OTHER=$ROOT$OPT/$OTHER
+	if [ "$DRY" = 1 ]; then
+		say "would point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
+	else
+		if [ -e "$ROOT$OPT/.lock" ]; then
+			exec 9<"$ROOT$OPT/.lock" && flock -w 120 9 ||
+				die 3 "another install_nvidia.sh holds $ROOT$OPT/.lock; run me again when it is done"
 		fi
-		set --
-		[ -z "$ROOT" ] || set -- "$@" --root "$ROOT"
-		[ "$DRY" = 0 ] || set -- "$@" --check
-		[ "$FORCE" != 1 ] || set -- "$@" --force-load
-		# shellcheck disable=SC2093 # on purpose: that folder's startup.sh takes over
-		exec "$OTHER/startup.sh" "$@"
-	done
-fi
+		switch_current "${OTHER##*/}" ||
+			die 3 "cannot point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
+		# What no boot can want any more goes (never the new current, the previous or a
+		# staged one).
+		drop_unbootable || warn "cannot tidy $OPT (drop_unbootable failed)"
+		exec 9<&-
+	fi
+	set --
+	[ -z "$ROOT" ] || set -- "$@" --root "$ROOT"
+	[ "$DRY" = 0 ] || set -- "$@" --check
+	[ "$FORCE" != 1 ] || set -- "$@" --force-load
+	# shellcheck disable=SC2093 # on purpose: that folder's startup.sh takes over
+	exec "$OTHER/startup.sh" "$@"
+}
+[ -d "$MODULES" ] || switch_to_installed
 
 # --- GPUs -------------------------------------------------------------------------------
 GPUS=$(list_gpus)
@@ -113,7 +120,26 @@ fi
 
 # --- kernel -----------------------------------------------------------------------------
 # Never insmod a module built for another kernel: after an OS update the node boots a
-# kernel the bundle may not have been built for.
+# kernel the bundle may not have been built for. With a bundle repository, fetch the
+# bundle for this kernel, stage it as install_nvidia.sh --stage does, and switch to it.
+REPOSITORY=$(repository_url "$HERE")
+if [ ! -d "$MODULES" ] && [ -n "$REPOSITORY" ]; then
+	if [ "$DRY" = 1 ]; then
+		say "would fetch the driver for kernel $KERNEL from $REPOSITORY"
+		exit 0
+	fi
+	say "no installed driver has modules for kernel $KERNEL: fetching them from $REPOSITORY"
+	set --
+	[ -z "$ROOT" ] || set -- --root "$ROOT"
+	"$HERE/node/fetch.sh" "$@" --kernel "$KERNEL"
+	FETCHED=$?
+	case $FETCHED in
+	0) switch_to_installed ;;
+	2[2-7]) exit "$FETCHED" ;;
+	*) die 21 "fetching the driver for kernel $KERNEL failed (node/fetch.sh exit $FETCHED, see above)" ;;
+	esac
+	die 21 "node/fetch.sh staged no folder with modules for kernel $KERNEL"
+fi
 [ -d "$MODULES" ] ||
 	die 4 "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES, and no other installed folder of driver $DRIVER_VERSION has any for it; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
 

@@ -1,0 +1,323 @@
+#!/bin/sh
+# Keeps the node's driver ahead of its OS: fetches from the bundle repository the bundle for
+# another kernel or OS release and stages it beside `current` (install_nvidia.sh --stage of
+# the fetched bundle: the one install path), so that the boot of that kernel switches to it.
+#
+#   fetch.sh --kernel KERNEL   stage the bundle for this kernel release (startup.sh at boot)
+#   fetch.sh --update          when update-engine has an update waiting for its reboot
+#                              (UPDATE_STATUS_UPDATED_NEED_REBOOT), stage the bundle for its
+#                              NEW_VERSION, so that the next boot needs no network
+#   fetch.sh --watch           --update now, then at every status change update-engine
+#                              signals (nvidia-stage.service)
+#   fetch.sh --retry           start nvidia.service again if it failed, with a backoff, and
+#                              --update (nvidia-retry.timer)
+#   fetch.sh --index           read and check the index only, and say what it has for this
+#                              node (nvidia-doctor; changes nothing, needs no root)
+#
+# Whom it trusts: only an index signed by the key this bundle carries (node/repository.pub,
+# checked with `openssl dgst -sha256 -verify`), and only a bundle whose sha256 and size that
+# index gives. The repository is the bundle's (REPOSITORY_URL); /etc/default/nvidia's
+# NVIDIA_REPOSITORY_URL overrides it (a mirror), and NVIDIA_REPOSITORY_URL=none turns fetching
+# off. The key cannot be overridden. Downloads are bounded: NVIDIA_FETCH_TIMEOUT seconds for
+# the bundle (default 180), a tenth of it (at least 10) for each index file.
+#
+# Exit codes:
+#   0   staged, or nothing to do (already installed or staged; no update waiting)
+#   2   bad command line
+#   3   no repository configured, or this installation is incomplete
+#   6   another fetch.sh kept the lock for 15 minutes
+#   7   a command it needs is missing (curl or wget, openssl, tar)
+#   22  the repository has no bundle for this kernel (or release), driver, flavour and profile
+#   23  the repository cannot be reached, or a download failed or timed out
+#   24  the index is not signed by this bundle's key, or is not a coreos-gpu index
+#   25  the bundle downloaded does not match the sha256 or size the index gives
+#   26  the bundle downloaded did not install (install_nvidia.sh's message says why)
+#   27  not enough free space for the download
+# "A && B || die …" means: die when either fails.
+# shellcheck disable=SC2015
+set -u
+PROG=fetch.sh
+
+usage() {
+	cat <<'EOF'
+usage: fetch.sh [--root DIR] (--kernel KERNEL | --update | --watch | --retry | --index)
+  --root DIR       act on the tree under DIR instead of /
+  --kernel KERNEL  stage the repository's bundle for this kernel release
+  --update         stage the bundle for the OS update waiting for its reboot, if any
+  --watch          --update, then again at each update-engine status change (a service)
+  --retry          start nvidia.service if it failed (with a backoff), then --update
+  --index          check the repository's index and say what it has for this node
+EOF
+}
+
+ROOT=
+MODE=
+KERNEL=
+while [ $# -gt 0 ]; do
+	case $1 in
+	--root)
+		[ $# -ge 2 ] || { usage >&2; exit 2; }
+		ROOT=$2
+		shift ;;
+	--root=*) ROOT=${1#--root=} ;;
+	--kernel)
+		[ $# -ge 2 ] || { usage >&2; exit 2; }
+		MODE=kernel
+		KERNEL=$2
+		shift ;;
+	--kernel=*) MODE=kernel; KERNEL=${1#--kernel=} ;;
+	--update | --watch | --retry | --index) MODE=${1#--} ;;
+	-h | --help) usage; exit 0 ;;
+	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
+	esac
+	shift
+done
+[ -n "$MODE" ] || { usage >&2; exit 2; }
+
+HERE=$(dirname "$(dirname "$(readlink -f "$0")")")  # the driver folder: this is node/fetch.sh
+[ -r "$HERE/node/lib.sh" ] && [ -r "$HERE/node/bundle.env" ] || {
+	printf '%s: error: %s/node/lib.sh or bundle.env is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
+	exit 3
+}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/node/lib.sh"
+ROOT=$(parse_root "$ROOT")
+case $KERNEL in
+*[!A-Za-z0-9._+~-]*) die 2 "--kernel $KERNEL is not a kernel release (e.g. 6.6.54-flatcar)" ;;
+esac
+DRIVER_VERSION=$(bundle_value DRIVER_VERSION "$HERE/node/bundle.env")
+FLAVOUR=$(bundle_value FLAVOUR "$HERE/node/bundle.env")
+PROFILE=$(bundle_value PROFILE "$HERE/node/bundle.env")
+OS=$(bundle_value OS "$HERE/node/bundle.env")
+KEY=$HERE/node/repository.pub
+URL=$(repository_url "$HERE")
+TIMEOUT=${NVIDIA_FETCH_TIMEOUT:-180}
+case $TIMEOUT in "" | *[!0-9]* | 0) die 2 "NVIDIA_FETCH_TIMEOUT=$TIMEOUT is not a number of seconds" ;; esac
+INDEX_TIMEOUT=$((TIMEOUT / 10))
+[ "$INDEX_TIMEOUT" -ge 10 ] || INDEX_TIMEOUT=10
+[ "$INDEX_TIMEOUT" -le "$TIMEOUT" ] || INDEX_TIMEOUT=$TIMEOUT
+
+# repository_set: a repository URL and its key are there (else fetching is off).
+repository_set() {
+	[ -n "$URL" ]
+}
+
+# --- downloads ----------------------------------------------------------------------------
+# download URL FILE SECONDS: the whole file or a failure, within SECONDS; curl where there is
+# one (both OSes ship it), else wget; file:// is a copy.
+download() {
+	case $1 in
+	file://*) cp "${1#file://}" "$2" 2>&1 ;;
+	http://* | https://*)
+		if command -v curl >/dev/null 2>&1; then
+			timeout "$3" curl -fsS --proto =http,https --connect-timeout 10 --retry 2 \
+				--retry-delay 1 --retry-connrefused -o "$2" "$1" 2>&1
+		else
+			timeout "$3" wget -q -T 10 -t 3 -O "$2" "$1" 2>&1
+		fi ;;
+	*) printf 'not an http://, https:// or file:// URL'; return 1 ;;
+	esac
+	dl_rc=$?
+	[ "$dl_rc" != 124 ] || printf 'no answer within %s s' "$3"
+	return "$dl_rc"
+}
+
+# fetch_index: the repository's signed index, as $WORK/index.txt.
+fetch_index() {
+	ERR=$(download "$URL/index.current" "$WORK/index.current" "$INDEX_TIMEOUT") ||
+		die 23 "cannot read $URL/index.current: $(printf '%s' "$ERR" | tail -n 1); check NVIDIA_REPOSITORY_URL (or the bundle's repository) and the network"
+	read -r fi_magic fi_format fi_sha <"$WORK/index.current" || fi_magic=
+	[ "$fi_magic $fi_format" = "coreos-gpu-repository 1" ] && [ "${#fi_sha}" = 64 ] &&
+		case $fi_sha in *[!0-9a-f]*) false ;; esac ||
+		die 24 "$URL/index.current is not 'coreos-gpu-repository 1 <sha256>': $URL is not a coreos-gpu repository of this format"
+	for fi_name in index/$fi_sha.txt index/$fi_sha.txt.sig; do
+		ERR=$(download "$URL/$fi_name" "$WORK/${fi_name#index/}" "$INDEX_TIMEOUT") ||
+			die 23 "cannot read $URL/$fi_name: $(printf '%s' "$ERR" | tail -n 1)"
+	done
+	ERR=$(openssl dgst -sha256 -verify "$KEY" -signature "$WORK/$fi_sha.txt.sig" "$WORK/$fi_sha.txt" 2>&1) ||
+		die 24 "$URL/index/$fi_sha.txt is not signed by this bundle's repository key ($(bundle_value REPOSITORY_KEY_FINGERPRINT "$HERE/node/bundle.env")): $(printf '%s' "$ERR" | head -n 1); nothing was installed"
+	[ "$(sha256sum "$WORK/$fi_sha.txt" | cut -d' ' -f1)" = "$fi_sha" ] && [ "$(head -n 1 "$WORK/$fi_sha.txt")" = "coreos-gpu-index 1" ] ||
+		die 24 "$URL/index/$fi_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
+	mv "$WORK/$fi_sha.txt" "$WORK/index.txt"
+}
+
+# pick kernel KERNEL | pick release RELEASE: the newest bundle of this driver, flavour,
+# profile and OS for it, as "PATH SHA256 SIZE KERNEL" (bundle lines: bundle DRIVER FLAVOUR
+# PROFILE OS RELEASES KERNEL PATH SHA256 SIZE PUBLISHED; RELEASES a comma list or -).
+pick() {
+	awk -v by="$1" -v want="$2" -v d="$DRIVER_VERSION" -v f="$FLAVOUR" -v p="$PROFILE" -v os="$OS" '
+		$1 != "bundle" || NF < 11 || $2 != d || $3 != f || $4 != p || $5 != os { next }
+		by == "kernel" && $7 != want { next }
+		by == "release" && index("," $6 ",", "," want ",") == 0 { next }
+		$8 !~ /^bundles\/[0-9a-f]+\/nvidia\.tar\.(gz|xz|zst)$/ || $9 !~ /^[0-9a-f]+$/ || $10 !~ /^[0-9]+$/ { next }
+		$11 >= newest { newest = $11; line = $8 " " $9 " " $10 " " $7 }
+		END { if (line != "") print line }' "$WORK/index.txt"
+}
+
+# --- one fetch: index, bundle, install --stage ----------------------------------------------
+# stage_bundle kernel KERNEL | stage_bundle release RELEASE
+stage_bundle() {
+	sb_by=$1
+	sb_want=$2
+	sb_what="$sb_by $sb_want"
+	[ "$sb_by" = kernel ] || sb_what="OS release $sb_want"
+	lock_fetch
+	if [ "$sb_by" = kernel ] && [ -n "$(installed_for "$sb_want")" ]; then
+		say "driver $DRIVER_VERSION for kernel $sb_want is installed already ($OPT/$(installed_for "$sb_want"))"
+		return 0
+	fi
+	if [ "$sb_by" = release ] && [ -n "$(staged_for "$sb_want")" ]; then
+		say "the driver for $sb_what is staged already ($OPT/$(staged_for "$sb_want"))"
+		return 0
+	fi
+	fetch_index
+	CHOSEN=$(pick "$sb_by" "$sb_want")
+	[ -n "$CHOSEN" ] ||
+		die 22 "$URL has no bundle for $sb_what, driver $DRIVER_VERSION, ${FLAVOUR} modules, profile $PROFILE, $OS: build and publish one (coreos-gpu build … && coreos-gpu publish …); nothing was installed"
+	read -r sb_path sb_sha sb_size sb_kernel <<EOF
+$CHOSEN
+EOF
+	sb_installed=$(installed_for "$sb_kernel")
+	if [ -n "$sb_installed" ]; then
+		# Another release with the same kernel: the installed folder serves it (staged
+		# for it, unless it is the one in use).
+		[ "$sb_by" = kernel ] || [ "$sb_installed" = "$(readlink "$ROOT$OPT/current")" ] ||
+			record_staged "$sb_installed" "$sb_want" || die 1 "cannot write $ROOT$STAGED"
+		say "driver $DRIVER_VERSION for kernel $sb_kernel ($sb_what) is installed already ($OPT/$sb_installed)"
+		return 0
+	fi
+	sb_free=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
+	[ $(( ${sb_free:-0} * 1024 )) -gt $((sb_size * 4)) ] ||
+		die 27 "not enough space in $ROOT$OPT to fetch the driver for $sb_what: $((sb_size * 4 / 1048576)) MiB needed (the archive and its extracted copy), $((${sb_free:-0} / 1024)) MiB free"
+	say "fetching the driver for $sb_what: $URL/$sb_path ($((sb_size / 1048576)) MiB)"
+	sb_archive=$WORK/${sb_path##*/}
+	ERR=$(download "$URL/$sb_path" "$sb_archive" "$TIMEOUT") ||
+		die 23 "cannot download $URL/$sb_path: $(printf '%s' "$ERR" | tail -n 1); nothing was installed"
+	[ "$(wc -c <"$sb_archive" | tr -d ' ')" = "$sb_size" ] && [ "$(sha256sum "$sb_archive" | cut -d' ' -f1)" = "$sb_sha" ] ||
+		die 25 "$URL/$sb_path does not match the sha256 and size the signed index gives ($sb_sha, $sb_size bytes): it was tampered with or damaged; nothing was installed"
+	mkdir "$WORK/bundle" || die 1 "cannot create $WORK/bundle"
+	case $sb_archive in
+	*.gz) ERR=$(tar -xzf "$sb_archive" --no-same-owner -C "$WORK/bundle" 2>&1) ;;
+	*.xz) ERR=$(tar -xJf "$sb_archive" --no-same-owner -C "$WORK/bundle" 2>&1) ;;
+	*) ERR=$({ zstd -dc "$sb_archive" | tar -xf - --no-same-owner -C "$WORK/bundle"; } 2>&1) ;;
+	esac || die 26 "cannot extract $sb_archive: $(printf '%s' "$ERR" | tail -n 1)"
+	rm -f "$sb_archive"
+	set --
+	[ -z "$ROOT" ] || set -- --root "$ROOT"
+	[ "$sb_by" = kernel ] || set -- "$@" --release "$sb_want"
+	"$WORK/bundle/install_nvidia.sh" "$@" --stage
+	sb_rc=$?
+	[ "$sb_rc" = 0 ] ||
+		die 26 "the driver fetched for $sb_what did not install (install_nvidia.sh --stage exit $sb_rc, see above)"
+}
+
+# lock_fetch: one fetch at a time (boot, the watcher, the timer); clears what a killed one
+# left. install_nvidia.sh has its own lock, taken by the install this runs.
+lock_fetch() {
+	[ -z "${WORK:-}" ] || return 0
+	[ -d "$ROOT$OPT" ] || die 3 "$ROOT$OPT is missing: install a driver first"
+	exec 8>>"$ROOT$OPT/.fetch.lock" || die 1 "cannot open $ROOT$OPT/.fetch.lock"
+	flock -w 900 8 || die 6 "another fetch.sh kept $ROOT$OPT/.fetch.lock for 15 minutes"
+	for lf_left in "$ROOT$OPT"/.fetch.*; do
+		[ "$lf_left" = "$ROOT$OPT/.fetch.lock" ] || ! [ -e "$lf_left" ] || rm -rf "$lf_left"
+	done
+	WORK=$(mktemp -d "$ROOT$OPT/.fetch.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
+	trap 'rm -rf "$WORK"' EXIT
+	trap 'exit 143' TERM
+	trap 'exit 130' INT
+}
+
+# --- update-engine ------------------------------------------------------------------------
+stage_update() {
+	su_release=$(pending_release)
+	if [ -z "$su_release" ]; then
+		say "no OS update is waiting for a reboot: nothing to stage"
+		return 0
+	fi
+	# shellcheck disable=SC2119 # the root's, not an argument's
+	case $(os_release_of_node) in "$su_release")
+		say "OS release $su_release is running already"
+		return 0 ;;
+	esac
+	say "OS release $su_release is waiting for its reboot: staging its driver"
+	stage_bundle release "$su_release"
+}
+
+# os_release_of_node: VERSION_ID of the running OS.
+os_release_of_node() {
+	sed -n 's/^VERSION_ID=//p' "$ROOT/etc/os-release" 2>/dev/null | tr -d '"'
+}
+
+# --- retry ----------------------------------------------------------------------------------
+# The backoff lives in /run (a boot starts afresh): "<failures> <no retry before (epoch)>".
+# 2, 4, 8, 16 then 30 minutes between attempts; the timer wakes every 2 minutes.
+retry() {
+	rt_state=$ROOT/run/coreos-gpu/retry
+	if systemctl is-active -q nvidia.service 2>/dev/null; then
+		rm -f "$rt_state"
+		return 0
+	fi
+	read -r rt_failures rt_next <"$rt_state" 2>/dev/null || { rt_failures=0; rt_next=0; }
+	rt_now=$(date +%s)
+	if [ "$rt_now" -lt "$rt_next" ]; then
+		say "nvidia.service failed; next attempt in $((rt_next - rt_now)) s (attempt $((rt_failures + 1)))"
+		return 0
+	fi
+	say "nvidia.service failed; starting it again (attempt $((rt_failures + 1)))"
+	if systemctl start nvidia.service; then
+		rm -f "$rt_state"
+		say "nvidia.service started: the driver is loaded"
+		if [ "$(bundle_value ON_DRIVER_FAILURE "$HERE/node/bundle.env")" = wait ]; then
+			# on_driver_failure = wait: the agent did not start without the driver; now it can.
+			# shellcheck disable=SC2046 # a list of unit names
+			systemctl start --no-block $(bundle_value AGENT_UNITS "$HERE/node/bundle.env") ||
+				warn "cannot start $(bundle_value AGENT_UNITS "$HERE/node/bundle.env")"
+		else
+			say "a Mesos agent that started without GPUs sees them once restarted (systemctl restart $(bundle_value AGENT_UNITS "$HERE/node/bundle.env"))"
+		fi
+		return 0
+	fi
+	rt_failures=$((rt_failures + 1))
+	rt_delay=$((120 << (rt_failures > 4 ? 4 : rt_failures - 1)))
+	[ "$rt_delay" -le 1800 ] || rt_delay=1800
+	mkdir -p "${rt_state%/*}" && printf '%s %s\n' "$rt_failures" "$((rt_now + rt_delay))" >"$rt_state" ||
+		warn "cannot write $rt_state"
+	warn "nvidia.service failed again (journalctl -u nvidia.service); next attempt in $rt_delay s"
+	return 1
+}
+
+# --- main -----------------------------------------------------------------------------------
+need_tools 7 openssl tar sha256sum flock mktemp awk sed df timeout
+repository_set || [ "$MODE" = retry ] ||
+	die 3 "no bundle repository is configured: the bundle in $HERE was built without --repository (or /etc/default/nvidia says NVIDIA_REPOSITORY_URL=none)"
+case $URL in http://* | https://*) command -v curl >/dev/null 2>&1 || need_tools 7 wget ;; esac
+case $MODE in
+kernel) stage_bundle kernel "$KERNEL" ;;
+index)
+	WORK=$(mktemp -d) || die 1 "cannot create a temporary folder"
+	trap 'rm -rf "$WORK"' EXIT
+	fetch_index
+	awk -v d="$DRIVER_VERSION" -v f="$FLAVOUR" -v p="$PROFILE" -v os="$OS" -v k="$(uname -r)" '
+		$1 == "generation" { generation = $2 }
+		$1 == "bundle" && $2 == d && $3 == f && $4 == p && $5 == os {
+			if (!($7 in seen)) { seen[$7] = 1; kernels = kernels " " $7; n++ }
+			if ($7 == k) here = 1
+		}
+		END { printf "generation %s, signed by this bundle'\''s key; bundles of this driver for %d kernel(s):%s; %s\n",
+			generation, n, kernels, here ? "one for the running kernel " k : "none for the running kernel " k }' "$WORK/index.txt" ;;
+update) stage_update ;;
+retry)
+	retry
+	RC=$?
+	! repository_set || (stage_update) || RC=$?
+	exit "$RC" ;;
+watch)
+	(stage_update)
+	command -v update_engine_client >/dev/null 2>&1 ||
+		{ say "update_engine_client is missing: no OS updates to watch"; exit 0; }
+	# update_engine_client logs each status signal to stderr and never returns.
+	update_engine_client -watch_for_updates 2>&1 | while read -r line; do
+		case $line in *UPDATE_STATUS_UPDATED_NEED_REBOOT*) (stage_update) ;; esac
+	done
+	die 1 "update_engine_client -watch_for_updates ended" ;;
+esac

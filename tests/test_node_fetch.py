@@ -1,0 +1,611 @@
+"""A node that follows its OS's updates: startup.sh fetching the bundle for a new kernel at
+boot, fetch.sh --update staging the one for an update waiting for its reboot, the switch at
+that boot and at a rollback, the retry, and what a node keeps. Against a real repository
+(published by coreos-gpu's own publish, its index signed) served over HTTP on 127.0.0.1, or
+read through file://; the node's side is the real scripts under bash, dash and busybox sh,
+with curl, openssl and tar as a Flatcar node has them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from coreos_gpu.config import DriverFailurePolicy, KernelModuleType
+from coreos_gpu.keys import load_private_key, write_key_pair
+from coreos_gpu.publish import publish
+from coreos_gpu.repository import load_trust
+from coreos_gpu.stores import FolderStore
+
+from .nodetree import SHELLS, Node, Result, make_bundle, snapshot
+from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, VERSION
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+BUS = "0000:00:1e.0"
+
+
+@dataclass(frozen=True)
+class Made:
+    a: Path  # extracted, KERNEL, with the repository key (its archive: a.parent/nvidia.tar.gz)
+    b: Path  # the same driver for CLOUD
+    a_later: Path  # KERNEL again, another tool version: another bundle id
+    a_third: Path
+    open_b: Path  # CLOUD, the open flavour
+    key: Path  # the repository's private key
+    other_key: Path  # a key no bundle trusts
+
+
+def archive(bundle: Path) -> Path:
+    return bundle.parent / "nvidia.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to make ELF kernel modules")
+    folder = tmp_path_factory.mktemp("fetch")
+    ko = folder / "ko"
+    ko.mkdir()
+    keys = write_key_pair(folder / "keys" / "repo.key")
+    other = write_key_pair(folder / "other" / "repo.key")
+    # The URL baked in is never served: each test points the node at its own server with
+    # NVIDIA_REPOSITORY_URL, as /etc/default/nvidia would.
+    trust = load_trust(UNREACHABLE, str(keys.public))
+    return Made(
+        a=make_bundle(folder / "a", ko, repository=trust),
+        b=make_bundle(folder / "b", ko, kernels=(CLOUD,), repository=trust),
+        a_later=make_bundle(folder / "a2", ko, repository=trust, tool_version="0.2.0"),
+        a_third=make_bundle(folder / "a3", ko, repository=trust, tool_version="0.3.0"),
+        open_b=make_bundle(folder / "ob", ko, kernels=(CLOUD,), repository=trust,
+                           flavour=KernelModuleType.OPEN),
+        key=keys.private, other_key=other.private)
+
+
+def publish_to(repo: Path, key: Path, *bundles: Path) -> None:
+    repo.mkdir(parents=True, exist_ok=True)
+    publish([archive(b) for b in bundles], FolderStore(repo), load_private_key(key))
+
+
+class Repository:
+    """A folder repository served over HTTP on 127.0.0.1; paths under `stall` get no
+    answer (the connection stays open), like a server that hangs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stall: set[str] = set()
+        self.requests: list[str] = []
+        stall, requests = self.stall, self.requests
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                requests.append(self.path)
+                if any(self.path.startswith(p) for p in stall):
+                    time.sleep(30)
+                    return
+                super().do_GET()
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    served = Repository(tmp_path / "repository")
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def node_with(tmp_path: Path, bundle: Path, shell: str = "sh") -> Node:
+    node = Node(tmp_path / "node", shell=shell)
+    node.add_gpu(BUS, 0)
+    (node.root / "etc/os-release").write_text(
+        f"ID=flatcar\nVERSION={RELEASE.version}\nVERSION_ID={RELEASE.version}\n")
+    installed = node.install(bundle)
+    assert installed.code == 0, installed.stderr
+    node.root.joinpath("proc/modules").write_text("drm 622592 0 - Live 0x0000000000000000\n")
+    return node
+
+
+def folders(node: Node) -> set[str]:
+    return {p.name for p in (node.root / "opt/nvidia").iterdir()
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")}
+
+
+def link(node: Node, name: str) -> str:
+    return os.readlink(node.root / "opt/nvidia" / name)
+
+
+def name_of(bundle: Path) -> str:
+    import hashlib
+    return f"{VERSION}-{hashlib.sha256((bundle / 'SHA256SUMS').read_bytes()).hexdigest()[:12]}"
+
+
+def one_error(result: Result, code: int) -> str:
+    assert result.code == code, (result.code, result.stderr)
+    assert len(result.errors) == 1, result.stderr
+    return result.errors[0]
+
+
+def without_locks(tree: dict[str, str]) -> dict[str, str]:
+    return {p: v for p, v in tree.items() if not p.endswith("/.fetch.lock")}
+
+
+# --- at boot: fetch the bundle for the running kernel -----------------------------------------
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_boot_into_a_new_kernel_fetches_its_bundle(tmp_path: Path, made: Made,
+                                                       repo: Repository, shell: str) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a, shell)
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": repo.url})
+    assert booted.code == 0, booted.stderr
+    assert link(node, "current") == name_of(made.b)
+    assert link(node, "previous") == name_of(made.a)
+    assert folders(node) == {name_of(made.a), name_of(made.b)}
+    assert not (node.root / "opt/nvidia/staged").exists()  # in use now: no longer staged
+    [insmod, *_] = node.calls("insmod")
+    assert insmod[1] == f"{node.root}/opt/nvidia/{name_of(made.b)}/modules/{CLOUD}/nvidia.ko"
+    assert f"fetching the driver for kernel {CLOUD}: {repo.url}/bundles/" in booted.stderr
+    assert not list((node.root / "opt/nvidia").glob(".fetch.*[!k]")), "a fetch folder is left"
+    # The fetched bundle went through install_nvidia.sh: root's, with the bundle's modes.
+    installed = node.root / "opt/nvidia" / name_of(made.b)
+    assert (installed / "bin/nvidia-smi").stat().st_mode & 0o777 == 0o755
+    assert (installed / "install_nvidia.sh").is_file()
+
+
+def test_the_bundle_s_own_file_url_and_etc_default_nvidia(tmp_path: Path, made: Made) -> None:
+    """No environment: the URL comes from /etc/default/nvidia (a file:// repository)."""
+    publish_to(tmp_path / "repository", made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a)
+    (node.root / "etc/default").mkdir()
+    (node.root / "etc/default/nvidia").write_text(
+        f'NVIDIA_PERSISTENCE_MODE=0\nNVIDIA_REPOSITORY_URL="file://{tmp_path}/repository/"\n')
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD})
+    assert booted.code == 0, booted.stderr
+    assert link(node, "current") == name_of(made.b)
+
+
+def test_none_turns_fetching_off(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a)
+    before = snapshot(node.root)
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": "none"})
+    assert "kernel mismatch" in one_error(booted, 4)
+    assert repo.requests == []
+    assert snapshot(node.root) == before
+
+
+def test_check_says_it_would_fetch(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a)
+    before = snapshot(node.root)
+    checked = node.startup("--check", env={"FAKE_KERNEL": CLOUD,
+                                           "NVIDIA_REPOSITORY_URL": repo.url})
+    assert checked.code == 0, checked.stderr
+    assert f"would fetch the driver for kernel {CLOUD} from {repo.url}" in checked.stderr
+    assert repo.requests == [] and snapshot(node.root) == before
+
+
+# --- when nothing matches: one line, its own code, nothing installed ---------------------------
+
+
+def refused(tmp_path: Path, made: Made, url: str, code: int,
+            env: dict[str, str] | None = None) -> str:
+    node = node_with(tmp_path, made.a)
+    before = snapshot(node.root)
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": url, **(env or {})})
+    line = one_error(booted, code)
+    assert without_locks(snapshot(node.root)) == before, "the node changed"
+    assert node.calls("insmod") == []
+    return line
+
+
+def test_no_bundle_for_this_kernel(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a)
+    line = refused(tmp_path, made, repo.url, 22)
+    assert f"has no bundle for kernel {CLOUD}, driver {VERSION}, proprietary modules" in line
+
+
+def test_no_bundle_of_this_flavour(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.open_b)
+    assert "has no bundle for kernel" in refused(tmp_path, made, repo.url, 22)
+
+
+def test_an_index_signed_by_another_key(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.other_key, made.a, made.b)
+    assert "is not signed by this bundle's repository key" in refused(
+        tmp_path, made, repo.url, 24)
+
+
+def test_a_tampered_index(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    [text] = (repo.root / "index").glob("*.txt")
+    text.write_text(text.read_text().replace(RELEASE.version, "9999.0.0"))
+    assert "is not signed by this bundle's repository key" in refused(
+        tmp_path, made, repo.url, 24)
+
+
+def test_not_a_repository(tmp_path: Path, made: Made, repo: Repository) -> None:
+    (repo.root / "index.current").write_text("<html>a captive portal</html>\n")
+    assert "is not a coreos-gpu repository" in refused(tmp_path, made, repo.url, 24)
+
+
+def test_a_tampered_bundle(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    served = next(p for p in (repo.root / "bundles").glob("*/nvidia.tar.gz")
+                  if p.read_bytes() == archive(made.b).read_bytes())
+    data = bytearray(served.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size, other bytes
+    served.write_bytes(bytes(data))
+    assert "does not match the sha256 and size the signed index gives" in refused(
+        tmp_path, made, repo.url, 25)
+
+
+def test_an_unreachable_repository(tmp_path: Path, made: Made) -> None:
+    line = refused(tmp_path, made, UNREACHABLE, 23)
+    assert f"cannot read {UNREACHABLE}/index.current" in line
+
+
+@pytest.mark.parametrize("stalled", ["/index.current", "/bundles/"])
+def test_a_server_that_stalls(tmp_path: Path, made: Made, repo: Repository,
+                              stalled: str) -> None:
+    """The timeout holds, for the index and for the bundle."""
+    publish_to(repo.root, made.key, made.a, made.b)
+    repo.stall.add(stalled)
+    started = time.monotonic()
+    line = refused(tmp_path, made, repo.url, 23, {"NVIDIA_FETCH_TIMEOUT": "3"})
+    took = time.monotonic() - started
+    assert "no answer within 3 s" in line
+    assert took < 20, took
+
+
+def test_a_bad_timeout_setting(tmp_path: Path, made: Made, repo: Repository) -> None:
+    node = node_with(tmp_path, made.a)
+    result = node.fetch("--kernel", CLOUD, env={"NVIDIA_REPOSITORY_URL": repo.url,
+                                                "NVIDIA_FETCH_TIMEOUT": "soon"})
+    assert "NVIDIA_FETCH_TIMEOUT=soon is not a number of seconds" in one_error(result, 2)
+
+
+def test_no_repository_in_the_bundle(tmp_path: Path, made: Made) -> None:
+    plain = make_bundle(tmp_path / "plain", tmp_path / "ko")
+    node = node_with(tmp_path, plain)
+    assert not (node.root / "opt/nvidia/current/node/repository.pub").exists()
+    assert "was built without --repository" in one_error(node.fetch("--kernel", CLOUD), 3)
+    # Not even a URL from /etc/default/nvidia makes it fetch: it has no key to trust.
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert "kernel mismatch" in one_error(booted, 4)
+
+
+# --- before the reboot: stage the update's bundle --------------------------------------------
+
+
+NEED_REBOOT = "UPDATE_STATUS_UPDATED_NEED_REBOOT"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_staged_before_the_reboot_then_used_without_network(
+        tmp_path: Path, made: Made, repo: Repository, shell: str) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a, shell)
+    node.add_update_engine(NEED_REBOOT, CLOUD_RELEASE.version)
+    staged = node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": repo.url})
+    assert staged.code == 0, staged.stderr
+    assert link(node, "current") == name_of(made.a)  # not switched
+    assert folders(node) == {name_of(made.a), name_of(made.b)}
+    assert (node.root / "opt/nvidia/staged").read_text() == (
+        f"{name_of(made.b)} {CLOUD_RELEASE.version}\n")
+    assert node.calls("insmod") == [] and node.calls("systemctl") == []
+    # Again: nothing to do, not even the network.
+    again = node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert again.code == 0 and "is staged already" in again.stderr, again.stderr
+
+    # The reboot into the update: the staged folder, no network.
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert booted.code == 0, booted.stderr
+    assert "fetching" not in booted.stderr
+    assert (link(node, "current"), link(node, "previous")) == (name_of(made.b), name_of(made.a))
+    assert not (node.root / "opt/nvidia/staged").exists()
+
+    # Flatcar falls back to the previous USR partition: its kernel's folder is still there.
+    node.root.joinpath("proc/modules").write_text("")
+    back = node.startup(env={"FAKE_KERNEL": KERNEL, "NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert back.code == 0, back.stderr
+    assert (link(node, "current"), link(node, "previous")) == (name_of(made.a), name_of(made.b))
+    assert folders(node) == {name_of(made.a), name_of(made.b)}
+
+
+@pytest.mark.parametrize(("op", "version", "says"), [
+    ("UPDATE_STATUS_IDLE", "0.0.0", "no OS update is waiting for a reboot"),
+    ("UPDATE_STATUS_DOWNLOADING", CLOUD_RELEASE.version, "no OS update is waiting"),
+    (NEED_REBOOT, RELEASE.version, f"OS release {RELEASE.version} is running already"),
+])
+def test_nothing_to_stage(tmp_path: Path, made: Made, op: str, version: str,
+                          says: str) -> None:
+    node = node_with(tmp_path, made.a)
+    node.add_update_engine(op, version)
+    before = snapshot(node.root)
+    result = node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert result.code == 0 and says in result.stderr, result.stderr
+    assert snapshot(node.root) == before
+
+
+def test_no_bundle_yet_for_the_update(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a)
+    node = node_with(tmp_path, made.a)
+    node.add_update_engine(NEED_REBOOT, CLOUD_RELEASE.version)
+    result = node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": repo.url})
+    assert f"has no bundle for OS release {CLOUD_RELEASE.version}" in one_error(result, 22)
+    assert folders(node) == {name_of(made.a)}
+
+
+def test_the_watcher_stages_when_update_engine_signals(tmp_path: Path, made: Made,
+                                                       repo: Repository) -> None:
+    """fetch.sh --watch (nvidia-stage.service): idle when it starts, then update-engine's
+    status signal for the finished download, and the bundle is staged without a poll."""
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a)
+    node.add_update_engine()  # idle
+    idle = (node.root / ".update-engine-status").read_text()
+    node.add_update_engine(NEED_REBOOT, CLOUD_RELEASE.version)
+    waiting = (node.root / ".update-engine-status").read_text()
+    signals = node.root / ".update-engine-signals"
+    signal_lines = signals.read_text()
+    signals.unlink()
+    (node.root / ".update-engine-status").write_text(idle)
+    watcher = subprocess.Popen(
+        ["sh", node.root / "opt/nvidia/current/node/fetch.sh", "--root", node.root, "--watch"],
+        env={**node.env, "NVIDIA_REPOSITORY_URL": repo.url}, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c[1:] == ["-watch_for_updates"] for c in node.calls("update_engine_client")):
+            assert time.monotonic() < deadline and watcher.poll() is None
+            time.sleep(0.1)
+        assert folders(node) == {name_of(made.a)}  # idle: nothing staged
+        # The download finished: update-engine's new state, then its signal.
+        (node.root / ".update-engine-status").write_text(waiting)
+        signals.write_text(signal_lines)
+        while not (node.root / "opt/nvidia/staged").exists():
+            assert time.monotonic() < deadline and watcher.poll() is None
+            time.sleep(0.1)
+        assert folders(node) == {name_of(made.a), name_of(made.b)}
+        assert link(node, "current") == name_of(made.a)
+    finally:
+        os.killpg(watcher.pid, signal.SIGKILL)
+        watcher.wait()
+
+
+# --- what a node keeps ------------------------------------------------------------------------
+
+
+def test_a_node_keeps_what_it_may_boot(tmp_path: Path, made: Made, repo: Repository) -> None:
+    """The running kernel's folder, the previous release's and the staged update's; older
+    ones go, at an install and at the boot that switches."""
+    publish_to(repo.root, made.key, made.b)
+    node = node_with(tmp_path, made.a)
+    assert node.install(made.a_later).code == 0
+    node.add_update_engine(NEED_REBOOT, CLOUD_RELEASE.version)
+    assert node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": repo.url}).code == 0
+    a, a2, a3, b = (name_of(x) for x in (made.a, made.a_later, made.a_third, made.b))
+    assert folders(node) == {a, a2, b}
+    installed = node.install(made.a_third)
+    assert installed.code == 0, installed.stderr
+    assert folders(node) == {a2, a3, b}  # a: neither running, previous nor staged
+    assert f"removed /opt/nvidia/{a}" in installed.stderr
+    assert (node.root / "opt/nvidia/staged").read_text() == f"{b} {CLOUD_RELEASE.version}\n"
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert booted.code == 0, booted.stderr
+    assert folders(node) == {a3, b}  # the new previous, and the running one
+    assert (link(node, "current"), link(node, "previous")) == (b, a3)
+    assert not (node.root / "opt/nvidia/staged").exists()
+
+
+def test_another_release_on_a_kernel_already_installed(tmp_path: Path, made: Made,
+                                                       repo: Repository) -> None:
+    """An update whose kernel is one the node has: nothing to download. The index names
+    the kernel of each release; the installed folders say which kernels they have."""
+    from .repotools import OTHER_RELEASE  # 3975.2.3, RELEASE's kernel
+
+    both = make_bundle(tmp_path / "both", tmp_path / "ko", releases=(RELEASE, OTHER_RELEASE),
+                       repository=load_trust(UNREACHABLE, str(made.key) + ".pub"))
+    publish_to(repo.root, made.key, both)
+    node = node_with(tmp_path, made.a)
+    node.add_update_engine(NEED_REBOOT, OTHER_RELEASE.version)
+    result = node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": repo.url})
+    assert result.code == 0, result.stderr
+    assert f"for kernel {KERNEL} (OS release {OTHER_RELEASE.version}) is installed already" in (
+        result.stderr)
+    assert not any(p.startswith("/bundles/") for p in repo.requests)
+    assert folders(node) == {name_of(made.a)} and not (node.root / "opt/nvidia/staged").exists()
+
+
+# --- install_nvidia.sh --stage -----------------------------------------------------------------
+
+
+def test_stage_by_hand(tmp_path: Path, made: Made) -> None:
+    node = node_with(tmp_path, made.a)
+    staged = node.install(made.b, "--stage", "--release", CLOUD_RELEASE.version)
+    assert staged.code == 0, staged.stderr
+    assert link(node, "current") == name_of(made.a)
+    assert (node.root / "opt/nvidia/staged").read_text() == (
+        f"{name_of(made.b)} {CLOUD_RELEASE.version}\n")
+    assert node.calls("systemctl") == [] and node.calls("insmod") == []
+    # The current one: nothing to stage.
+    again = node.install(made.a, "--stage")
+    assert again.code == 0 and "is the current one already" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--release", "4081.2.0"], "--release names the OS release a --stage is for"),
+    (["--stage", "--uninstall"], "--stage and --uninstall do not go together"),
+    (["--stage", "--release", "4081 2"], "is not an OS release"),
+])
+def test_stage_command_line(tmp_path: Path, made: Made, args: list[str], says: str) -> None:
+    node = node_with(tmp_path, made.a)
+    before = snapshot(node.root)
+    assert says in one_error(node.install(made.b, *args), 2)
+    assert snapshot(node.root) == before
+
+
+def test_stage_needs_an_installed_driver_of_the_same_kind(tmp_path: Path, made: Made) -> None:
+    empty = Node(tmp_path / "empty")
+    assert "none is installed" in one_error(empty.install(made.b, "--stage"), 2)
+    assert not (empty.root / "opt").exists()
+    node = node_with(tmp_path, made.a)
+    before = snapshot(node.root)
+    line = one_error(node.install(made.open_b, "--stage"), 2)
+    assert "FLAVOUR is open, the installed driver's proprietary" in line
+    assert snapshot(node.root) == before
+
+
+# --- the units -------------------------------------------------------------------------------
+
+
+def test_a_repository_bundle_brings_its_units_and_takes_them_away(tmp_path: Path,
+                                                                   made: Made) -> None:
+    node = Node(tmp_path / "node")
+    before = snapshot(node.root)
+    assert node.install(made.a).code == 0
+    units = node.root / "etc/systemd/system"
+    for unit in ("nvidia-retry.timer", "nvidia-retry.service", "nvidia-stage.service"):
+        assert os.readlink(units / unit) == f"/opt/nvidia/current/node/{unit}"
+    enabled = [c[2:] for c in node.calls("systemctl") if "enable" in c]
+    assert enabled == [["enable", "nvidia.service"], ["enable", "nvidia-retry.timer"],
+                       ["enable", "nvidia-stage.service"]]
+    service = (node.root / "opt/nvidia/current/nvidia.service").read_text()
+    assert "Wants=network-online.target\nAfter=network-online.target\n" in service
+    # A bundle without a repository: its units go.
+    plain = make_bundle(tmp_path / "plain", tmp_path / "ko")
+    assert node.install(plain).code == 0
+    assert not any((units / u).is_symlink() for u in ("nvidia-retry.timer",
+                                                      "nvidia-stage.service"))
+    assert "network-online" not in (node.root / "opt/nvidia/current/nvidia.service").read_text()
+    # And --uninstall leaves the node as it was, staged folders, fetch lock and all.
+    assert node.install(made.a).code == 0
+    assert node.install(made.b, "--stage").code == 0
+    (node.root / "opt/nvidia/.fetch.lock").write_text("")
+    assert node.install(made.a, "--uninstall").code == 0
+    assert snapshot(node.root) == before
+
+
+# --- the retry timer -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(DriverFailurePolicy))
+def test_retry_starts_the_driver_and_then_the_agent(tmp_path: Path, policy: DriverFailurePolicy,
+                                                    made: Made) -> None:
+    keys = write_key_pair(tmp_path / "k" / "repo.key")
+    bundle = make_bundle(tmp_path / "b", tmp_path / "ko", policy=policy,
+                         repository=load_trust(UNREACHABLE, str(keys.public)))
+    node = node_with(tmp_path, bundle)
+    env = {"FAKE_INACTIVE": "nvidia.service", "NVIDIA_REPOSITORY_URL": UNREACHABLE}
+    result = node.fetch("--retry", env=env)
+    assert result.code == 0, result.stderr
+    calls = [c[1:] for c in node.calls("systemctl")]
+    assert calls[:2] == [["is-active", "-q", "nvidia.service"], ["start", "nvidia.service"]]
+    agents = ["start", "--no-block", "dcos-mesos-slave.service",
+              "dcos-mesos-slave-public.service"]
+    assert (agents in calls) == (policy is DriverFailurePolicy.WAIT), calls
+    # Active: nothing to do.
+    assert node.fetch("--retry", env={"NVIDIA_REPOSITORY_URL": UNREACHABLE}).code == 0
+    assert [c[1:] for c in node.calls("systemctl")] == [["is-active", "-q", "nvidia.service"]]
+
+
+def test_retry_backs_off(tmp_path: Path, made: Made) -> None:
+    node = node_with(tmp_path, made.a)
+    env = {"FAKE_INACTIVE": "nvidia.service", "FAKE_SYSTEMCTL_RC": "1",
+           "NVIDIA_REPOSITORY_URL": UNREACHABLE}
+    state = node.root / "run/coreos-gpu/retry"
+    delays = []
+    for _ in range(6):
+        now = int(time.time())
+        failed = node.fetch("--retry", env=env)
+        assert failed.code == 1, failed.stderr
+        failures, after = map(int, state.read_text().split())
+        delays.append(after - now)
+        # Not yet: no attempt.
+        waiting = node.fetch("--retry", env=env)
+        assert "next attempt in" in waiting.stderr
+        assert ["start", "nvidia.service"] not in [c[1:] for c in node.calls("systemctl")]
+        state.write_text(f"{failures} 0\n")  # the time has come
+    assert [round(d / 60) for d in delays] == [2, 4, 8, 16, 30, 30], delays
+    node_ok = node.fetch("--retry", env={**env, "FAKE_SYSTEMCTL_RC": "0"})
+    assert node_ok.code == 0 and not state.exists(), node_ok.stderr
+
+
+# --- nvidia-doctor ---------------------------------------------------------------------------
+
+
+def doctor_lines(node: Node, env: dict[str, str]) -> dict[str, str]:
+    result = node.doctor(env=env)
+    return {line.split()[1].rstrip(":"): line for line in result.stdout.splitlines()
+            if line.startswith(("PASS ", "FAIL "))}
+
+
+def test_doctor_checks_the_repository(tmp_path: Path, made: Made, repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a)
+    lines = doctor_lines(node, {"NVIDIA_REPOSITORY_URL": repo.url})
+    head, kernels, tail = lines["repository"].split("; ")
+    assert head == f"PASS repository: {repo.url}: generation 1, signed by this bundle's key"
+    assert kernels.startswith("bundles of this driver for 2 kernel(s): ")
+    assert set(kernels.split(": ")[1].split()) == {KERNEL, CLOUD}
+    assert tail == f"one for the running kernel {KERNEL}"
+    assert "next-boot" not in lines  # no update_engine_client here
+    down = doctor_lines(node, {"NVIDIA_REPOSITORY_URL": UNREACHABLE})
+    assert down["repository"].startswith(
+        f"FAIL repository: cannot read {UNREACHABLE}/index.current")
+    publish_to(tmp_path / "other", made.other_key, made.a)
+    forged = doctor_lines(node, {"NVIDIA_REPOSITORY_URL": f"file://{tmp_path}/other"})
+    assert "is not signed by this bundle's repository key" in forged["repository"]
+    plain = Node(tmp_path / "plain")
+    assert plain.install(make_bundle(tmp_path / "p", tmp_path / "ko")).code == 0
+    assert "repository" not in doctor_lines(plain, {"NVIDIA_REPOSITORY_URL": repo.url})
+
+
+def test_doctor_says_whether_the_next_boot_keeps_its_gpus(tmp_path: Path, made: Made,
+                                                          repo: Repository) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    node = node_with(tmp_path, made.a)
+    env = {"NVIDIA_REPOSITORY_URL": repo.url}
+    node.add_update_engine()
+    assert doctor_lines(node, env)["next-boot"] == (
+        "PASS next-boot: no OS update is waiting for a reboot")
+    node.add_update_engine(NEED_REBOOT, CLOUD_RELEASE.version)
+    assert doctor_lines(node, env)["next-boot"].startswith(
+        f"FAIL next-boot: OS release {CLOUD_RELEASE.version} is waiting for its reboot, and no "
+        f"driver is staged for it: the next boot must fetch one from {repo.url}")
+    assert node.fetch("--update", env=env).code == 0
+    result = node.doctor("--json", env=env)
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["next-boot"]["status"] == "PASS"
+    assert checks["next-boot"]["detail"] == (
+        f"OS release {CLOUD_RELEASE.version} is waiting for its reboot, and its driver is staged "
+        f"in /opt/nvidia/{name_of(made.b)}: the next boot keeps its GPUs")
+    assert checks["repository"]["status"] == "PASS"
