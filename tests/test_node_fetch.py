@@ -228,19 +228,19 @@ def refused(tmp_path: Path, made: Made, url: str, code: int,
 
 def test_no_bundle_for_this_kernel(tmp_path: Path, made: Made, repo: Repository) -> None:
     publish_to(repo.root, made.key, made.a)
-    line = refused(tmp_path, made, repo.url, 22)
+    line = refused(tmp_path, made, repo.url, 24)
     assert f"has no bundle for kernel {CLOUD}, driver {VERSION}, proprietary modules" in line
 
 
 def test_no_bundle_of_this_flavour(tmp_path: Path, made: Made, repo: Repository) -> None:
     publish_to(repo.root, made.key, made.a, made.open_b)
-    assert "has no bundle for kernel" in refused(tmp_path, made, repo.url, 22)
+    assert "has no bundle for kernel" in refused(tmp_path, made, repo.url, 24)
 
 
 def test_an_index_signed_by_another_key(tmp_path: Path, made: Made, repo: Repository) -> None:
     publish_to(repo.root, made.other_key, made.a, made.b)
     assert "is not signed by this bundle's repository key" in refused(
-        tmp_path, made, repo.url, 24)
+        tmp_path, made, repo.url, 23)
 
 
 def test_a_tampered_index(tmp_path: Path, made: Made, repo: Repository) -> None:
@@ -248,12 +248,12 @@ def test_a_tampered_index(tmp_path: Path, made: Made, repo: Repository) -> None:
     [text] = (repo.root / "index").glob("*.txt")
     text.write_text(text.read_text().replace(RELEASE.version, "9999.0.0"))
     assert "is not signed by this bundle's repository key" in refused(
-        tmp_path, made, repo.url, 24)
+        tmp_path, made, repo.url, 23)
 
 
 def test_not_a_repository(tmp_path: Path, made: Made, repo: Repository) -> None:
     (repo.root / "index.current").write_text("<html>a captive portal</html>\n")
-    assert "is not a coreos-gpu repository" in refused(tmp_path, made, repo.url, 24)
+    assert "is not a coreos-gpu repository" in refused(tmp_path, made, repo.url, 22)
 
 
 def test_a_tampered_bundle(tmp_path: Path, made: Made, repo: Repository) -> None:
@@ -264,11 +264,11 @@ def test_a_tampered_bundle(tmp_path: Path, made: Made, repo: Repository) -> None
     data[len(data) // 2] ^= 0xFF  # the same size, other bytes
     served.write_bytes(bytes(data))
     assert "does not match the sha256 and size the signed index gives" in refused(
-        tmp_path, made, repo.url, 25)
+        tmp_path, made, repo.url, 21)
 
 
 def test_an_unreachable_repository(tmp_path: Path, made: Made) -> None:
-    line = refused(tmp_path, made, UNREACHABLE, 23)
+    line = refused(tmp_path, made, UNREACHABLE, 22)
     assert f"cannot read {UNREACHABLE}/index.current" in line
 
 
@@ -279,7 +279,7 @@ def test_a_server_that_stalls(tmp_path: Path, made: Made, repo: Repository,
     publish_to(repo.root, made.key, made.a, made.b)
     repo.stall.add(stalled)
     started = time.monotonic()
-    line = refused(tmp_path, made, repo.url, 23, {"NVIDIA_FETCH_TIMEOUT": "3"})
+    line = refused(tmp_path, made, repo.url, 22, {"NVIDIA_FETCH_TIMEOUT": "3"})
     took = time.monotonic() - started
     assert "no answer within 3 s" in line
     assert took < 20, took
@@ -360,7 +360,7 @@ def test_no_bundle_yet_for_the_update(tmp_path: Path, made: Made, repo: Reposito
     node = node_with(tmp_path, made.a)
     node.add_update_engine(NEED_REBOOT, CLOUD_RELEASE.version)
     result = node.fetch("--update", env={"NVIDIA_REPOSITORY_URL": repo.url})
-    assert f"has no bundle for OS release {CLOUD_RELEASE.version}" in one_error(result, 22)
+    assert f"has no bundle for OS release {CLOUD_RELEASE.version}" in one_error(result, 24)
     assert folders(node) == {name_of(made.a)}
 
 

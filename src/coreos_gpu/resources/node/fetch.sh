@@ -21,18 +21,20 @@
 # off. The key cannot be overridden. Downloads are bounded: NVIDIA_FETCH_TIMEOUT seconds for
 # the bundle (default 180), a tenth of it (at least 10) for each index file.
 #
-# Exit codes:
+# Exit codes (21-25 as provision.sh's, which fetches a node's first bundle the same way):
 #   0   staged, or nothing to do (already installed or staged; no update waiting)
 #   2   bad command line
 #   3   no repository configured, or this installation is incomplete
 #   6   another fetch.sh kept the lock for 15 minutes
 #   7   a command it needs is missing (curl or wget, openssl, tar)
-#   22  the repository has no bundle for this kernel (or release), driver, flavour and profile
-#   23  the repository cannot be reached, or a download failed or timed out
-#   24  the index is not signed by this bundle's key, or is not a coreos-gpu index
-#   25  the bundle downloaded does not match the sha256 or size the index gives
-#   26  the bundle downloaded did not install (install_nvidia.sh's message says why)
-#   27  not enough free space for the download
+#   21  the bundle downloaded does not match the sha256 or size the index gives
+#   22  the repository cannot be reached, a download failed or timed out, or the URL holds
+#       no coreos-gpu repository
+#   23  the index is not signed by this bundle's key (or is not the index index.current names)
+#   24  the repository has no bundle for this kernel (or release), driver, flavour and profile
+#   25  the bundle downloaded cannot be extracted, or did not install (install_nvidia.sh's
+#       message says why)
+#   26  not enough free space for the download
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -125,19 +127,19 @@ download() {
 # fetch_index: the repository's signed index, as $WORK/index.txt.
 fetch_index() {
 	ERR=$(download "$URL/index.current" "$WORK/index.current" "$INDEX_TIMEOUT") ||
-		die 23 "cannot read $URL/index.current: $(printf '%s' "$ERR" | tail -n 1); check NVIDIA_REPOSITORY_URL (or the bundle's repository) and the network"
+		die 22 "cannot read $URL/index.current: $(printf '%s' "$ERR" | tail -n 1); check NVIDIA_REPOSITORY_URL (or the bundle's repository) and the network"
 	read -r fi_magic fi_format fi_sha <"$WORK/index.current" || fi_magic=
 	[ "$fi_magic $fi_format" = "coreos-gpu-repository 1" ] && [ "${#fi_sha}" = 64 ] &&
 		case $fi_sha in *[!0-9a-f]*) false ;; esac ||
-		die 24 "$URL/index.current is not 'coreos-gpu-repository 1 <sha256>': $URL is not a coreos-gpu repository of this format"
+		die 22 "$URL/index.current is not 'coreos-gpu-repository 1 <sha256>': $URL is not a coreos-gpu repository of this format"
 	for fi_name in index/$fi_sha.txt index/$fi_sha.txt.sig; do
 		ERR=$(download "$URL/$fi_name" "$WORK/${fi_name#index/}" "$INDEX_TIMEOUT") ||
-			die 23 "cannot read $URL/$fi_name: $(printf '%s' "$ERR" | tail -n 1)"
+			die 22 "cannot read $URL/$fi_name: $(printf '%s' "$ERR" | tail -n 1)"
 	done
 	ERR=$(openssl dgst -sha256 -verify "$KEY" -signature "$WORK/$fi_sha.txt.sig" "$WORK/$fi_sha.txt" 2>&1) ||
-		die 24 "$URL/index/$fi_sha.txt is not signed by this bundle's repository key ($(bundle_value REPOSITORY_KEY_FINGERPRINT "$HERE/node/bundle.env")): $(printf '%s' "$ERR" | head -n 1); nothing was installed"
+		die 23 "$URL/index/$fi_sha.txt is not signed by this bundle's repository key ($(bundle_value REPOSITORY_KEY_FINGERPRINT "$HERE/node/bundle.env")): $(printf '%s' "$ERR" | head -n 1); nothing was installed"
 	[ "$(sha256sum "$WORK/$fi_sha.txt" | cut -d' ' -f1)" = "$fi_sha" ] && [ "$(head -n 1 "$WORK/$fi_sha.txt")" = "coreos-gpu-index 1" ] ||
-		die 24 "$URL/index/$fi_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
+		die 23 "$URL/index/$fi_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
 	mv "$WORK/$fi_sha.txt" "$WORK/index.txt"
 }
 
@@ -173,7 +175,7 @@ stage_bundle() {
 	fetch_index
 	CHOSEN=$(pick "$sb_by" "$sb_want")
 	[ -n "$CHOSEN" ] ||
-		die 22 "$URL has no bundle for $sb_what, driver $DRIVER_VERSION, ${FLAVOUR} modules, profile $PROFILE, $OS: build and publish one (coreos-gpu build … && coreos-gpu publish …); nothing was installed"
+		die 24 "$URL has no bundle for $sb_what, driver $DRIVER_VERSION, ${FLAVOUR} modules, profile $PROFILE, $OS: build and publish one (coreos-gpu build … && coreos-gpu publish …); nothing was installed"
 	read -r sb_path sb_sha sb_size sb_kernel <<EOF
 $CHOSEN
 EOF
@@ -188,19 +190,19 @@ EOF
 	fi
 	sb_free=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 	[ $(( ${sb_free:-0} * 1024 )) -gt $((sb_size * 4)) ] ||
-		die 27 "not enough space in $ROOT$OPT to fetch the driver for $sb_what: $((sb_size * 4 / 1048576)) MiB needed (the archive and its extracted copy), $((${sb_free:-0} / 1024)) MiB free"
+		die 26 "not enough space in $ROOT$OPT to fetch the driver for $sb_what: $((sb_size * 4 / 1048576)) MiB needed (the archive and its extracted copy), $((${sb_free:-0} / 1024)) MiB free"
 	say "fetching the driver for $sb_what: $URL/$sb_path ($((sb_size / 1048576)) MiB)"
 	sb_archive=$WORK/${sb_path##*/}
 	ERR=$(download "$URL/$sb_path" "$sb_archive" "$TIMEOUT") ||
-		die 23 "cannot download $URL/$sb_path: $(printf '%s' "$ERR" | tail -n 1); nothing was installed"
+		die 22 "cannot download $URL/$sb_path: $(printf '%s' "$ERR" | tail -n 1); nothing was installed"
 	[ "$(wc -c <"$sb_archive" | tr -d ' ')" = "$sb_size" ] && [ "$(sha256sum "$sb_archive" | cut -d' ' -f1)" = "$sb_sha" ] ||
-		die 25 "$URL/$sb_path does not match the sha256 and size the signed index gives ($sb_sha, $sb_size bytes): it was tampered with or damaged; nothing was installed"
+		die 21 "$URL/$sb_path does not match the sha256 and size the signed index gives ($sb_sha, $sb_size bytes): it was tampered with or damaged; nothing was installed"
 	mkdir "$WORK/bundle" || die 1 "cannot create $WORK/bundle"
 	case $sb_archive in
 	*.gz) ERR=$(tar -xzf "$sb_archive" --no-same-owner -C "$WORK/bundle" 2>&1) ;;
 	*.xz) ERR=$(tar -xJf "$sb_archive" --no-same-owner -C "$WORK/bundle" 2>&1) ;;
 	*) ERR=$({ zstd -dc "$sb_archive" | tar -xf - --no-same-owner -C "$WORK/bundle"; } 2>&1) ;;
-	esac || die 26 "cannot extract $sb_archive: $(printf '%s' "$ERR" | tail -n 1)"
+	esac || die 25 "cannot extract $sb_archive: $(printf '%s' "$ERR" | tail -n 1)"
 	rm -f "$sb_archive"
 	set --
 	[ -z "$ROOT" ] || set -- --root "$ROOT"
@@ -208,7 +210,7 @@ EOF
 	"$WORK/bundle/install_nvidia.sh" "$@" --stage
 	sb_rc=$?
 	[ "$sb_rc" = 0 ] ||
-		die 26 "the driver fetched for $sb_what did not install (install_nvidia.sh --stage exit $sb_rc, see above)"
+		die 25 "the driver fetched for $sb_what did not install (install_nvidia.sh --stage exit $sb_rc, see above)"
 }
 
 # lock_fetch: one fetch at a time (boot, the watcher, the timer); clears what a killed one

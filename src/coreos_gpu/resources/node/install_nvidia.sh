@@ -38,7 +38,7 @@
 #          startup.sh), 11 for any other
 #   20     installed and startup.sh succeeded, but systemctl start nvidia.service failed
 #   21-27  installed, but the bundle has no modules for the running kernel and fetching them
-#          from the repository failed: startup.sh's code (see node/fetch.sh)
+#          from the repository failed: startup.sh's code (see startup.sh and node/fetch.sh)
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u

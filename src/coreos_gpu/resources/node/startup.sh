@@ -13,10 +13,11 @@
 #   7  nvidia-smi does not answer
 #   8  the driver loaded but found no usable GPU ("No such device")
 #   9  another NVIDIA driver version is loaded already (reboot to switch)
-#   21-27  no installed folder has modules for this kernel, and fetching one from the bundle
-#      repository failed: node/fetch.sh's code (22: the repository has no bundle for this
-#      kernel, 23: unreachable or a download failed, 24: bad signature, 25: bad sha256, 26:
-#      the fetched bundle did not install, 27: no space; 21: any other failure)
+#   21-26  no installed folder has modules for this kernel, and fetching one from the bundle
+#      repository failed: node/fetch.sh's code (21: the bundle does not match the index, 22:
+#      the repository cannot be reached, 23: bad signature, 24: the repository has no bundle
+#      for this kernel, 25: the fetched bundle did not install, 26: no space)
+#   27  fetching failed for another reason (see the message above it)
 #
 # Settings from the environment (nvidia.service reads /etc/default/nvidia):
 #   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
@@ -135,10 +136,10 @@ if [ ! -d "$MODULES" ] && [ -n "$REPOSITORY" ]; then
 	FETCHED=$?
 	case $FETCHED in
 	0) switch_to_installed ;;
-	2[2-7]) exit "$FETCHED" ;;
-	*) die 21 "fetching the driver for kernel $KERNEL failed (node/fetch.sh exit $FETCHED, see above)" ;;
+	2[1-6]) exit "$FETCHED" ;;
+	*) die 27 "fetching the driver for kernel $KERNEL failed (node/fetch.sh exit $FETCHED, see above)" ;;
 	esac
-	die 21 "node/fetch.sh staged no folder with modules for kernel $KERNEL"
+	die 27 "node/fetch.sh staged no folder with modules for kernel $KERNEL"
 fi
 [ -d "$MODULES" ] ||
 	die 4 "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES, and no other installed folder of driver $DRIVER_VERSION has any for it; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
