@@ -1,11 +1,16 @@
 """A Flatcar release server's worth of test inputs, in Flatcar's real formats.
 
-The developer container is a Debian bookworm root (debootstrap minbase + gcc-12, make, kmod ...)
-with Debian's prepared 6.1 kernel headers at /usr/lib/modules/<kver>/build and Flatcar's
-release files, in an ext4 on partition 9 "ROOT" of a GPT disk laid out like Flatcar's, bzip2ed,
-with a Gentoo `.DIGESTS`, a detached `.sig` from a test key shaped like Flatcar's (signing
-subkey), `version.txt` and a release feed. server_root is a mirror in the project's layout:
-`https://HOST/PATH` is served as `<server_root>/HOST/PATH`. Building needs root (debootstrap).
+Two releases of the stable channel: 3975.2.2, whose developer container has Debian's
+6.1.0-50-amd64 kernel tree, and 4081.2.0, the release a node updates to, with the
+6.1.0-50-cloud-amd64 one (another kernel for the same Debian package versions). Each developer
+container is a Debian bookworm root (debootstrap minbase + gcc-12, make, kmod ...) with Debian's
+prepared 6.1 kernel headers at /usr/lib/modules/<kver>/build and Flatcar's release files, in an
+ext4 on partition 9 "ROOT" of a GPT disk laid out like Flatcar's, bzip2ed, with a Gentoo
+`.DIGESTS`, a detached `.sig` from a test key shaped like Flatcar's (signing subkey) and
+`version.txt` in the release's own folder; the release feed lists both. server_root is a mirror
+in the project's layout: `https://HOST/PATH` is served as `<server_root>/HOST/PATH`. Building
+needs root (debootstrap); the second root is a copy of the first one's, so it costs no second
+debootstrap.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreos_gpu.run import run
+from coreos_gpu.ui import step
 from testinputs.cache import build_cached
 from testinputs.debian import fetch_debs
 from testinputs.debian_root import (
@@ -51,9 +57,29 @@ KEY_UID = "Flatcar Buildbot (coreos-gpu test key) <buildbot@flatcar.example.inva
 OTHER_KEY_UID = "Someone Else (coreos-gpu test key) <someone@example.invalid>"
 
 KERNEL_FLAVOUR = f"{KERNEL_ABI}-amd64"
-KERNEL_PACKAGES = tuple(f"{name}={KERNEL_DEBIAN_VERSION}" for name in (
-    "linux-compiler-gcc-12-x86", "linux-kbuild-6.1", f"linux-headers-{KERNEL_ABI}-common",
-    f"linux-headers-{KERNEL_FLAVOUR}"))
+# What both flavours' headers need, installed once in the root the two are copied from.
+COMMON_KERNEL_PACKAGES = tuple(f"{name}={KERNEL_DEBIAN_VERSION}" for name in (
+    "linux-compiler-gcc-12-x86", "linux-kbuild-6.1", f"linux-headers-{KERNEL_ABI}-common"))
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """What differs between the served releases."""
+
+    version: str
+    build_id: str
+    sdk_version: str
+    kernel_flavour: str  # Debian's headers flavour, which is also `uname -r`
+    systemd: str  # the feed's major_software, beside the kernel read from the tree
+    ignition: str
+
+
+FIRST = ReleaseSpec(VERSION, BUILD_ID, SDK_VERSION, KERNEL_FLAVOUR, "255", "2.19.0")
+# The release a node on FIRST updates to: another kernel (what the node must follow), the same
+# Debian package versions (so the feed's upstream kernel version is the same too).
+UPDATE = ReleaseSpec("4081.2.0", "2024-12-09-2231", "4081.1.0", f"{KERNEL_ABI}-cloud-amd64",
+                     "255", "2.20.0")
+RELEASES = (FIRST, UPDATE)  # oldest first; the feed's "current" is the last
 # Beyond minbase: the kernel packages' dependencies (gcc-12 for linux-compiler-gcc-12-x86,
 # libssl3 and libelf1 for linux-kbuild), what kbuild runs (make, bc), what a module build
 # on Flatcar's dev container can expect (kmod, xz-utils), and libc headers (gcc recommends them).
@@ -99,6 +125,7 @@ class FlatcarRelease:
     other_key_fingerprint: str  # an unrelated key, outside server_root
     other_public_key: Path
     other_key_sig: Path  # a .sig of the same image by the unrelated key
+    update: ServedRelease  # the newer release (the feed's "current"), on another kernel
 
     @property
     def release_dir(self) -> Path:
@@ -109,25 +136,45 @@ class FlatcarRelease:
         return self.release_dir / IMAGE
 
 
+@dataclass(frozen=True)
+class ServedRelease:
+    """One more release on the same server, in the same feed, signed by the same key."""
+
+    release_dir: Path
+    version: str
+    kernel_release: str  # `uname -r`, from the image's utsrelease.h
+    kernel_version: str  # the upstream version, as the release feed lists it
+    image_sha512: str
+
+    @property
+    def image(self) -> Path:
+        return self.release_dir / IMAGE
+
+
 def check_build_prerequisites() -> None:
     check_root_prerequisites(TOOLS, what="the Flatcar test release")
 
 
-def install_kernel_headers(root: Path) -> str:
-    """Install the pinned headers with dpkg (so their dependencies are checked); → uname -r."""
-    debs = fetch_debs(KERNEL_PACKAGES, root / "tmp/debs")
+def install_packages(root: Path, specs: tuple[str, ...]) -> None:
+    """Install pinned packages with dpkg (so their dependencies are checked)."""
+    debs = fetch_debs(specs, root / "tmp/debs")
     in_root(root, "dpkg", "-i", *(f"/tmp/debs/{deb.name}" for deb in debs))
     shutil.rmtree(root / "tmp/debs")
-    modules = root / "usr/lib/modules" / KERNEL_FLAVOUR
+
+
+def install_kernel_headers(root: Path, flavour: str) -> str:
+    """Install one flavour's headers over COMMON_KERNEL_PACKAGES; → uname -r."""
+    install_packages(root, (f"linux-headers-{flavour}={KERNEL_DEBIAN_VERSION}",))
+    modules = root / "usr/lib/modules" / flavour
     # Debian's links are absolute: resolved from outside the root, they would reach the host's
     # /usr/src. Relative links resolve inside the root from anywhere.
-    for link, tree in (("build", KERNEL_FLAVOUR), ("source", f"{KERNEL_ABI}-common")):
+    for link, tree in (("build", flavour), ("source", f"{KERNEL_ABI}-common")):
         (modules / link).unlink()
         (modules / link).symlink_to(f"../../../src/linux-headers-{tree}")
     uts = (modules / "build/include/generated/utsrelease.h").read_text()
     found = re.search(r'UTS_RELEASE "([^"]+)"', uts)
-    if not found or found.group(1) != KERNEL_FLAVOUR:
-        raise RuntimeError(f"unexpected utsrelease.h in {KERNEL_FLAVOUR}'s headers: {uts!r}")
+    if not found or found.group(1) != flavour:
+        raise RuntimeError(f"unexpected utsrelease.h in {flavour}'s headers: {uts!r}")
     return found.group(1)
 
 
@@ -163,24 +210,31 @@ def check_module_build(root: Path, kernel_release: str) -> None:
     shutil.rmtree(hello)
 
 
-def render_release_files() -> dict[str, str]:
+def render_release_files(spec: ReleaseSpec = FIRST) -> dict[str, str]:
     """Flatcar's identity files, by path in the root."""
+    version = spec.version
     return {
-        "usr/share/flatcar/release": f"FLATCAR_RELEASE_VERSION={VERSION}\n"
+        "usr/share/flatcar/release": f"FLATCAR_RELEASE_VERSION={version}\n"
         f"FLATCAR_RELEASE_BOARD={BOARD}\nFLATCAR_RELEASE_APPID={APPID}\n",
         "usr/lib/os-release": 'NAME="Flatcar Container Linux by Kinvolk"\nID=flatcar\n'
-        f"ID_LIKE=coreos\nVERSION={VERSION}\nVERSION_ID={VERSION}\nBUILD_ID={BUILD_ID}\n"
-        f'PRETTY_NAME="Flatcar Container Linux by Kinvolk {VERSION} (Oklo)"\n'
+        f"ID_LIKE=coreos\nVERSION={version}\nVERSION_ID={version}\nBUILD_ID={spec.build_id}\n"
+        f'PRETTY_NAME="Flatcar Container Linux by Kinvolk {version} (Oklo)"\n'
         f'HOME_URL="https://flatcar.org/"\nFLATCAR_BOARD="{BOARD}"\n',
     }
 
 
-def build_root(root: Path) -> tuple[str, str]:
-    """The dev container's root; → (kernel release, kernel version)."""
+def build_base_root(root: Path) -> None:
+    """What every release's dev container shares: debootstrap and the flavour-less kernel
+    packages (a minute or more; done once, then copied)."""
     bootstrap_root(root, INCLUDE, what="the dev container")
-    kernel_release = install_kernel_headers(root)
+    install_packages(root, COMMON_KERNEL_PACKAGES)
+
+
+def finish_root(root: Path, spec: ReleaseSpec) -> tuple[str, str]:
+    """Turn a copy of the base root into spec's dev container; → (kernel release, version)."""
+    kernel_release = install_kernel_headers(root, spec.kernel_flavour)
     check_module_build(root, kernel_release)
-    for name, text in render_release_files().items():
+    for name, text in render_release_files(spec).items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).unlink(missing_ok=True)  # Debian's os-release may be a link
         (root / name).write_text(text)
@@ -228,69 +282,114 @@ def render_digests(path: Path) -> str:
                    for name, h in hashes.items())
 
 
-def render_version_txt() -> str:
-    build, branch, patch = VERSION.split(".")
+def render_version_txt(spec: ReleaseSpec = FIRST) -> str:
+    version = spec.version
+    build, branch, patch = version.split(".")
     return (f"FLATCAR_BUILD={build}\nFLATCAR_BRANCH={branch}\nFLATCAR_PATCH={patch}\n"
-            f"FLATCAR_VERSION={VERSION}\nFLATCAR_VERSION_ID={VERSION}\n"
-            f'FLATCAR_BUILD_ID="{BUILD_ID}"\nFLATCAR_SDK_VERSION={SDK_VERSION}\n')
+            f"FLATCAR_VERSION={version}\nFLATCAR_VERSION_ID={version}\n"
+            f'FLATCAR_BUILD_ID="{spec.build_id}"\nFLATCAR_SDK_VERSION={spec.sdk_version}\n')
 
 
-def render_feed(kernel_version: str) -> str:
-    """releases-stable.json: entries keyed by version, plus "current" (a copy of the newest)."""
+def render_feed(kernel_versions: dict[str, str]) -> str:
+    """releases-stable.json: entries keyed by version (newest first), plus "current" (a copy of
+    the newest). kernel_versions: the upstream kernel version of each of RELEASES, by version."""
     def entry(date: str, kernel: str, systemd: str, ignition: str) -> dict[str, object]:
         return {"channel": CHANNEL, "release_date": date,
                 "major_software": {"kernel": [kernel], "docker": ["24.0.9"],
                                    "systemd": [systemd], "ignition": [ignition]},
                 "release_notes": "A coreos-gpu test release (Debian's kernel and toolchain)."}
-    current = entry(f"{BUILD_ID[:10]} 20:58:00 +0000", kernel_version, "255", "2.19.0")
-    old = entry("2024-07-02 14:10:00 +0000", "6.1.96", "252", "2.14.0")
-    return json.dumps({"current": current, VERSION: current, OLD_VERSION: old}, indent=2) + "\n"
+    entries = {spec.version: entry(f"{spec.build_id[:10]} 20:58:00 +0000",
+                                   kernel_versions[spec.version], spec.systemd, spec.ignition)
+               for spec in reversed(RELEASES)}
+    entries[OLD_VERSION] = entry("2024-07-02 14:10:00 +0000", "6.1.96", "252", "2.14.0")
+    return json.dumps({"current": entries[RELEASES[-1].version], **entries}, indent=2) + "\n"
 
 
-def publish(out: Path, image: Path, kernel_version: str) -> dict[str, str]:
-    """Lay out server/ as the mirror, sign the image; → the FlatcarRelease's text fields."""
-    server = out / "server"
-    release = server / RELEASE_HOST / BOARD / VERSION
-    for folder in (release, (server / FEED).parent, (server / KEY).parent, out / "other"):
-        folder.mkdir(parents=True)
+def publish_release(server: Path, spec: ReleaseSpec, image: Path) -> tuple[Path, str]:
+    """Put one release's image, DIGESTS and version.txt in its folder; → (folder, SHA512)."""
+    release = server / RELEASE_HOST / BOARD / spec.version
+    release.mkdir(parents=True)
     os.rename(image, release / IMAGE)
     digests = render_digests(release / IMAGE)
     (release / f"{IMAGE}.DIGESTS").write_text(digests)
-    (release / "version.txt").write_text(render_version_txt())
-    (release.parent / "current").symlink_to(VERSION)  # Flatcar serves a copy; same bytes
-    (server / FEED).write_text(render_feed(kernel_version))
+    (release / "version.txt").write_text(render_version_txt(spec))
+    return release, digests.split("# SHA512 HASH\n")[1].split()[0]
+
+
+def publish(out: Path, images: dict[str, Path], kernel_versions: dict[str, str]
+            ) -> tuple[dict[str, str], dict[str, str]]:
+    """Lay out server/ as the mirror with each of RELEASES (images: by version), sign the
+    images; → (the keys' fields of release.json, each image's SHA512 by version)."""
+    server = out / "server"
+    for folder in ((server / FEED).parent, (server / KEY).parent, out / "other"):
+        folder.mkdir(parents=True)
+    folders, sha512s = {}, {}
+    for spec in RELEASES:
+        folders[spec.version], sha512s[spec.version] = publish_release(
+            server, spec, images[spec.version])
+    # Flatcar serves a copy of the newest; a link has the same bytes.
+    (server / RELEASE_HOST / BOARD / "current").symlink_to(RELEASES[-1].version)
+    (server / FEED).write_text(render_feed(kernel_versions))
+    first = folders[FIRST.version]
     with gnupg_home() as home, gnupg_home() as other_home:
         key = generate_signing_key(home, KEY_UID)
         other = generate_signing_key(other_home, OTHER_KEY_UID)
         export_public_key(key, server / KEY)
         export_public_key(other, out / "other/Other_Signing_Key.asc")
-        sign_detached(key, release / IMAGE, release / f"{IMAGE}.sig")
-        sign_detached(other, release / IMAGE, out / "other" / f"{IMAGE}.sig")
-    return {"key_fingerprint": key.fingerprint, "subkey_fingerprint": key.subkey_fingerprint,
-            "other_key_fingerprint": other.fingerprint,
-            "image_sha512": digests.split("# SHA512 HASH\n")[1].split()[0]}
+        for folder in folders.values():
+            sign_detached(key, folder / IMAGE, folder / f"{IMAGE}.sig")
+        sign_detached(other, first / IMAGE, out / "other" / f"{IMAGE}.sig")
+    return ({"key_fingerprint": key.fingerprint, "subkey_fingerprint": key.subkey_fingerprint,
+             "other_key_fingerprint": other.fingerprint}, sha512s)
+
+
+def build_image(base: Path, spec: ReleaseSpec, tmp: Path, *, copy: bool) -> dict[str, str]:
+    """spec's compressed image in tmp, from a copy of base (or base itself, when not copy);
+    → its kernel_release, kernel_version and image path."""
+    with step(f"the Flatcar test release {spec.version} ({spec.kernel_flavour})"):
+        root = tmp / f"root-{spec.version}"
+        if copy:
+            run(["cp", "-a", "--reflink=auto", base, root], what="copying the dev container")
+        else:
+            base.rename(root)
+        kernel_release, kernel_version = finish_root(root, spec)
+        raw = tmp / f"{spec.version}-{IMAGE.removesuffix('.bz2')}"
+        write_disk_image(root, raw)
+        shutil.rmtree(root)
+        return {"kernel_release": kernel_release, "kernel_version": kernel_version,
+                "image": str(compress(raw))}
 
 
 def build_into(out: Path) -> None:
     check_build_prerequisites()
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        root = Path(tmp) / "root"
-        kernel_release, kernel_version = build_root(root)
-        raw = Path(tmp) / IMAGE.removesuffix(".bz2")
-        write_disk_image(root, raw)
-        shutil.rmtree(root)
-        fields = publish(out, compress(raw), kernel_version)
-    fields |= {"kernel_release": kernel_release, "kernel_version": kernel_version}
-    (out / "release.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+        base = Path(tmp) / "base"
+        with step("the Flatcar test releases' shared root (debootstrap, kernel packages)"):
+            build_base_root(base)
+        built = {spec.version: build_image(base, spec, Path(tmp), copy=spec != RELEASES[-1])
+                 for spec in RELEASES}
+        kernel_versions = {version: b["kernel_version"] for version, b in built.items()}
+        keys, sha512s = publish(out, {v: Path(b["image"]) for v, b in built.items()},
+                                kernel_versions)
+    releases = {version: {"kernel_release": b["kernel_release"],
+                          "kernel_version": b["kernel_version"], "image_sha512": sha512s[version]}
+                for version, b in built.items()}
+    (out / "release.json").write_text(json.dumps(
+        {**keys, "releases": releases}, indent=2, sort_keys=True) + "\n")
 
 
 def load_release(out: Path) -> FlatcarRelease:
     fields = json.loads((out / "release.json").read_text())
+    releases = fields.pop("releases")
+    board = out / "server" / RELEASE_HOST / BOARD
     return FlatcarRelease(
         server_root=out / "server", version=VERSION, channel=CHANNEL, board=BOARD,
         public_key=out / "server" / KEY, old_version=OLD_VERSION,
         other_public_key=out / "other/Other_Signing_Key.asc",
-        other_key_sig=out / "other" / f"{IMAGE}.sig", **fields)
+        other_key_sig=out / "other" / f"{IMAGE}.sig",
+        update=ServedRelease(release_dir=board / UPDATE.version, version=UPDATE.version,
+                             **releases[UPDATE.version]),
+        **fields, **releases[VERSION])
 
 
 def recipe() -> bytes:

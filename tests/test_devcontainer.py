@@ -59,10 +59,14 @@ def test_prepare_gives_the_release_kernel_tree(cli, mirror: Mirror, flatcar_rele
     tree = resolve_in_root(root, shown["build_dir"])
     assert tree.is_relative_to(root) and (tree / "Module.symvers").is_file()
     assert (root / "usr/bin/make").exists() and (root / "usr/bin/gcc-12").exists()
-    # "current" resolves to the same release; then offline, everything comes from the cache.
+    # "current" is the newest release, with the other kernel; then offline, everything comes
+    # from the cache.
     again = _prepare(cli, mirror, flatcar_release, "--release", "current", "--json")
     assert again.code == 0, again.stderr
-    assert json.loads(again.stdout)[0]["root"] == shown["root"]
+    [current] = json.loads(again.stdout)
+    assert (current["version"], current["kernel_release"]) == (
+        flatcar_release.update.version, flatcar_release.update.kernel_release)
+    assert current["root"] != shown["root"]
     import shutil
 
     shutil.rmtree(mirror.root)  # offline must not need the server at all
@@ -203,9 +207,11 @@ def test_releases_lists_the_feed(cli, mirror: Mirror, flatcar_release) -> None: 
                  "--json")
     assert result.code == 0, result.stderr
     shown = json.loads(result.stdout)
-    assert [r["version"] for r in shown] == [flatcar_release.version,
+    assert [r["version"] for r in shown] == [flatcar_release.update.version,
+                                              flatcar_release.version,
                                               flatcar_release.old_version]
-    assert shown[0]["kernel"] == flatcar_release.kernel_version
+    assert shown[0]["kernel"] == flatcar_release.update.kernel_version
+    assert shown[1]["kernel"] == flatcar_release.kernel_version
     text = cli("releases", "--mirror", mirror.url)
     assert f"{flatcar_release.version}  {flatcar_release.kernel_version}" in text.stdout
 

@@ -21,8 +21,10 @@ from testinputs.flatcar import (
     OLD_VERSION,
     PARTITIONS,
     RELEASE_HOST,
+    UPDATE,
     VERSION,
     FlatcarRelease,
+    ServedRelease,
     build_flatcar_release,
     render_digests,
     render_feed,
@@ -54,13 +56,17 @@ def test_version_txt_has_flatcar_keys_in_order() -> None:
     assert "FLATCAR_VERSION=3975.2.2" in lines
     assert 'FLATCAR_BUILD_ID="2024-10-23-2058"' in lines
     assert lines[:3] == ["FLATCAR_BUILD=3975", "FLATCAR_BRANCH=2", "FLATCAR_PATCH=2"]
+    update = render_version_txt(UPDATE).splitlines()
+    assert update[:4] == ["FLATCAR_BUILD=4081", "FLATCAR_BRANCH=2", "FLATCAR_PATCH=0",
+                          "FLATCAR_VERSION=4081.2.0"]
 
 
-def test_feed_lists_current_and_an_older_release() -> None:
-    feed = json.loads(render_feed("6.1.176"))
-    assert set(feed) == {"current", VERSION, OLD_VERSION}
-    assert feed["current"] == feed[VERSION]
+def test_feed_lists_both_releases_and_an_older_one_newest_first() -> None:
+    feed = json.loads(render_feed({VERSION: "6.1.176", UPDATE.version: "6.1.177"}))
+    assert list(feed) == ["current", UPDATE.version, VERSION, OLD_VERSION]
+    assert feed["current"] == feed[UPDATE.version]  # Flatcar's "current" is the newest
     assert feed[VERSION]["major_software"]["kernel"] == ["6.1.176"]
+    assert feed[UPDATE.version]["major_software"]["kernel"] == ["6.1.177"]
     assert feed[OLD_VERSION]["major_software"]["kernel"] != ["6.1.176"]
     for entry in feed.values():
         assert entry["channel"] == CHANNEL
@@ -73,6 +79,9 @@ def test_release_files_name_flatcar() -> None:
     assert f"FLATCAR_RELEASE_VERSION={VERSION}" in files["usr/share/flatcar/release"].split()
     assert "ID=flatcar" in files["usr/lib/os-release"].splitlines()
     assert f"VERSION_ID={VERSION}" in files["usr/lib/os-release"].splitlines()
+    update = render_release_files(UPDATE)
+    assert "VERSION_ID=4081.2.0" in update["usr/lib/os-release"].splitlines()
+    assert "FLATCAR_RELEASE_VERSION=4081.2.0" in update["usr/share/flatcar/release"].split()
 
 
 def test_partition_layout_is_flatcars() -> None:
@@ -91,14 +100,27 @@ def release() -> FlatcarRelease:
     return build_flatcar_release()
 
 
-@pytest.fixture(scope="module")
-def disk(release: FlatcarRelease, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The decompressed disk image (a few seconds; lbzip2 decompresses on every core)."""
-    raw = tmp_path_factory.mktemp("flatcar") / "disk.bin"
+def decompress(image: Path, raw: Path) -> Path:
+    """A few seconds; lbzip2 decompresses on every core."""
     tool = "lbzip2" if shutil.which("lbzip2") else "bzip2"
     with raw.open("wb") as out:
-        subprocess.run([tool, "-dc", release.image], stdout=out, check=True)
+        subprocess.run([tool, "-dc", image], stdout=out, check=True)
     return raw
+
+
+@pytest.fixture(scope="module")
+def disk(release: FlatcarRelease, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first release's decompressed disk image."""
+    return decompress(release.image, tmp_path_factory.mktemp("flatcar") / "disk.bin")
+
+
+@pytest.fixture(params=["first", "update"])
+def served(request: pytest.FixtureRequest, release: FlatcarRelease) -> ServedRelease:
+    """Each release on the server, the first one seen through the same fields as the update."""
+    if request.param == "update":
+        return release.update
+    return ServedRelease(release.release_dir, release.version, release.kernel_release,
+                         release.kernel_version, release.image_sha512)
 
 
 def read_gpt(disk: Path) -> dict[int, tuple[str, int]]:
@@ -145,12 +167,36 @@ def test_partition_9_is_an_ext4_root_of_the_release(disk: Path, release: Flatcar
 
 
 @pytest.mark.slow
-def test_digests_match_the_image(release: FlatcarRelease) -> None:
-    with release.image.open("rb") as f:
+def test_the_update_image_holds_the_cloud_kernel_tree(release: FlatcarRelease,
+                                                      tmp_path: Path) -> None:
+    update = release.update
+    assert (update.version, update.kernel_release) == ("4081.2.0", "6.1.0-50-cloud-amd64")
+    assert update.kernel_release != release.kernel_release
+    assert update.kernel_version == release.kernel_version  # the same Debian packages
+    disk = decompress(update.image, tmp_path / "disk.bin")
+    partitions = read_gpt(disk)
+    assert [name for name, _ in partitions.values()] == [label for _, label, *_ in PARTITIONS]
+    offset = partitions[9][1]
+    text = debugfs(disk, offset, "cat /usr/lib/os-release")
+    assert f"VERSION_ID={update.version}" in text.splitlines()
+    uts = debugfs(disk, offset,
+                  f"cat /usr/lib/modules/{update.kernel_release}/build/include/generated/"
+                  "utsrelease.h")
+    assert f'UTS_RELEASE "{update.kernel_release}"' in uts
+    # Only the cloud flavour's tree: a copy of the first root with its headers swapped.
+    # `ls -p` lines: /INODE/MODE/UID/GID/NAME/SIZE/
+    listing = debugfs(disk, offset, "ls -p /usr/lib/modules").splitlines()
+    names = {line.split("/")[5] for line in listing if line.startswith("/")}
+    assert names - {".", ".."} == {update.kernel_release}
+
+
+@pytest.mark.slow
+def test_digests_match_the_image(served: ServedRelease) -> None:
+    with served.image.open("rb") as f:
         sha512 = hashlib.file_digest(f, "sha512").hexdigest()
-    digests = (release.release_dir / f"{IMAGE}.DIGESTS").read_text()
+    digests = (served.release_dir / f"{IMAGE}.DIGESTS").read_text()
     assert f"{sha512}  {IMAGE}" in digests.splitlines()
-    assert release.image_sha512 == sha512
+    assert served.image_sha512 == sha512
 
 
 def gpg_verify(tmp_path: Path, key: Path, sig: Path, file: Path) -> tuple[int, list[list[str]]]:
@@ -172,10 +218,10 @@ def gpg_verify(tmp_path: Path, key: Path, sig: Path, file: Path) -> tuple[int, l
 
 @pytest.mark.slow
 def test_sig_is_made_by_a_subkey_of_the_pinned_primary(
-    release: FlatcarRelease, tmp_path: Path
+    release: FlatcarRelease, served: ServedRelease, tmp_path: Path
 ) -> None:
     code, valid = gpg_verify(tmp_path, release.public_key,
-                             release.release_dir / f"{IMAGE}.sig", release.image)
+                             served.release_dir / f"{IMAGE}.sig", served.image)
     assert code == 0 and len(valid) == 1
     # VALIDSIG: the signing key's fingerprint first, the primary key's last.
     assert valid[0][0] == release.subkey_fingerprint != release.key_fingerprint
@@ -199,15 +245,21 @@ def test_other_keys_sig_does_not_verify_against_the_key(
 def test_server_root_has_the_mirror_layout(release: FlatcarRelease) -> None:
     board = release.server_root / RELEASE_HOST / release.board
     names = {IMAGE, f"{IMAGE}.DIGESTS", f"{IMAGE}.sig", "version.txt"}
-    assert {p.name for p in (board / release.version).iterdir()} == names
+    assert {p.name for p in board.iterdir()} == {release.version, release.update.version,
+                                                 "current"}
+    for version in (release.version, release.update.version):
+        assert {p.name for p in (board / version).iterdir()} == names
+        assert f"FLATCAR_VERSION={version}" in (board / version / "version.txt").read_text()
+    assert release.update.release_dir == board / release.update.version
     assert {p.name for p in (board / "current").iterdir()} == names
-    assert "FLATCAR_VERSION=3975.2.2" in (board / "current/version.txt").read_text().split()
+    assert "FLATCAR_VERSION=4081.2.0" in (board / "current/version.txt").read_text().split()
     assert not (board / release.old_version).exists()
     assert release.public_key == release.server_root / KEY
     assert release.public_key.read_text().startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
     feed = json.loads((release.server_root / FEED).read_text())
-    assert feed["current"] == feed[release.version]
-    assert feed["current"]["major_software"]["kernel"] == [release.kernel_version]
+    assert feed["current"] == feed[release.update.version]
+    for version in (release.version, release.update.version):
+        assert feed[version]["major_software"]["kernel"] == [release.kernel_version]
     assert release.old_version in feed
 
 
