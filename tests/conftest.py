@@ -178,25 +178,30 @@ class BuiltBundle:
 @pytest.fixture(scope="session")
 def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # type: ignore[no-untyped-def]
                  nvidia_run: Path):
-    """`coreos-gpu build` of the test inputs (a real compile: minutes), once per set of extra
-    flags in a session, into one cache: the build and the VM tests share the bundles."""
+    """`coreos-gpu build` of the test inputs (a real compile: minutes), once per release and
+    set of extra flags in a session, into one cache: the build and the VM tests share the
+    bundles. The release is the first test release unless release names another (say
+    flatcar_release.update.version, the one on the cloud kernel); an extra `--release` in
+    extra would add a kernel to the same bundle instead."""
     from testinputs.serve import serve_folder
 
     folder = tmp_path_factory.mktemp("builds")
     built: dict[tuple[str, ...], BuiltBundle] = {}
 
-    def build(*extra: str) -> BuiltBundle:
-        if extra not in built:
+    def build(*extra: str, release: str | None = None) -> BuiltBundle:
+        release = release or flatcar_release.version
+        key = (release, *extra)
+        if key not in built:
             archive = folder / f"nvidia-{len(built)}.tar.gz"
             with serve_folder(flatcar_release.server_root) as mirror:
                 result = run_cli(
-                    "build", "--mirror", mirror, "--release", flatcar_release.version,
+                    "build", "--mirror", mirror, "--release", release,
                     "--signing-key-fingerprint", flatcar_release.key_fingerprint,
                     "--driver-url", nvidia_run, "--driver-version", "535.261.03",
                     "--runtime", "bwrap", "--output", archive, "--json", *extra,
                     cwd=folder, cache=folder / "cache")
             assert result.code == 0, result.stderr
-            built[extra] = BuiltBundle(archive, result, folder / "cache")
-        return built[extra]
+            built[key] = BuiltBundle(archive, result, folder / "cache")
+        return built[key]
 
     return build
