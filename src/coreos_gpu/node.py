@@ -115,13 +115,13 @@ _REPOSITORY_UNITS = "repository/"
 _INLINE = re.compile(r'^\. "[^"]*/(?P<name>[\w.-]+)" # coreos-gpu: inline$', re.MULTILINE)
 
 
-def _inline(data: bytes, folder: Traversable) -> bytes:
+def inline_sources(data: bytes, folder: Traversable) -> bytes:
     """A script with each of its `# coreos-gpu: inline` source lines replaced by the file."""
     if b"# coreos-gpu: inline" not in data:
         return data
     def include(m: re.Match[str]) -> str:
         text = (folder / m.group("name")).read_text()
-        return f"# --- node/{m.group('name')}, copied in by the build ---\n{text.rstrip()}\n# ---"
+        return f"# --- node/{m.group('name')}, copied in by coreos-gpu ---\n{text.rstrip()}\n# ---"
     return _INLINE.sub(include, data.decode()).encode()
 
 
@@ -135,7 +135,7 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
     """Every node file of a bundle. scripts: the folder of node scripts carried as they are
     (the package's resources/node by default)."""
     folder = default_node_files() if scripts is None else scripts
-    carried = ([_file(name, _inline(r.read_bytes(), folder)) for name, r in _walk(folder)]
+    carried = ([_file(name, inline_sources(r.read_bytes(), folder)) for name, r in _walk(folder)]
                if folder.is_dir() else [])
     values = {"DRIVER_VERSION": driver_version,
               "AGENT_UNITS": " ".join(settings.agent_units),

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from coreos_gpu.config import OsName
+from coreos_gpu.node import default_node_files, inline_sources
 from coreos_gpu.render import BundleSource, RepositorySource
 
 DIR = "/opt/coreos-gpu"  # root's alone (0700): the bundle, provision.sh, the stamp
@@ -47,7 +48,9 @@ def render_script(source: Source, *, os: OsName, tool_version: str) -> str:
                 "REPOSITORY_URL": "" if bundle else source.url,
                 "DRIVER_VERSION": source.driver_version if not bundle else ""}
     values = {key: shlex.quote(value) if value else "''" for key, value in settings.items()}
-    return _fill(_template("provision.sh"), {**values, "TOOL_VERSION": tool_version})
+    # The repository reader is the node's own (node/repository.sh), copied in.
+    script = inline_sources(_template("provision.sh").encode(), default_node_files()).decode()
+    return _fill(script, {**values, "TOOL_VERSION": tool_version})
 
 
 def render_unit(source: Source, *, tool_version: str) -> str:

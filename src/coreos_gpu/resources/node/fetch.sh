@@ -77,12 +77,14 @@ done
 [ -n "$MODE" ] || { usage >&2; exit 2; }
 
 HERE=$(dirname "$(dirname "$(readlink -f "$0")")")  # the driver folder: this is node/fetch.sh
-[ -r "$HERE/node/lib.sh" ] && [ -r "$HERE/node/bundle.env" ] || {
-	printf '%s: error: %s/node/lib.sh or bundle.env is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
+[ -r "$HERE/node/lib.sh" ] && [ -r "$HERE/node/repository.sh" ] && [ -r "$HERE/node/bundle.env" ] || {
+	printf '%s: error: %s/node/lib.sh, repository.sh or bundle.env is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
 	exit 3
 }
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/node/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=repository.sh
+. "$HERE/node/repository.sh"
 ROOT=$(parse_root "$ROOT")
 case $KERNEL in
 *[!A-Za-z0-9._+~-]*) die 2 "--kernel $KERNEL is not a kernel release (e.g. 6.6.54-flatcar)" ;;
@@ -104,56 +106,18 @@ repository_set() {
 	[ -n "$URL" ]
 }
 
-# --- downloads ----------------------------------------------------------------------------
-# download URL FILE SECONDS: the whole file or a failure, within SECONDS; curl where there is
-# one (both OSes ship it), else wget; file:// is a copy.
-download() {
-	case $1 in
-	file://*) cp "${1#file://}" "$2" 2>&1 ;;
-	http://* | https://*)
-		if command -v curl >/dev/null 2>&1; then
-			timeout "$3" curl -fsS --proto =http,https --connect-timeout 10 --retry 2 \
-				--retry-delay 1 --retry-connrefused -o "$2" "$1" 2>&1
-		else
-			timeout "$3" wget -q -T 10 -t 3 -O "$2" "$1" 2>&1
-		fi ;;
-	*) printf 'not an http://, https:// or file:// URL'; return 1 ;;
-	esac
-	dl_rc=$?
-	[ "$dl_rc" != 124 ] || printf 'no answer within %s s' "$3"
-	return "$dl_rc"
-}
-
-# fetch_index: the repository's signed index, as $WORK/index.txt.
+# fetch_index: the repository's signed index, as $WORK/index.txt (node/repository.sh).
 fetch_index() {
-	ERR=$(download "$URL/index.current" "$WORK/index.current" "$INDEX_TIMEOUT") ||
-		die 22 "cannot read $URL/index.current: $(printf '%s' "$ERR" | tail -n 1); check NVIDIA_REPOSITORY_URL (or the bundle's repository) and the network"
-	read -r fi_magic fi_format fi_sha <"$WORK/index.current" || fi_magic=
-	[ "$fi_magic $fi_format" = "coreos-gpu-repository 1" ] && [ "${#fi_sha}" = 64 ] &&
-		case $fi_sha in *[!0-9a-f]*) false ;; esac ||
-		die 22 "$URL/index.current is not 'coreos-gpu-repository 1 <sha256>': $URL is not a coreos-gpu repository of this format"
-	for fi_name in index/$fi_sha.txt index/$fi_sha.txt.sig; do
-		ERR=$(download "$URL/$fi_name" "$WORK/${fi_name#index/}" "$INDEX_TIMEOUT") ||
-			die 22 "cannot read $URL/$fi_name: $(printf '%s' "$ERR" | tail -n 1)"
-	done
-	ERR=$(openssl dgst -sha256 -verify "$KEY" -signature "$WORK/$fi_sha.txt.sig" "$WORK/$fi_sha.txt" 2>&1) ||
-		die 23 "$URL/index/$fi_sha.txt is not signed by this bundle's repository key ($(bundle_value REPOSITORY_KEY_FINGERPRINT "$HERE/node/bundle.env")): $(printf '%s' "$ERR" | head -n 1); nothing was installed"
-	[ "$(sha256sum "$WORK/$fi_sha.txt" | cut -d' ' -f1)" = "$fi_sha" ] && [ "$(head -n 1 "$WORK/$fi_sha.txt")" = "coreos-gpu-index 1" ] ||
-		die 23 "$URL/index/$fi_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
-	mv "$WORK/$fi_sha.txt" "$WORK/index.txt"
+	repo_index "$URL" "$KEY" "$WORK" "$INDEX_TIMEOUT"
 }
 
-# pick kernel KERNEL | pick release RELEASE: the newest bundle of this driver, flavour,
-# profile and OS for it, as "PATH SHA256 SIZE KERNEL" (bundle lines: bundle DRIVER FLAVOUR
-# PROFILE OS RELEASES KERNEL PATH SHA256 SIZE PUBLISHED; RELEASES a comma list or -).
-pick() {
-	awk -v by="$1" -v want="$2" -v d="$DRIVER_VERSION" -v f="$FLAVOUR" -v p="$PROFILE" -v os="$OS" '
-		$1 != "bundle" || NF < 11 || $2 != d || $3 != f || $4 != p || $5 != os { next }
-		by == "kernel" && $7 != want { next }
-		by == "release" && index("," $6 ",", "," want ",") == 0 { next }
-		$8 !~ /^bundles\/[0-9a-f]+\/nvidia\.tar\.(gz|xz|zst)$/ || $9 !~ /^[0-9a-f]+$/ || $10 !~ /^[0-9]+$/ { next }
-		$11 >= newest { newest = $11; line = $8 " " $9 " " $10 " " $7 }
-		END { if (line != "") print line }' "$WORK/index.txt"
+# extract_bundle ARCHIVE FOLDER: a bundle archive (.tar.gz, .tar.xz, .tar.zst) into FOLDER.
+extract_bundle() {
+	case $1 in
+	*.xz) eb_err=$(tar -xJf "$1" --no-same-owner -C "$2" 2>&1) ;;
+	*.zst) eb_err=$({ zstd -dc "$1" | tar -xf - --no-same-owner -C "$2"; } 2>&1) ;;
+	*) eb_err=$(tar -xzf "$1" --no-same-owner -C "$2" 2>&1) ;;
+	esac || die 25 "cannot extract $1: $(printf '%s' "$eb_err" | tail -n 1)"
 }
 
 # --- one fetch: index, bundle, install --stage ----------------------------------------------
@@ -173,7 +137,7 @@ stage_bundle() {
 		return 0
 	fi
 	fetch_index
-	CHOSEN=$(pick "$sb_by" "$sb_want")
+	CHOSEN=$(repo_pick "$WORK/index.txt" "$sb_by" "$sb_want" "$DRIVER_VERSION" "$FLAVOUR" "$PROFILE" "$OS")
 	[ -n "$CHOSEN" ] ||
 		die 24 "$URL has no bundle for $sb_what, driver $DRIVER_VERSION, ${FLAVOUR} modules, profile $PROFILE, $OS: build and publish one (coreos-gpu build … && coreos-gpu publish …); nothing was installed"
 	read -r sb_path sb_sha sb_size sb_kernel <<EOF
@@ -193,16 +157,9 @@ EOF
 		die 26 "not enough space in $ROOT$OPT to fetch the driver for $sb_what: $((sb_size * 4 / 1048576)) MiB needed (the archive and its extracted copy), $((${sb_free:-0} / 1024)) MiB free"
 	say "fetching the driver for $sb_what: $URL/$sb_path ($((sb_size / 1048576)) MiB)"
 	sb_archive=$WORK/${sb_path##*/}
-	ERR=$(download "$URL/$sb_path" "$sb_archive" "$TIMEOUT") ||
-		die 22 "cannot download $URL/$sb_path: $(printf '%s' "$ERR" | tail -n 1); nothing was installed"
-	[ "$(wc -c <"$sb_archive" | tr -d ' ')" = "$sb_size" ] && [ "$(sha256sum "$sb_archive" | cut -d' ' -f1)" = "$sb_sha" ] ||
-		die 21 "$URL/$sb_path does not match the sha256 and size the signed index gives ($sb_sha, $sb_size bytes): it was tampered with or damaged; nothing was installed"
+	repo_bundle "$URL" "$sb_path" "$sb_sha" "$sb_size" "$sb_archive" "$TIMEOUT"
 	mkdir "$WORK/bundle" || die 1 "cannot create $WORK/bundle"
-	case $sb_archive in
-	*.gz) ERR=$(tar -xzf "$sb_archive" --no-same-owner -C "$WORK/bundle" 2>&1) ;;
-	*.xz) ERR=$(tar -xJf "$sb_archive" --no-same-owner -C "$WORK/bundle" 2>&1) ;;
-	*) ERR=$({ zstd -dc "$sb_archive" | tar -xf - --no-same-owner -C "$WORK/bundle"; } 2>&1) ;;
-	esac || die 25 "cannot extract $sb_archive: $(printf '%s' "$ERR" | tail -n 1)"
+	extract_bundle "$sb_archive" "$WORK/bundle"
 	rm -f "$sb_archive"
 	set --
 	[ -z "$ROOT" ] || set -- --root "$ROOT"

@@ -14,9 +14,10 @@
 # and its install_nvidia.sh runs from there.
 #
 # Exit codes: 0 installed (or installed before); 2 bad command line; 21 the bundle does
-# not match its sha256 (or size); 22 the repository cannot be read, or holds no coreos-gpu
-# repository; 23 the index does not match its signature; 24 the index lists no bundle for
-# this kernel; 25 the bundle cannot be extracted; any other: install_nvidia.sh's exit code.
+# not match its sha256 (or size); 22 the repository cannot be read (or not within a minute
+# for each index file, 20 minutes for the bundle), or holds no coreos-gpu repository; 23 the
+# index does not match its signature; 24 the index lists no bundle for this kernel; 25 the
+# bundle cannot be extracted; any other: install_nvidia.sh's exit code.
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -69,52 +70,26 @@ sha256_of() {
 	printf '%s\n' "${sum%% *}"
 }
 
-# fetch URL FILE: bounded retries, so a node without network fails and tries at the next boot.
-fetch() {
-	curl -fsSL --retry 5 --retry-delay 5 --connect-timeout 30 -o "$2" "$1"
-}
+# Reading the repository: node/repository.sh, copied in here by `coreos-gpu render` (the
+# line below is what it replaces), the same code a node's fetch.sh runs after an OS update.
+# shellcheck source=../node/repository.sh
+. "${0%/*}/../node/repository.sh" # coreos-gpu: inline
 
-is_sha256() {
-	case $1 in *[!0-9a-f]* | "") return 1 ;; esac
-	[ "${#1}" -eq 64 ]
-}
-
-# fetch_from_repository: the bundle for this kernel, from the repository's signed index.
+# fetch_from_repository: the bundle for this kernel, from the repository's signed index
+# (of DRIVER_VERSION if set, else the most recently published one).
 fetch_from_repository() {
 	base=${REPOSITORY_URL%/}
 	kernel=$(uname -r)
 	tmp=$(mktemp -d "$HERE/fetch.XXXXXX") || die 1 "cannot make a folder in $HERE"
-	fetch "$base/index.current" "$tmp/current" ||
-		die 22 "cannot read $base/index.current"
-	read -r magic format index <"$tmp/current" || magic=
-	[ "$magic" = coreos-gpu-repository ] && [ "$format" = 1 ] && is_sha256 "$index" ||
-		die 22 "$base/index.current is not a coreos-gpu repository's (format 1)"
-	fetch "$base/index/$index.txt" "$tmp/index.txt" && fetch "$base/index/$index.txt.sig" "$tmp/index.sig" ||
-		die 22 "cannot read $base/index/$index.txt and its signature"
-	openssl dgst -sha256 -verify "$HERE/repository.pub" -signature "$tmp/index.sig" "$tmp/index.txt" >/dev/null ||
-		die 23 "$base/index/$index.txt does not match its signature by the key in $HERE/repository.pub"
-	[ "$(sha256_of "$tmp/index.txt")" = "$index" ] ||
-		die 23 "$base/index/$index.txt is not the index index.current names"
-	# bundle lines: 2 driver, 5 OS, 7 kernel release, 8 path, 9 sha256, 10 size, 11 published.
-	awk -v k="$kernel" -v os="$OS" -v d="$DRIVER_VERSION" '
-		NR == 1 && $0 != "coreos-gpu-index 1" { exit 3 }
-		$1 == "bundle" && $5 == os && $7 == k && (d == "" || $2 == d) { print $11, $8, $9, $10 }
-	' "$tmp/index.txt" >"$tmp/found" || die 22 "$base/index/$index.txt is not a format 1 index"
-	# The most recently published one, when several match.
-	line=$(sort "$tmp/found" | tail -n 1)
+	# Bounded: a node without network fails, and tries again at the next boot.
+	repo_index "$base" "$HERE/repository.pub" "$tmp" 60
+	line=$(repo_pick "$tmp/index.txt" kernel "$kernel" "$DRIVER_VERSION" "" "" "$OS")
 	[ -n "$line" ] || die 24 "$base lists no $OS bundle for kernel $kernel${DRIVER_VERSION:+ and driver $DRIVER_VERSION}: build and publish one (coreos-gpu build --release …; coreos-gpu publish)"
-	read -r _ path sum size <<-END
+	read -r path sum size _ <<-END
 	$line
 	END
-	case $path in bundles/*) ;; *) die 22 "the index names an odd path: $path" ;; esac
-	case $path in *..* | *//*) die 22 "the index names an odd path: $path" ;; esac
-	is_sha256 "$sum" || die 22 "the index gives an odd sha256 for $path"
 	say "downloading $base/$path (kernel $kernel)"
-	fetch "$base/$path" "$tmp/bundle" || die 22 "cannot download $base/$path"
-	[ "$(wc -c <"$tmp/bundle" | tr -d ' ')" = "$size" ] ||
-		die 21 "$base/$path is not the $size bytes the signed index lists"
-	[ "$(sha256_of "$tmp/bundle")" = "$sum" ] ||
-		die 21 "$base/$path does not match the sha256 the signed index lists"
+	repo_bundle "$base" "$path" "$sum" "$size" "$tmp/bundle" 1200
 	mv -f "$tmp/bundle" "$BUNDLE" || die 1 "cannot move the bundle to $BUNDLE"
 	rm -rf "$tmp"
 	BUNDLE_SHA256=$sum

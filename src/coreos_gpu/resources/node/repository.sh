@@ -1,0 +1,75 @@
+# shellcheck shell=sh
+# "A && B || C" means C when either fails.
+# shellcheck disable=SC2015
+# Reading a bundle repository (publish.py writes it; README "Publishing"), the node's one way:
+# the signed index, then a bundle checked against it. Sourced by node/fetch.sh (which stages
+# bundles for other kernels and OS releases), and copied by `coreos-gpu render` into
+# provision.sh (which installs a node's first bundle), so both read a repository alike. POSIX
+# sh; the caller defines say and die. Exit codes, the same for both:
+#   21 the bundle does not match the sha256 or size the index gives
+#   22 the repository cannot be reached, a download failed or timed out, or no repository
+#   23 the index is not signed by the key given, or is not the index index.current names
+#   24 (the caller's) the index has no bundle for what was asked
+
+# repo_download URL FILE SECONDS: the whole file or a failure (its reason on stdout) within
+# SECONDS; curl where there is one (both OSes ship it), else wget; file:// is a copy.
+repo_download() {
+	case $1 in
+	file://*) cp "${1#file://}" "$2" 2>&1 ;;
+	http://* | https://*)
+		if command -v curl >/dev/null 2>&1; then
+			timeout "$3" curl -fsS --proto =http,https --connect-timeout 10 --retry 2 \
+				--retry-delay 1 --retry-connrefused -o "$2" "$1" 2>&1
+		else
+			timeout "$3" wget -q -T 10 -t 3 -O "$2" "$1" 2>&1
+		fi ;;
+	*) printf 'not an http://, https:// or file:// URL'; false ;;
+	esac
+	rd_rc=$?
+	[ "$rd_rc" != 124 ] || printf 'no answer within %s s' "$3"
+	return "$rd_rc"
+}
+
+# repo_index URL KEY WORK SECONDS: the repository's index, its signature checked with the
+# public key KEY (openssl dgst -sha256 -verify), as WORK/index.txt. Each file within SECONDS.
+repo_index() {
+	ri_url=$1
+	ri_err=$(repo_download "$ri_url/index.current" "$3/index.current" "$4") ||
+		die 22 "cannot read $ri_url/index.current: $(printf '%s' "$ri_err" | tail -n 1); check the repository URL and the network"
+	read -r ri_magic ri_format ri_sha <"$3/index.current" || ri_magic=
+	[ "$ri_magic $ri_format" = "coreos-gpu-repository 1" ] && [ "${#ri_sha}" = 64 ] &&
+		case $ri_sha in *[!0-9a-f]*) false ;; esac ||
+		die 22 "$ri_url/index.current is not 'coreos-gpu-repository 1 <sha256>': $ri_url is not a coreos-gpu repository of this format"
+	for ri_name in "index/$ri_sha.txt" "index/$ri_sha.txt.sig"; do
+		ri_err=$(repo_download "$ri_url/$ri_name" "$3/${ri_name#index/}" "$4") ||
+			die 22 "cannot read $ri_url/$ri_name: $(printf '%s' "$ri_err" | tail -n 1)"
+	done
+	ri_err=$(openssl dgst -sha256 -verify "$2" -signature "$3/$ri_sha.txt.sig" "$3/$ri_sha.txt" 2>&1) ||
+		die 23 "$ri_url/index/$ri_sha.txt does not match its signature by the key in $2 (another key signed it, or it was changed): $(printf '%s' "$ri_err" | head -n 1); nothing was installed"
+	[ "$(sha256sum <"$3/$ri_sha.txt" | cut -d' ' -f1)" = "$ri_sha" ] && [ "$(head -n 1 "$3/$ri_sha.txt")" = "coreos-gpu-index 1" ] ||
+		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
+	mv "$3/$ri_sha.txt" "$3/index.txt"
+}
+
+# repo_pick INDEX kernel|release WANT DRIVER FLAVOUR PROFILE OS: the newest bundle for that
+# kernel release (or OS release) as "PATH SHA256 SIZE KERNEL"; an empty DRIVER, FLAVOUR or
+# PROFILE matches any. Bundle lines: bundle DRIVER FLAVOUR PROFILE OS RELEASES KERNEL PATH
+# SHA256 SIZE PUBLISHED, RELEASES a comma list or -.
+repo_pick() {
+	awk -v by="$2" -v want="$3" -v d="$4" -v f="$5" -v p="$6" -v os="$7" '
+		$1 != "bundle" || NF < 11 || $5 != os { next }
+		(d != "" && $2 != d) || (f != "" && $3 != f) || (p != "" && $4 != p) { next }
+		by == "kernel" && $7 != want { next }
+		by == "release" && index("," $6 ",", "," want ",") == 0 { next }
+		$8 !~ /^bundles\/[0-9a-f]+\/nvidia\.tar\.(gz|xz|zst)$/ || $9 !~ /^[0-9a-f]+$/ || $10 !~ /^[0-9]+$/ { next }
+		$11 >= newest { newest = $11; line = $8 " " $9 " " $10 " " $7 }
+		END { if (line != "") print line }' "$1"
+}
+
+# repo_bundle URL PATH SHA256 SIZE FILE SECONDS: the bundle, checked against the index.
+repo_bundle() {
+	rb_err=$(repo_download "$1/$2" "$5" "$6") ||
+		die 22 "cannot download $1/$2: $(printf '%s' "$rb_err" | tail -n 1); nothing was installed"
+	[ "$(wc -c <"$5" | tr -d ' ')" = "$4" ] && [ "$(sha256sum <"$5" | cut -d' ' -f1)" = "$3" ] ||
+		die 21 "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
+}
