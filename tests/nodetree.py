@@ -117,6 +117,10 @@ if [ "$1" = show ]; then
 	cat "$FAKE_ROOT/.systemd/$5/$3" 2>/dev/null
 	exit 0
 fi
+# `systemctl start nvidia.service` with FAKE_START_RUNS_STARTUP=1: what the unit runs.
+if [ "$1 $2" = "start nvidia.service" ] && [ -n "$FAKE_START_RUNS_STARTUP" ]; then
+	exec sh "$FAKE_ROOT/opt/nvidia/startup.sh" --root "$FAKE_ROOT"
+fi
 # `systemctl is-active -q UNIT`: active unless FAKE_INACTIVE names it.
 if [ "$1" = is-active ]; then
 	case " $FAKE_INACTIVE " in *" $3 "*) exit 3 ;; esac
@@ -149,7 +153,7 @@ echo "/dev/vda9 1000000 0 $FAKE_DF_AVAIL 1% /"
     "dmesg": "exit 0\n",
 }
 STAND_IN_ENV = ("FAKE_INSMOD_ERROR", "FAKE_MODPROBE_MISSING", "FAKE_MKNOD_FAIL", "FAKE_SMI_FAIL",
-                "FAKE_DF_AVAIL", "FAKE_INACTIVE")
+                "FAKE_DF_AVAIL", "FAKE_INACTIVE", "FAKE_START_RUNS_STARTUP")
 # Flatcar's update_engine_client (flatcar/update_engine, update_engine_client.cc): -status
 # prints these five lines (shared/reference/flatcar-update.md); -watch_for_updates logs each
 # status signal to stderr and never returns (here: the lines of .update-engine-signals once

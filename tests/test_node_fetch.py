@@ -609,3 +609,33 @@ def test_doctor_says_whether_the_next_boot_keeps_its_gpus(tmp_path: Path, made: 
         f"OS release {CLOUD_RELEASE.version} is waiting for its reboot, and its driver is staged "
         f"in /opt/nvidia/{name_of(made.b)}: the next boot keeps its GPUs")
     assert checks["repository"]["status"] == "PASS"
+
+
+def test_the_retry_loads_the_driver_once_its_bundle_appears(tmp_path: Path,
+                                                             repo: Repository) -> None:
+    """The boot found no bundle for its kernel (exit 24) and the agent stayed down (wait);
+    once the bundle is published, the timer's retry starts nvidia.service (whose startup.sh
+    fetches it, stages it and switches), then the agent units."""
+    keys = write_key_pair(tmp_path / "k" / "repo.key")
+    trust = load_trust(UNREACHABLE, str(keys.public))
+    a = make_bundle(tmp_path / "a", tmp_path / "ko", policy=DriverFailurePolicy.WAIT,
+                    repository=trust)
+    b = make_bundle(tmp_path / "b", tmp_path / "ko", kernels=(CLOUD,),
+                    policy=DriverFailurePolicy.WAIT, repository=trust)
+    publish_to(repo.root, keys.private, a)
+    node = node_with(tmp_path, a)
+    env = {"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": repo.url,
+           "FAKE_INACTIVE": "nvidia.service", "FAKE_START_RUNS_STARTUP": "1"}
+    assert node.startup(env=env).code == 24
+    early = node.fetch("--retry", env=env)
+    assert early.code == 1 and "has no bundle for kernel" in early.stderr, early.stderr
+    assert (node.root / "run/coreos-gpu/retry").read_text().split()[0] == "1"
+    publish_to(repo.root, keys.private, b)
+    (node.root / "run/coreos-gpu/retry").write_text("1 0\n")  # its time has come
+    retried = node.fetch("--retry", env=env)
+    assert retried.code == 0, retried.stderr
+    assert link(node, "current") == name_of(b)
+    assert [c[1:] for c in node.calls("systemctl")][-1] == [
+        "start", "--no-block", "dcos-mesos-slave.service", "dcos-mesos-slave-public.service"]
+    assert any(c[1].endswith(f"/modules/{CLOUD}/nvidia.ko") for c in node.calls("insmod"))
+    assert not (node.root / "run/coreos-gpu/retry").exists()
