@@ -547,6 +547,7 @@ def test_retry_backs_off(tmp_path: Path, made: Made) -> None:
         now = int(time.time())
         failed = node.fetch("--retry", env=env)
         assert failed.code == 1, failed.stderr
+        assert "No such file" not in failed.stderr and "can't open" not in failed.stderr
         failures, after = map(int, state.read_text().split())
         delays.append(after - now)
         # Not yet: no attempt.

@@ -216,7 +216,7 @@ retry() {
 		rm -f "$rt_state"
 		return 0
 	fi
-	read -r rt_failures rt_next <"$rt_state" 2>/dev/null || { rt_failures=0; rt_next=0; }
+	{ read -r rt_failures rt_next <"$rt_state"; } 2>/dev/null || { rt_failures=0; rt_next=0; }
 	rt_now=$(date +%s)
 	if [ "$rt_now" -lt "$rt_next" ]; then
 		say "nvidia.service failed; next attempt in $((rt_next - rt_now)) s (attempt $((rt_failures + 1)))"
