@@ -441,7 +441,7 @@ def test_nothing_from_the_extracted_folder_runs_before_it_is_checked(
             f.write(f'touch "{marker}.{name.replace("/", "-")}"\n')
     script = (bundle / "install_nvidia.sh").read_text()
     # The build copied lib.sh in: the shipped script sources nothing.
-    assert "# --- node/lib.sh, copied in by the build ---" in script
+    assert "# --- node/lib.sh, copied in by coreos-gpu ---" in script
     assert not [line for line in script.splitlines() if line.lstrip().startswith(". ")]
     node = Node(tmp_path / "node")
     result = node.install(bundle)

@@ -147,8 +147,12 @@ EOF
 	if [ -n "$sb_installed" ]; then
 		# Another release with the same kernel: the installed folder serves it (staged
 		# for it, unless it is the one in use).
-		[ "$sb_by" = kernel ] || [ "$sb_installed" = "$(readlink "$ROOT$OPT/current")" ] ||
+		if [ "$sb_by" = release ] && [ "$sb_installed" != "$(readlink "$ROOT$OPT/current")" ]; then
+			lock_install 6
+			clear_leftovers_in_opt
 			record_staged "$sb_installed" "$sb_want" || die 1 "cannot write $ROOT$STAGED"
+			exec 9<&-
+		fi
 		say "driver $DRIVER_VERSION for kernel $sb_kernel ($sb_what) is installed already ($OPT/$sb_installed)"
 		return 0
 	fi

@@ -215,7 +215,7 @@ lock() {
 
 # A run that was killed leaves temporary names behind: clear them under the lock.
 clean_leftovers() {
-	for left in "$ROOT$OPT"/.stage.* "$ROOT$OPT"/*.tmp.* "$ROOT/opt/bin"/*.tmp.* \
+	for left in "$ROOT$OPT"/.stage.* "$ROOT$OPT"/.gone.* "$ROOT$OPT"/*.tmp.* "$ROOT/opt/bin"/*.tmp.* \
 		"$ROOT/opt".tmp.* "$ROOT$OPT".tmp.* \
 		"$UNITS"/*.tmp.* "$UNITS"/*.d/*.tmp.* "$LDCONF".tmp.*; do
 		[ -e "$left" ] || [ -L "$left" ] || continue

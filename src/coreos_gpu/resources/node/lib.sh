@@ -249,7 +249,9 @@ drop_unbootable() {
 		du_name=${du_dir##*/}
 		case $du_keep in *" $du_name "*) continue ;; esac
 		[ -L "$du_dir" ] || [ ! -f "$du_dir/node/bundle.env" ] && continue
-		if act rm -rf "$du_dir"; then
+		# Out of sight first (one rename), then removed: a stop midway leaves no partial
+		# driver folder under a real name, only a .gone.* that the next run clears.
+		if act mv -T "$du_dir" "$ROOT$OPT/.gone.$du_name.$$" && act rm -rf "$ROOT$OPT/.gone.$du_name.$$"; then
 			[ "${DRY:-0}" = 1 ] || say "removed $OPT/$du_name: not the running, the previous or a staged driver"
 		fi
 	done
@@ -277,4 +279,29 @@ pending_release() {
 	update_engine_client -status 2>/dev/null | awk -F= '
 		$1 == "CURRENT_OP" { op = $2 } $1 == "NEW_VERSION" { v = $2 }
 		END { if (op == "UPDATE_STATUS_UPDATED_NEED_REBOOT" && v ~ /^[0-9]+\.[0-9]+\.[0-9]+/ && v != "0.0.0") print v }'
+}
+
+# lock_install CODE: the install lock (install_nvidia.sh's), for the few changes startup.sh
+# and fetch.sh make to $OPT themselves; fd 9 holds it until the caller closes it
+# (exec 9<&-). Exit CODE after two minutes.
+lock_install() {
+	exec 9>>"$ROOT$OPT/.lock" && flock -w 120 9 ||
+		die "$1" "another install_nvidia.sh holds $ROOT$OPT/.lock; run me again when it is done"
+}
+
+# clear_leftovers_in_opt: what a run killed midway left in $OPT, beside the drivers: half-made
+# links and lists (current.tmp.PID, staged.tmp.PID), driver folders half removed (.gone.*)
+# and, when no fetch.sh runs (its lock is free), a fetch's folder. Call it holding the
+# install lock.
+clear_leftovers_in_opt() {
+	for cl_left in "$ROOT$OPT"/*.tmp.* "$ROOT$OPT"/.gone.*; do
+		[ -e "$cl_left" ] || [ -L "$cl_left" ] || continue
+		act rm -rf "$cl_left"
+	done
+	[ -e "$ROOT$OPT/.fetch.lock" ] || return 0
+	# shellcheck disable=SC2015 # a busy lock: leave it to the fetch that holds it
+	(exec 8>>"$ROOT$OPT/.fetch.lock" && flock -n 8 || exit 0
+	for cl_left in "$ROOT$OPT"/.fetch.*; do
+		[ "$cl_left" = "$ROOT$OPT/.fetch.lock" ] || ! [ -e "$cl_left" ] || act rm -rf "$cl_left"
+	done)
 }

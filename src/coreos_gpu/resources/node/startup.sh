@@ -87,10 +87,8 @@ switch_to_installed() {
 	if [ "$DRY" = 1 ]; then
 		say "would point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
 	else
-		if [ -e "$ROOT$OPT/.lock" ]; then
-			exec 9<"$ROOT$OPT/.lock" && flock -w 120 9 ||
-				die 3 "another install_nvidia.sh holds $ROOT$OPT/.lock; run me again when it is done"
-		fi
+		lock_install 3
+		clear_leftovers_in_opt
 		switch_current "${OTHER##*/}" ||
 			die 3 "cannot point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
 		# What no boot can want any more goes (never the new current, the previous or a
@@ -106,6 +104,14 @@ switch_to_installed() {
 	exec "$OTHER/startup.sh" "$@"
 }
 [ -d "$MODULES" ] || switch_to_installed
+# A boot stopped between the switch to a staged folder and the tidying after it: tidy now.
+if [ "$DRY" = 0 ] && [ -d "$MODULES" ] && [ -f "$ROOT$STAGED" ] &&
+	grep -q "^$(readlink "$ROOT$OPT/current") " "$ROOT$STAGED" 2>/dev/null; then
+	lock_install 3
+	clear_leftovers_in_opt
+	drop_unbootable || warn "cannot tidy $OPT (drop_unbootable failed)"
+	exec 9<&-
+fi
 
 # --- GPUs -------------------------------------------------------------------------------
 GPUS=$(list_gpus)
