@@ -11,6 +11,17 @@
 #   23 the index is not signed by the key given, or is not the index index.current names
 #   24 (the caller's) the index has no bundle for what was asked
 
+# repo_sha256 FILE: its sha256; openssl's uses the CPU's SHA instructions (a 100 MiB bundle
+# in a tenth of a second, against sha256sum's half second), sha256sum where it is missing.
+repo_sha256() {
+	if command -v openssl >/dev/null 2>&1; then
+		rs_sum=$(openssl dgst -sha256 -r <"$1") || return 1
+	else
+		rs_sum=$(sha256sum <"$1") || return 1
+	fi
+	printf '%s\n' "${rs_sum%% *}"
+}
+
 # repo_download URL FILE SECONDS: the whole file or a failure (its reason on stdout) within
 # SECONDS; curl where there is one (both OSes ship it), else wget; file:// is a copy.
 repo_download() {
@@ -46,7 +57,7 @@ repo_index() {
 	done
 	ri_err=$(openssl dgst -sha256 -verify "$2" -signature "$3/$ri_sha.txt.sig" "$3/$ri_sha.txt" 2>&1) ||
 		die 23 "$ri_url/index/$ri_sha.txt does not match its signature by the key in $2 (another key signed it, or it was changed): $(printf '%s' "$ri_err" | head -n 1); nothing was installed"
-	[ "$(sha256sum <"$3/$ri_sha.txt" | cut -d' ' -f1)" = "$ri_sha" ] && [ "$(head -n 1 "$3/$ri_sha.txt")" = "coreos-gpu-index 1" ] ||
+	[ "$(repo_sha256 "$3/$ri_sha.txt")" = "$ri_sha" ] && [ "$(head -n 1 "$3/$ri_sha.txt")" = "coreos-gpu-index 1" ] ||
 		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
 	mv "$3/$ri_sha.txt" "$3/index.txt"
 }
@@ -70,6 +81,6 @@ repo_pick() {
 repo_bundle() {
 	rb_err=$(repo_download "$1/$2" "$5" "$6") ||
 		die 22 "cannot download $1/$2: $(printf '%s' "$rb_err" | tail -n 1); nothing was installed"
-	[ "$(wc -c <"$5" | tr -d ' ')" = "$4" ] && [ "$(sha256sum <"$5" | cut -d' ' -f1)" = "$3" ] ||
+	[ "$(wc -c <"$5" | tr -d ' ')" = "$4" ] && [ "$(repo_sha256 "$5")" = "$3" ] ||
 		die 21 "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
 }
