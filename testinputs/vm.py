@@ -1,13 +1,13 @@
 """A Debian VM image for end-to-end tests: Debian's real kernels, booted with systemd in QEMU.
 
-The root is debootstrapped bookworm (minbase + systemd, dbus, kmod, procps) with the pinned
-`linux-image-6.1.0-50-amd64` and `-cloud-amd64` installed by dpkg (full /lib/modules, depmod
-run), DC/OS's agent unit as a stand-in that records what the agent would find at each start,
+The root is debootstrapped bookworm (minbase + systemd, dbus, kmod, procps, openssl, curl ...) with
+the pinned `linux-image-6.1.0-50-amd64` and `-cloud-amd64` installed by dpkg (full /lib/modules,
+depmod run), DC/OS's agent unit as a stand-in that records what the agent would find at each start,
 and a test-runner unit that runs /data/scenario.sh from a second disk and powers off (the guest
-files are in vm_guest/). It is a sparse raw ext4, written without mounting. Each kernel gets
-its vmlinuz (and, where Python can decompress it, the vmlinux inside) and a tiny initrd: a
-static busybox and just the modules that mount an ext4 root on virtio-blk, which boots much
-faster under TCG than a distribution initrd. Building needs root; about a minute.
+files are in vm_guest/). It is a sparse raw ext4, written without mounting. Each kernel gets its
+vmlinuz (and, where Python can decompress it, the vmlinux inside) and a tiny initrd: a static
+busybox and just the modules that mount an ext4 root on virtio-blk, which boots much faster under
+TCG than a distribution initrd. Building needs root; about a minute.
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ KERNEL_RELEASES = (f"{KERNEL_ABI}-amd64", f"{KERNEL_ABI}-cloud-amd64")
 KERNEL_PACKAGES = tuple(f"linux-image-{r}={KERNEL_DEBIAN_VERSION}" for r in KERNEL_RELEASES)
 BUSYBOX_PACKAGE = "busybox-static=1:1.35.0-4+deb12u1+b1"
 # Beyond minbase: a systemd node (dbus, or logind fails and the system is "degraded"), kmod
-# for modprobe/insmod, procps and xz-utils as on Flatcar, linux-base for the kernel
-# packages' maintainer scripts. No udev: nothing here needs it, and its coldplug costs seconds
-# under TCG; node scripts make /dev/nvidia* themselves.
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "kmod", "procps", "xz-utils", "linux-base")
+# for modprobe/insmod, procps, xz-utils, openssl and curl as on Flatcar (a node checks and
+# downloads bundles with them), linux-base for the kernel packages' maintainer scripts, and
+# busybox for a test's HTTP server on the guest's loopback (there is no network). No udev:
+# nothing here needs it, and its coldplug costs seconds under TCG; node scripts make
+# /dev/nvidia* themselves.
+INCLUDE = ("systemd", "systemd-sysv", "dbus", "kmod", "procps", "xz-utils", "openssl", "curl",
+           "linux-base", "busybox")
 # virtio_pci for the disks' transport, virtio_blk, ext4; modprobe adds dependencies and softdeps
 # (crc32c for ext4's checksums). The cloud kernel has some built in: modprobe says so.
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
