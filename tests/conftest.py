@@ -28,14 +28,14 @@ class CliResult:
 
 
 def run_cli(*argv: str | os.PathLike[str], cwd: Path, env: dict[str, str] | None = None,
-            cache: Path | None = None) -> CliResult:
+            cache: Path | None = None, timeout: float = 600) -> CliResult:
     """Run the real `coreos-gpu` command (as `python -m coreos_gpu`) in cwd."""
     full_env = {**os.environ, **(env or {})}
     if cache is not None:
         full_env["XDG_CACHE_HOME"] = str(cache)
     proc = subprocess.run(
         [sys.executable, "-m", "coreos_gpu", *map(str, argv)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, check=False)
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -199,7 +199,8 @@ def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # t
                     "--signing-key-fingerprint", flatcar_release.key_fingerprint,
                     "--driver-url", nvidia_run, "--driver-version", "535.261.03",
                     "--runtime", "bwrap", "--output", archive, "--json", *extra,
-                    cwd=folder, cache=folder / "cache")
+                    # A compile takes minutes, many more on a machine busy with other tests.
+                    cwd=folder, cache=folder / "cache", timeout=1800)
             assert result.code == 0, result.stderr
             built[key] = BuiltBundle(archive, result, folder / "cache")
         return built[key]
