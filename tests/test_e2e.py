@@ -18,17 +18,31 @@ One VM per module flavour, four boots each:
      startup.sh's code through (10 + 4). Then the guard of the guard: a bundle
      whose modules were built for amd64 but which claims the cloud kernel gets "Invalid
      module format" from the kernel, and startup.sh reports a kernel mismatch (exit 4).
+
+And one VM (proprietary) that follows an OS update from 3975.2.2 (amd64 kernel) to 4081.2.0
+(cloud kernel) with bundles A and B published to a repository on the data disk; nvidia.service
+loads with NVIDIA_FORCE_LOAD=1, so each boot's exit 8 ("No NVIDIA GPU found") shows the
+running kernel accepted that boot's nvidia.ko:
+  1. amd64: A installed; update-engine (a stand-in) has 4081.2.0 waiting for the reboot, and
+     fetch.sh --update stages B from file:// (NVIDIA_REPOSITORY_URL in /etc/default/nvidia);
+  2. cloud, nothing reachable at the bundles' repository URL: nvidia.service switches to the
+     staged B, before the agent starts;
+  3. amd64 again (a rollback): back to A, offline; then B is deleted and a busybox httpd on
+     the guest's loopback serves the repository at the bundles' URL from the next boot on;
+  4. cloud: nvidia.service fetches B over HTTP at boot, installs it and switches to it,
+     before the agent starts.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import BuiltBundle
+from .conftest import BuiltBundle, run_cli
 from .nodetree import reseal
 from .vm import AgentStart, Boot, Vm
 
@@ -131,7 +145,7 @@ def test_bundle_on_a_booted_kernel(vm_image, build_bundle, tmp_path: Path,  # ty
     make_guard(built.archive, data)
     with Vm(vm_image, tmp_path / "vm") as vm:
         # 1. The original flow: extract, install (startup.sh finds no GPU: exit 0).
-        first = vm.boot(KERNEL, data)
+        first = vm.boot(KERNEL, data, timeout=600)  # two installs under TCG: minutes
         assert result(first, "install.rc").strip() == "0", (
             result(first, "install.log") + first.describe())
         install_log = result(first, "install.log")
@@ -193,3 +207,195 @@ def test_bundle_on_a_booted_kernel(vm_image, build_bundle, tmp_path: Path,  # ty
         assert (f"kernel mismatch: the running kernel {CLOUD} refused nvidia.ko") in guard, guard
         assert "Invalid module format" in guard, guard
         assert "disagrees about version of symbol module_layout" in cloud.read("dmesg")
+
+
+# --- following OS updates: stage before the reboot, switch at boot, roll back, fetch at boot --
+
+REPOSITORY_PORT = 8080  # the guest's busybox httpd, on its loopback (the VM has no network)
+REPOSITORY_URL = f"http://127.0.0.1:{REPOSITORY_PORT}"
+# Flatcar's /usr/bin/update_engine_client as far as fetch.sh asks it: -status in
+# update_engine_client.cc's shape (flatcar-update.md), glog's line on stderr. The update it
+# reports waits for the reboot only in the boot that installed the stand-in; after that reboot
+# the new release runs and update-engine is idle again. -watch_for_updates never returns.
+UPDATE_ENGINE_CLIENT = r"""#!/bin/sh
+state=/var/lib/update-engine-stand-in
+case ${1-} in
+-status)
+	echo "I1202 10:00:00.000000 712 update_engine_client.cc:245] Querying Update Engine status" >&2
+	if [ "$(cat /proc/sys/kernel/random/boot_id)" = "$(cat $state/boot_id)" ]; then
+		op=UPDATE_STATUS_UPDATED_NEED_REBOOT version=@NEW_VERSION@ size=465371229
+	else
+		op=UPDATE_STATUS_IDLE version=0.0.0 size=0
+	fi
+	printf 'LAST_CHECKED_TIME=1733083200\nPROGRESS=0.000000\n'
+	printf 'CURRENT_OP=%s\nNEW_VERSION=%s\nNEW_SIZE=%s\n' "$op" "$version" "$size" ;;
+-watch_for_updates) exec sleep infinity ;;
+*) echo "update_engine_client (test stand-in): only -status, -watch_for_updates" >&2; exit 1 ;;
+esac
+"""
+# The bundle repository on the node's loopback, up before nvidia.service. Forking: busybox
+# httpd listens before it daemonizes, so "started" means accepting connections.
+REPOSITORY_UNIT = f"""[Unit]
+Description=coreos-gpu test bundle repository on {REPOSITORY_URL}
+Before=nvidia.service
+
+[Service]
+Type=forking
+ExecStart=/bin/busybox httpd -p 127.0.0.1:{REPOSITORY_PORT} -h /srv/gpu-repository
+
+[Install]
+WantedBy=multi-user.target
+"""
+UPDATE_SCENARIO = r"""
+set -u
+r=/data/results
+n=$1
+record() {
+	readlink /opt/nvidia/current >$r/current-$n.txt
+	cat /opt/nvidia/staged >$r/staged-$n.txt 2>/dev/null
+	for d in /opt/nvidia/*/; do
+		d=${d%/}
+		[ -L "$d" ] || echo "${d##*/} $(ls "$d/modules" | tr '\n' ' ')"
+	done >$r/folders-$n.txt
+	journalctl -b -u nvidia.service -o cat --no-pager >$r/nvidia-$n.txt 2>&1
+}
+case $n in
+1)
+	mkdir -p /tmp/a && tar xzf /data/a.tar.gz -C /tmp/a
+	/tmp/a/install_nvidia.sh >$r/install.log 2>&1
+	echo $? >$r/install.rc
+	# update-engine has downloaded the next release; the node stages its driver (file://).
+	mkdir -p /var/lib/update-engine-stand-in
+	cat /proc/sys/kernel/random/boot_id >/var/lib/update-engine-stand-in/boot_id
+	install -m 755 /data/update_engine_client /usr/bin/update_engine_client
+	update_engine_client -status >$r/update-status.txt
+	url=file:///data/repository
+	printf 'NVIDIA_FORCE_LOAD=1\nNVIDIA_REPOSITORY_URL=%s\n' $url >/etc/default/nvidia
+	/opt/nvidia/current/node/fetch.sh --update >$r/stage.log 2>&1
+	echo $? >$r/stage.rc
+	record
+	# From the next boot on, the bundle's own repository URL, where nothing listens yet.
+	echo NVIDIA_FORCE_LOAD=1 >/etc/default/nvidia
+	;;
+2) record ;;
+3)
+	record
+	# Forget the cloud kernel's driver; from the next boot on the repository is up.
+	b=$(cat $r/current-2.txt)
+	rm -rf "/opt/nvidia/$b" /opt/nvidia/staged
+	mkdir -p /srv && cp -a /data/repository /srv/gpu-repository
+	cp /data/gpu-repository.service /etc/systemd/system/
+	systemctl enable gpu-repository.service 2>&1
+	;;
+4)
+	record
+	systemctl show -p ActiveEnterTimestampMonotonic gpu-repository.service >$r/order-4.txt
+	systemctl show -p ExecMainStartTimestampMonotonic nvidia.service >>$r/order-4.txt
+	;;
+esac
+"""
+
+
+def check_agent_after_failed_nvidia(boot: Boot, status: str) -> AgentStart:
+    """The agent stand-in started once, after nvidia.service had exited with status (a forced
+    load without a GPU fails, with 8)."""
+    [start] = boot.agent_starts()
+    nvidia = start.nvidia
+    assert (nvidia["ActiveState"], nvidia["ExecMainStatus"]) == ("failed", status), (
+        boot.describe())
+    exited = int(nvidia["ExecMainExitTimestampMonotonic"])
+    assert 0 < exited <= start.start_us, boot.describe()
+    return start
+
+
+def folders(boot: Boot) -> dict[str, list[str]]:
+    """The driver folders in /opt/nvidia after the boot's scenario, with their kernels."""
+    lines = boot.read("folders").splitlines()
+    return {name: kernels for name, *kernels in map(str.split, lines)}
+
+
+def check_forced_load(boot: Boot) -> str:
+    """nvidia.service's journal: the kernel accepted nvidia.ko, which found no GPU (exit 8)."""
+    journal = boot.read("nvidia")
+    assert "the kernel accepted nvidia.ko, but the driver found no usable NVIDIA GPU" in journal, (
+        journal + boot.describe())
+    assert "status=8/" in journal, journal
+    assert "NVRM: No NVIDIA GPU found." in boot.read("dmesg")
+    assert "Invalid module format" not in journal and "disagrees" not in boot.read("dmesg")
+    return journal
+
+
+def test_a_node_follows_os_updates(vm_image, build_bundle, flatcar_release,  # type: ignore[no-untyped-def]
+                                   tmp_path: Path) -> None:
+    """One node across an OS update to a release on another kernel, its rollback, and a boot
+    whose driver must come from the repository, under real systemd (see the boots below)."""
+    started = time.monotonic()
+    key = tmp_path / "repo.key"
+    assert run_cli("keygen", "--output", key, cwd=tmp_path).code == 0
+    repository = ("--kernel-module-type", "proprietary", "--repository", REPOSITORY_URL,
+                  "--repository-key", f"{key}.pub")
+    a = build_bundle(*repository)
+    b = build_bundle(*repository, release=flatcar_release.update.version)
+    data = tmp_path / "data"
+    data.mkdir()
+    published = run_cli("publish", a.archive, b.archive, "--to", data / "repository", "--key",
+                        key, cwd=tmp_path)
+    assert published.code == 0, published.stderr
+    (data / "scenario.sh").write_text(UPDATE_SCENARIO)
+    (data / "a.tar.gz").hardlink_to(a.archive)
+    (data / "update_engine_client").write_text(
+        UPDATE_ENGINE_CLIENT.replace("@NEW_VERSION@", flatcar_release.update.version))
+    (data / "gpu-repository.service").write_text(REPOSITORY_UNIT)
+    seconds = {"bundles": time.monotonic() - started}
+    with Vm(vm_image, tmp_path / "vm") as vm:
+        # 1. amd64: install A; update-engine has 4081.2.0 waiting for the reboot: fetch.sh
+        #    --update stages B (from file://, the override in /etc/default/nvidia) beside A.
+        first = vm.boot(KERNEL, data, timeout=600)  # two installs under TCG: minutes
+        assert result(first, "install.rc").strip() == "0", result(first, "install.log")
+        assert "CURRENT_OP=UPDATE_STATUS_UPDATED_NEED_REBOOT" in result(first, "update-status.txt")
+        stage = result(first, "stage.log")
+        assert result(first, "stage.rc").strip() == "0", stage + first.describe()
+        a_folder = first.read("current").strip()
+        [b_folder] = set(folders(first)) - {a_folder}
+        assert folders(first) == {a_folder: [KERNEL], b_folder: [CLOUD]}
+        assert first.read("staged").split() == [b_folder, flatcar_release.update.version]
+        assert "file:///data/repository" in stage, stage
+        seconds["boot 1"] = first.seconds
+
+        # 2. The cloud kernel, no repository reachable: nvidia.service switches to the staged
+        #    B, whose nvidia.ko the kernel accepts (exit 8: no GPU), before the agent starts.
+        second = vm.boot(CLOUD, data)
+        assert second.read("current").strip() == b_folder, second.describe()
+        assert set(folders(second)) == {a_folder, b_folder}  # A stays: a rollback needs it
+        assert b_folder not in second.read("staged")  # in use now, no longer staged
+        journal = check_forced_load(second)
+        assert f"/opt/nvidia/current is now {b_folder} (was {a_folder})" in journal, journal
+        check_agent_after_failed_nvidia(second, "8")
+        seconds["boot 2"] = second.seconds
+
+        # 3. amd64 again (Flatcar's rollback to the previous USR partition): back to A, offline.
+        third = vm.boot(KERNEL, data)
+        assert third.read("current").strip() == a_folder, third.describe()
+        journal = check_forced_load(third)
+        assert f"/opt/nvidia/current is now {a_folder} (was {b_folder})" in journal, journal
+        check_agent_after_failed_nvidia(third, "8")
+        seconds["boot 3"] = third.seconds
+
+        # 4. The cloud kernel with B gone and the repository up on http: nvidia.service fetches
+        #    B at boot, installs it and loads it, before the agent starts.
+        fourth = vm.boot(CLOUD, data, timeout=600)  # a download and an install
+        assert fourth.read("current").strip() == b_folder, fourth.describe()  # B's name again
+        journal = check_forced_load(fourth)
+        for line in (f"fetching them from {REPOSITORY_URL}",
+                     f"fetching the driver for kernel {CLOUD}: {REPOSITORY_URL}/bundles/",
+                     f"installed driver {VERSION} (", f"/opt/nvidia/current is now {b_folder} "
+                     f"(was {a_folder})"):
+            assert line in journal, journal
+        check_agent_after_failed_nvidia(fourth, "8")
+        order = dict(line.split("=", 1) for line in fourth.read("order").split())
+        assert 0 < int(order["ActiveEnterTimestampMonotonic"]) <= int(
+            order["ExecMainStartTimestampMonotonic"]), order  # the repository was up first
+        seconds["boot 4"] = fourth.seconds
+    seconds["total"] = time.monotonic() - started
+    print("test_a_node_follows_os_updates:",
+          ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()))
