@@ -128,12 +128,17 @@ stage_bundle() {
 	sb_what="$sb_by $sb_want"
 	[ "$sb_by" = kernel ] || sb_what="OS release $sb_want"
 	lock_fetch
-	if [ "$sb_by" = kernel ] && [ -n "$(installed_for "$sb_want")" ]; then
-		say "driver $DRIVER_VERSION for kernel $sb_want is installed already ($OPT/$(installed_for "$sb_want"))"
-		return 0
+	if [ "$sb_by" = kernel ]; then
+		sb_have=$(installed_for "$sb_want")
+	else
+		sb_have=$(staged_for "$sb_want")
 	fi
-	if [ "$sb_by" = release ] && [ -n "$(staged_for "$sb_want")" ]; then
-		say "the driver for $sb_what is staged already ($OPT/$(staged_for "$sb_want"))"
+	if [ -n "$sb_have" ]; then
+		if [ "$sb_by" = kernel ]; then
+			say "driver $DRIVER_VERSION for kernel $sb_want is installed already ($OPT/$sb_have)"
+		else
+			say "the driver for $sb_what is staged already ($OPT/$sb_have)"
+		fi
 		return 0
 	fi
 	fetch_index
