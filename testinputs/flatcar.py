@@ -1,16 +1,17 @@
 """A Flatcar release server's worth of test inputs, in Flatcar's real formats.
 
-Two releases of the stable channel: 3975.2.2, whose developer container has Debian's
+Three releases across two channels. Stable: 3975.2.2, whose developer container has Debian's
 6.1.0-50-amd64 kernel tree, and 4081.2.0, the release a node updates to, with the
-6.1.0-50-cloud-amd64 one (another kernel for the same Debian package versions). Each developer
+6.1.0-50-cloud-amd64 one (another kernel for the same Debian package versions). Beta: 4081.1.0,
+the release 4081.2.0 was promoted from, with the very same kernel tree as 4081.2.0 in an image
+that differs only in its release files (what `sync` must not compile twice). Each developer
 container is a Debian bookworm root (debootstrap minbase + gcc-12, make, kmod ...) with Debian's
 prepared 6.1 kernel headers at /usr/lib/modules/<kver>/build and Flatcar's release files, in an
 ext4 on partition 9 "ROOT" of a GPT disk laid out like Flatcar's, bzip2ed, with a Gentoo
 `.DIGESTS`, a detached `.sig` from a test key shaped like Flatcar's (signing subkey) and
-`version.txt` in the release's own folder; the release feed lists both. server_root is a mirror
+`version.txt` in the release's own folder; each channel's feed lists its releases. server_root is a mirror
 in the project's layout: `https://HOST/PATH` is served as `<server_root>/HOST/PATH`. Building
-needs root (debootstrap); the second root is a copy of the first one's, so it costs no second
-debootstrap.
+needs root (debootstrap); every root is a copy of one debootstrap.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ OLD_VERSION = "3815.2.5"  # listed in the feed, never served: a 404 for tests
 IMAGE = "flatcar_developer_container.bin.bz2"
 RELEASE_HOST = f"{CHANNEL}.release.flatcar-linux.net"
 FEED = f"www.flatcar.org/releases-json/releases-{CHANNEL}.json"
+BETA_CHANNEL = "beta"
 KEY = "www.flatcar.org/security/image-signing-key/Flatcar_Image_Signing_Key.asc"
 KEY_UID = "Flatcar Buildbot (coreos-gpu test key) <buildbot@flatcar.example.invalid>"
 OTHER_KEY_UID = "Someone Else (coreos-gpu test key) <someone@example.invalid>"
@@ -72,6 +74,12 @@ class ReleaseSpec:
     kernel_flavour: str  # Debian's headers flavour, which is also `uname -r`
     systemd: str  # the feed's major_software, beside the kernel read from the tree
     ignition: str
+    channel: str = CHANNEL
+
+    @property
+    def host(self) -> str:
+        """The channel's release server (Flatcar's <channel>.release.flatcar-linux.net)."""
+        return f"{self.channel}.release.flatcar-linux.net"
 
 
 FIRST = ReleaseSpec(VERSION, BUILD_ID, SDK_VERSION, KERNEL_FLAVOUR, "255", "2.19.0")
@@ -79,7 +87,14 @@ FIRST = ReleaseSpec(VERSION, BUILD_ID, SDK_VERSION, KERNEL_FLAVOUR, "255", "2.19
 # Debian package versions (so the feed's upstream kernel version is the same too).
 UPDATE = ReleaseSpec("4081.2.0", "2024-12-09-2231", "4081.1.0", f"{KERNEL_ABI}-cloud-amd64",
                      "255", "2.20.0")
-RELEASES = (FIRST, UPDATE)  # oldest first; the feed's "current" is the last
+# The beta UPDATE was promoted from: Flatcar numbers a major's beta releases <major>.1.<patch>
+# and its stable ones <major>.2.<patch>, and a promotion keeps the kernel, so this image holds
+# the same kernel tree as UPDATE's (.config, Module.symvers, compiler) and differs only in its
+# release files.
+BETA = ReleaseSpec("4081.1.0", "2024-11-19-2047", "4081.0.0", UPDATE.kernel_flavour,
+                   "255", "2.20.0", channel=BETA_CHANNEL)
+RELEASES = (FIRST, BETA, UPDATE)  # oldest first; a channel feed's "current" is its newest
+CHANNELS = (CHANNEL, BETA_CHANNEL)
 # Beyond minbase: the kernel packages' dependencies (gcc-12 for linux-compiler-gcc-12-x86,
 # libssl3 and libelf1 for linux-kbuild), what kbuild runs (make, bc), what a module build
 # on Flatcar's dev container can expect (kmod, xz-utils), and libc headers (gcc recommends them).
@@ -126,6 +141,7 @@ class FlatcarRelease:
     other_public_key: Path
     other_key_sig: Path  # a .sig of the same image by the unrelated key
     update: ServedRelease  # the newer release (the feed's "current"), on another kernel
+    beta: ServedRelease  # the beta release, on the same kernel tree as update
 
     @property
     def release_dir(self) -> Path:
@@ -142,6 +158,7 @@ class ServedRelease:
 
     release_dir: Path
     version: str
+    channel: str
     kernel_release: str  # `uname -r`, from the image's utsrelease.h
     kernel_version: str  # the upstream version, as the release feed lists it
     image_sha512: str
@@ -290,24 +307,35 @@ def render_version_txt(spec: ReleaseSpec = FIRST) -> str:
             f'FLATCAR_BUILD_ID="{spec.build_id}"\nFLATCAR_SDK_VERSION={spec.sdk_version}\n')
 
 
-def render_feed(kernel_versions: dict[str, str]) -> str:
-    """releases-stable.json: entries keyed by version (newest first), plus "current" (a copy of
-    the newest). kernel_versions: the upstream kernel version of each of RELEASES, by version."""
+def render_feed(kernel_versions: dict[str, str], channel: str = CHANNEL) -> str:
+    """releases-<channel>.json: the channel's entries keyed by version (newest first), plus
+    "current" (a copy of the newest). kernel_versions: the upstream kernel version of each of
+    RELEASES, by version. The stable feed also lists OLD_VERSION, which is never served."""
     def entry(date: str, kernel: str, systemd: str, ignition: str) -> dict[str, object]:
-        return {"channel": CHANNEL, "release_date": date,
+        return {"channel": channel, "release_date": date,
                 "major_software": {"kernel": [kernel], "docker": ["24.0.9"],
                                    "systemd": [systemd], "ignition": [ignition]},
                 "release_notes": "A coreos-gpu test release (Debian's kernel and toolchain)."}
+    specs = [spec for spec in reversed(RELEASES) if spec.channel == channel]
     entries = {spec.version: entry(f"{spec.build_id[:10]} 20:58:00 +0000",
                                    kernel_versions[spec.version], spec.systemd, spec.ignition)
-               for spec in reversed(RELEASES)}
-    entries[OLD_VERSION] = entry("2024-07-02 14:10:00 +0000", "6.1.96", "252", "2.14.0")
-    return json.dumps({"current": entries[RELEASES[-1].version], **entries}, indent=2) + "\n"
+               for spec in specs}
+    if channel == CHANNEL:
+        entries[OLD_VERSION] = entry("2024-07-02 14:10:00 +0000", "6.1.96", "252", "2.14.0")
+    return json.dumps({"current": entries[specs[0].version], **entries}, indent=2) + "\n"
+
+
+def feed_path(channel: str) -> str:
+    return f"www.flatcar.org/releases-json/releases-{channel}.json"
+
+
+def newest(channel: str) -> ReleaseSpec:
+    return [spec for spec in RELEASES if spec.channel == channel][-1]
 
 
 def publish_release(server: Path, spec: ReleaseSpec, image: Path) -> tuple[Path, str]:
     """Put one release's image, DIGESTS and version.txt in its folder; → (folder, SHA512)."""
-    release = server / RELEASE_HOST / BOARD / spec.version
+    release = server / spec.host / BOARD / spec.version
     release.mkdir(parents=True)
     os.rename(image, release / IMAGE)
     digests = render_digests(release / IMAGE)
@@ -323,13 +351,16 @@ def publish(out: Path, images: dict[str, Path], kernel_versions: dict[str, str]
     server = out / "server"
     for folder in ((server / FEED).parent, (server / KEY).parent, out / "other"):
         folder.mkdir(parents=True)
+    for channel in CHANNELS:
+        (server / feed_path(channel)).write_text(render_feed(kernel_versions, channel))
     folders, sha512s = {}, {}
     for spec in RELEASES:
         folders[spec.version], sha512s[spec.version] = publish_release(
             server, spec, images[spec.version])
-    # Flatcar serves a copy of the newest; a link has the same bytes.
-    (server / RELEASE_HOST / BOARD / "current").symlink_to(RELEASES[-1].version)
-    (server / FEED).write_text(render_feed(kernel_versions))
+    # Flatcar serves a copy of each channel's newest; a link has the same bytes.
+    for channel in CHANNELS:
+        spec = newest(channel)
+        (server / spec.host / BOARD / "current").symlink_to(spec.version)
     first = folders[FIRST.version]
     with gnupg_home() as home, gnupg_home() as other_home:
         key = generate_signing_key(home, KEY_UID)
@@ -381,14 +412,17 @@ def build_into(out: Path) -> None:
 def load_release(out: Path) -> FlatcarRelease:
     fields = json.loads((out / "release.json").read_text())
     releases = fields.pop("releases")
-    board = out / "server" / RELEASE_HOST / BOARD
+    def served(spec: ReleaseSpec) -> ServedRelease:
+        return ServedRelease(release_dir=out / "server" / spec.host / BOARD / spec.version,
+                             version=spec.version, channel=spec.channel,
+                             **releases[spec.version])
+
     return FlatcarRelease(
         server_root=out / "server", version=VERSION, channel=CHANNEL, board=BOARD,
         public_key=out / "server" / KEY, old_version=OLD_VERSION,
         other_public_key=out / "other/Other_Signing_Key.asc",
         other_key_sig=out / "other" / f"{IMAGE}.sig",
-        update=ServedRelease(release_dir=board / UPDATE.version, version=UPDATE.version,
-                             **releases[UPDATE.version]),
+        update=served(UPDATE), beta=served(BETA),
         **fields, **releases[VERSION])
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from testinputs.flatcar import (
+    BETA,
+    BETA_CHANNEL,
     CHANNEL,
     FEED,
     IMAGE,
@@ -26,6 +28,7 @@ from testinputs.flatcar import (
     FlatcarRelease,
     ServedRelease,
     build_flatcar_release,
+    feed_path,
     render_digests,
     render_feed,
     render_release_files,
@@ -61,8 +64,11 @@ def test_version_txt_has_flatcar_keys_in_order() -> None:
                           "FLATCAR_VERSION=4081.2.0"]
 
 
-def test_feed_lists_both_releases_and_an_older_one_newest_first() -> None:
-    feed = json.loads(render_feed({VERSION: "6.1.176", UPDATE.version: "6.1.177"}))
+KERNELS = {VERSION: "6.1.176", UPDATE.version: "6.1.177", BETA.version: "6.1.177"}
+
+
+def test_stable_feed_lists_its_releases_and_an_older_one_newest_first() -> None:
+    feed = json.loads(render_feed(KERNELS))
     assert list(feed) == ["current", UPDATE.version, VERSION, OLD_VERSION]
     assert feed["current"] == feed[UPDATE.version]  # Flatcar's "current" is the newest
     assert feed[VERSION]["major_software"]["kernel"] == ["6.1.176"]
@@ -72,6 +78,19 @@ def test_feed_lists_both_releases_and_an_older_one_newest_first() -> None:
         assert entry["channel"] == CHANNEL
         assert set(entry["major_software"]) == {"kernel", "docker", "systemd", "ignition"}
         assert entry["release_date"] and entry["release_notes"]
+
+
+def test_beta_feed_lists_only_the_beta_release() -> None:
+    feed = json.loads(render_feed(KERNELS, BETA_CHANNEL))
+    assert list(feed) == ["current", BETA.version]
+    assert feed["current"] == feed[BETA.version]
+    assert feed[BETA.version]["channel"] == "beta"
+    # Flatcar numbers a major's betas <major>.1.<patch>, its stable releases <major>.2.<patch>:
+    # 4081.2.0 was promoted from 4081.1.0, a few weeks earlier, and kept its kernel.
+    assert (BETA.version, UPDATE.version) == ("4081.1.0", "4081.2.0")
+    assert BETA.kernel_flavour == UPDATE.kernel_flavour
+    assert feed[BETA.version]["release_date"] < json.loads(render_feed(KERNELS))[
+        UPDATE.version]["release_date"]
 
 
 def test_release_files_name_flatcar() -> None:
@@ -114,13 +133,13 @@ def disk(release: FlatcarRelease, tmp_path_factory: pytest.TempPathFactory) -> P
     return decompress(release.image, tmp_path_factory.mktemp("flatcar") / "disk.bin")
 
 
-@pytest.fixture(params=["first", "update"])
+@pytest.fixture(params=["first", "update", "beta"])
 def served(request: pytest.FixtureRequest, release: FlatcarRelease) -> ServedRelease:
-    """Each release on the server, the first one seen through the same fields as the update."""
-    if request.param == "update":
-        return release.update
-    return ServedRelease(release.release_dir, release.version, release.kernel_release,
-                         release.kernel_version, release.image_sha512)
+    """Each release on the server, the first one seen through the same fields as the others."""
+    if request.param != "first":
+        return getattr(release, request.param)  # type: ignore[no-any-return]
+    return ServedRelease(release.release_dir, release.version, release.channel,
+                         release.kernel_release, release.kernel_version, release.image_sha512)
 
 
 def read_gpt(disk: Path) -> dict[int, tuple[str, int]]:
@@ -261,6 +280,40 @@ def test_server_root_has_the_mirror_layout(release: FlatcarRelease) -> None:
     for version in (release.version, release.update.version):
         assert feed[version]["major_software"]["kernel"] == [release.kernel_version]
     assert release.old_version in feed
+    assert BETA.version not in feed
+
+
+@pytest.mark.slow
+def test_the_beta_release_is_served_from_the_beta_server(release: FlatcarRelease) -> None:
+    board = release.server_root / "beta.release.flatcar-linux.net" / release.board
+    assert {p.name for p in board.iterdir()} == {release.beta.version, "current"}
+    assert release.beta.release_dir == board / release.beta.version
+    assert (board / "current").resolve() == release.beta.release_dir
+    assert release.beta.channel == "beta"
+    feed = json.loads((release.server_root / feed_path("beta")).read_text())
+    assert list(feed) == ["current", release.beta.version]
+    assert feed[release.beta.version]["major_software"]["kernel"] == [release.kernel_version]
+
+
+@pytest.mark.slow
+def test_beta_and_update_hold_the_same_kernel_tree_in_different_images(
+        release: FlatcarRelease, tmp_path: Path) -> None:
+    """What sync's module cache relies on: the same tree, byte for byte, where it matters."""
+    beta, update = release.beta, release.update
+    assert beta.kernel_release == update.kernel_release
+    assert beta.image_sha512 != update.image_sha512
+    read = {}
+    for name, served in (("beta", beta), ("update", update)):
+        disk = decompress(served.image, tmp_path / f"{name}.bin")
+        offset = read_gpt(disk)[9][1]
+        build = f"/usr/lib/modules/{served.kernel_release}/build"
+        read[name] = [debugfs(disk, offset, f"cat {build}/{f}") for f in (
+            ".config", "Module.symvers")]
+        assert f"VERSION_ID={served.version}" in debugfs(
+            disk, offset, "cat /usr/lib/os-release").splitlines()
+        disk.unlink()
+    assert read["beta"] == read["update"]
+    assert all(len(text) > 1000 for text in read["beta"])
 
 
 @pytest.mark.slow
