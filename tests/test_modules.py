@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from coreos_gpu.modules import (
     Toolchain,
     build_modules,
     find_command,
+    module_set_key,
     read_kconfig,
     resolve_toolchain,
     wanted_compiler,
@@ -148,6 +150,61 @@ def test_make_args() -> None:
     assert Toolchain("gcc-12").make_args() == ["CC=gcc-12"]
     assert Toolchain("clang-16", "ld.lld-16").make_args() == ["CC=clang-16", "LD=ld.lld-16"]
     assert Toolchain().make_args() == []
+
+
+# A Module.symvers line: CRC, symbol, module, export kind, namespace (Linux 5.4 and later).
+SYMVERS = "0x1a2b3c4d\tprintk\tvmlinux\tEXPORT_SYMBOL\t\n"
+
+
+def _key_of(root: DevRoot, kernel: str = KERNEL) -> str:
+    package = types.SimpleNamespace(sha256="5" * 64)
+    root = dataclasses.replace(root, kernel_release=kernel)
+    return module_set_key(package, root, KernelModuleType.PROPRIETARY,  # type: ignore[arg-type]
+                          resolve_toolchain(root))
+
+
+@pytest.fixture
+def twin_roots(tmp_path: Path) -> tuple[DevRoot, DevRoot]:
+    """Two releases' roots with equal kernel trees and compilers, in different images."""
+    roots = []
+    for name in ("beta", "stable"):
+        root = _root(tmp_path / name, DEBIAN, {"gcc-12": "x"})
+        (resolve_in_root(root.root, BUILD_DIR) / "Module.symvers").write_text(SYMVERS)
+        (root.root / "usr/lib/os-release").write_text(f"VERSION_ID={name}\n")
+        roots.append(dataclasses.replace(root, image_sha256=name[0] * 64))
+    return roots[0], roots[1]
+
+
+def test_equal_kernel_trees_in_different_images_share_a_module_set(
+        twin_roots: tuple[DevRoot, DevRoot]) -> None:
+    beta, stable = twin_roots
+    assert beta.image_sha256 != stable.image_sha256
+    assert _key_of(beta) == _key_of(stable)
+
+
+@pytest.mark.parametrize("change", [".config", "Module.symvers", "compiler", "release"])
+def test_each_part_of_the_kernel_tree_changes_the_key(twin_roots: tuple[DevRoot, DevRoot],
+                                                      change: str) -> None:
+    beta, stable = twin_roots
+    tree = resolve_in_root(stable.root, BUILD_DIR)
+    kernel = KERNEL
+    if change == ".config":
+        (tree / ".config").write_text(DEBIAN + "CONFIG_DEBUG_INFO=y\n")
+    elif change == "Module.symvers":
+        (tree / "Module.symvers").write_text(SYMVERS.replace("0x1a2b3c4d", "0x4d3c2b1a"))
+    elif change == "compiler":  # the same name, another binary (a rebuilt gcc-12 package)
+        (stable.root / "usr/bin/gcc-12").write_text("#!/bin/sh\n# 12.2.0-14+deb12u2\n")
+    else:
+        kernel = f"{KERNEL}-rt"
+    assert _key_of(beta) != _key_of(stable, kernel)
+
+
+def test_a_tree_without_module_symvers_is_an_image_error(tmp_path: Path) -> None:
+    root = _root(tmp_path, DEBIAN, {"gcc-12": "x"})
+    with pytest.raises(CoreosGpuError) as info:
+        _key_of(root)
+    assert info.value.code is ExitCode.IMAGE
+    assert f"cannot read {BUILD_DIR}/Module.symvers" in info.value.message
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
 The NVIDIA kernel modules are compiled with kbuild inside the developer container root,
 through the sandbox, with the compiler the kernel was built with, and every .ko is checked
 before it is kept: its vermagic must name the target kernel release and its version the
-driver version. Results are cached by a hash of every input, so an unchanged rebuild
-compiles nothing.
+driver version. Results are cached by a hash of what the build depends on — the driver's
+sources and the kernel build tree's content (release, .config, Module.symvers, compiler) —
+not by the image: an unchanged rebuild compiles nothing, and neither does a release whose
+kernel tree equals one already built (a beta promoted to stable, say).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from coreos_gpu import ui
@@ -47,10 +49,11 @@ class ModuleSet:
     modules: tuple[KernelModule, ...]
     folder: Path  # the cache entry: the .ko files, build.log, modules.json
     key: str  # sha256 over every input of the build
+    compiled: bool = field(default=False, compare=False)  # by this run, not from the cache
 
 
 # Part of every cache key: bump it when the build commands below change.
-BUILD_RECIPE = "2"  # 2: CC (and LD) as the kernel was built with
+BUILD_RECIPE = "3"  # 2: CC (and LD) as the kernel was built with; 3: keyed by the tree
 # Without these three the driver cannot work; nvidia-drm and nvidia-peermem are optional
 # (kernels without DRM or InfiniBand build without them).
 REQUIRED = ("nvidia", "nvidia-uvm", "nvidia-modeset")
@@ -63,13 +66,40 @@ def _fail(message: str, log: Path) -> CoreosGpuError:
                           hint=f"full build log: {log}", code=ExitCode.MODULES)
 
 
-def module_set_key(package: DriverPackage, devroot: DevRoot,
-                   flavour: KernelModuleType) -> str:
-    """Every input of a module build. The image digest stands for the kernel tree and the
-    compiler, both of which come from the developer container."""
+def _tree_file_sha256(devroot: DevRoot, name: str) -> str:
+    path = resolve_in_root(devroot.root, f"{devroot.build_dir}/{name}")
+    try:
+        return sha256_of(path)
+    except OSError as e:
+        raise CoreosGpuError(f"cannot read {devroot.build_dir}/{name} in the developer "
+                             f"container of {devroot.release.version}: {e.strerror}",
+                             code=ExitCode.IMAGE) from e
+
+
+def _command_sha256(root: Path, name: str) -> str:
+    """The sha256 of the executable `name` runs as in root ("" for no name)."""
+    for folder in DEFAULT_ENV["PATH"].split(":") if name else ():
+        path = resolve_in_root(root, f"{folder}/{name}")
+        if path.is_file():
+            return sha256_of(path)
+    return ""
+
+
+def module_set_key(package: DriverPackage, devroot: DevRoot, flavour: KernelModuleType,
+                   toolchain: Toolchain) -> str:
+    """What a module build depends on: the driver's sources, the flavour and the kernel build
+    tree — its release, .config (which also names the compiler's version), Module.symvers
+    (the symbol versions the modules link against) and the compiler and linker themselves.
+    The image is not part of it: two releases whose images differ only outside the tree
+    (their release files, other packages) share one module set. Nor is where the tree lies
+    in the image (/usr/lib64/modules on older releases): the stripped modules do not record
+    it."""
     inputs = {"recipe": BUILD_RECIPE, "driver_sha256": package.sha256, "flavour": flavour.value,
-              "image_sha256": devroot.image_sha256, "build_dir": devroot.build_dir,
-              "kernel_release": devroot.kernel_release}
+              "kernel_release": devroot.kernel_release,
+              "config_sha256": _tree_file_sha256(devroot, ".config"),
+              "symvers_sha256": _tree_file_sha256(devroot, "Module.symvers"),
+              "cc": toolchain.cc, "cc_sha256": _command_sha256(devroot.root, toolchain.cc),
+              "ld": toolchain.ld, "ld_sha256": _command_sha256(devroot.root, toolchain.ld)}
     return hash_inputs(inputs)
 
 
@@ -257,15 +287,15 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
                   cache_dir: Path) -> ModuleSet:
     """Compile (or find in the cache) the driver's kernel modules for the DevRoot's kernel."""
     check_flavour(package, flavour)
-    key = module_set_key(package, devroot, flavour)
-    folder = cache_dir / "modules"
-    entry = folder / key
-    if (entry / "modules.json").is_file():
-        return _load(entry)
     # Compiling against an unprepared tree "works" and makes modules the kernel refuses.
     read_kernel_release(resolve_in_root(devroot.root, devroot.build_dir), devroot.build_dir,
                         devroot.kernel_release)
     toolchain = resolve_toolchain(devroot)
+    key = module_set_key(package, devroot, flavour, toolchain)
+    folder = cache_dir / "modules"
+    entry = folder / key
+    if (entry / "modules.json").is_file():
+        return _load(entry)
     with locked(folder / f"{key}.lock"):
         if (entry / "modules.json").is_file():
             return _load(entry)
@@ -318,4 +348,4 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
             out.rename(entry)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return _load(entry)
+    return replace(_load(entry), compiled=True)
