@@ -12,13 +12,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from coreos_gpu import __version__, ui
-from coreos_gpu.bundle import (
-    BundleReport,
-    NodeSettings,
-    ReleaseInputs,
-    assemble_bundle,
-    inspect_bundle,
-)
+from coreos_gpu.build import build
+from coreos_gpu.bundle import BundleReport, inspect_bundle
 from coreos_gpu.cli_render import add_render_verb
 from coreos_gpu.cli_repository import add_repository_verbs
 from coreos_gpu.completion import SHELLS, render_completion
@@ -31,13 +26,12 @@ from coreos_gpu.config import (
     load_config,
 )
 from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontainer
-from coreos_gpu.driver import DRIVER_URL, DriverPackage, check_flavour, fetch_driver
+from coreos_gpu.driver import DriverPackage, fetch_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.manifest import ManifestEntry
-from coreos_gpu.modules import build_modules
-from coreos_gpu.release import list_releases, mirrored
-from coreos_gpu.repository import load_trust
-from coreos_gpu.sandbox import SandboxSpec, chosen_runtime, run_interactive
+from coreos_gpu.release import list_releases
+from coreos_gpu.sandbox import SandboxSpec, run_interactive
+from coreos_gpu.sync import Outcome, Target, make_plan, plan_key, signing_key, sync
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,54 +123,79 @@ def cmd_devcontainer_run(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    config = _config(args)
-    # The repository's key is read before anything is downloaded: a bad one stops the build.
-    trust = load_trust(config.repository, config.repository_key)
-    # The driver first: a wrong driver_version should not wait for gigabytes of images.
-    source = config.driver_url or mirrored(DRIVER_URL.format(v=config.driver_version),
-                                           config.mirror)
-    with ui.step(f"reading driver package {Path(source).name}"):
-        package = fetch_driver(source, config.cache_dir, offline=config.offline,
-                               sha256=config.driver_sha256)
-    if package.version != config.driver_version:
-        raise CoreosGpuError(
-            f"{source} is driver {package.version}, not driver_version {config.driver_version}",
-            hint=f"set --driver-version {package.version}, or point driver_url at the "
-            f"{config.driver_version} .run", code=ExitCode.CONFIG)
-    check_flavour(package, config.kernel_module_type)
-    devroots = [prepare_devcontainer(config, version) for version in config.releases]
-    # One module set per distinct kernel: several releases may share one.
-    by_kernel = {d.kernel_release: d for d in reversed(devroots)}
-    module_sets = [
-        build_modules(package, devroot, config.kernel_module_type, runtime=config.runtime,
-                      engine=engine_options(config), jobs=config.jobs,
-                      cache_dir=config.cache_dir)
-        for devroot in by_kernel.values()]
-    with ui.step(f"writing {config.output}"):
-        bundle = assemble_bundle(
-            package=package, module_sets=module_sets, profile=config.profile,
-            compression=config.compression, output=config.output,
-            releases=[ReleaseInputs(os=d.release.os.value, channel=d.release.channel.value,
-                                    version=d.release.version, kernel_release=d.kernel_release,
-                                    image_url=d.release.canonical_image_url,
-                                    image_sha256=d.image_sha256)
-                      for d in devroots],
-            node=NodeSettings(config.agent_units, config.on_driver_failure, trust),
-            tool_version=__version__,
-            cache_dir=config.cache_dir)
-    sandbox = chosen_runtime()  # None when every module set came from the cache
+    made = build(_config(args))
+    bundle, package = made.bundle, made.package
     if args.json:
         ui.print_json({"path": str(bundle.path), "sha256": bundle.sha256, "size": bundle.size,
                        "manifest": bundle.manifest,
-                       "sandbox": sandbox.to_json() if sandbox else None})
+                       "sandbox": made.sandbox.to_json() if made.sandbox else None})
     else:
         ui.print_fields([
             ("archive", bundle.path), ("sha256", bundle.sha256), ("size", _mib(bundle.size)),
-            ("driver", f"{package.version} ({config.kernel_module_type.value} modules, "
-                       f"{config.profile.value} profile)"),
-            ("kernels", ", ".join(m.kernel_release for m in module_sets)),
-            ("sandbox", sandbox.runtime if sandbox else "none needed (all cached)"),
+            ("driver", f"{package.version} ({made.module_sets[0].flavour.value} modules, "
+                       f"{bundle.manifest['profile']} profile)"),
+            ("kernels", ", ".join(m.kernel_release for m in made.module_sets)),
+            ("sandbox", made.sandbox.runtime if made.sandbox else "none needed (all cached)"),
         ])
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.plan:
+        plan = make_plan(config, plan_key(config))
+        if args.json:
+            # GitHub Actions' matrix takes this object as it is: one job per "include" entry.
+            ui.print_json({"include": [_plan_entry(t) for t in plan.missing]})
+        else:
+            ui.print_fields([("repository", plan.location), ("generation", plan.generation),
+                             ("missing", f"{len(plan.missing)} of {len(plan.wanted)} wanted "
+                                         "bundles")])
+            ui.print_table("missing bundles", ("id", "build flags"),
+                           [(t.id, " ".join(t.build_flags())) for t in plan.missing])
+        return int(ExitCode.OK)
+    key = signing_key(config)  # before the feeds: a wrong key stops sync at once
+    result = sync(config, make_plan(config, key.public_key()), key)
+    if args.json:
+        ui.print_json({"repository": result.location, "seconds": round(result.seconds, 1)} | {
+            state: [_outcome_json(o) for o in result.of(state)]
+            for state in ("built", "skipped", "failed")})
+    else:
+        ui.print_table(f"sync of {result.location}",
+                       ("release", "driver", "flavour", "profile", "state", "detail"),
+                       [(f"{o.target.channel.value} {o.target.release}", o.target.driver_version,
+                         o.target.flavour.value, o.target.profile.value, o.state,
+                         _outcome_detail(o)) for o in result.outcomes])
+    failed = result.of("failed")
+    if failed:
+        ui.print_error(f"{len(failed)} of {len(failed) + len(result.of('built'))} builds "
+                       f"failed; the first, {failed[0].target.id}: {failed[0].error}",
+                       "the others are published; sync again once it is fixed")
+    return int(result.code)
+
+
+def _plan_entry(target: Target) -> dict[str, Any]:
+    return {"id": target.id, "os": target.os.value, "channel": target.channel.value,
+            "release": target.release, "driver_version": target.driver_version,
+            "kernel_module_type": target.flavour.value, "profile": target.profile.value,
+            "build_flags": " ".join(target.build_flags()),
+            "output": f"nvidia-{target.id}.tar.gz"}
+
+
+def _outcome_json(outcome: Outcome) -> dict[str, Any]:
+    return _plan_entry(outcome.target) | {
+        "seconds": round(outcome.seconds, 1), "sha256": outcome.sha256 or None,
+        "size": outcome.size or None, "compiled": outcome.compiled,
+        "error": outcome.error or None, "code": int(outcome.code) or None}
+
+
+def _outcome_detail(outcome: Outcome) -> str:
+    if outcome.state == "built":
+        compiled = (f"compiled {outcome.compiled} module set(s)" if outcome.compiled
+                    else "modules from the cache")
+        return f"{_mib(outcome.size)}, {compiled}, {outcome.seconds:.0f} s"
+    if outcome.state == "failed":
+        return f"exit {int(outcome.code)}: {outcome.error}"
+    return "in the repository"
 
 
 def cmd_completion(args: argparse.Namespace) -> None:
@@ -317,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                            cmd_inspect)
     inspect_archive.add_argument("archive", type=Path, metavar="ARCHIVE",
                                  help="nvidia.tar.gz (or .tar.xz, .tar.zst)")
+    sync_verb = verb(verbs, "sync", "build and publish the bundles the followed channels have "
+                     "and the repository lacks", cmd_sync)
+    sync_verb.add_argument("--plan", action="store_true",
+                           help="only print what is missing (with --json: a CI job matrix)")
     verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
     add_repository_verbs(verbs, verb)  # keygen, publish, repository list/verify
     add_render_verb(verbs)  # render ignition|butane|terraform|marathon-app|metronome-job

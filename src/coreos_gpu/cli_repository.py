@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coreos_gpu import ui
-from coreos_gpu.config import find_config_file, load_config
+from coreos_gpu.config import BuildConfig, find_config_file, load_config
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import fingerprint, load_private_key, load_public_key, write_key_pair
 from coreos_gpu.publish import PublishResult, publish
@@ -31,10 +31,27 @@ Verb = Callable[[Any, str, str, Callable[[argparse.Namespace], int | None]],
                 argparse.ArgumentParser]
 
 
+def _config(args: argparse.Namespace) -> BuildConfig:
+    return load_config(vars(args), find_config_file(args.config, Path.cwd()))
+
+
 def _reader(args: argparse.Namespace) -> Any:
-    config = load_config(vars(args), find_config_file(args.config, Path.cwd()))
+    config = _config(args)
     return open_reader(args.url, cache_dir=config.cache_dir,
-                       s3_endpoint_url=args.s3_endpoint_url)
+                       s3_endpoint_url=config.s3_endpoint_url)
+
+
+def publish_target(config: BuildConfig, to: str, key: str) -> tuple[str, Path]:
+    """Where to publish and with which key: the flags, else the publish_to and publish_key
+    settings."""
+    to, key = to or config.publish_to, key or config.publish_key
+    if not to or not key:
+        missing = " and ".join(name for name, value in (("--to", to), ("--key", key))
+                               if not value)
+        raise CoreosGpuError(f"publish needs {missing}: where the repository is and the key "
+                             "that signs its index", hint="pass them, or set publish_to and "
+                             "publish_key in the config file", code=ExitCode.CONFIG)
+    return to, Path(key).expanduser()
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
@@ -51,8 +68,10 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
-    key = load_private_key(args.key)  # a bad key fails before anything is read or written
-    store = open_store(args.to, s3_endpoint_url=args.s3_endpoint_url)
+    config = _config(args)
+    to, key_path = publish_target(config, args.to, args.key)
+    key = load_private_key(key_path)  # a bad key fails before anything is read or written
+    store = open_store(to, s3_endpoint_url=config.s3_endpoint_url)
     with ui.step(f"publishing {len(args.archives)} archive(s) to {store.location}"):
         result = publish(args.archives, store, key)
     if args.json:
@@ -129,12 +148,6 @@ def _raise_first(checks: tuple[BundleCheck, ...]) -> None:
                              code=bad[0].code)
 
 
-def _add_s3(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--s3-endpoint-url", default="", metavar="URL",
-                        help="an S3-compatible server instead of AWS (region and credentials "
-                        "come from the usual AWS settings)")
-
-
 def add_repository_verbs(verbs: Any, verb: Verb) -> None:
     # Not through verb(): its setting flags include build's --output (the archive to write).
     helptext = "make a key pair that signs a repository's index"
@@ -150,11 +163,10 @@ def add_repository_verbs(verbs: Any, verb: Verb) -> None:
                cmd_publish)
     pub.add_argument("archives", type=Path, nargs="+", metavar="ARCHIVE",
                      help="nvidia.tar.gz files made by coreos-gpu build")
-    pub.add_argument("--to", required=True, metavar="DEST",
-                     help="a folder, file://PATH or s3://BUCKET[/PREFIX]")
-    pub.add_argument("--key", type=Path, required=True, metavar="PATH",
-                     help="the private key (coreos-gpu keygen)")
-    _add_s3(pub)
+    pub.add_argument("--to", default="", metavar="DEST",
+                     help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: publish_to)")
+    pub.add_argument("--key", default="", metavar="PATH",
+                     help="the private key (coreos-gpu keygen; default: publish_key)")
 
     repository = verbs.add_parser("repository", help="bundle repositories").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -168,4 +180,3 @@ def add_repository_verbs(verbs: Any, verb: Verb) -> None:
         sub.add_argument("--key", type=Path, required=required, metavar="PUB.pem",
                          help="the repository's public key" + (
                              "" if required else " (checks the signature)"))
-        _add_s3(sub)

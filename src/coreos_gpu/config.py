@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import date
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def _path(raw: Any) -> Path:
     raise BadValue(raw, "expected a path")
 
 
-def _jobs(raw: Any) -> int:
+def _positive(raw: Any) -> int:
     number = int(raw) if isinstance(raw, str) and raw.isdigit() else raw
     if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
         return number
@@ -153,6 +154,14 @@ def _list_of(item: Parser, *, empty: bool = False) -> Parser:
         return tuple(item(x) for x in raw)
 
     return parse
+
+
+def _date(raw: Any) -> str:
+    # TOML has dates of its own: `sync_since = 2025-01-31` reads as a datetime.date.
+    text = raw.isoformat() if isinstance(raw, date) else raw
+    if isinstance(text, str) and (text == "" or re.fullmatch(r"\d{4}-\d\d-\d\d", text)):
+        return text
+    raise BadValue(raw, "expected a date like 2025-01-31")
 
 
 RELEASE = _matching(r"current|\d+\.\d+\.\d+", "'current' or a release like 3975.2.2")
@@ -218,6 +227,30 @@ SETTINGS: tuple[Setting, ...] = (
             "see coreos-gpu publish); needs repository_key", _url, lambda: "", "URL"),
     Setting("repository_key", "public key (PEM) the repository's index must be signed with "
             "(the .pub of coreos-gpu keygen)", _text, lambda: "", "PUB.pem"),
+    Setting("publish_to", "where publish and sync write the repository: a folder, file://PATH "
+            "or s3://BUCKET[/PREFIX] (default for sync: repository, when it is a file:// URL)",
+            _text, lambda: "", "DEST"),
+    Setting("publish_key", "private key that signs the repository's index (coreos-gpu keygen)",
+            _text, lambda: "", "PATH"),
+    Setting("s3_endpoint_url", "an S3-compatible server instead of AWS for s3:// repositories "
+            "(region and credentials come from the usual AWS settings)", _url, lambda: "",
+            "URL"),
+    Setting("sync_channels", "channels sync follows (default: channel)",
+            _list_of(_choice(Channel), empty=True), tuple, "CHANNEL", flag_name="sync_channel",
+            multiple=True),
+    Setting("sync_latest", "how many of each channel's newest releases sync keeps built",
+            _positive, lambda: 2, "N"),
+    Setting("sync_since", "sync every release of the channels from this date on, instead of "
+            "the newest sync_latest", _date, lambda: "", "DATE"),
+    Setting("sync_drivers", "driver versions sync keeps built (default: driver_version)",
+            _list_of(DRIVER_VERSION, empty=True), tuple, "VERSION", flag_name="sync_driver",
+            multiple=True),
+    Setting("sync_flavours", "kernel module types sync keeps built (default: "
+            "kernel_module_type)", _list_of(_choice(KernelModuleType), empty=True), tuple, "TYPE",
+            flag_name="sync_flavour", multiple=True),
+    Setting("sync_profiles", "profiles sync keeps built (default: profile)",
+            _list_of(_choice(Profile), empty=True), tuple, "PROFILE", flag_name="sync_profile",
+            multiple=True),
     Setting("output", "archive to write", _path, lambda: Path("nvidia.tar.gz"), "PATH"),
     Setting("compression", "archive compression", _choice(Compression),
             lambda: Compression.GZIP, "ALGO"),
@@ -233,7 +266,7 @@ SETTINGS: tuple[Setting, ...] = (
             "--ulimit=nofile=4096:4096",
             _list_of(_text, empty=True), tuple, "OPTION", flag_name="podman_run_option",
             multiple=True),
-    Setting("jobs", "parallel compile jobs", _jobs, lambda: os.cpu_count() or 1, "N"),
+    Setting("jobs", "parallel compile jobs", _positive, lambda: os.cpu_count() or 1, "N"),
     Setting("offline", "use only what is already in the cache", _boolean, lambda: False,
             boolean=True),
 )
@@ -258,6 +291,15 @@ class BuildConfig:
     on_driver_failure: DriverFailurePolicy
     repository: str
     repository_key: str
+    publish_to: str
+    publish_key: str
+    s3_endpoint_url: str
+    sync_channels: tuple[Channel, ...]
+    sync_latest: int
+    sync_since: str
+    sync_drivers: tuple[str, ...]
+    sync_flavours: tuple[KernelModuleType, ...]
+    sync_profiles: tuple[Profile, ...]
     output: Path
     compression: Compression
     cache_dir: Path

@@ -1,0 +1,85 @@
+"""The build pipeline, end to end: `BuildConfig` → `Build` (a verified bundle on disk).
+
+    driver (.run) → developer containers → module sets (one per distinct kernel) → bundle
+
+`coreos-gpu build` calls it once; `coreos-gpu sync` once per missing bundle. Neither verb
+strings the stages together itself, so both build the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from coreos_gpu import __version__, ui
+from coreos_gpu.bundle import Bundle, NodeSettings, ReleaseInputs, assemble_bundle
+from coreos_gpu.config import BuildConfig
+from coreos_gpu.devcontainer import engine_options, prepare_devcontainer
+from coreos_gpu.driver import DRIVER_URL, DriverPackage, check_flavour, fetch_driver
+from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.modules import ModuleSet, build_modules
+from coreos_gpu.release import mirrored
+from coreos_gpu.repository import load_trust
+from coreos_gpu.sandbox import RuntimeChoice, chosen_runtime
+
+
+@dataclass(frozen=True)
+class Build:
+    bundle: Bundle
+    package: DriverPackage
+    module_sets: tuple[ModuleSet, ...]
+    compiled: int  # module sets compiled by this build; the others came from the cache
+    sandbox: RuntimeChoice | None  # the sandbox the compiles ran in; None: nothing compiled
+
+
+def driver_source(config: BuildConfig) -> str:
+    return config.driver_url or mirrored(DRIVER_URL.format(v=config.driver_version),
+                                         config.mirror)
+
+
+def read_driver(config: BuildConfig) -> DriverPackage:
+    """The configured .run, checked to be the configured version with the wanted flavour."""
+    source = driver_source(config)
+    with ui.step(f"reading driver package {Path(source).name}"):
+        package = fetch_driver(source, config.cache_dir, offline=config.offline,
+                               sha256=config.driver_sha256)
+    if package.version != config.driver_version:
+        raise CoreosGpuError(
+            f"{source} is driver {package.version}, not driver_version {config.driver_version}",
+            hint=f"set --driver-version {package.version}, or point driver_url at the "
+            f"{config.driver_version} .run", code=ExitCode.CONFIG)
+    check_flavour(package, config.kernel_module_type)
+    return package
+
+
+def build(config: BuildConfig) -> Build:
+    """Build the bundle config describes into config.output (atomically)."""
+    # The repository's key is read before anything is downloaded: a bad one stops the build.
+    trust = load_trust(config.repository, config.repository_key)
+    # The driver first: a wrong driver_version should not wait for gigabytes of images.
+    package = read_driver(config)
+    devroots = [prepare_devcontainer(config, version) for version in config.releases]
+    # One module set per distinct kernel: several releases may share one.
+    by_kernel = {d.kernel_release: d for d in reversed(devroots)}
+    module_sets, compiled = [], 0
+    for devroot in by_kernel.values():
+        module_set = build_modules(package, devroot, config.kernel_module_type,
+                                   runtime=config.runtime, engine=engine_options(config),
+                                   jobs=config.jobs, cache_dir=config.cache_dir)
+        module_sets.append(module_set)
+        compiled += module_set.compiled
+    with ui.step(f"writing {config.output}"):
+        bundle = assemble_bundle(
+            package=package, module_sets=module_sets, profile=config.profile,
+            compression=config.compression, output=config.output,
+            releases=[ReleaseInputs(os=d.release.os.value, channel=d.release.channel.value,
+                                    version=d.release.version, kernel_release=d.kernel_release,
+                                    image_url=d.release.canonical_image_url,
+                                    image_sha256=d.image_sha256)
+                      for d in devroots],
+            node=NodeSettings(config.agent_units, config.on_driver_failure, trust),
+            tool_version=__version__,
+            cache_dir=config.cache_dir)
+    return Build(bundle, package, tuple(module_sets), compiled,
+                 chosen_runtime() if compiled else None)
+
