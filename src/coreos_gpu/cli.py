@@ -31,7 +31,15 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.manifest import ManifestEntry
 from coreos_gpu.release import list_releases
 from coreos_gpu.sandbox import SandboxSpec, run_interactive
-from coreos_gpu.sync import Outcome, Target, make_plan, plan_key, signing_key, sync
+from coreos_gpu.sync import (
+    Outcome,
+    Target,
+    make_plan,
+    plan_key,
+    publish_location,
+    signing_key,
+    sync,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,7 +161,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
             ui.print_table("missing bundles", ("id", "build flags"),
                            [(t.id, " ".join(t.build_flags())) for t in plan.missing])
         return int(ExitCode.OK)
-    key = signing_key(config)  # before the feeds: a wrong key stops sync at once
+    # Before the feeds: a wrong key or nowhere to publish stops sync at once.
+    key = signing_key(config)
+    publish_location(config)
     result = sync(config, make_plan(config, key.public_key()), key)
     if args.json:
         ui.print_json({"repository": result.location, "seconds": round(result.seconds, 1)} | {
