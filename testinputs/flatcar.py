@@ -9,9 +9,10 @@ container is a Debian bookworm root (debootstrap minbase + gcc-12, make, kmod ..
 prepared 6.1 kernel headers at /usr/lib/modules/<kver>/build and Flatcar's release files, in an
 ext4 on partition 9 "ROOT" of a GPT disk laid out like Flatcar's, bzip2ed, with a Gentoo
 `.DIGESTS`, a detached `.sig` from a test key shaped like Flatcar's (signing subkey) and
-`version.txt` in the release's own folder; each channel's feed lists its releases. server_root is a mirror
-in the project's layout: `https://HOST/PATH` is served as `<server_root>/HOST/PATH`. Building
-needs root (debootstrap); every root is a copy of one debootstrap.
+`version.txt` in the release's own folder; each channel's feed lists its releases.
+server_root is a mirror in the project's layout: `https://HOST/PATH` is served as
+`<server_root>/HOST/PATH`. Building needs root (debootstrap); every root is a copy of one
+debootstrap.
 """
 
 from __future__ import annotations
