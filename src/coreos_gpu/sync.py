@@ -15,12 +15,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coreos_gpu import ui
-from coreos_gpu.build import Build, build
+from coreos_gpu.build import build
 from coreos_gpu.config import BuildConfig, Channel, KernelModuleType, OsName, Profile
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import PrivateKey, PublicKey, fingerprint, load_private_key, load_public_key
@@ -217,8 +217,7 @@ def target_config(config: BuildConfig, target: Target, output: Path) -> BuildCon
 # --- the run ---------------------------------------------------------------------------------
 
 
-def sync(config: BuildConfig, plan: Plan, key: PrivateKey,
-         builder: Callable[[BuildConfig], Build] = build) -> SyncResult:
+def sync(config: BuildConfig, plan: Plan, key: PrivateKey) -> SyncResult:
     """Build and publish each missing bundle in turn; one that fails is reported and the
     others go on. Each is published as soon as it is built, so nodes get it as early as
     possible and a sync stopped halfway keeps what it did."""
@@ -235,7 +234,7 @@ def sync(config: BuildConfig, plan: Plan, key: PrivateKey,
         began = time.monotonic()
         work = Path(tempfile.mkdtemp(prefix=".sync-", dir=config.cache_dir))
         try:
-            made = builder(target_config(config, target, work / "nvidia.tar.gz"))
+            made = build(target_config(config, target, work / "nvidia.tar.gz"))
             with ui.step(f"publishing it to {store.location}"):
                 publish([made.bundle.path], store, key)
             outcome = Outcome(target, "built", time.monotonic() - began, made.bundle.sha256,
