@@ -339,3 +339,17 @@ def test_a_plan_entry_built_and_published_by_hand_completes_the_repository(
     assert sorted(b["releases"][0]["version"] for b in site.listing()) == sorted(
         [BETA.version, UPDATE.version, FIRST.version])
 
+
+
+def test_the_readmes_sync_config_loads(tmp_path: Path) -> None:
+    """README "Keeping up with the channels" shows a minimal sync config: it must stay valid."""
+    from .conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("A minimal sync config:\n\n", 1)[1].split("\n\n", 1)[0]
+    config_file = tmp_path / "coreos-gpu.toml"
+    config_file.write_text("".join(line[4:] + "\n" for line in block.splitlines()))
+    config = load_config({}, config_file)
+    assert config.repository.startswith("https://") and config.publish_to.startswith("s3://")
+    assert config.sync_channels == (Channel.BETA, Channel.STABLE)
+    assert config.publish_key and config.repository_key and config.sync_drivers
