@@ -34,9 +34,9 @@ SYNC_CONFIG = EXAMPLES / "sync/coreos-gpu.toml"
 
 # Two entries that differ in every field a build flag carries.
 TARGETS = (
-    Target(OsName.FLATCAR, Channel.BETA, "4081.1.0", "2025-01-02", "535.261.03",
+    Target(OsName.FLATCAR, Channel.BETA, "4081.1.0", "535.261.03",
            KernelModuleType.PROPRIETARY, Profile.COMPUTE),
-    Target(OsName.FLATCAR, Channel.STABLE, "4081.2.0", "2025-02-03", "580.82.07",
+    Target(OsName.FLATCAR, Channel.STABLE, "4081.2.0", "580.82.07",
            KernelModuleType.OPEN, Profile.FULL),
 )
 ENTRIES = [_plan_entry(t) for t in TARGETS]

@@ -156,7 +156,7 @@ def _entry(**changes: object) -> Entry:
 ])
 def test_a_target_is_present_only_with_its_driver_flavour_profile_and_release(
         changes: dict[str, object], listed: bool) -> None:
-    target = Target(OsName.FLATCAR, Channel.STABLE, "3975.2.2", "2024-10-23", DRIVER,
+    target = Target(OsName.FLATCAR, Channel.STABLE, "3975.2.2", DRIVER,
                     KernelModuleType.PROPRIETARY, Profile.COMPUTE)
     assert target.listed_in([_entry(**changes)]) is listed
 

@@ -131,7 +131,8 @@ def cmd_devcontainer_run(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    made = build(_config(args))
+    config = _config(args)
+    made = build(config)
     bundle, package = made.bundle, made.package
     if args.json:
         ui.print_json({"path": str(bundle.path), "sha256": bundle.sha256, "size": bundle.size,
@@ -140,8 +141,8 @@ def cmd_build(args: argparse.Namespace) -> None:
     else:
         ui.print_fields([
             ("archive", bundle.path), ("sha256", bundle.sha256), ("size", _mib(bundle.size)),
-            ("driver", f"{package.version} ({made.module_sets[0].flavour.value} modules, "
-                       f"{bundle.manifest['profile']} profile)"),
+            ("driver", f"{package.version} ({config.kernel_module_type.value} modules, "
+                       f"{config.profile.value} profile)"),
             ("kernels", ", ".join(m.kernel_release for m in made.module_sets)),
             ("sandbox", made.sandbox.runtime if made.sandbox else "none needed (all cached)"),
         ])

@@ -78,11 +78,8 @@ def _tree_file_sha256(devroot: DevRoot, name: str) -> str:
 
 def _command_sha256(root: Path, name: str) -> str:
     """The sha256 of the executable `name` runs as in root ("" for no name)."""
-    for folder in DEFAULT_ENV["PATH"].split(":") if name else ():
-        path = resolve_in_root(root, f"{folder}/{name}")
-        if path.is_file():
-            return sha256_of(path)
-    return ""
+    path = find_executable(root, name) if name else None
+    return sha256_of(path) if path else ""
 
 
 def module_set_key(package: DriverPackage, devroot: DevRoot, flavour: KernelModuleType,
@@ -186,15 +183,19 @@ def wanted_compiler(options: dict[str, str]) -> CompilerWanted:
     return CompilerWanted(text or f"gcc {major}", _unique(cc), _unique(ld), ld_required=lld)
 
 
+def find_executable(root: Path, name: str) -> Path | None:
+    """The file `name` runs as on the sandbox's PATH in root, resolved; None if none."""
+    for folder in DEFAULT_ENV["PATH"].split(":"):
+        path = resolve_in_root(root, f"{folder}/{name}")
+        if path.is_file() and path.stat().st_mode & (stat.S_IXUSR | stat.S_IXGRP
+                                                     | stat.S_IXOTH):
+            return path
+    return None
+
+
 def find_command(root: Path, names: tuple[str, ...]) -> str:
     """The first of names that is an executable on the sandbox's PATH in root; "" if none."""
-    for name in names:
-        for folder in DEFAULT_ENV["PATH"].split(":"):
-            path = resolve_in_root(root, f"{folder}/{name}")
-            if path.is_file() and path.stat().st_mode & (stat.S_IXUSR | stat.S_IXGRP
-                                                         | stat.S_IXOTH):
-                return name
-    return ""
+    return next((name for name in names if find_executable(root, name)), "")
 
 
 def resolve_toolchain(devroot: DevRoot) -> Toolchain:

@@ -3,7 +3,7 @@
     feeds (newest releases per channel) x drivers x flavours x profiles → wanted bundles
     wanted, less what the signed index lists → the plan → build.build + publish, one at a time
 
-A bundle holds one release (see DESIGN.md "One bundle per release"), so a wanted bundle is
+A bundle holds one release (see README "Keeping up with the channels"), so a wanted bundle is
 one (OS, channel, release, driver, flavour, profile) and the plan needs only the feeds and the
 index: no image is downloaded to know what is missing, and each entry can be a job of its own
 on a CI fleet (`--plan --json`). Releases whose kernel trees are equal share their module set
@@ -37,7 +37,6 @@ class Target:
     os: OsName
     channel: Channel
     release: str
-    release_date: str
     driver_version: str
     flavour: KernelModuleType
     profile: Profile
@@ -119,7 +118,7 @@ def _drivers(config: BuildConfig) -> tuple[str, ...]:
     if len(drivers) > 1 and config.driver_sha256:
         raise _config_error("driver_sha256 checks one .run, but sync_drivers lists "
                             f"{len(drivers)} driver versions", hint="leave driver_sha256 "
-                            "empty for sync; each .run is checked by NVIDIA's own checksum")
+                            "empty, or sync one driver at a time with its own driver_sha256")
     return drivers
 
 
@@ -166,9 +165,9 @@ def signing_key(config: BuildConfig) -> PrivateKey:
 # --- the plan --------------------------------------------------------------------------------
 
 
-def wanted_releases(config: BuildConfig) -> list[tuple[Channel, str, str]]:
-    """(channel, version, release date) of every release sync keeps built, channel by channel,
-    newest first."""
+def wanted_releases(config: BuildConfig) -> list[tuple[Channel, str]]:
+    """(channel, version) of every release sync keeps built, channel by channel, newest
+    first."""
     chosen = []
     for channel in dict.fromkeys(config.sync_channels or (config.channel,)):
         releases = list_releases(config.os, channel, mirror=config.mirror,
@@ -177,7 +176,7 @@ def wanted_releases(config: BuildConfig) -> list[tuple[Channel, str, str]]:
             releases = [r for r in releases if r.release_date[:10] >= config.sync_since]
         else:
             releases = releases[:config.sync_latest]
-        chosen += [(channel, r.version, r.release_date) for r in releases]
+        chosen += [(channel, r.version) for r in releases]
     return chosen
 
 
@@ -187,8 +186,8 @@ def make_plan(config: BuildConfig, key: PublicKey | None) -> Plan:
     drivers = _drivers(config)
     location = read_location(config)
     wanted = tuple(
-        Target(config.os, channel, version, date, driver, flavour, profile)
-        for channel, version, date in wanted_releases(config)
+        Target(config.os, channel, version, driver, flavour, profile)
+        for channel, version in wanted_releases(config)
         for driver in drivers
         for flavour in dict.fromkeys(config.sync_flavours or (config.kernel_module_type,))
         for profile in dict.fromkeys(config.sync_profiles or (config.profile,)))
