@@ -9,6 +9,7 @@ from pathlib import Path
 
 from coreos_gpu.errors import CoreosGpuError
 from testinputs.flatcar import build_flatcar_release
+from testinputs.nvidia_branches import R470
 from testinputs.nvidia_run import build_nvidia_run
 from testinputs.vm import build_vm_image
 
@@ -25,6 +26,7 @@ def build_vm_image_dir() -> Path:
 
 BUILDERS: dict[str, Callable[[], Path]] = {
     "nvidia-run": build_nvidia_run,
+    "nvidia-run-470": lambda: build_nvidia_run(R470),
     "flatcar-release": build_flatcar_server_root,
     "vm-image": build_vm_image_dir,
 }

@@ -1,7 +1,9 @@
-"""A real-format NVIDIA-Linux-x86_64-535.261.03.run, assembled from Debian's NVIDIA packages.
+"""Real-format NVIDIA-Linux-x86_64-<version>.run files, assembled from Debian's NVIDIA packages
+(one per branch in nvidia_branches: 535 and 470).
 
-The tree looks like NVIDIA's extracted .run: kernel/ and kernel-open/ sources, userspace under
-NVIDIA's file names, 32/, firmware/ and a `.manifest` in nvidia-installer's format. Like NVIDIA's,
+The tree looks like NVIDIA's extracted .run: kernel/ (and kernel-open/ where the branch has
+it) sources, userspace under NVIDIA's file names, 32/, firmware/ where the branch has GSP
+firmware, and a `.manifest` in nvidia-installer's format. Like NVIDIA's,
 it holds no symlinks: the manifest's `*_SYMLINK` entries name links that nvidia-installer makes
 from their targets. It is packed as a shell header plus an xz tar that accepts NVIDIA's
 `-x [--target DIR]`.
@@ -14,153 +16,20 @@ import os
 import shutil
 import string
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from coreos_gpu.run import run
 from testinputs.cache import build_cached
 from testinputs.debian import extract_deb, fetch_debs
+from testinputs.nvidia_branches import R535, Branch, FileFields
 
-VERSION = "535.261.03"
-DEBIAN_VERSION = f"{VERSION}-1"
-PACKAGE_DIR = f"NVIDIA-Linux-x86_64-{VERSION}"
-RUN_NAME = f"{PACKAGE_DIR}.run"
-DESCRIPTION = "NVIDIA Accelerated Graphics Driver for Linux-x86_64"
-# Pinned: bookworm-security already carries a newer driver (535.309.01); inputs must not drift.
-# nvidia-persistenced and nvidia-modprobe exist in bookworm only at these older versions.
-PACKAGES = (
-    f"nvidia-kernel-source={DEBIAN_VERSION}",
-    f"nvidia-open-kernel-source={DEBIAN_VERSION}",
-    f"nvidia-smi={DEBIAN_VERSION}",
-    f"nvidia-driver-bin={DEBIAN_VERSION}",
-    f"nvidia-cuda-mps={DEBIAN_VERSION}",
-    "nvidia-persistenced=535.171.04-1~deb12u1",
-    "nvidia-modprobe=535.161.07-1~deb12u1",
-    f"libnvidia-ml1={DEBIAN_VERSION}",
-    f"libcuda1={DEBIAN_VERSION}",
-    f"libcuda1:i386={DEBIAN_VERSION}",
-    f"libnvidia-ptxjitcompiler1={DEBIAN_VERSION}",
-    f"libnvidia-cfg1={DEBIAN_VERSION}",
-    f"nvidia-opencl-icd={DEBIAN_VERSION}",
-    f"nvidia-opencl-common={DEBIAN_VERSION}",
-    f"libglx-nvidia0={DEBIAN_VERSION}",
-    f"libegl-nvidia0={DEBIAN_VERSION}",
-    f"libnvidia-glcore={DEBIAN_VERSION}",
-    f"firmware-nvidia-gsp={DEBIAN_VERSION}",
-)
 KERNEL_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem")
-# Kernel source tarballs Debian ships under /usr/src: (package, tarball, its top dir, our dir).
-KERNEL_TARBALLS = (
-    ("nvidia-kernel-source", "nvidia-kernel.tar.xz", "modules/nvidia-kernel", "kernel"),
-    ("nvidia-open-kernel-source", "nvidia-open-kernel.tar.xz", "modules/nvidia-open-kernel",
-     "kernel-open"),
-)
-
-# nvidia-installer 535's file type table (manifest.c): which optional fields a line carries.
-#                      has_arch has_path is_symlink inherit_path
-FILE_TYPES: dict[str, tuple[bool, bool, bool, bool]] = {
-    "KERNEL_MODULE_SRC": (False, False, False, True),
-    "DKMS_CONF": (False, False, False, True),
-    "FIRMWARE": (False, False, False, True),
-    "CUDA_ICD": (False, False, False, False),
-    "UTILITY_BINARY": (False, False, False, False),
-    "NVIDIA_MODPROBE": (False, True, False, False),
-    "DOCUMENTATION": (False, True, False, False),
-    "CUDA_LIB": (True, True, False, False),
-    "OPENCL_LIB": (True, True, False, False),
-    "UTILITY_LIB": (True, False, False, False),
-    "OPENGL_LIB": (True, False, False, False),
-    "GLX_CLIENT_LIB": (True, False, False, False),
-    "EGL_CLIENT_LIB": (True, False, False, False),
-    "CUDA_SYMLINK": (True, True, True, False),
-    "OPENCL_LIB_SYMLINK": (True, True, True, False),
-    "UTILITY_LIB_SYMLINK": (True, False, True, False),
-    "GLX_CLIENT_SYMLINK": (True, False, True, False),
-    "EGL_CLIENT_SYMLINK": (True, False, True, False),
-}
-
-LIB64 = "usr/lib/x86_64-linux-gnu/nvidia/current"
-LIB32 = "usr/lib/i386-linux-gnu/nvidia/current"
-
-
-@dataclass(frozen=True)
-class Pick:
-    """A file of the tree: where it comes from and how the manifest lists it."""
-
-    name: str  # path in the NVIDIA tree
-    package: str  # Debian package name (with :arch for foreign ones)
-    source: str  # path inside that package
-    type: str
-    module: str
-    mode: int = 0o755
-    path: str = "/"  # install sub-path, for types that have one
-
-
-@dataclass(frozen=True)
-class Link:
-    name: str
-    target: str
-    type: str
-    module: str
-
-
-def _lib(name: str, package: str, type_: str, module: str, *, lib_dir: str = LIB64) -> Pick:
-    return Pick(name, package, f"{lib_dir}/{Path(name).name}", type_, module)
-
-
-V = VERSION
-PICKS = (
-    Pick("nvidia-smi", "nvidia-smi", "usr/lib/nvidia/current/nvidia-smi", "UTILITY_BINARY",
-         "nvml"),
-    Pick("nvidia-debugdump", "nvidia-driver-bin", "usr/lib/nvidia/current/nvidia-debugdump",
-         "UTILITY_BINARY", "nvml"),
-    Pick("nvidia-bug-report.sh", "nvidia-driver-bin",
-         "usr/lib/nvidia/current/nvidia-bug-report.sh", "UTILITY_BINARY", "installer"),
-    Pick("nvidia-cuda-mps-control", "nvidia-cuda-mps", "usr/bin/nvidia-cuda-mps-control",
-         "UTILITY_BINARY", "compute"),
-    Pick("nvidia-cuda-mps-server", "nvidia-cuda-mps", "usr/sbin/nvidia-cuda-mps-server",
-         "UTILITY_BINARY", "compute"),
-    Pick("nvidia-persistenced", "nvidia-persistenced", "usr/bin/nvidia-persistenced",
-         "UTILITY_BINARY", "persistenced"),
-    # NVIDIA ships it setuid (4755); a setuid-root file in a user's cache is not worth it here.
-    Pick("nvidia-modprobe", "nvidia-modprobe", "usr/bin/nvidia-modprobe", "NVIDIA_MODPROBE",
-         "installer", path="/usr/bin"),
-    _lib(f"libnvidia-ml.so.{V}", "libnvidia-ml1", "UTILITY_LIB", "nvml"),
-    _lib(f"libnvidia-cfg.so.{V}", "libnvidia-cfg1", "UTILITY_LIB", "installer"),
-    _lib(f"libcuda.so.{V}", "libcuda1", "CUDA_LIB", "compute"),
-    _lib(f"libnvidia-ptxjitcompiler.so.{V}", "libnvidia-ptxjitcompiler1", "CUDA_LIB", "compute"),
-    _lib(f"32/libcuda.so.{V}", "libcuda1:i386", "CUDA_LIB", "compute", lib_dir=LIB32),
-    _lib(f"libnvidia-opencl.so.{V}", "nvidia-opencl-icd", "OPENCL_LIB", "opencl"),
-    _lib(f"libGLX_nvidia.so.{V}", "libglx-nvidia0", "GLX_CLIENT_LIB", "opengl"),
-    _lib(f"libEGL_nvidia.so.{V}", "libegl-nvidia0", "EGL_CLIENT_LIB", "opengl"),
-    _lib(f"libnvidia-glcore.so.{V}", "libnvidia-glcore", "OPENGL_LIB", "opengl",
-         lib_dir="usr/lib/x86_64-linux-gnu"),
-    _lib(f"libnvidia-tls.so.{V}", "libnvidia-glcore", "OPENGL_LIB", "opengl",
-         lib_dir="usr/lib/x86_64-linux-gnu"),
-    Pick("nvidia.icd", "nvidia-opencl-common", "etc/OpenCL/vendors/nvidia.icd", "CUDA_ICD",
-         "opencl", mode=0o644),
-    Pick("firmware/gsp_ga10x.bin", "firmware-nvidia-gsp", f"lib/firmware/nvidia/{V}/gsp_ga10x.bin",
-         "FIRMWARE", "gsp", mode=0o644),
-    Pick("firmware/gsp_tu10x.bin", "firmware-nvidia-gsp", f"lib/firmware/nvidia/{V}/gsp_tu10x.bin",
-         "FIRMWARE", "gsp", mode=0o644),
-)
-# Soname links as Debian (and NVIDIA's manifest) name them; `.so` dev links only where NVIDIA
-# ships one. libGLX_nvidia/libEGL_nvidia have soname .0, not .1.
-LINKS = (
-    Link("libnvidia-ml.so.1", f"libnvidia-ml.so.{V}", "UTILITY_LIB_SYMLINK", "nvml"),
-    Link("libnvidia-ml.so", "libnvidia-ml.so.1", "UTILITY_LIB_SYMLINK", "nvml"),
-    Link("libnvidia-cfg.so.1", f"libnvidia-cfg.so.{V}", "UTILITY_LIB_SYMLINK", "installer"),
-    Link("libcuda.so.1", f"libcuda.so.{V}", "CUDA_SYMLINK", "compute"),
-    Link("libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
-    Link("libnvidia-ptxjitcompiler.so.1", f"libnvidia-ptxjitcompiler.so.{V}", "CUDA_SYMLINK",
-         "compute"),
-    Link("32/libcuda.so.1", f"libcuda.so.{V}", "CUDA_SYMLINK", "compute"),
-    Link("32/libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
-    Link("libnvidia-opencl.so.1", f"libnvidia-opencl.so.{V}", "OPENCL_LIB_SYMLINK", "opencl"),
-    Link("libGLX_nvidia.so.0", f"libGLX_nvidia.so.{V}", "GLX_CLIENT_SYMLINK", "opengl"),
-    Link("libEGL_nvidia.so.0", f"libEGL_nvidia.so.{V}", "EGL_CLIENT_SYMLINK", "opengl"),
-)
-RECIPE_SOURCES = ("nvidia_run.py", "debian.py", "cache.py")
+DESCRIPTION = "NVIDIA Accelerated Graphics Driver for Linux-x86_64"
+# The tests' default driver; R470 is the second generation.
+VERSION = R535.version
+PACKAGE_DIR = R535.package_dir
+RUN_NAME = R535.run_name
+RECIPE_SOURCES = ("nvidia_run.py", "nvidia_branches.py", "debian.py", "cache.py")
 DOCUMENTATION = "NVIDIA_Changelog"  # Debian keeps it in the kernel tarball; NVIDIA at the top
 
 
@@ -172,9 +41,10 @@ def render_manifest_line(
     *,
     path: str = "/",
     target: str | None = None,
+    file_types: dict[str, FileFields] = R535.file_types,
 ) -> str:
     """One `.manifest` line; which optional fields appear follows nvidia-installer's table."""
-    has_arch, has_path, is_symlink, inherit_path = FILE_TYPES[type_]
+    has_arch, has_path, is_symlink, inherit_path = file_types[type_]
     if is_symlink != (target is not None):
         raise ValueError(f"{file}: {type_} {'needs' if is_symlink else 'takes no'} target")
     words = [file, f"{mode:04o}", type_]
@@ -190,11 +60,11 @@ def render_manifest_line(
     return " ".join(words)
 
 
-def render_manifest_header(modules: list[str]) -> list[str]:
+def render_manifest_header(modules: list[str], branch: Branch = R535) -> list[str]:
     return [
         DESCRIPTION,
-        VERSION,
-        "nv-linux.o",  # the kernel interface file name; nvidia-installer ignores it
+        branch.version,
+        branch.kernel_interface,  # read and ignored by nvidia-installer
         " ".join(modules),
         "nvidia-frontend",  # module names to uninstall
         "nvidia-frontend.ko",  # module files to uninstall
@@ -203,45 +73,51 @@ def render_manifest_header(modules: list[str]) -> list[str]:
     ]
 
 
-def unpack_kernel_sources(unpacked: Path, tree: Path) -> None:
-    """Unpack Debian's kernel source tarballs into kernel/ and kernel-open/ as NVIDIA lays them out.
+def unpack_kernel_sources(unpacked: Path, tree: Path, branch: Branch) -> None:
+    """Unpack Debian's kernel source tarballs into kernel/ (and kernel-open/) as NVIDIA lays
+    them out.
 
     Debian's tarballs hold NVIDIA's own Makefile/Kbuild/conftest.sh and the nv-kernel.o_binary
-    blobs at NVIDIA's paths; only Debian's debian/ folder is dropped.
+    blobs at NVIDIA's paths, unpatched (Debian applies debian/patches when it builds); only
+    Debian's debian/ folder is dropped.
     """
-    for package, tarball, top, name in KERNEL_TARBALLS:
+    for source in branch.kernel_tarballs:
         with tempfile.TemporaryDirectory(dir=tree.parent) as tmp:
-            run(["tar", "-xJf", unpacked / package / "usr/src" / tarball, "-C", tmp])
-            shutil.rmtree(Path(tmp) / top / "debian", ignore_errors=True)
-            os.rename(Path(tmp) / top, tree / name)
+            run(["tar", "-xJf", unpacked / source.package / "usr/src" / source.tarball,
+                 "-C", tmp])
+            shutil.rmtree(Path(tmp) / source.top / "debian", ignore_errors=True)
+            os.rename(Path(tmp) / source.top, tree / source.folder)
     os.rename(tree / "kernel" / DOCUMENTATION, tree / DOCUMENTATION)
 
 
-def assemble_tree(unpacked: Path, tree: Path) -> list[str]:
+def assemble_tree(unpacked: Path, tree: Path, branch: Branch = R535) -> list[str]:
     """Fill tree from the unpacked packages; return its `.manifest` lines."""
     tree.mkdir()
-    unpack_kernel_sources(unpacked, tree)
-    lines = [render_manifest_line(DOCUMENTATION, 0o644, "DOCUMENTATION", "installer")]
-    for sources in ("kernel", "kernel-open"):
-        for file in sorted(p for p in (tree / sources).rglob("*") if not p.is_dir()):
+    unpack_kernel_sources(unpacked, tree, branch)
+    types = branch.file_types
+    lines = [render_manifest_line(DOCUMENTATION, 0o644, "DOCUMENTATION", "installer",
+                                  file_types=types)]
+    for source in branch.kernel_tarballs:
+        folder = tree / source.folder
+        for file in sorted(p for p in folder.rglob("*") if not p.is_dir()):
             name = file.relative_to(tree).as_posix()
             type_ = "DKMS_CONF" if file.name == "dkms.conf" else "KERNEL_MODULE_SRC"
             mode = file.lstat().st_mode & 0o7777
-            lines.append(render_manifest_line(name, mode, type_, "resman"))
-    for pick in PICKS:
+            lines.append(render_manifest_line(name, mode, type_, "resman", file_types=types))
+    for pick in branch.picks:
         dest = tree / pick.name
         dest.parent.mkdir(exist_ok=True)
         shutil.copyfile(unpacked / pick.package.replace(":", "_") / pick.source, dest)
         dest.chmod(pick.mode)
         lines.append(render_manifest_line(pick.name, pick.mode, pick.type, pick.module,
-                                          path=pick.path))
-    for link in LINKS:  # in the manifest only, as in NVIDIA's packages
+                                          path=pick.path, file_types=types))
+    for link in branch.links:  # in the manifest only, as in NVIDIA's packages
         lines.append(render_manifest_line(link.name, 0, link.type, link.module,
-                                          target=link.target))
+                                          target=link.target, file_types=types))
     return lines
 
 
-def check_tree(tree: Path, lines: list[str]) -> None:
+def check_tree(tree: Path, lines: list[str], branch: Branch = R535) -> None:
     """The manifest lists every file of the tree, the tree has no symlink (NVIDIA's have
     none: its links are manifest entries), and 32/ holds a 32-bit ELF."""
     files = {line.split()[0] for line in lines if line.split()[1] != "0000"}
@@ -252,7 +128,7 @@ def check_tree(tree: Path, lines: list[str]) -> None:
     if links:
         raise RuntimeError(f"the tree holds symlinks, which NVIDIA's packages do not: {links[:3]}")
     # e_ident[EI_CLASS] is 1 for ELFCLASS32.
-    if (tree / f"32/libcuda.so.{VERSION}").read_bytes()[:5] != b"\x7fELF\x01":
+    if (tree / f"32/libcuda.so.{branch.version}").read_bytes()[:5] != b"\x7fELF\x01":
         raise RuntimeError("32/libcuda.so is not a 32-bit ELF file")
 
 
@@ -341,13 +217,13 @@ exit 0
 """)
 
 
-def render_run_header(*, sha256: str, skip: int) -> str:
+def render_run_header(*, sha256: str, skip: int, branch: Branch = R535) -> str:
     return RUN_HEADER.substitute(
-        label=f"{DESCRIPTION} {VERSION}", pkgdir=PACKAGE_DIR, sha256=sha256, skip=skip
-    )
+        label=f"{DESCRIPTION} {branch.version}", pkgdir=branch.package_dir, sha256=sha256,
+        skip=skip)
 
 
-def write_run(tree: Path, run_file: Path) -> None:
+def write_run(tree: Path, run_file: Path, branch: Branch = R535) -> None:
     payload = run_file.with_suffix(".tar")
     run(["tar", "--sort=name", "--owner=0", "--group=0", "--numeric-owner",
          "-C", tree, "-cf", payload, "."])
@@ -360,8 +236,8 @@ def write_run(tree: Path, run_file: Path) -> None:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     # The header's line count does not depend on the values put in it.
-    skip = render_run_header(sha256="", skip=0).count("\n") + 1
-    header = render_run_header(sha256=digest.hexdigest(), skip=skip)
+    skip = render_run_header(sha256="", skip=0, branch=branch).count("\n") + 1
+    header = render_run_header(sha256=digest.hexdigest(), skip=skip, branch=branch)
     with open(run_file, "wb") as out, open(compressed, "rb") as f:
         out.write(header.encode())
         shutil.copyfileobj(f, out, 1 << 20)
@@ -369,28 +245,30 @@ def write_run(tree: Path, run_file: Path) -> None:
     run_file.chmod(0o755)
 
 
-def build_into(out: Path) -> None:
+def build_into(out: Path, branch: Branch) -> None:
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         work = Path(tmp)
         unpacked = work / "unpacked"
-        for spec, deb in zip(PACKAGES, fetch_debs(PACKAGES, work / "debs"), strict=True):
+        for spec, deb in zip(branch.packages, fetch_debs(branch.packages, work / "debs"),
+                             strict=True):
             extract_deb(deb, unpacked / spec.partition("=")[0].replace(":", "_"))
-        tree = work / PACKAGE_DIR
-        lines = assemble_tree(unpacked, tree)
+        tree = work / branch.package_dir
+        lines = assemble_tree(unpacked, tree, branch)
         modules = [m for m in KERNEL_MODULES if (tree / "kernel" / m).is_dir()]
-        check_tree(tree, lines)
-        manifest = render_manifest_header(modules) + lines
+        check_tree(tree, lines, branch)
+        manifest = render_manifest_header(modules, branch) + lines
         (tree / ".manifest").write_text("\n".join(manifest) + "\n")
-        write_run(tree, out / RUN_NAME)
+        write_run(tree, out / branch.run_name, branch)
 
 
-def recipe() -> bytes:
-    """What the result depends on: this builder's code and the pinned packages."""
+def recipe(branch: Branch) -> bytes:
+    """What the result depends on: this builder's code and the branch's pinned packages."""
     here = Path(__file__).parent
     sources = [(here / name).read_bytes() for name in RECIPE_SOURCES]
-    return b"".join([*sources, "\n".join(PACKAGES).encode()])
+    return b"".join([*sources, branch.version.encode(), "\n".join(branch.packages).encode()])
 
 
-def build_nvidia_run() -> Path:
-    """The path of a cached NVIDIA-Linux-x86_64-535.261.03.run, built on first use."""
-    return build_cached("nvidia-run", recipe(), build_into) / RUN_NAME
+def build_nvidia_run(branch: Branch = R535) -> Path:
+    """The path of a cached NVIDIA-Linux-x86_64-<branch.version>.run, built on first use."""
+    return build_cached(f"nvidia-run-{branch.major}", recipe(branch),
+                        lambda out: build_into(out, branch)) / branch.run_name

@@ -58,6 +58,15 @@ def nvidia_run() -> Path:
     return build_nvidia_run()
 
 
+@pytest.fixture(scope="session")
+def nvidia_run_470() -> Path:
+    """NVIDIA-Linux-x86_64-470.256.02.run, the second driver generation (legacy, Kepler)."""
+    from testinputs.nvidia_branches import R470
+    from testinputs.nvidia_run import build_nvidia_run
+
+    return build_nvidia_run(R470)
+
+
 class MirrorHandler(SimpleHTTPRequestHandler):
     """Serves a folder with HTTP Range support; can cut chosen files short, like a bad link."""
 
@@ -177,27 +186,31 @@ class BuiltBundle:
 
 @pytest.fixture(scope="session")
 def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # type: ignore[no-untyped-def]
-                 nvidia_run: Path):
-    """`coreos-gpu build` of the test inputs (a real compile: minutes), once per release and
-    set of extra flags in a session, into one cache: the build and the VM tests share the
-    bundles. The release is the first test release unless release names another (say
-    flatcar_release.update.version, the one on the cloud kernel); an extra `--release` in
-    extra would add a kernel to the same bundle instead."""
+                 nvidia_run: Path, request: pytest.FixtureRequest):
+    """`coreos-gpu build` of the test inputs (a real compile: minutes), once per release,
+    driver and set of extra flags in a session, into one cache: the build and the VM tests
+    share the bundles, and each (driver, flavour, kernel) compiles once. The release is the
+    first test release unless release names another (say flatcar_release.update.version, the
+    one on the cloud kernel); an extra `--release` in extra would add a kernel to the same
+    bundle instead. The driver is 535.261.03 unless driver is "470.256.02"."""
     from testinputs.serve import serve_folder
 
     folder = tmp_path_factory.mktemp("builds")
     built: dict[tuple[str, ...], BuiltBundle] = {}
 
-    def build(*extra: str, release: str | None = None) -> BuiltBundle:
+    def build(*extra: str, release: str | None = None,
+              driver: str = "535.261.03") -> BuiltBundle:
         release = release or flatcar_release.version
-        key = (release, *extra)
+        key = (release, driver, *extra)
+        run = nvidia_run if driver == "535.261.03" else request.getfixturevalue(
+            f"nvidia_run_{driver.split('.')[0]}")
         if key not in built:
             archive = folder / f"nvidia-{len(built)}.tar.gz"
             with serve_folder(flatcar_release.server_root) as mirror:
                 result = run_cli(
                     "build", "--mirror", mirror, "--release", release,
                     "--signing-key-fingerprint", flatcar_release.key_fingerprint,
-                    "--driver-url", nvidia_run, "--driver-version", "535.261.03",
+                    "--driver-url", run, "--driver-version", driver,
                     "--runtime", "bwrap", "--output", archive, "--json", *extra,
                     # A compile takes minutes, many more on a machine busy with other tests.
                     cwd=folder, cache=folder / "cache", timeout=1800)

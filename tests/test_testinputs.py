@@ -19,6 +19,7 @@ from testinputs.debian import (
     parse_one_line_sources,
     render_private_sources,
 )
+from testinputs.nvidia_branches import R470
 from testinputs.nvidia_run import (
     PACKAGE_DIR,
     VERSION,
@@ -254,6 +255,29 @@ def test_run_extracts_with_target(shell: str, nvidia_run: Path, tmp_path: Path) 
     result = sh(shell, nvidia_run, "-x", "--target", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     check_extracted(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_the_470_run_has_that_branchs_quirks(nvidia_run_470: Path, tmp_path: Path) -> None:
+    """The second generation differs from 535 where the real 470 package does."""
+    result = sh("sh", nvidia_run_470, "-x", "--target", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    tree = tmp_path / "out"
+    lines = (tree / ".manifest").read_text().splitlines()
+    # The third (kernel interface) line is the empty variant; nvidia-installer ignores it.
+    assert lines[:4] == ["NVIDIA Accelerated Graphics Driver for Linux-x86_64", R470.version,
+                         "", "nvidia nvidia-uvm nvidia-modeset nvidia-drm nvidia-peermem"]
+    assert not (tree / "kernel-open").exists()
+    assert not (tree / "firmware").exists()
+    assert (tree / "kernel/nvidia/nv-kernel.o_binary").is_file()
+    # uvm.c ends with MODULE_LICENSE and MODULE_INFO: the module declares no version.
+    assert "MODULE_VERSION" not in (tree / "kernel/nvidia-uvm/uvm.c").read_text()
+    assert "MODULE_VERSION" in (tree / "kernel/nvidia/nv-frontend.c").read_text()
+    assert (f"libnvidia-ifr.so.1 0000 NVIFR_LIB_SYMLINK NATIVE libnvidia-ifr.so.{R470.version} "
+            "MODULE:nvfbc") in lines
+    for line in lines[8:]:
+        file, mode = line.split()[:2]
+        assert os.path.lexists(tree / file) == (mode != "0000"), line
 
 
 @pytest.mark.slow

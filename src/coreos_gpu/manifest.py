@@ -115,6 +115,10 @@ FILE_TYPES: dict[str, FileType] = {
     "SYSTEMD_UNIT_SYMLINK": FileType(has_path=True, is_symlink=True, installable=False),
     "SYSTEMD_SLEEP_SCRIPT": _PLAIN,
     "SANDBOXUTILS_FILELIST_JSON": _WITH_PATH,
+    # Gone by 535; 470.256.02's manifest.c still has them.
+    "NVIFR_LIB": _LIB,
+    "NVIFR_LIB_SYMLINK": _LIB_LINK,
+    "ALLOCATOR_JSON": _PLAIN,
 }
 
 _MODE = re.compile(r"[0-7]{3,4}")
