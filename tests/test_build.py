@@ -103,6 +103,28 @@ def test_build_both_flavours(build_bundle, mirror: Mirror, flatcar_release,  # t
 
 
 @pytest.mark.slow
+def test_build_the_legacy_470_branch(build_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The second driver generation, without --kernel-module-type: 470 has no kernel-open/ and
+    NVIDIA's installer defaults to proprietary before 560, its nvidia-uvm.ko declares no
+    version, and there is no GSP firmware to ship."""
+    built = build_bundle(driver="470.256.02")
+    manifest = json.loads(built.result.stdout)["manifest"]
+    assert (manifest["driver_version"], manifest["flavour"]) == ("470.256.02", "proprietary")
+    members = _members(built.archive)
+    payload = "payload/470.256.02"
+    for name in (*MODULES, "nvidia-peermem"):
+        assert f"{payload}/modules/{KERNEL}/{name}.ko" in members, name
+    assert f"{payload}/lib64/libnvidia-ml.so.470.256.02" in members
+    assert not [n for n in members if n.startswith(f"{payload}/firmware/")]
+    inspected = run_cli("inspect", built.archive, "--json", cwd=tmp_path, cache=built.cache)
+    assert inspected.code == 0, inspected.stdout + inspected.stderr
+    versions = {m["path"].rsplit("/", 1)[1]: m["version"]
+                for m in json.loads(inspected.stdout)["modules"]}
+    assert versions.pop("nvidia-uvm.ko") == ""
+    assert set(versions.values()) == {"470.256.02"}
+
+
+@pytest.mark.slow
 def test_unprepared_tree_fails_before_compiling_and_writes_no_archive(
         cli, mirror: Mirror, flatcar_release, nvidia_run: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     prepared = cli("devcontainer", "prepare", "--mirror", mirror.url, "--release",

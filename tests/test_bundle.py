@@ -606,7 +606,7 @@ def test_inspect_finds_a_module_of_another_driver(bundle: Bundle, ko_dir: Path,
     bad = rewrite(bundle.path, tmp_path / "bad.tar.gz",
                   lambda m, data: other if m.name == name else data)
     problems = inspect_bundle(bad).problems
-    assert f"{name}: module version 550.163.01, but the driver is {VERSION}" in problems
+    assert f"{name}: nvidia.ko is version 550.163.01, not driver {VERSION}" in problems
 
 
 def test_inspect_finds_missing_metadata(bundle: Bundle, tmp_path: Path) -> None:

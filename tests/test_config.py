@@ -11,7 +11,6 @@ from coreos_gpu.config import (
     DEFAULT_AGENT_UNITS,
     SETTINGS,
     BuildConfig,
-    KernelModuleType,
     OsName,
     Profile,
     load_config,
@@ -33,7 +32,7 @@ def test_defaults() -> None:
     assert config.channel == "stable"
     assert config.releases == ("current",)
     assert config.profile is Profile.COMPUTE
-    assert config.kernel_module_type is KernelModuleType.PROPRIETARY
+    assert config.kernel_module_type is None  # the driver's own default (driver.default_flavour)
     assert config.agent_units == DEFAULT_AGENT_UNITS
     assert re.fullmatch(r"\d{3}\.\d+\.\d+", config.driver_version)
     assert set(config.sources.values()) == {"default"}

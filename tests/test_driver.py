@@ -10,18 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from coreos_gpu.config import KernelModuleType, Profile
+from coreos_gpu.config import KernelModuleType, Profile, load_config
 from coreos_gpu.driver import (
     MESOS_TOOLS,
     DriverPackage,
     check_flavour,
+    default_flavour,
     fetch_driver,
     load_driver,
     read_package,
+    resolve_flavour,
 )
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import cached
 from coreos_gpu.manifest import Arch
+from coreos_gpu.sync import sync_flavours
 
 from .conftest import Mirror
 from .test_manifest import NEW_HEADER
@@ -107,8 +110,8 @@ def test_inspect_json_and_text(cli, nvidia_run: Path) -> None:
     assert shown["profiles"]["compute"]["bytes"] < shown["profiles"]["full"]["bytes"]
     text = cli("driver", "inspect", nvidia_run)
     assert text.code == 0, text.stderr
-    assert f"driver version  {VERSION}" in text.stdout
-    assert "flavours        proprietary (kernel/), open (kernel-open/)" in text.stdout
+    assert f"driver version   {VERSION}" in text.stdout
+    assert "flavours         proprietary (kernel/), open (kernel-open/)" in text.stdout
     assert f"libnvidia-ml.so.{VERSION}" in text.stdout
 
 
@@ -313,3 +316,58 @@ def test_pinned_sha256_that_matches_reads_the_driver(nvidia_run: Path, http_dir:
     package = fetch_driver(f"{http_dir.url}/{nvidia_run.name}", tmp_path / "cache",
                            offline=False, sha256=digest.upper())
     assert (package.version, package.sha256) == (VERSION, digest)
+
+
+# --- the default flavour follows the driver ---------------------------------------------------
+
+PROP, OPEN = KernelModuleType.PROPRIETARY, KernelModuleType.OPEN
+
+
+@pytest.mark.parametrize(("version", "flavours", "expected"), [
+    ("470.256.02", (PROP,), PROP),  # no kernel-open/ at all
+    ("535.261.03", (PROP, OPEN), PROP),
+    ("555.58.02", (PROP, OPEN), PROP),  # nvidia-installer 555: default_type = PROPRIETARY
+    ("560.28.03", (PROP, OPEN), OPEN),  # nvidia-installer 560: default_type = OPEN
+    ("580.82.07", (PROP, OPEN), OPEN),
+    ("580.82.07", (PROP,), PROP),  # a package without kernel-open/ never defaults to open
+    ("580.82.07", (OPEN,), OPEN),
+    ("580.82.07", (), OPEN),  # sync's plan: the version alone
+    ("470.256.02", (), PROP),
+])
+def test_default_flavour(version: str, flavours: tuple[KernelModuleType, ...],
+                         expected: KernelModuleType) -> None:
+    assert default_flavour(version, *((flavours,) if flavours else ())) is expected
+
+
+def test_an_explicit_flavour_wins_and_must_exist(tmp_path: Path) -> None:
+    both = _package(tmp_path / "b", SOURCES + SOURCES.replace("kernel/", "kernel-open/") + LIB)
+    assert resolve_flavour(both, None) is PROP  # 535: proprietary by default
+    assert resolve_flavour(both, OPEN) is OPEN
+    proprietary = _package(tmp_path / "p", SOURCES + LIB)
+    with pytest.raises(CoreosGpuError) as info:
+        resolve_flavour(proprietary, OPEN)
+    assert info.value.code is ExitCode.CONFIG
+
+
+@pytest.mark.parametrize(("settings", "driver", "expected"), [
+    ({}, "580.82.07", (OPEN,)),
+    ({}, "535.261.03", (PROP,)),
+    ({"kernel_module_type": "proprietary"}, "580.82.07", (PROP,)),
+    ({"sync_flavours": ["open", "proprietary", "open"]}, "470.256.02", (OPEN, PROP)),
+])
+def test_sync_keeps_each_drivers_default_flavour(
+        settings: dict[str, object], driver: str,
+        expected: tuple[KernelModuleType, ...]) -> None:
+    assert sync_flavours(load_config(settings, None), driver) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("branch", ["535", "470"])
+def test_inspect_shows_the_default_flavour(cli, nvidia_run: Path, nvidia_run_470: Path,  # type: ignore[no-untyped-def]
+                                           branch: str) -> None:
+    run = nvidia_run if branch == "535" else nvidia_run_470
+    shown = json.loads(cli("driver", "inspect", run, "--json").stdout)
+    assert shown["default_flavour"] == "proprietary"
+    assert shown["flavours"] == (["proprietary", "open"] if branch == "535" else ["proprietary"])
+    text = cli("driver", "inspect", run).stdout
+    assert "default flavour  proprietary (what NVIDIA's installer picks" in text

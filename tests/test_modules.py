@@ -208,11 +208,12 @@ def test_a_tree_without_module_symvers_is_an_image_error(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_build_in_a_root_without_cc_or_gcc(flatcar_release, nvidia_run: Path,  # type: ignore[no-untyped-def]
+def test_build_in_a_root_without_cc_or_gcc(flatcar_release, nvidia_run_470: Path,  # type: ignore[no-untyped-def]
                                             tmp_path: Path) -> None:
-    """The real 535 sources compile in the test developer container made Flatcar-like: it has
-    gcc-12 but no cc and no gcc, and without Debian's .kernelvariables the tree no longer
-    names gcc-12 itself, so only the CC from CONFIG_CC_VERSION_TEXT makes the build work."""
+    """The real 470 sources (the quicker of the two drivers to compile) compile in the test
+    developer container made Flatcar-like: it has gcc-12 but no cc and no gcc, and without
+    Debian's .kernelvariables the tree no longer names gcc-12 itself, so only the CC from
+    CONFIG_CC_VERSION_TEXT makes the build work."""
     cache = tmp_path / "cache"
     devroot = unpack_image(flatcar_release.image, RELEASE, cache, runtime=Runtime.BWRAP,
                            engine=EngineOptions())
@@ -222,7 +223,7 @@ def test_build_in_a_root_without_cc_or_gcc(flatcar_release, nvidia_run: Path,  #
     (tree / ".kernelvariables").unlink()
     assert find_command(root, ("cc", "gcc")) == ""
     assert find_command(root, ("gcc-12",)) == "gcc-12"
-    package = load_driver(nvidia_run, cache)
+    package = load_driver(nvidia_run_470, cache)
     built = build_modules(package, dataclasses.replace(devroot, root=root),
                           KernelModuleType.PROPRIETARY, runtime=Runtime.BWRAP,
                           engine=EngineOptions(), jobs=os.cpu_count() or 1, cache_dir=cache)

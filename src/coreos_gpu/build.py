@@ -13,9 +13,9 @@ from pathlib import Path
 
 from coreos_gpu import __version__, ui
 from coreos_gpu.bundle import Bundle, NodeSettings, ReleaseInputs, assemble_bundle
-from coreos_gpu.config import BuildConfig
+from coreos_gpu.config import BuildConfig, KernelModuleType
 from coreos_gpu.devcontainer import engine_options, prepare_devcontainer
-from coreos_gpu.driver import DRIVER_URL, DriverPackage, check_flavour, fetch_driver
+from coreos_gpu.driver import DRIVER_URL, DriverPackage, fetch_driver, resolve_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.modules import ModuleSet, build_modules
 from coreos_gpu.release import mirrored
@@ -27,6 +27,7 @@ from coreos_gpu.sandbox import RuntimeChoice, chosen_runtime
 class Build:
     bundle: Bundle
     package: DriverPackage
+    flavour: KernelModuleType
     module_sets: tuple[ModuleSet, ...]
     compiled: int  # module sets compiled by this build; the others came from the cache
     sandbox: RuntimeChoice | None  # the sandbox the compiles ran in; None: nothing compiled
@@ -37,8 +38,9 @@ def driver_source(config: BuildConfig) -> str:
                                          config.mirror)
 
 
-def read_driver(config: BuildConfig) -> DriverPackage:
-    """The configured .run, checked to be the configured version with the wanted flavour."""
+def read_driver(config: BuildConfig) -> tuple[DriverPackage, KernelModuleType]:
+    """The configured .run, checked to be the configured version, and the flavour to build:
+    the configured one, which it must have, or its default."""
     source = driver_source(config)
     with ui.step(f"reading driver package {Path(source).name}"):
         package = fetch_driver(source, config.cache_dir, offline=config.offline,
@@ -48,8 +50,7 @@ def read_driver(config: BuildConfig) -> DriverPackage:
             f"{source} is driver {package.version}, not driver_version {config.driver_version}",
             hint=f"set --driver-version {package.version}, or point driver_url at the "
             f"{config.driver_version} .run", code=ExitCode.CONFIG)
-    check_flavour(package, config.kernel_module_type)
-    return package
+    return package, resolve_flavour(package, config.kernel_module_type)
 
 
 def build(config: BuildConfig) -> Build:
@@ -57,13 +58,13 @@ def build(config: BuildConfig) -> Build:
     # The repository's key is read before anything is downloaded: a bad one stops the build.
     trust = load_trust(config.repository, config.repository_key)
     # The driver first: a wrong driver_version should not wait for gigabytes of images.
-    package = read_driver(config)
+    package, flavour = read_driver(config)
     devroots = [prepare_devcontainer(config, version) for version in config.releases]
     # One module set per distinct kernel: several releases may share one.
     by_kernel = {d.kernel_release: d for d in reversed(devroots)}
     module_sets, compiled = [], 0
     for devroot in by_kernel.values():
-        module_set = build_modules(package, devroot, config.kernel_module_type,
+        module_set = build_modules(package, devroot, flavour,
                                    runtime=config.runtime, engine=engine_options(config),
                                    jobs=config.jobs, cache_dir=config.cache_dir)
         module_sets.append(module_set)
@@ -80,6 +81,6 @@ def build(config: BuildConfig) -> Build:
             node=NodeSettings(config.agent_units, config.on_driver_failure, trust),
             tool_version=__version__,
             cache_dir=config.cache_dir)
-    return Build(bundle, package, tuple(module_sets), compiled,
+    return Build(bundle, package, flavour, tuple(module_sets), compiled,
                  chosen_runtime() if compiled else None)
 

@@ -130,8 +130,12 @@ def _check_inputs(package: DriverPackage, module_sets: Sequence[ModuleSet],
     for s in module_sets:
         if not s.modules:
             raise _bad(f"no kernel modules were built for kernel {s.kernel_release}")
+        core = next((m.version for m in s.modules if m.name == "nvidia"), "")
         for m in s.modules:
-            if vermagic_release(m.vermagic) != s.kernel_release or m.version != package.version:
+            # A module that declares no version (470's nvidia-uvm) was accepted by the modules
+            # stage for its link to the set's nvidia.ko, which must then be this driver's.
+            version = m.version or core
+            if vermagic_release(m.vermagic) != s.kernel_release or version != package.version:
                 raise _bad(f"{m.path} is built for kernel {vermagic_release(m.vermagic)} and "
                            f"driver {m.version}, not {s.kernel_release} and {package.version}",
                            hint="rebuild the modules")

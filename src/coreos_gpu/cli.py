@@ -60,8 +60,14 @@ def cmd_config_show(args: argparse.Namespace) -> None:
     if args.json:
         ui.print_json({key: {"value": value, "source": source} for key, value, source in rows})
     else:
-        shown = [(k, v if isinstance(v, str) and v else json.dumps(v), s) for k, v, s in rows]
+        shown = [(k, _shown_value(v), s) for k, v, s in rows]
         ui.print_table("effective configuration", ("key", "value", "source"), shown)
+
+
+def _shown_value(value: Any) -> str:
+    if value is None:  # kernel_module_type, unset
+        return "(the driver's default)"
+    return value if isinstance(value, str) and value else json.dumps(value)
 
 
 def cmd_driver_inspect(args: argparse.Namespace) -> None:
@@ -141,7 +147,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     else:
         ui.print_fields([
             ("archive", bundle.path), ("sha256", bundle.sha256), ("size", _mib(bundle.size)),
-            ("driver", f"{package.version} ({config.kernel_module_type.value} modules, "
+            ("driver", f"{package.version} ({made.flavour.value} modules, "
                        f"{config.profile.value} profile)"),
             ("kernels", ", ".join(m.kernel_release for m in made.module_sets)),
             ("sandbox", made.sandbox.runtime if made.sandbox else "none needed (all cached)"),
@@ -239,6 +245,7 @@ def render_driver_json(package: DriverPackage) -> dict[str, Any]:
         "sha256": package.sha256,
         "extracted_to": str(package.root),
         "flavours": [f.value for f in package.flavours],
+        "default_flavour": package.default_flavour.value if package.flavours else None,
         "kernel_modules": list(package.kernel_modules),
         "profiles": {
             p.value: {"files": len(entries),
@@ -267,6 +274,8 @@ def render_driver_text(package: DriverPackage) -> None:
         ("sha256", package.sha256),
         ("flavours", ", ".join(f"{f.value} ({package.kernel_source_dir(f).name}/)"
                                for f in package.flavours) or "none"),
+        ("default flavour", f"{package.default_flavour.value} (what NVIDIA's installer picks; "
+                            "--kernel-module-type overrides it)" if package.flavours else "none"),
         ("kernel modules", " ".join(package.kernel_modules)),
     ])
     selected = _by_profile(package)
@@ -288,7 +297,8 @@ def render_bundle_text(report: BundleReport) -> None:
     ui.print_table("parts", ("part", "files", "size"),
                    [(p.part, p.files, _mib(p.size)) for p in report.parts])
     ui.print_table("kernel modules", ("module", "vermagic", "version", "size"),
-                   [(m.path, m.vermagic, m.version, _mib(m.size)) for m in report.modules])
+                   [(m.path, m.vermagic, m.version or "none (checked by its link to nvidia.ko)",
+                      _mib(m.size)) for m in report.modules])
     if report.ok:
         ui.print_fields([("verification", "OK: every file matches SHA256SUMS and MANIFEST.json, "
                           "every module its kernel and driver version")])

@@ -214,8 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
             "checked)", _sha256, lambda: "", "SHA256"),
     Setting("profile", "which userspace files go into the bundle", _choice(Profile),
             lambda: Profile.COMPUTE, "PROFILE"),
-    Setting("kernel_module_type", "which kernel module sources to build",
-            _choice(KernelModuleType), lambda: KernelModuleType.PROPRIETARY, "TYPE"),
+    Setting("kernel_module_type", "which kernel module sources to build (default: the "
+            "driver's, as NVIDIA's installer picks it: open from 560 on, proprietary before)",
+            _choice(KernelModuleType), lambda: None, "TYPE"),
     Setting("agent_units", "Mesos agent units that must start after the driver",
             _list_of(UNIT), lambda: DEFAULT_AGENT_UNITS, "UNIT", flag_name="agent_unit",
             multiple=True),
@@ -286,7 +287,7 @@ class BuildConfig:
     driver_url: str
     driver_sha256: str
     profile: Profile
-    kernel_module_type: KernelModuleType
+    kernel_module_type: KernelModuleType | None  # None: the driver's default
     agent_units: tuple[str, ...]
     on_driver_failure: DriverFailurePolicy
     repository: str

@@ -31,6 +31,11 @@ EXTRACT_TIMEOUT_S = 600
 
 # Where each flavour's kernel module sources live in the extracted package.
 FLAVOUR_DIRS = {KernelModuleType.PROPRIETARY: "kernel", KernelModuleType.OPEN: "kernel-open"}
+# nvidia-installer's own default turned from proprietary to open in 560 (kernel.c
+# valid_kernel_module_types: `default_type = PROPRIETARY` up to 555.58.02, `OPEN` from
+# 560.28.03). Blackwell GPUs work with the open modules only; Maxwell to Volta (and Kepler,
+# up to 470) with the proprietary ones only.
+OPEN_BY_DEFAULT_FROM = 560
 
 # Not userspace: compiled by the modules stage, or only meaningful to nvidia-installer.
 _NOT_USERSPACE = frozenset(
@@ -67,6 +72,10 @@ class DriverPackage:
 
     def files(self, profile: Profile) -> tuple[ManifestEntry, ...]:
         return select_files(self.manifest, profile)
+
+    @property
+    def default_flavour(self) -> KernelModuleType:
+        return default_flavour(self.version, self.flavours)
 
     def size_of(self, entry: ManifestEntry) -> int:
         """Bytes of a file; a symlink holds none (and is not in the package)."""
@@ -253,6 +262,29 @@ def fetch_driver(source: str, cache_dir: Path, *, offline: bool,
     run_file = fetch(source, cache_dir, offline=offline)
     digest = verify_driver_sha256(run_file, source, sha256, cache_dir) if sha256 else ""
     return load_driver(run_file, cache_dir, source=source, digest=digest)
+
+
+def default_flavour(version: str,
+                    flavours: tuple[KernelModuleType, ...] = tuple(KernelModuleType),
+                    ) -> KernelModuleType:
+    """The kernel module type NVIDIA's installer picks for a driver with these sources: open
+    from 560 on, proprietary before; a package with one kind of sources has no choice (one
+    without kernel-open/ never defaults to open). Without the package (sync's plan), its
+    version alone says it: every package since 515 has both."""
+    wanted = (KernelModuleType.OPEN if int(version.split(".")[0]) >= OPEN_BY_DEFAULT_FROM
+              else KernelModuleType.PROPRIETARY)
+    if wanted in flavours or not flavours:
+        return wanted
+    return flavours[0]
+
+
+def resolve_flavour(package: DriverPackage, chosen: KernelModuleType | None) -> KernelModuleType:
+    """The flavour to build: the one configured (which the package must have), else the
+    package's default."""
+    if chosen is None:
+        return package.default_flavour
+    check_flavour(package, chosen)
+    return chosen
 
 
 def check_flavour(package: DriverPackage, flavour: KernelModuleType) -> None:

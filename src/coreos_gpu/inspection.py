@@ -33,7 +33,7 @@ from coreos_gpu.layout import (
     ReleaseInputs,
     part_of,
 )
-from coreos_gpu.modinfo import read_modinfo, vermagic_release
+from coreos_gpu.modinfo import ModuleIdentity, identity_problem, read_identity, vermagic_release
 
 _TEXT_LIMIT = 64 << 20  # MANIFEST.json and SHA256SUMS are read into memory: a bound
 _PART_ORDER = ("libraries", "binaries", "firmware", "modules", "node files", "other",
@@ -134,7 +134,7 @@ class _Scan:
     members: dict[str, _Seen] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # of every member, folders too
     texts: dict[str, bytes] = field(default_factory=dict)  # MANIFEST.json, SHA256SUMS
-    modinfo: dict[str, dict[str, str]] = field(default_factory=dict)  # by .ko path
+    modules: dict[str, ModuleIdentity] = field(default_factory=dict)  # by .ko path
     problems: list[str] = field(default_factory=list)
 
 
@@ -160,7 +160,7 @@ def _scan_file(tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _Scan, tmp: 
         scan.texts[name] = b"".join(chunks)
     if module:
         try:
-            scan.modinfo[name] = read_modinfo(module)
+            scan.modules[name] = read_identity(module)
         except CoreosGpuError as e:
             scan.problems.append(f"{name}: {e.message}")
         finally:
@@ -321,8 +321,9 @@ def _check_modules(scan: _Scan, driver_version: str,
                    kernels: tuple[str, ...]) -> tuple[ModuleReport, ...]:
     reports = []
     # By folder, then module name: nvidia before nvidia-modeset ("-" sorts before ".ko").
-    for name, info in sorted(scan.modinfo.items(), key=lambda item: (
+    for name, identity in sorted(scan.modules.items(), key=lambda item: (
             PurePosixPath(item[0]).parent, PurePosixPath(item[0]).stem)):
+        info = identity.fields
         parts = name.split("/")
         folder = parts[3] if len(parts) == 5 and parts[0] == PAYLOAD and parts[2] == "modules" \
             else ""
@@ -335,9 +336,11 @@ def _check_modules(scan: _Scan, driver_version: str,
                                  f"(vermagic {vermagic!r}), but it sits in the folder of {folder}")
         elif folder not in kernels:
             scan.problems.append(f"{name}: kernel {folder} is not one of the bundle's kernels")
-        if driver_version and version != driver_version:
-            scan.problems.append(f"{name}: module version {version or 'missing'}, but the "
-                                 f"driver is {driver_version}")
+        core = scan.modules.get(str(PurePosixPath(name).with_name("nvidia.ko")))
+        problem = identity_problem(PurePosixPath(name).name, identity,
+                                   driver_version=driver_version, core=core)
+        if driver_version and problem:
+            scan.problems.append(f"{name}: {problem}")
         depends = tuple(d for d in info.get("depends", "").split(",") if d)
         reports.append(ModuleReport(name, folder, vermagic, version, depends,
                                     scan.members[name].size))

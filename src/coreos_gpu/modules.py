@@ -25,7 +25,7 @@ from coreos_gpu.config import KernelModuleType, Runtime
 from coreos_gpu.devcontainer import DevRoot, read_kernel_release, resolve_in_root
 from coreos_gpu.driver import DriverPackage, check_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.modinfo import read_modinfo, vermagic_release
+from coreos_gpu.modinfo import identity_problem, read_identity, vermagic_release
 from coreos_gpu.run import tail
 from coreos_gpu.sandbox import DEFAULT_ENV, Bind, EngineOptions, SandboxSpec, run_in_sandbox
 
@@ -267,20 +267,46 @@ def _load(entry: Path) -> ModuleSet:
                       for m in data["modules"]))
 
 
-def check_module(path: Path, *, kernel_release: str, driver_version: str) -> KernelModule:
-    info = read_modinfo(path)
-    vermagic, version = info.get("vermagic", ""), info.get("version", "")
-    if vermagic_release(vermagic) != kernel_release:
-        raise CoreosGpuError(
+def check_modules(paths: list[Path], *, kernel_release: str, driver_version: str,
+                  log: Path) -> list[KernelModule]:
+    """Each module must be built for the kernel (vermagic) and be this driver's: its declared
+    version, or for a module that declares none (470's nvidia-uvm), its link to the set's
+    nvidia.ko (modinfo.identity_problem)."""
+    identities = {path: read_identity(path) for path in paths}
+    core = next((i for p, i in identities.items() if p.name == "nvidia.ko"), None)
+    modules = []
+    for path, identity in identities.items():
+        vermagic = identity.fields.get("vermagic", "")
+        problem = "" if vermagic_release(vermagic) == kernel_release else (
             f"{path.name} was built for kernel {vermagic_release(vermagic) or '(none)'}, not "
-            f"{kernel_release} (vermagic {vermagic!r})", code=ExitCode.MODULES)
-    if version != driver_version:
-        raise CoreosGpuError(f"{path.name} is version {version or '(none)'}, not driver "
-                             f"{driver_version}", code=ExitCode.MODULES)
-    depends = tuple(d for d in info.get("depends", "").split(",") if d)
-    return KernelModule(name=path.stem, path=path, sha256=sha256_of(path),
-                        size=path.stat().st_size, vermagic=vermagic, version=version,
-                        depends=depends)
+            f"{kernel_release} (vermagic {vermagic!r})")
+        problem = problem or identity_problem(path.name, identity, driver_version=driver_version,
+                                              core=core)
+        if problem:
+            raise CoreosGpuError(problem, hint=f"build log: {log}", code=ExitCode.MODULES)
+        depends = tuple(d for d in identity.fields.get("depends", "").split(",") if d)
+        modules.append(KernelModule(name=path.stem, path=path, sha256=sha256_of(path),
+                                    size=path.stat().st_size, vermagic=vermagic,
+                                    version=identity.fields.get("version", ""),
+                                    depends=depends))
+    return modules
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each .ko in folder: its inode and mtime, to tell the files kbuild wrote from others."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.ko")}
+
+
+def check_written(built: list[Path], before: dict[str, tuple[int, int]], log: Path) -> None:
+    """Refuse a .ko that was in the sources before make and that make left as it was: a
+    module of another build (another driver, say) that kbuild did not rebuild. The work
+    folder is new for each build, so a .ko there is this build's or came with the sources."""
+    for path in built:
+        if before.get(path.name) == (path.stat().st_ino, path.stat().st_mtime_ns):
+            raise CoreosGpuError(
+                f"{path.name} was already in the driver's kernel sources and this build did "
+                "not write it: a module left there by another build, not one of this driver's",
+                hint=f"remove it from the package (build log: {log})", code=ExitCode.MODULES)
 
 
 def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModuleType, *,
@@ -310,6 +336,7 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
                                workdir=SOURCES_IN_SANDBOX)
             what = (f"compiling the {flavour.value} NVIDIA {package.version} modules for "
                     f"{devroot.kernel_release}")
+            before = _stamps(sources)
             with ui.step(what):
                 if toolchain.cc:
                     ui.log(f"    with {' '.join(toolchain.make_args())}, as the kernel was built")
@@ -326,6 +353,7 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
             if missing:
                 raise _fail(f"{what} did not produce {', '.join(m + '.ko' for m in missing)}",
                             log)
+            check_written(built, before, log)
             # Debug info is 90% of each .ko and no node needs it (nvidia-uvm: 52 MB → 3 MB).
             run_in_sandbox(spec, ["strip", "--strip-debug", *(p.name for p in built)],
                            runtime=runtime, log_file=work / "strip.log",
@@ -333,11 +361,11 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
                            image_key=devroot.image_sha256)
             out = work / "out"
             out.mkdir()
-            modules = []
             for ko in built:
                 shutil.copy2(ko, out / ko.name)
-                modules.append(check_module(out / ko.name, kernel_release=devroot.kernel_release,
-                                            driver_version=package.version))
+            modules = check_modules([out / ko.name for ko in built],
+                                    kernel_release=devroot.kernel_release,
+                                    driver_version=package.version, log=log)
             write_atomically(out / "modules.json", json.dumps({
                 "key": key, "kernel_release": devroot.kernel_release, "flavour": flavour.value,
                 "driver_version": package.version,

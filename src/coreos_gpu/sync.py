@@ -22,6 +22,7 @@ from pathlib import Path
 from coreos_gpu import ui
 from coreos_gpu.build import build
 from coreos_gpu.config import BuildConfig, Channel, KernelModuleType, OsName, Profile
+from coreos_gpu.driver import default_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import PrivateKey, PublicKey, fingerprint, load_private_key, load_public_key
 from coreos_gpu.publish import publish
@@ -180,6 +181,14 @@ def wanted_releases(config: BuildConfig) -> list[tuple[Channel, str]]:
     return chosen
 
 
+def sync_flavours(config: BuildConfig, driver: str) -> tuple[KernelModuleType, ...]:
+    """The flavours sync keeps built for a driver: sync_flavours, else kernel_module_type,
+    else the driver's default (known from its version: the plan reads no .run)."""
+    if config.sync_flavours:
+        return tuple(dict.fromkeys(config.sync_flavours))
+    return (config.kernel_module_type or default_flavour(driver),)
+
+
 def make_plan(config: BuildConfig, key: PublicKey | None) -> Plan:
     """What the channels want and the repository lacks. With a key, the index must be signed
     by it; an empty repository (no index.current yet) lacks everything."""
@@ -189,7 +198,7 @@ def make_plan(config: BuildConfig, key: PublicKey | None) -> Plan:
         Target(config.os, channel, version, driver, flavour, profile)
         for channel, version in wanted_releases(config)
         for driver in drivers
-        for flavour in dict.fromkeys(config.sync_flavours or (config.kernel_module_type,))
+        for flavour in sync_flavours(config, driver)
         for profile in dict.fromkeys(config.sync_profiles or (config.profile,)))
     reader = open_reader(location, cache_dir=config.cache_dir,
                          s3_endpoint_url=config.s3_endpoint_url)
