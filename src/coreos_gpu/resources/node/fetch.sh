@@ -184,7 +184,8 @@ EOF
 lock_fetch() {
 	[ -z "${WORK:-}" ] || return 0
 	[ -d "$ROOT$OPT" ] || die 3 "$ROOT$OPT is missing: install a driver first"
-	exec 8>>"$ROOT$OPT/.fetch.lock" || die 1 "cannot open $ROOT$OPT/.fetch.lock"
+	check_lock_file "$ROOT$OPT/.fetch.lock"
+	exec 8>>"$ROOT$OPT/.fetch.lock"
 	flock -w 900 8 || die 6 "another fetch.sh kept $ROOT$OPT/.fetch.lock for 15 minutes"
 	for lf_left in "$ROOT$OPT"/.fetch.*; do
 		[ "$lf_left" = "$ROOT$OPT/.fetch.lock" ] || ! [ -e "$lf_left" ] || rm -rf "$lf_left"

@@ -110,8 +110,12 @@ esac
 [ "$STAGE_ONLY" = 0 ] || { START=0; ENABLE=0; }
 # A node's systemd is only asked to reload and start things on a real node, not in a tree.
 [ -z "$ROOT" ] || START=0
-# The copy in an installed driver folder (no payload/ beside it) can only uninstall.
-if [ "$UNINSTALL" = 0 ] && [ ! -d "$BUNDLE/payload" ] && [ -f "$BUNDLE/node/bundle.env" ]; then
+# The copy in an installed driver folder can only uninstall. Said only on positive evidence
+# (this script sits in a driver folder of $OPT), never guessed from what a folder lacks: a
+# bundle extracted from a download cut short has no payload/ either, and --uninstall would
+# remove the node's working driver. That one is refused below as an incomplete bundle.
+if [ "$UNINSTALL" = 0 ] && [ ! -d "$BUNDLE/payload" ] && [ -f "$BUNDLE/node/bundle.env" ] &&
+	[ "${BUNDLE%/*}" = "$(readlink -f "$ROOT$OPT" 2>/dev/null)" ]; then
 	die 2 "$BUNDLE is an installed driver, not an extracted bundle: run $SELF --uninstall, or install_nvidia.sh from an extracted archive"
 fi
 
@@ -204,7 +208,8 @@ lock() {
 	while [ "$lock_tries" -lt 20 ]; do
 		lock_tries=$((lock_tries + 1))
 		make_opt || die 1 "cannot create $OPT under ${ROOT:-/}"
-		exec 9>>"$ROOT$OPT/.lock" || die 1 "cannot open the lock file $ROOT$OPT/.lock"
+		check_lock_file "$ROOT$OPT/.lock"
+		exec 9>>"$ROOT$OPT/.lock"
 		flock -w 600 9 || die 6 "another install_nvidia.sh holds $ROOT$OPT/.lock; wait for it to finish"
 		# The same file? (test -ef is not POSIX; /dev/fd/9 leads to the file even once removed)
 		[ "$(stat -L -c %d:%i "$ROOT$OPT/.lock" 2>/dev/null)" = "$(stat -L -c %d:%i /dev/fd/9)" ] &&
@@ -427,15 +432,9 @@ esac
 [ -f "$BUNDLE/node/contents" ] && [ -f "$BUNDLE/SHA256SUMS" ] ||
 	die 4 "$BUNDLE is not a whole coreos-gpu bundle (node/contents or SHA256SUMS is missing); extract the whole archive"
 PAYLOAD=$BUNDLE/payload/$DRIVER_VERSION
-if [ "$STAGE_ONLY" = 1 ]; then
-	# startup.sh switches only among folders of current's driver and flavour.
-	[ -f "$ROOT$OPT/current/node/bundle.env" ] ||
-		die 2 "--stage installs beside an installed driver, and none is installed under ${ROOT:-/}; run me without --stage"
-	for key in DRIVER_VERSION FLAVOUR; do
-		[ "$(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env")" = "$(bundle_value "$key" "$BUNDLE/node/bundle.env")" ] ||
-			die 2 "--stage: this bundle's $key is $(bundle_value "$key" "$BUNDLE/node/bundle.env"), the installed driver's $(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env"); startup.sh would never switch to it: install it without --stage"
-	done
-fi
+# startup.sh switches only among folders of current's driver and flavour.
+[ "$STAGE_ONLY" = 0 ] || [ -f "$ROOT$OPT/current/node/bundle.env" ] ||
+	die 2 "--stage installs beside an installed driver, and none is installed under ${ROOT:-/}; run me without --stage"
 ID=$(sha256sum "$BUNDLE/SHA256SUMS" | cut -c1-12)
 NAME=$DRIVER_VERSION-$ID
 DEST=$ROOT$OPT/$NAME
@@ -449,6 +448,14 @@ else
 fi
 [ -z "$BAD" ] ||
 	die 4 "the bundle in $BUNDLE is corrupt: $BAD; download and extract it again"
+# Only now is anything read from the extracted folder: node/bundle.env is a regular file
+# that node/contents lists (a FIFO there would have hung a read).
+if [ "$STAGE_ONLY" = 1 ]; then
+	for key in DRIVER_VERSION FLAVOUR; do
+		[ "$(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env")" = "$(bundle_value "$key" "$BUNDLE/node/bundle.env")" ] ||
+			die 2 "--stage: this bundle's $key is $(bundle_value "$key" "$BUNDLE/node/bundle.env"), the installed driver's $(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env"); startup.sh would never switch to it: install it without --stage"
+	done
+fi
 
 if [ ! -d "$DEST" ]; then
 	NEED=$(du -sk "$PAYLOAD" "$BUNDLE/node" | awk '{ s += $1 } END { print s + 1024 }')

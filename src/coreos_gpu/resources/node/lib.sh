@@ -281,11 +281,21 @@ pending_release() {
 		END { if (op == "UPDATE_STATUS_UPDATED_NEED_REBOOT" && v ~ /^[0-9]+\.[0-9]+\.[0-9]+/ && v != "0.0.0") print v }'
 }
 
+# check_lock_file FILE: die 1 with one line when FILE cannot be opened to append. Tried in a
+# subshell first: a failed `exec 9>>FILE` ends a POSIX shell at once (a redirection error of
+# a special builtin), before any `|| die` runs, with only the shell's own words.
+check_lock_file() {
+	(: >>"$1") 2>/dev/null ||
+		die 1 "cannot open the lock file $1 (a read-only file system, or something else in its place); make $(dirname "$1") writable and run me again"
+}
+
 # lock_install CODE: the install lock (install_nvidia.sh's), for the few changes startup.sh
 # and fetch.sh make to $OPT themselves; fd 9 holds it until the caller closes it
 # (exec 9<&-). Exit CODE after two minutes.
 lock_install() {
-	exec 9>>"$ROOT$OPT/.lock" && flock -w 120 9 ||
+	check_lock_file "$ROOT$OPT/.lock"
+	exec 9>>"$ROOT$OPT/.lock"
+	flock -w 120 9 ||
 		die "$1" "another install_nvidia.sh holds $ROOT$OPT/.lock; run me again when it is done"
 }
 
