@@ -87,7 +87,8 @@ class Repository:
         self.root = root
         self.stall: set[str] = set()
         self.requests: list[str] = []
-        stall, requests = self.stall, self.requests
+        self.redirect: dict[str, str] = {}  # path -> Location of a 302 answer
+        stall, requests, redirect = self.stall, self.requests, self.redirect
 
         class Handler(SimpleHTTPRequestHandler):
             def log_message(self, format: str, *args: object) -> None:
@@ -97,6 +98,12 @@ class Repository:
                 requests.append(self.path)
                 if any(self.path.startswith(p) for p in stall):
                     time.sleep(30)
+                    return
+                if self.path in redirect:
+                    self.send_response(302)
+                    self.send_header("Location", redirect[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 super().do_GET()
 
@@ -272,6 +279,35 @@ def test_an_unreachable_repository(tmp_path: Path, made: Made) -> None:
     assert f"cannot read {UNREACHABLE}/index.current" in line
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_redirected_index_is_followed(tmp_path: Path, made: Made, repo: Repository,
+                                        shell: str) -> None:
+    """S3 websites, CloudFront and http→https answer 302: curl without -L used to save the
+    empty answer and call the repository "not a coreos-gpu repository" (wget followed)."""
+    publish_to(repo.root, made.key, made.a, made.b)
+    (repo.root / "moved").mkdir()
+    shutil.copy(repo.root / "index.current", repo.root / "moved/index.current")
+    repo.redirect["/index.current"] = f"{repo.url}/moved/index.current"
+    node = node_with(tmp_path, made.a, shell)
+    booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": repo.url})
+    assert booted.code == 0, booted.stderr
+    assert link(node, "current") == name_of(made.b)
+    assert "/moved/index.current" in repo.requests
+
+
+@pytest.mark.parametrize(("location", "says"), [
+    ("/index.current", "Maximum (3) redirects followed"),  # a loop: bounded
+    ("file:///etc/os-release", "not supported"),  # to another scheme than http(s)
+])
+def test_a_redirect_that_is_not_followed(tmp_path: Path, made: Made, repo: Repository,
+                                         location: str, says: str) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    repo.redirect["/index.current"] = location if "://" in location else repo.url + location
+    line = refused(tmp_path, made, repo.url, 22)
+    assert f"cannot read {repo.url}/index.current: " in line
+    assert says in line, line
+
+
 @pytest.mark.parametrize("stalled", ["/index.current", "/bundles/"])
 def test_a_server_that_stalls(tmp_path: Path, made: Made, repo: Repository,
                               stalled: str) -> None:
@@ -283,6 +319,30 @@ def test_a_server_that_stalls(tmp_path: Path, made: Made, repo: Repository,
     took = time.monotonic() - started
     assert "no answer within 3 s" in line
     assert took < 20, took
+
+
+def test_a_file_repository_that_hangs(tmp_path: Path, made: Made) -> None:
+    """file:// on a hung NFS mount (here: index.current is a FIFO nobody writes) is bounded
+    like a download; a FIFO used to block past any NVIDIA_FETCH_TIMEOUT."""
+    folder = tmp_path / "nfs"
+    folder.mkdir()
+    os.mkfifo(folder / "index.current")
+    started = time.monotonic()
+    line = refused(tmp_path, made, f"file://{folder}", 22, {"NVIDIA_FETCH_TIMEOUT": "10"})
+    assert f"cannot read file://{folder}/index.current: no answer within 10 s" in line
+    assert time.monotonic() - started < 40
+
+
+def test_every_oneshot_unit_has_a_start_timeout() -> None:
+    """A oneshot that hangs holds its locks forever; the defaults (90 s) would also cut a
+    legitimate fetch short, so each says its own bound."""
+    templates = Path(__file__).resolve().parent.parent / "src/coreos_gpu/resources/templates"
+    units = sorted(templates.rglob("*.service"))
+    assert units
+    for unit in units:
+        text = unit.read_text()
+        if "Type=oneshot" in text:
+            assert "\nTimeoutStartSec=" in text, unit.name
 
 
 def test_a_bad_timeout_setting(tmp_path: Path, made: Made, repo: Repository) -> None:

@@ -299,14 +299,19 @@ def render_pointer(text_sha256: str) -> bytes:
     return f"{POINTER_MAGIC} {FORMAT} {text_sha256}\n".encode()
 
 
+# One line, single spaces, the final newline optional: exactly what node/repository.sh's
+# repo_pointer accepts (spec/pointer.json holds the cases both must agree on).
+_POINTER = re.compile(rf"{POINTER_MAGIC} ([0-9]+) ([0-9a-f]{{64}})\n?")
+
+
 def parse_pointer(data: bytes, location: str) -> str:
-    fields = data.decode("ascii", "replace").split()
-    if len(fields) != 3 or fields[0] != POINTER_MAGIC or not _SHA256.fullmatch(fields[2]):
+    match = _POINTER.fullmatch(data.decode("ascii", "replace"))
+    if match is None:
         raise _bad(location, f"{POINTER} is not '{POINTER_MAGIC} {FORMAT} <sha256>'")
-    if fields[1] != str(FORMAT):
-        raise _bad(location, f"its layout is format {fields[1]}; this coreos-gpu reads "
+    if match.group(1) != str(FORMAT):
+        raise _bad(location, f"its layout is format {match.group(1)}; this coreos-gpu reads "
                    f"format {FORMAT}")
-    return fields[2]
+    return match.group(2)
 
 
 # --- reading and trusting ------------------------------------------------------------------

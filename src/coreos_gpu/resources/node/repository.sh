@@ -24,15 +24,18 @@ repo_sha256() {
 
 # repo_download URL FILE SECONDS: the whole file or a failure (its reason on stdout) within
 # SECONDS; curl where there is one (both OSes ship it), else wget; file:// is a copy.
+# Redirects (S3 websites, CDNs, http to https) are followed as wget does, at most 3, and
+# only to http(s) (curl: from https only to https; wget cannot be held to that).
 repo_download() {
 	case $1 in
-	file://*) cp "${1#file://}" "$2" 2>&1 ;;
+	file://*) timeout "$3" cp "${1#file://}" "$2" 2>&1 ;;  # a hung NFS mount: bounded too
 	http://* | https://*)
 		if command -v curl >/dev/null 2>&1; then
-			timeout "$3" curl -fsS --proto =http,https --connect-timeout 10 --retry 2 \
-				--retry-delay 1 --retry-connrefused -o "$2" "$1" 2>&1
+			case $1 in https://*) rd_redir='=https' ;; *) rd_redir='=http,https' ;; esac
+			timeout "$3" curl -fsS --proto =http,https -L --max-redirs 3 --proto-redir "$rd_redir" \
+				--connect-timeout 10 --retry 2 --retry-delay 1 --retry-connrefused -o "$2" "$1" 2>&1
 		else
-			timeout "$3" wget -q -T 10 -t 3 -O "$2" "$1" 2>&1
+			timeout "$3" wget -q -T 10 -t 3 --max-redirect=3 -O "$2" "$1" 2>&1
 		fi ;;
 	*) printf 'not an http://, https:// or file:// URL'; false ;;
 	esac
@@ -41,15 +44,21 @@ repo_download() {
 	return "$rd_rc"
 }
 
+# repo_pointer FILE: the index sha256 an index.current names; fails unless FILE is exactly one
+# line "coreos-gpu-repository 1 <sha256>", single spaces, the final newline optional (as the
+# Python reader, repository.parse_pointer: spec/pointer.json holds the cases both agree on).
+repo_pointer() {
+	awk 'NR == 1 && /^coreos-gpu-repository 1 [0-9a-f]+$/ && length($3) == 64 { sha = $3 }
+		END { if (NR == 1 && sha != "") print sha; else exit 1 }' "$1"
+}
+
 # repo_index URL KEY WORK SECONDS: the repository's index, its signature checked with the
 # public key KEY (openssl dgst -sha256 -verify), as WORK/index.txt. Each file within SECONDS.
 repo_index() {
 	ri_url=$1
 	ri_err=$(repo_download "$ri_url/index.current" "$3/index.current" "$4") ||
 		die 22 "cannot read $ri_url/index.current: $(printf '%s' "$ri_err" | tail -n 1); check the repository URL and the network"
-	read -r ri_magic ri_format ri_sha <"$3/index.current" || ri_magic=
-	[ "$ri_magic $ri_format" = "coreos-gpu-repository 1" ] && [ "${#ri_sha}" = 64 ] &&
-		case $ri_sha in *[!0-9a-f]*) false ;; esac ||
+	ri_sha=$(repo_pointer "$3/index.current") ||
 		die 22 "$ri_url/index.current is not 'coreos-gpu-repository 1 <sha256>': $ri_url is not a coreos-gpu repository of this format"
 	for ri_name in "index/$ri_sha.txt" "index/$ri_sha.txt.sig"; do
 		ri_err=$(repo_download "$ri_url/$ri_name" "$3/${ri_name#index/}" "$4") ||
