@@ -279,6 +279,72 @@ def test_an_unreachable_repository(tmp_path: Path, made: Made) -> None:
     assert f"cannot read {UNREACHABLE}/index.current" in line
 
 
+def serve_signed(repo: Path, key: Path, kernel: str, data: bytes) -> None:
+    """Make the repository's signed index list data (any bytes) as the bundle for kernel:
+    what a key holder's mistake publishes. The node must still refuse to stage it."""
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    path = f"bundles/{sha}/nvidia.tar.gz"
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_bytes(data)
+    old = (repo / "index.current").read_text().split()[2]
+    lines = []
+    for line in (repo / f"index/{old}.txt").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[0] == "bundle" and fields[6] == kernel:
+            fields[7:10] = [path, sha, str(len(data))]
+        lines.append(" ".join(fields))
+    text = ("\n".join(lines) + "\n").encode()
+    text_sha = hashlib.sha256(text).hexdigest()
+    (repo / f"index/{text_sha}.txt").write_bytes(text)
+    subprocess.run(["openssl", "dgst", "-sha256", "-sign", key, "-out",
+                    repo / f"index/{text_sha}.txt.sig", repo / f"index/{text_sha}.txt"],
+                   check=True)
+    (repo / "index.current").write_text(f"coreos-gpu-repository 1 {text_sha}\n")
+
+
+def without_member(source: Path, name: str) -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(source) as old, tarfile.open(fileobj=out, mode="w:gz") as new:
+        for member in old.getmembers():
+            if member.name != name:
+                new.addfile(member, old.extractfile(member) if member.isreg() else None)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("served", "says"), [
+    # gzip's line names the problem; tar's last one ("Error is not recoverable") does not.
+    ("truncated", "cannot extract "),
+    ("no install_nvidia.sh", "has no executable install_nvidia.sh: it is not a coreos-gpu "
+                             "bundle"),
+    ("the other kernel's", f"has no modules for kernel {CLOUD}, which the signed index lists "
+                           "it for"),
+])
+def test_a_signed_bundle_that_cannot_serve_is_not_staged(
+        tmp_path: Path, made: Made, repo: Repository, shell: str, served: str,
+        says: str) -> None:
+    publish_to(repo.root, made.key, made.a, made.b)
+    b = archive(made.b).read_bytes()
+    data = {"truncated": b[:len(b) // 2],
+            "no install_nvidia.sh": without_member(archive(made.b), "install_nvidia.sh"),
+            "the other kernel's": archive(made.a).read_bytes()}[served]
+    serve_signed(repo.root, made.key, CLOUD, data)
+    node = node_with(tmp_path, made.a, shell)
+    before = snapshot(node.root)
+    result = node.fetch("--kernel", CLOUD, env={"NVIDIA_REPOSITORY_URL": repo.url})
+    line = one_error(result, 25)
+    assert says in line, line
+    if served == "truncated":
+        assert "unexpected end of file" in line and "not recoverable" not in line, line
+    assert without_locks(snapshot(node.root)) == before
+    assert "not found" not in result.stderr and "denied" not in result.stderr
+
+
 @pytest.mark.parametrize("shell", SHELLS)
 def test_a_redirected_index_is_followed(tmp_path: Path, made: Made, repo: Repository,
                                         shell: str) -> None:

@@ -32,7 +32,8 @@
 #       no coreos-gpu repository
 #   23  the index is not signed by this bundle's key (or is not the index index.current names)
 #   24  the repository has no bundle for this kernel (or release), driver, flavour and profile
-#   25  the bundle downloaded cannot be extracted, or did not install (install_nvidia.sh's
+#   25  the bundle downloaded cannot be extracted, lacks what the index promises (an
+#       executable install_nvidia.sh, modules for its kernel), or did not install (install_nvidia.sh's
 #       message says why)
 #   26  not enough free space for the download
 # "A && B || die …" means: die when either fails.
@@ -117,7 +118,18 @@ extract_bundle() {
 	*.xz) eb_err=$(tar -xJf "$1" --no-same-owner -C "$2" 2>&1) ;;
 	*.zst) eb_err=$({ zstd -dc "$1" | tar -xf - --no-same-owner -C "$2"; } 2>&1) ;;
 	*) eb_err=$(tar -xzf "$1" --no-same-owner -C "$2" 2>&1) ;;
-	esac || die 25 "cannot extract $1: $(printf '%s' "$eb_err" | tail -n 1)"
+	esac || die 25 "cannot extract $1: $(first_reason "$eb_err")"
+}
+
+# first_reason TEXT: the line of tar's (or gzip's) complaint that names the problem (a
+# truncated archive, not gzip, a member it refused), not the summary it ends with.
+first_reason() {
+	printf '%s\n' "$1" | awk '
+		NF && !/Error is not recoverable|Exiting with failure status|Child returned status/ {
+			print; found = 1; exit
+		}
+		NF { last = $0 }
+		END { if (!found) print last }'
 }
 
 # --- one fetch: index, bundle, install --stage ----------------------------------------------
@@ -170,6 +182,12 @@ EOF
 	mkdir "$WORK/bundle" || die 1 "cannot create $WORK/bundle"
 	extract_bundle "$sb_archive" "$WORK/bundle"
 	rm -f "$sb_archive"
+	# Signed, but still to be checked for what the index promises: a bundle to run, with
+	# modules for the kernel it is listed for (else the boot into it would fail once more).
+	[ -f "$WORK/bundle/install_nvidia.sh" ] && [ -x "$WORK/bundle/install_nvidia.sh" ] ||
+		die 25 "the bundle from $URL/$sb_path has no executable install_nvidia.sh: it is not a coreos-gpu bundle; nothing was installed"
+	[ -d "$WORK/bundle/payload/$DRIVER_VERSION/modules/$sb_kernel" ] ||
+		die 25 "the bundle from $URL/$sb_path has no modules for kernel $sb_kernel, which the signed index lists it for: publish the right bundle for it; nothing was installed"
 	set --
 	[ -z "$ROOT" ] || set -- --root "$ROOT"
 	[ "$sb_by" = kernel ] || set -- "$@" --release "$sb_want"
