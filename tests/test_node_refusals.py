@@ -112,3 +112,82 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line_of_ours(
     assert [line for line in result.stderr.splitlines() if str(lock) in line
             and ": error: " not in line] == [], "the shell's own words"
     assert snapshot(node.root) == before
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("was", ["dangling", "outside", "garbage"])
+def test_only_an_installed_folder_becomes_previous(
+        tmp_path: Path, bundles: tuple[Path, Path], shell: str, was: str) -> None:
+    """`previous` is the rollback: it used to become whatever `current` pointed at."""
+    bundle, _ = bundles
+    node = Node(tmp_path, shell=shell)
+    opt = node.root / "opt/nvidia"
+    opt.mkdir(parents=True)
+    (tmp_path / "elsewhere/node").mkdir(parents=True)
+    (tmp_path / "elsewhere/node/bundle.env").write_text("DRIVER_VERSION='1.0'\n")
+    (opt / "current").symlink_to({"dangling": "535.0-gone", "garbage": "../../../etc",
+                                  "outside": str(tmp_path / "elsewhere")}[was])
+    result = node.install(bundle)
+    assert result.code == 0, result.stderr
+    assert not (opt / "previous").is_symlink()
+    assert "/opt/nvidia/previous stays as it was" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_startup_loads_only_from_a_driver_folder_of_opt_nvidia(
+        tmp_path: Path, bundle: Path, shell: str) -> None:
+    """A copy of an installed driver folder anywhere else, reached through a link or by
+    hand, is not loaded from, and nothing of it is sourced."""
+    node = installed(tmp_path, bundle, shell)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", (node.root / "opt/nvidia/current").resolve(), copy], check=True)
+    (copy / "node/bundle.env").write_text(f"touch {tmp_path}/sourced\n")
+    (tmp_path / "via").symlink_to(copy / "startup.sh")
+    for script in (copy / "startup.sh", tmp_path / "via"):
+        result = node.run(script, "--root", str(node.root), "--force-load")
+        assert result.code == 3, result.stderr
+        assert result.errors == [
+            f"startup.sh: error: {copy} is not a driver folder of /opt/nvidia: startup.sh loads "
+            "only an installed driver (install_nvidia.sh installs one; nvidia.service runs "
+            "/opt/nvidia/startup.sh)"]
+    assert node.calls("insmod") == []
+    assert not (tmp_path / "sourced").exists()
+
+
+VALUES = ["535.261.03", "dcos-mesos-slave.service dcos-mesos-slave-public.service", "",
+          "https://repo.example/gpu?a=1&b=2", "it's", "'", "$(touch {canary})", "`touch {canary}`",
+          "a\\b", "x;y|z", '"quoted"']
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_bundle_env_values_are_read_as_the_build_wrote_them_never_run(
+        tmp_path: Path, shell: str) -> None:
+    """node.render_bundle_env writes each value with shlex.quote; lib.sh's bundle_value must
+    give back the same string, and run nothing (startup.sh used to source the file)."""
+    import shlex
+
+    canary = tmp_path / "canary"
+    values = [v.format(canary=canary) for v in VALUES]
+    env = tmp_path / "bundle.env"
+    env.write_text("# Written by coreos-gpu\n" + "".join(
+        f"K{n}={shlex.quote(v)}\n" for n, v in enumerate(values)))
+    lib = Path(__file__).resolve().parents[1] / "src/coreos_gpu/resources/node/lib.sh"
+    script = f'. "{lib}"\n' + "".join(
+        f'bundle_value K{n} "{env}"; echo "|"\n' for n in range(len(values)))
+    out = subprocess.run([*shell.split(), "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.split("\n|\n")[:len(values)] == values
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_boot_and_doctor_never_source_bundle_env(tmp_path: Path, bundle: Path,
+                                                 shell: str) -> None:
+    node = installed(tmp_path, bundle, shell)
+    env = node.root / "opt/nvidia/current/node/bundle.env"
+    canary = tmp_path / "canary"
+    env.write_text(env.read_text() + f"$(touch {canary})\nX=`touch {canary}`\n")
+    node.add_gpu("0000:00:1e.0", 0)
+    node.startup()
+    node.doctor()
+    assert not canary.exists()

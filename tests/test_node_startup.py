@@ -268,7 +268,10 @@ def test_not_installed(tmp_path: Path) -> None:
     result = node.run(Path(__file__).parents[1] / "src/coreos_gpu/resources/node/startup.sh",
                       "--root", str(node.root))
     assert result.code == 3
-    assert "node/lib.sh is missing: the installation is incomplete" in result.errors[0]
+    assert result.errors == [
+        f"startup.sh: error: {Path(__file__).parents[1]}/src/coreos_gpu/resources/node is not a "
+        "driver folder of /opt/nvidia: startup.sh loads only an installed driver "
+        "(install_nvidia.sh installs one; nvidia.service runs /opt/nvidia/startup.sh)"]
 
 
 def test_bad_arguments(tmp_path: Path, bundle: Path) -> None:

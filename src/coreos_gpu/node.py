@@ -1,12 +1,13 @@
 """Node files: the scripts and units a bundle carries, with the build's settings filled in.
 
 Nodes have no Python, so what the node side needs to know about its bundle reaches it as
-files the scripts read: `node/bundle.env` (sourced by sh), `node/module-deps` (each
-module's kernel dependencies, from its .modinfo at build time: no modinfo on the node), and
-the unit and agent drop-in rendered from `resources/templates/`. The scripts themselves
-(`resources/node/`) are carried as they are, except that a line that sources a sibling and
-ends in `# coreos-gpu: inline` is replaced by that file: install_nvidia.sh runs from a folder
-anyone may have written to, so it must not source anything from it before it has checked it.
+files the scripts read: `node/bundle.env` (read by lib.sh's bundle_value, never sourced),
+`node/module-deps` (each module's kernel dependencies, from its .modinfo at build time: no
+modinfo on the node), and the unit and agent drop-in rendered from `resources/templates/`.
+The scripts themselves (`resources/node/`) are carried as they are, except that a line that
+sources a sibling and ends in `# coreos-gpu: inline` is replaced by that file:
+install_nvidia.sh runs from a folder anyone may have written to, so it must not source
+anything from it before it has checked it.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: s
         "REPOSITORY_KEY_FINGERPRINT": (settings.repository.fingerprint
                                        if settings.repository else ""),
     }
-    return (f"# Written by coreos-gpu {tool_version}; sourced by install_nvidia.sh, startup.sh "
-            "and nvidia-doctor.\n"
+    return (f"# Written by coreos-gpu {tool_version}; read, never sourced, by the node "
+            "scripts and nvidia-doctor.\n"
             + "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items()))
 
 

@@ -168,18 +168,44 @@ replace_link() {
 	act ln -s "$1" "$2.tmp.$$" && act mv -Tf "$2.tmp.$$" "$2"
 }
 
-# bundle_value KEY FILE: a value of node/bundle.env, read, not sourced (KEY='value').
+# bundle_value KEY FILE: a value of node/bundle.env, read, never sourced (a `$(…)` in a
+# sourced value would run as root at every boot). The build writes each value as Python's
+# shlex.quote does: bare when it has only safe characters, else in '…', a ' inside written
+# as '"'"'. Only a regular file is read (a FIFO would hang the read).
 bundle_value() {
-	sed -n "s/^$1=//p" "$2" | sed "s/^'\\(.*\\)'\$/\\1/"
+	[ -f "$2" ] || return 0
+	awk -v key="$1" '
+		index($0, key "=") == 1 {
+			value = substr($0, length(key) + 2)
+			if (value ~ /^'"'"'.*'"'"'$/) {
+				value = substr(value, 2, length(value) - 2)
+				gsub(/'"'"'"'"'"'"'"'"'/, "'"'"'", value)
+			}
+			print value
+			exit
+		}' "$2"
+}
+
+# installed_folder NAME: NAME is an installed driver folder of $OPT (a plain name, a folder,
+# with its node/bundle.env).
+installed_folder() {
+	case $1 in "" | */* | . | ..) return 1 ;; esac
+	[ -d "$ROOT$OPT/$1" ] && [ ! -L "$ROOT$OPT/$1" ] && [ -f "$ROOT$OPT/$1/node/bundle.env" ]
 }
 
 # switch_current NAME: point $OPT/current at the driver folder NAME in one rename. `previous`
 # names the driver before the last switch: kept for a rollback, and set before the switch
-# so that a run stopped after it keeps the same one.
+# so that a run stopped after it keeps the same one. Only an installed folder becomes
+# `previous`: a dangling or foreign `current` (an old tool's, a hand-made link) leaves the
+# `previous` there was.
 switch_current() {
 	sc_was=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
 	if [ -n "$sc_was" ] && [ "$sc_was" != "$1" ]; then
-		replace_link "$sc_was" "$ROOT$OPT/previous" || return 1
+		if installed_folder "$sc_was"; then
+			replace_link "$sc_was" "$ROOT$OPT/previous" || return 1
+		else
+			warn "$OPT/current pointed at $sc_was, not an installed driver folder: $OPT/previous stays as it was"
+		fi
 	fi
 	replace_link "$1" "$ROOT$OPT/current" || return 1
 	[ "$sc_was" = "$1" ] || [ "${DRY:-0}" = 1 ] || say "$OPT/current is now $1${sc_was:+ (was $sc_was)}"

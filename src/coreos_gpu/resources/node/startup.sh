@@ -58,6 +58,16 @@ while [ $# -gt 0 ]; do
 done
 
 HERE=$(dirname "$(readlink -f "$0")")
+# Only an installed driver folder, /opt/nvidia/<name>, is loaded from (or has anything of
+# it sourced): not a copy elsewhere that a link or a hand-typed path leads to.
+case ${ROOT:-/} in
+/*) OPT_HERE=$(readlink -f "${ROOT%/}/opt/nvidia") ;;
+*) OPT_HERE=$(readlink -f "$(pwd)/${ROOT%/}/opt/nvidia") ;;
+esac
+[ -n "$OPT_HERE" ] && [ "${HERE%/*}" = "$OPT_HERE" ] || {
+	printf '%s: error: %s is not a driver folder of /opt/nvidia: startup.sh loads only an installed driver (install_nvidia.sh installs one; nvidia.service runs /opt/nvidia/startup.sh)\n' "$PROG" "$HERE" >&2
+	exit 3
+}
 [ -r "$HERE/node/lib.sh" ] || {
 	printf '%s: error: %s/node/lib.sh is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
 	exit 3
@@ -67,8 +77,9 @@ HERE=$(dirname "$(readlink -f "$0")")
 ROOT=$(parse_root "$ROOT")
 [ -r "$HERE/node/bundle.env" ] ||
 	die 3 "$HERE/node/bundle.env is missing: the installation is incomplete; run install_nvidia.sh again"
-# shellcheck source=/dev/null
-. "$HERE/node/bundle.env"
+DRIVER_VERSION=$(bundle_value DRIVER_VERSION "$HERE/node/bundle.env")
+FLAVOUR=$(bundle_value FLAVOUR "$HERE/node/bundle.env")
+KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$HERE/node/bundle.env")
 PATH=$PATH:$HERE/bin
 export PATH
 
