@@ -122,6 +122,26 @@ def _shared_picks() -> tuple[Pick, ...]:
     )
 
 
+def _soname_links(v: str) -> tuple[Link, ...]:
+    """The links both branches list, as Debian (and NVIDIA's manifest) name them; `.so` dev
+    links only where NVIDIA ships one. libGLX_nvidia/libEGL_nvidia have soname .0, not .1."""
+    return (
+        Link("libnvidia-ml.so.1", f"libnvidia-ml.so.{v}", "UTILITY_LIB_SYMLINK", "nvml"),
+        Link("libnvidia-ml.so", "libnvidia-ml.so.1", "UTILITY_LIB_SYMLINK", "nvml"),
+        Link("libnvidia-cfg.so.1", f"libnvidia-cfg.so.{v}", "UTILITY_LIB_SYMLINK", "installer"),
+        Link("libcuda.so.1", f"libcuda.so.{v}", "CUDA_SYMLINK", "compute"),
+        Link("libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
+        Link("libnvidia-ptxjitcompiler.so.1", f"libnvidia-ptxjitcompiler.so.{v}",
+             "CUDA_SYMLINK", "compute"),
+        Link("32/libcuda.so.1", f"libcuda.so.{v}", "CUDA_SYMLINK", "compute"),
+        Link("32/libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
+        Link("libnvidia-opencl.so.1", f"libnvidia-opencl.so.{v}", "OPENCL_LIB_SYMLINK",
+             "opencl"),
+        Link("libGLX_nvidia.so.0", f"libGLX_nvidia.so.{v}", "GLX_CLIENT_SYMLINK", "opengl"),
+        Link("libEGL_nvidia.so.0", f"libEGL_nvidia.so.{v}", "EGL_CLIENT_SYMLINK", "opengl"),
+    )
+
+
 def _r535() -> Branch:
     v = "535.261.03"
     deb = f"{v}-1"
@@ -167,23 +187,7 @@ def _r535() -> Branch:
         Pick("firmware/gsp_tu10x.bin", "firmware-nvidia-gsp",
              f"lib/firmware/nvidia/{v}/gsp_tu10x.bin", "FIRMWARE", "gsp", mode=0o644),
     )
-    # Soname links as Debian (and NVIDIA's manifest) name them; `.so` dev links only where
-    # NVIDIA ships one. libGLX_nvidia/libEGL_nvidia have soname .0, not .1.
-    links = (
-        Link("libnvidia-ml.so.1", f"libnvidia-ml.so.{v}", "UTILITY_LIB_SYMLINK", "nvml"),
-        Link("libnvidia-ml.so", "libnvidia-ml.so.1", "UTILITY_LIB_SYMLINK", "nvml"),
-        Link("libnvidia-cfg.so.1", f"libnvidia-cfg.so.{v}", "UTILITY_LIB_SYMLINK", "installer"),
-        Link("libcuda.so.1", f"libcuda.so.{v}", "CUDA_SYMLINK", "compute"),
-        Link("libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
-        Link("libnvidia-ptxjitcompiler.so.1", f"libnvidia-ptxjitcompiler.so.{v}",
-             "CUDA_SYMLINK", "compute"),
-        Link("32/libcuda.so.1", f"libcuda.so.{v}", "CUDA_SYMLINK", "compute"),
-        Link("32/libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
-        Link("libnvidia-opencl.so.1", f"libnvidia-opencl.so.{v}", "OPENCL_LIB_SYMLINK",
-             "opencl"),
-        Link("libGLX_nvidia.so.0", f"libGLX_nvidia.so.{v}", "GLX_CLIENT_SYMLINK", "opengl"),
-        Link("libEGL_nvidia.so.0", f"libEGL_nvidia.so.{v}", "EGL_CLIENT_SYMLINK", "opengl"),
-    )
+    links = _soname_links(v)
     return Branch(
         version=v, packages=(*packages, *_SHARED_PACKAGES),
         kernel_tarballs=(
@@ -243,22 +247,8 @@ def _r470() -> Branch:
         _lib(f"libnvidia-tls.so.{v}", "libnvidia-tesla-470-glcore", "OPENGL_LIB", "opengl",
              lib_dir="usr/lib/x86_64-linux-gnu"),
     )
-    links = (
-        Link("libnvidia-ml.so.1", f"libnvidia-ml.so.{v}", "UTILITY_LIB_SYMLINK", "nvml"),
-        Link("libnvidia-ml.so", "libnvidia-ml.so.1", "UTILITY_LIB_SYMLINK", "nvml"),
-        Link("libnvidia-cfg.so.1", f"libnvidia-cfg.so.{v}", "UTILITY_LIB_SYMLINK", "installer"),
-        Link("libcuda.so.1", f"libcuda.so.{v}", "CUDA_SYMLINK", "compute"),
-        Link("libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
-        Link("libnvidia-ptxjitcompiler.so.1", f"libnvidia-ptxjitcompiler.so.{v}",
-             "CUDA_SYMLINK", "compute"),
-        Link("32/libcuda.so.1", f"libcuda.so.{v}", "CUDA_SYMLINK", "compute"),
-        Link("32/libcuda.so", "libcuda.so.1", "CUDA_SYMLINK", "compute"),
-        Link("libnvidia-opencl.so.1", f"libnvidia-opencl.so.{v}", "OPENCL_LIB_SYMLINK",
-             "opencl"),
-        Link("libnvidia-ifr.so.1", f"libnvidia-ifr.so.{v}", "NVIFR_LIB_SYMLINK", "nvfbc"),
-        Link("libGLX_nvidia.so.0", f"libGLX_nvidia.so.{v}", "GLX_CLIENT_SYMLINK", "opengl"),
-        Link("libEGL_nvidia.so.0", f"libEGL_nvidia.so.{v}", "EGL_CLIENT_SYMLINK", "opengl"),
-    )
+    links = (*_soname_links(v),
+             Link("libnvidia-ifr.so.1", f"libnvidia-ifr.so.{v}", "NVIFR_LIB_SYMLINK", "nvfbc"))
     return Branch(
         version=v, packages=(*packages, "nvidia-opencl-common=535.261.03-1", *_SHARED_PACKAGES),
         kernel_tarballs=(KernelTarball("nvidia-tesla-470-kernel-source",

@@ -191,3 +191,39 @@ def test_boot_and_doctor_never_source_bundle_env(tmp_path: Path, bundle: Path,
     node.startup()
     node.doctor()
     assert not canary.exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("key", "value"), [
+    ("AGENT_UNITS", "../../../../tmp/evil.service"),  # a drop-in outside --root
+    ("AGENT_UNITS", "dcos-mesos-slave.service ;"),  # the real agents' drop-ins
+    ("AGENT_UNITS", "*.service"),
+    ("DRIVER_VERSION", "535.261.03 x"),  # never compared with payload/ again
+    ("FLAVOUR", "nouveau"),
+    ("ON_DRIVER_FAILURE", "sometimes"),
+    ("REPOSITORY_URL", "ftp://repo.example/gpu"),
+])
+def test_every_bundle_env_value_is_checked_against_its_grammar(
+        tmp_path: Path, bundle: Path, shell: str, key: str, value: str) -> None:
+    """A bundle whose sums agree (resealed: what a hostile or hand-edited bundle does) but
+    whose bundle.env holds a value the build side would never write is refused whole."""
+    import shlex
+
+    from .nodetree import reseal
+
+    node = installed(tmp_path, bundle, shell)
+    before = snapshot(node.root)
+    bad = copy_of(bundle, tmp_path / "bad")
+    env = bad / "node/bundle.env"
+    env.write_text("".join(f"{key}={shlex.quote(value)}\n" if line.startswith(f"{key}=")
+                           else line for line in env.read_text().splitlines(keepends=True)))
+    # Another bundle id (the sha256 of SHA256SUMS), so it is not "installed already".
+    (bad / "MANIFEST.json").write_text((bad / "MANIFEST.json").read_text() + " ")
+    reseal(bad)
+    result = node.install(bad)
+    assert result.code == 4, result.stderr
+    assert result.errors == [
+        f"install_nvidia.sh: error: the bundle in {bad} is unsafe: node/bundle.env: "
+        f"{key}={value} is not a valid value; rebuild it with coreos-gpu build"]
+    assert snapshot(node.root) == before
+    assert not (tmp_path / "tmp/evil.service.d").exists()

@@ -402,6 +402,45 @@ check_sums() {
 		END { if (!done) for (f in want) if (!(f in seen)) { print archived[f] ": unreadable"; exit } }'
 }
 
+# check_settings FILE: every value of a node/bundle.env in the grammar the build side gives it
+# (config.py: UNIT, _url, the enums; keys.fingerprint; the payload's driver version): a value
+# that is not would reach file names (an agent unit "../x" writes a drop-in outside the tree,
+# ";" or "*" names other drop-ins) or comparisons that never match. One awk, no intervals
+# ({n}: mawk lacks them). Prints the first problem.
+check_settings() {
+	cs_out=$(awk -v driver="$DRIVER_VERSION" "$BUNDLE_ENV_AWK"'
+		function words(v, pattern,    n, i, w) {
+			if (v == "" || v ~ /^ | $|  /) return 0
+			n = split(v, w, " ")
+			for (i = 1; i <= n; i++) if (w[i] !~ pattern) return 0
+			return 1
+		}
+		function valid(key, v) {
+			if (key == "DRIVER_VERSION") return v == driver
+			if (key == "FLAVOUR") return v ~ /^(proprietary|open)$/
+			if (key == "PROFILE") return v ~ /^(compute|full)$/
+			if (key == "OS") return v ~ /^(flatcar|coreos)$/
+			if (key == "ON_DRIVER_FAILURE") return v ~ /^(start-without-gpus|wait)$/
+			if (key == "KERNEL_RELEASES") return words(v, "^[A-Za-z0-9._+~-]+$")
+			if (key == "AGENT_UNITS") return words(v, "^[A-Za-z0-9@_.:\\\\-]+[.]service$")
+			if (key == "REPOSITORY_URL") return v == "" || v ~ /^(https?|file):\/\/[^ \t]+$/
+			if (key == "REPOSITORY_KEY_FINGERPRINT")
+				return v == "" || (v ~ /^sha256:[0-9a-f]+$/ && length(v) == 71)
+		}
+		END {
+			n = split("DRIVER_VERSION FLAVOUR PROFILE OS KERNEL_RELEASES AGENT_UNITS " \
+				"ON_DRIVER_FAILURE REPOSITORY_URL REPOSITORY_KEY_FINGERPRINT", keys, " ")
+			for (i = 1; i <= n; i++)
+				if (!valid(keys[i], values[keys[i]])) {
+					printf "node/bundle.env: %s=%s is not a valid value", keys[i], values[keys[i]]
+					exit
+				}
+			print "OK"
+		}' "$1" 2>&1)
+	# Only a clean "OK" passes: an awk that failed says nothing, which is no verdict.
+	[ "$cs_out" = OK ] || printf '%s' "${cs_out:-node/bundle.env could not be checked (awk failed)}"
+}
+
 # check_bundle STRIP: all of the above, in the current folder; prints the first problem.
 check_bundle() {
 	cb_bad=$(check_contents)
@@ -485,6 +524,8 @@ if [ -d "$DEST" ]; then
 elif [ "$DRY" = 1 ]; then
 	say "would install driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
 	SETTINGS=$BUNDLE/node/bundle.env
+	BAD=$(check_settings "$SETTINGS")
+	[ -z "$BAD" ] || die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 else
 	STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
 	# -P: links stay links; no -p: the copies are root's, not the extracting user's.
@@ -509,6 +550,9 @@ else
 	BAD=$(cd "$STAGE" && check_sums "payload/$DRIVER_VERSION/")
 	[ -z "$BAD" ] ||
 		refuse_stage "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
+	BAD=$(check_settings "$STAGE/node/bundle.env")
+	[ -z "$BAD" ] ||
+		refuse_stage "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 	# The soname links (libnvidia-ml.so.1 -> …) are ldconfig's to make, in the new folder
 	# before it goes live; the cache itself is refreshed once current points there.
 	[ ! -d "$STAGE/lib64" ] || ldconfig -n "$STAGE/lib64" || die 1 "ldconfig -n $STAGE/lib64 failed"

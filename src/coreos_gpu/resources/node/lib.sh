@@ -168,22 +168,30 @@ replace_link() {
 	act ln -s "$1" "$2.tmp.$$" && act mv -Tf "$2.tmp.$$" "$2"
 }
 
-# bundle_value KEY FILE: a value of node/bundle.env, read, never sourced (a `$(…)` in a
-# sourced value would run as root at every boot). The build writes each value as Python's
-# shlex.quote does: bare when it has only safe characters, else in '…', a ' inside written
-# as '"'"'. Only a regular file is read (a FIFO would hang the read).
+# The awk that reads node/bundle.env, never sourced (a `$(…)` in a sourced value would run
+# as root at every boot): values[KEY], each as the build wrote it. The build quotes each
+# value as Python's shlex.quote does: bare when it has only safe characters, else in '…', a
+# ' inside written as '"'"'. The first line of a key counts.
+# shellcheck disable=SC2016 # an awk program: its $0 is awk's
+BUNDLE_ENV_AWK='
+	function unquote(v) {
+		if (v ~ /^'"'"'.*'"'"'$/) {
+			v = substr(v, 2, length(v) - 2)
+			gsub(/'"'"'"'"'"'"'"'"'/, "'"'"'", v)
+		}
+		return v
+	}
+	{
+		eq = index($0, "=")
+		if (eq > 1 && !(substr($0, 1, eq - 1) in values))
+			values[substr($0, 1, eq - 1)] = unquote(substr($0, eq + 1))
+	}'
+
+# bundle_value KEY FILE: a value of node/bundle.env ("" when it has none). Only a regular
+# file is read (a FIFO would hang the read).
 bundle_value() {
 	[ -f "$2" ] || return 0
-	awk -v key="$1" '
-		index($0, key "=") == 1 {
-			value = substr($0, length(key) + 2)
-			if (value ~ /^'"'"'.*'"'"'$/) {
-				value = substr(value, 2, length(value) - 2)
-				gsub(/'"'"'"'"'"'"'"'"'/, "'"'"'", value)
-			}
-			print value
-			exit
-		}' "$2"
+	awk -v key="$1" "$BUNDLE_ENV_AWK"' END { if (key in values) print values[key] }' "$2"
 }
 
 # installed_folder NAME: NAME is an installed driver folder of $OPT (a plain name, a folder,
