@@ -41,3 +41,22 @@ def test_a_missing_module_is_a_modules_error(tmp_path: Path) -> None:
 def test_vermagic_release() -> None:
     assert vermagic_release("6.1.0-50-amd64 SMP preempt mod_unload modversions ") == (
         "6.1.0-50-amd64")
+
+
+def test_the_fast_symbol_table_reads_what_pyelftools_reads(tmp_path: Path) -> None:
+    """_symbol_table reads an x86_64 module's Elf64_Sym entries in one pass (nvidia.ko has
+    tens of thousands); what it gives must be what pyelftools' own Symbol objects say."""
+    from elftools.elf.elffile import ELFFile
+
+    from coreos_gpu.modinfo import _symbol_table
+
+    from .test_bundle import KERNEL, make_ko
+
+    module = make_ko(tmp_path, "nvidia-uvm", KERNEL)
+    with module.open("rb") as f:
+        elf = ELFFile(f)
+        symtab = elf.get_section_by_name(".symtab")
+        fast = _symbol_table(elf, symtab)
+        elf.elfclass = 32  # anything but a 64-bit little-endian table takes pyelftools' way
+        assert _symbol_table(elf, symtab) == fast
+    assert [name for name, _, _ in fast if name], "no named symbol read at all"
