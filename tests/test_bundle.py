@@ -335,11 +335,11 @@ def test_manifest_json(bundle: Bundle, package: DriverPackage) -> None:
         assert stream is not None
         manifest = json.loads(stream.read())
     assert manifest == json.loads(json.dumps(bundle.manifest))
-    assert list(manifest)[:8] == ["format", "tool_version", "os", "driver_version", "flavour",
-                                  "profile", "kernel_releases", "releases"]
-    assert (manifest["tool_version"], manifest["os"], manifest["driver_version"],
-            manifest["flavour"], manifest["profile"]) == (
-        "0.1.0", "flatcar", VERSION, "proprietary", "compute")
+    assert list(manifest)[:9] == ["format", "tool_version", "os", "arch", "driver_version",
+                                  "flavour", "profile", "kernel_releases", "releases"]
+    assert (manifest["tool_version"], manifest["os"], manifest["arch"],
+            manifest["driver_version"], manifest["flavour"], manifest["profile"]) == (
+        "0.1.0", "flatcar", "x86_64", VERSION, "proprietary", "compute")
     assert manifest["kernel_releases"] == [KERNEL]
     assert manifest["releases"] == [RELEASE.to_json()]
     assert manifest["agent_units"] == ["dcos-mesos-slave.service"]
@@ -538,8 +538,9 @@ def test_inspect_a_whole_bundle(package: DriverPackage, ko_dir: Path, tmp_path: 
     assert report.ok, report.problems
     assert (report.compression, report.sha256, report.size) == (
         compression, bundle.sha256, bundle.size)
-    assert (report.driver_version, report.flavour, report.profile, report.os,
-            report.tool_version) == (VERSION, "proprietary", "compute", "flatcar", "0.1.0")
+    assert (report.driver_version, report.flavour, report.profile, report.os, report.arch,
+            report.tool_version) == (VERSION, "proprietary", "compute", "flatcar", "x86_64",
+                                     "0.1.0")
     assert report.releases == (RELEASE,)
     assert report.kernel_releases == (KERNEL,)
     assert report.agent_units == ("dcos-mesos-slave.service",)
@@ -572,6 +573,27 @@ def test_inspect_finds_a_changed_byte(bundle: Bundle, tmp_path: Path) -> None:
     assert "does not match SHA256SUMS" in report.problems[0]
     assert report.problems[1].startswith(f"{target}: sha256 is ")
     assert "MANIFEST.json says" in report.problems[1]
+
+
+def test_inspect_refuses_a_bundle_for_another_machine(bundle: Bundle, tmp_path: Path) -> None:
+    """MANIFEST.json's arch; a manifest of format 1 written before it had one is x86_64."""
+    def edit(arch: str | None) -> Callable[[tarfile.TarInfo, bytes], bytes]:
+        def change(member: tarfile.TarInfo, data: bytes) -> bytes:
+            if member.name != "MANIFEST.json":
+                return data
+            manifest = json.loads(data)
+            if arch is None:
+                del manifest["arch"]
+            else:
+                manifest["arch"] = arch
+            return json.dumps(manifest).encode()
+        return change
+
+    other = inspect_bundle(rewrite(bundle.path, tmp_path / "arm.tar.gz", edit("aarch64")))
+    assert "MANIFEST.json: arch is 'aarch64'; coreos-gpu builds x86_64" in other.problems
+    older = inspect_bundle(rewrite(bundle.path, tmp_path / "old.tar.gz", edit(None)))
+    assert older.arch == "x86_64"
+    assert not [p for p in older.problems if "arch" in p], older.problems
 
 
 def test_inspect_finds_missing_and_extra_files(bundle: Bundle, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from coreos_gpu.inspection import BundleReport, ModuleReport, PartSize, inspect_
 from coreos_gpu.layout import (
     CONTENTS_NAME,
     FORMAT,
+    MACHINE,
     MANIFEST_NAME,
     SUMS_NAME,
     ReleaseInputs,
@@ -174,6 +175,7 @@ def _manifest(package: DriverPackage, module_sets: Sequence[ModuleSet], profile:
         "format": FORMAT,
         "tool_version": tool_version,
         "os": releases[0].os,
+        "arch": MACHINE,
         "driver_version": package.version,
         "flavour": module_sets[0].flavour.value,
         "profile": profile.value,

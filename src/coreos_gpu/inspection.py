@@ -25,6 +25,7 @@ from coreos_gpu.errors import CoreosGpuError
 from coreos_gpu.keys import fingerprint_of_pem
 from coreos_gpu.layout import (
     FORMAT,
+    MACHINE,
     MANIFEST_NAME,
     PAYLOAD,
     REPOSITORY_KEY_NAME,
@@ -67,6 +68,7 @@ class BundleReport:
     sha256: str
     tool_version: str
     os: str
+    arch: str
     driver_version: str
     flavour: str
     profile: str
@@ -88,7 +90,7 @@ class BundleReport:
         """(label, value) rows for a text rendering."""
         return [("archive", f"{self.path} ({self.compression.value}, {self.size} bytes)"),
                 ("sha256", self.sha256), ("driver", f"{self.driver_version} ({self.flavour})"),
-                ("profile", self.profile), ("os", self.os),
+                ("profile", self.profile), ("os", f"{self.os} ({self.arch})"),
                 ("releases", ", ".join(f"{r.channel} {r.version} ({r.kernel_release})"
                                        for r in self.releases)),
                 ("kernel releases", ", ".join(self.kernel_releases)),
@@ -102,7 +104,7 @@ class BundleReport:
         return {
             "path": str(self.path), "ok": self.ok, "problems": list(self.problems),
             "compression": self.compression.value, "size": self.size, "sha256": self.sha256,
-            "tool_version": self.tool_version, "os": self.os,
+            "tool_version": self.tool_version, "os": self.os, "arch": self.arch,
             "driver_version": self.driver_version, "flavour": self.flavour,
             "profile": self.profile, "releases": [r.to_json() for r in self.releases],
             "kernel_releases": list(self.kernel_releases),
@@ -393,6 +395,14 @@ def _text(manifest: dict[str, Any], key: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _arch(manifest: dict[str, Any], scan: _Scan) -> str:
+    """The machine the bundle is for; a bundle of this format before "arch" was x86_64."""
+    arch = _text(manifest, "arch") or MACHINE
+    if arch != MACHINE:
+        scan.problems.append(f"{MANIFEST_NAME}: arch is {arch!r}; coreos-gpu builds {MACHINE}")
+    return arch
+
+
 def _texts(manifest: dict[str, Any], key: str) -> tuple[str, ...]:
     value = manifest.get(key)
     return tuple(str(v) for v in value) if isinstance(value, list) else ()
@@ -431,6 +441,7 @@ def inspect_bundle(path: Path) -> BundleReport:
     return BundleReport(
         path=path, compression=compression, size=size, sha256=sha256,
         tool_version=_text(manifest, "tool_version"), os=_text(manifest, "os"),
+        arch=_arch(manifest, scan),
         driver_version=driver_version, flavour=_text(manifest, "flavour"),
         profile=_text(manifest, "profile"), releases=releases, kernel_releases=kernels,
         agent_units=_texts(manifest, "agent_units"),

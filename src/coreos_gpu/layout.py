@@ -30,6 +30,10 @@ PAYLOAD = "payload"
 NODE = "node"
 # The names the original shell version's users already script against stay at the top.
 NODE_TOP_LEVEL = frozenset({"install_nvidia.sh", "nvidia.service", "startup.sh"})
+# The machine a bundle is for, as `uname -m` names it: we build from NVIDIA-Linux-x86_64 .run
+# files (driver.py) for x86_64 kernels (Flatcar's amd64-usr board). MANIFEST.json's "arch"
+# and bundle.env's ARCH, which install_nvidia.sh compares with the node's `uname -m`.
+MACHINE = "x86_64"
 
 # Folders for types whose manifest path is missing or means nothing off nvidia-installer.
 _FOLDERS = {

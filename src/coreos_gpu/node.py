@@ -21,7 +21,7 @@ from importlib.resources import files
 from typing import TYPE_CHECKING
 
 from coreos_gpu.config import DriverFailurePolicy
-from coreos_gpu.layout import NODE, NODE_TOP_LEVEL, REPOSITORY_KEY_NAME
+from coreos_gpu.layout import MACHINE, NODE, NODE_TOP_LEVEL, REPOSITORY_KEY_NAME
 from coreos_gpu.modules import ModuleSet
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: s
         # With the OS, what a node matches in the repository's index (fetch.sh).
         "PROFILE": profile,
         "OS": os,
+        "ARCH": MACHINE,
         "KERNEL_RELEASES": " ".join(kernel_releases),
         "AGENT_UNITS": " ".join(settings.agent_units),
         "ON_DRIVER_FAILURE": settings.on_driver_failure.value,
