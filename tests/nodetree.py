@@ -79,6 +79,7 @@ _RECORD = """#!/bin/sh
 STAND_INS = {
     "uname": """
 [ "${1:-}" = -r ] && { echo "$FAKE_KERNEL"; exit 0; }
+[ "${1:-}" = -m ] && [ -n "$FAKE_MACHINE" ] && { echo "$FAKE_MACHINE"; exit 0; }
 exec /bin/uname "$@"
 """,
     "insmod": """
@@ -153,7 +154,7 @@ echo "/dev/vda9 1000000 0 $FAKE_DF_AVAIL 1% /"
     "dmesg": "exit 0\n",
 }
 STAND_IN_ENV = ("FAKE_INSMOD_ERROR", "FAKE_MODPROBE_MISSING", "FAKE_MKNOD_FAIL", "FAKE_SMI_FAIL",
-                "FAKE_DF_AVAIL", "FAKE_INACTIVE", "FAKE_START_RUNS_STARTUP")
+                "FAKE_DF_AVAIL", "FAKE_INACTIVE", "FAKE_START_RUNS_STARTUP", "FAKE_MACHINE")
 # Flatcar's update_engine_client (flatcar/update_engine, update_engine_client.cc): -status
 # prints these five lines (shared/reference/flatcar-update.md); -watch_for_updates logs each
 # status signal to stderr and never returns (here: the lines of .update-engine-signals once
@@ -314,9 +315,22 @@ class Node:
                         env=env)
 
     def doctor(self, *args: str, env: dict[str, str] | None = None) -> Result:
-        # /opt/bin/nvidia-doctor links to the node's absolute /opt/nvidia/current/…
-        return self.run(self.root / "opt/nvidia/current/node/nvidia-doctor", "--root",
+        # /opt/bin/nvidia-doctor links to the node's absolute /opt/nvidia/nvidia-doctor
+        return self.run(self.root / "opt/nvidia/nvidia-doctor", "--root",
                         str(self.root), *args, env=env)
+
+    def path_without(self, tool: str) -> str:
+        """A PATH with every command of this node's PATH but `tool` (links in a folder of
+        their own): a node that lacks it."""
+        folder = self.root.parent / f"path-without-{tool}"
+        if not folder.exists():
+            folder.mkdir()
+            for entry in reversed(self.env["PATH"].split(":")):  # the first entry wins
+                for exe in sorted(Path(entry).glob("*")) if Path(entry).is_dir() else []:
+                    if exe.name != tool and exe.is_file() and os.access(exe, os.X_OK):
+                        (folder / exe.name).unlink(missing_ok=True)
+                        (folder / exe.name).symlink_to(exe)
+        return str(folder)
 
     def calls(self, name: str | None = None) -> list[list[str]]:
         lines = [line.split("\t") for line in self.log.read_text().splitlines()]

@@ -87,21 +87,30 @@ def check_installed(node: Node, bundle: Path) -> None:
         st = sub.lstat()
         assert (st.st_uid, st.st_gid) == (0, 0), sub
         assert sub.is_symlink() or not st.st_mode & 0o022, sub
-    assert os.readlink(root / "opt/nvidia/startup.sh") == "current/startup.sh"
+    # What the boot runs is not reached through current (a broken current cannot take it
+    # along): files of their own, copies of the bundle's.
+    for copy, original, mode in (
+            ("opt/nvidia/startup.sh", "node/boot.sh", 0o755),
+            ("opt/nvidia/nvidia-doctor", "node/nvidia-doctor", 0o755),
+            ("etc/systemd/system/nvidia.service", "nvidia.service", 0o644)):
+        assert not (root / copy).is_symlink(), copy
+        assert (root / copy).read_bytes() == (folder / original).read_bytes(), copy
+        assert (root / copy).stat().st_mode & 0o7777 == mode, copy
     assert (root / "etc/ld.so.conf.d/nvidia.conf").read_text().splitlines()[-1] == (
         "/opt/nvidia/current/lib64")
-    assert os.readlink(root / "etc/systemd/system/nvidia.service") == (
-        "/opt/nvidia/current/nvidia.service")
     env = (folder / "node/bundle.env").read_text()
     units = next(line for line in env.splitlines() if line.startswith("AGENT_UNITS="))
     for unit in units.split("=", 1)[1].strip("'").split():
-        assert os.readlink(root / f"etc/systemd/system/{unit}.d/coreos-gpu.conf") == (
-            "/opt/nvidia/current/node/agent-dropin.conf")
-    inside = {"nvidia-doctor": "node/nvidia-doctor", "nvidia-uninstall": "install_nvidia.sh"}
+        dropin = root / f"etc/systemd/system/{unit}.d/coreos-gpu.conf"
+        assert not dropin.is_symlink(), dropin
+        assert dropin.read_bytes() == (folder / "node/agent-dropin.conf").read_bytes(), dropin
+    inside = {"nvidia-doctor": "/opt/nvidia/nvidia-doctor",
+              "nvidia-uninstall": "/opt/nvidia/current/install_nvidia.sh"}
     for tool in TOOLS:
-        assert os.readlink(root / "opt/bin" / tool) == (
-            f"/opt/nvidia/current/{inside.get(tool, f'bin/{tool}')}")
+        assert os.readlink(root / "opt/bin" / tool) == inside.get(
+            tool, f"/opt/nvidia/current/bin/{tool}")
     assert not list((root / "opt/nvidia").glob(".stage.*"))
+    assert not list((root / "opt/nvidia").glob(".undo.*"))
     assert not [p for p in root.rglob("*.tmp.*")]
 
 

@@ -15,7 +15,7 @@ from coreos_gpu.config import DriverFailurePolicy
 from .nodetree import SHELLS, Node, make_bundle
 
 NODE = Path(__file__).resolve().parents[1] / "src/coreos_gpu/resources/node"
-SCRIPTS = ("install_nvidia.sh", "startup.sh", "nvidia-doctor", "lib.sh", "fetch.sh",
+SCRIPTS = ("install_nvidia.sh", "startup.sh", "boot.sh", "nvidia-doctor", "lib.sh", "fetch.sh",
            "repository.sh")
 
 

@@ -331,7 +331,9 @@ def test_a_boot_into_another_kernel_switches_to_the_folder_for_it(
     now, upcoming = two_kernels
     node = installed(tmp_path, now, shell=shell)
     first = current(node)
-    assert node.install(upcoming).code == 0
+    # --force: made current although the node does not run its kernel yet (without it, the
+    # bundle is staged instead: test_node_transaction).
+    assert node.install(upcoming, "--force").code == 0
     second = current(node)
     node.add_gpu("0000:00:1e.0", 0)
     # Still on the old kernel: back to the first folder.
@@ -360,7 +362,7 @@ def test_check_says_it_would_switch_and_changes_nothing(
         tmp_path: Path, two_kernels: tuple[Path, Path]) -> None:
     now, upcoming = two_kernels
     node = installed(tmp_path, now)
-    assert node.install(upcoming).code == 0
+    assert node.install(upcoming, "--force").code == 0
     before = current(node)
     node.add_gpu("0000:00:1e.0", 0)
     result = node.startup("--check")
@@ -377,7 +379,7 @@ def test_no_switch_to_another_flavour(tmp_path: Path, two_kernels: tuple[Path, P
     other = current(node)
     env = node.root / "opt/nvidia" / other / "node/bundle.env"
     env.write_text(env.read_text().replace("FLAVOUR=proprietary", "FLAVOUR=open"))
-    assert node.install(upcoming).code == 0
+    assert node.install(upcoming, "--force").code == 0
     node.add_gpu("0000:00:1e.0", 0)
     result = node.startup()
     assert result.code == 4, result.stderr

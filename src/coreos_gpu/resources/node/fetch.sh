@@ -208,6 +208,10 @@ lock_fetch() {
 	for lf_left in "$ROOT$OPT"/.fetch.*; do
 		[ "$lf_left" = "$ROOT$OPT/.fetch.lock" ] || ! [ -e "$lf_left" ] || rm -rf "$lf_left"
 	done
+	# And what a killed install (this one's --stage, say) left, when no install runs: a fetch
+	# that finds its driver staged already runs no install that would clear it.
+	# shellcheck disable=SC2015 # a busy or unopenable lock: leave it to the next install
+	({ exec 9>>"$ROOT$OPT/.lock"; } 2>/dev/null && flock -n 9 && clear_leftovers_in_opt) || :
 	WORK=$(mktemp -d "$ROOT$OPT/.fetch.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
 	trap 'rm -rf "$WORK"' EXIT
 	trap 'exit 143' TERM

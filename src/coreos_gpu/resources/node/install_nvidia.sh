@@ -14,18 +14,27 @@
 # The driver goes to /opt/nvidia/<driver>-<bundle id>/ through that staging folder, and
 # /opt/nvidia/current flips to it in one rename: until then the previous driver stays in
 # use, and a run stopped at any point leaves the old or the new driver complete, never a
-# mix. Everything else it adds (ld.so.conf.d entry, unit, agent drop-ins, /opt/bin links)
-# points through /opt/nvidia/current. Running it again is safe. The installed folder keeps
-# a copy of this script: /opt/bin/nvidia-uninstall (or install_nvidia.sh --uninstall from
-# /opt/nvidia/current) removes everything after a reboot has emptied /tmp.
+# mix. What the boot runs is not reached through `current`, so that a broken `current` is
+# reported and repaired rather than silently skipped: the unit, its entry point
+# /opt/nvidia/startup.sh (node/boot.sh: it falls back to /opt/nvidia/previous), the agents'
+# drop-ins and /opt/nvidia/nvidia-doctor are files of their own. The rest (ld.so.conf.d
+# entry, /opt/bin links, the repository's units) points through current.
+#
+# One transaction: every path it changes is saved first, and a failure at any step, before
+# the switch or after it, puts each back, removes the driver folder it added and then says
+# why in one line: the node is as it was, the old driver current. Running it again is safe.
+# The installed folder keeps a copy of this script: /opt/bin/nvidia-uninstall (or
+# install_nvidia.sh --uninstall from /opt/nvidia/current) removes everything after a reboot
+# has emptied /tmp.
 #
 # --stage installs the driver folder only, beside `current`, for a kernel the node boots
 # later (an OS update waiting for its reboot): /opt/nvidia/staged records it, and at that
 # boot startup.sh switches to it. node/fetch.sh stages what it fetches this way.
 #
 # Exit codes:
-#   0      installed (and the driver started, unless --no-start), or uninstalled
-#   1      a step failed (the message says which)
+#   0      installed (and the driver started, unless --no-start), or uninstalled; or staged,
+#          when the bundle has no modules for the running kernel (see --force)
+#   1      a step failed (the message says which; the node is as it was before the run)
 #   2      bad command line
 #   3      not run as root
 #   4      the bundle is corrupt, incomplete or unsafe (a file does not match SHA256SUMS, a
@@ -33,6 +42,8 @@
 #   5      not enough free space
 #   6      another install_nvidia.sh kept the lock for 10 minutes
 #   7      a command this script needs is missing
+#   8      the bundle is not for this node: another OS or machine, or no modules for the
+#          running kernel while a driver that cannot be staged beside is installed (--force)
 #   11-19  installed, but the driver did not start: 10 + startup.sh's exit code 3..9 (14:
 #          kernel mismatch, 15: a module failed to load, 18: no usable GPU, …; see
 #          startup.sh), 11 for any other
@@ -47,7 +58,7 @@ PROG=install_nvidia.sh
 usage() {
 	cat <<'EOF'
 usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [--dry-run]
-                         [--stage [--release VERSION]]
+                         [--stage [--release VERSION]] [--force]
   --root DIR    install into the tree under DIR (an image being prepared, a test tree)
   --no-start    do not load the driver now (it loads at the next boot)
   --no-enable   do not enable nvidia.service
@@ -56,6 +67,8 @@ usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [
   --stage       install the driver folder beside the current one without switching to it,
                 for a kernel the node boots later (startup.sh switches at that boot)
   --release VERSION  with --stage: the OS release it is staged for (nvidia-doctor shows it)
+  --force       make the bundle current even when it has no modules for the running kernel
+                (without it, such a bundle is staged beside the installed driver instead)
 EOF
 }
 
@@ -66,6 +79,7 @@ UNINSTALL=0
 DRY=0
 STAGE_ONLY=0
 STAGE_RELEASE=-
+FORCE=0
 # /opt/bin/nvidia-uninstall links to the installed copy of this script.
 case ${0##*/} in nvidia-uninstall) UNINSTALL=1 ;; esac
 while [ $# -gt 0 ]; do
@@ -80,6 +94,7 @@ while [ $# -gt 0 ]; do
 	--uninstall) UNINSTALL=1 ;;
 	--dry-run) DRY=1 ;;
 	--stage) STAGE_ONLY=1 ;;
+	--force) FORCE=1 ;;
 	--release)
 		[ $# -ge 2 ] || { usage >&2; exit 2; }
 		STAGE_RELEASE=$2
@@ -119,16 +134,6 @@ if [ "$UNINSTALL" = 0 ] && [ ! -d "$BUNDLE/payload" ] && [ -f "$BUNDLE/node/bund
 	die 2 "$BUNDLE is an installed driver, not an extracted bundle: run $SELF --uninstall, or install_nvidia.sh from an extracted archive"
 fi
 
-# write_file PATH TEXT: the same, for a small file.
-write_file() {
-	[ -f "$1" ] && [ "$(cat "$1")" = "$2" ] && return 0
-	if [ "$DRY" = 1 ]; then
-		say "would write $1"
-		return 0
-	fi
-	printf '%s\n' "$2" >"$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"
-}
-
 # make_dir DIR: mkdir -p, and remember each folder made (in $OPT/.created-dirs, written
 # first: a stop between the two leaves a record of a folder, never a folder without one),
 # so --uninstall removes it again.
@@ -136,15 +141,27 @@ make_dir() {
 	[ -d "$1" ] && return 0
 	make_dir "$(dirname "$1")" || return 1
 	if [ "$DRY" = 0 ] && ! grep -qxF "${1#"$ROOT"}" "$ROOT$OPT/.created-dirs" 2>/dev/null; then
-		printf '%s\n' "${1#"$ROOT"}" >>"$ROOT$OPT/.created-dirs" || return 1
+		txn_save "$ROOT$OPT/.created-dirs" &&
+			{ printf '%s\n' "${1#"$ROOT"}" >>"$ROOT$OPT/.created-dirs"; } 2>>"$TXN_ERR" || return 1
 	fi
-	act mkdir "$1"
+	act mkdir "$1" 2>>"$TXN_ERR" || return 1
+	[ -z "${UNDO:-}" ] || txn_note made "$1"
 }
 
 # ours PATH: a link this script made (it points into /opt/nvidia).
 ours() {
 	case $(readlink "$1" 2>/dev/null) in
 	"$OPT"/* | current/*) return 0 ;;
+	*) return 1 ;;
+	esac
+}
+
+# ours_file PATH: a unit or drop-in this script wrote: a file of its own (not a link) whose
+# first line the build wrote ("# Written by coreos-gpu …").
+ours_file() {
+	[ -f "$1" ] && [ ! -L "$1" ] || return 1
+	case $(head -n 1 "$1" 2>/dev/null) in
+	"# Written by coreos-gpu"*) return 0 ;;
 	*) return 1 ;;
 	esac
 }
@@ -204,6 +221,7 @@ lock() {
 		make_opt
 		return 0
 	fi
+	[ -e "$ROOT$OPT/.lock" ] || LOCK_MADE=1
 	lock_tries=0
 	while [ "$lock_tries" -lt 20 ]; do
 		lock_tries=$((lock_tries + 1))
@@ -220,7 +238,7 @@ lock() {
 
 # A run that was killed leaves temporary names behind: clear them under the lock.
 clean_leftovers() {
-	for left in "$ROOT$OPT"/.stage.* "$ROOT$OPT"/.gone.* "$ROOT$OPT"/*.tmp.* "$ROOT/opt/bin"/*.tmp.* \
+	for left in "$ROOT$OPT"/.stage.* "$ROOT$OPT"/.undo.* "$ROOT$OPT"/.gone.* "$ROOT$OPT"/*.tmp.* "$ROOT/opt/bin"/*.tmp.* \
 		"$ROOT/opt".tmp.* "$ROOT$OPT".tmp.* \
 		"$UNITS"/*.tmp.* "$UNITS"/*.d/*.tmp.* "$LDCONF".tmp.*; do
 		[ -e "$left" ] || [ -L "$left" ] || continue
@@ -249,12 +267,13 @@ uninstall() {
 	# First what activates the driver, then the driver: a stop midway leaves nothing that
 	# points at a missing file for long, and a second --uninstall finishes the job.
 	for unit in nvidia.service $REPOSITORY_UNITS; do
-		[ -L "$UNITS/$unit" ] && ours "$UNITS/$unit" || continue
+		{ [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; } || ours_file "$UNITS/$unit" || continue
 		systemctl_root disable "$unit" >/dev/null 2>&1 || true
 		act rm -f "$UNITS/$unit"
 	done
 	for dropin in "$UNITS"/*.d/"$DROPIN_NAME"; do
-		ours "$dropin" && act rm -f "$dropin"
+		ours "$dropin" || ours_file "$dropin" || continue
+		act rm -f "$dropin"
 	done
 	for link in "$ROOT"/opt/bin/*; do
 		ours "$link" && act rm -f "$link"
@@ -264,7 +283,8 @@ uninstall() {
 	fi
 	# Only what this script puts in /opt/nvidia: an earlier tool's files there stay. This
 	# script may run from one of these folders: sh has it open already, so it reads on.
-	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh "$ROOT$STAGED" \
+	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh \
+		"$ROOT$OPT"/nvidia-doctor "$ROOT$STAGED" \
 		"$ROOT$OPT"/.fetch.* "$ROOT$OPT"/*/node/bundle.env; do
 		[ -e "$item" ] || [ -L "$item" ] || continue
 		case $item in */node/bundle.env) item=${item%/node/bundle.env} ;; esac
@@ -328,12 +348,14 @@ check_contents() {
 			if (bad) exit
 			for (i in paths) for (l in links)
 				if (index(paths[i], l "/") == 1) { print paths[i] ": lies beneath the link " l; exit }
+			print "OK"
 		}' node/contents
 }
 
-# check_tree STRIP: the current folder holds exactly the files and links node/contents
+# check_tree STRIP [modes]: the current folder holds exactly the files and links node/contents
 # lists (STRIP, the payload prefix, removed from their paths: "" in the extracted bundle,
-# payload/<driver>/ in the driver folder), each of its kind; folders do not count. Prints
+# payload/<driver>/ in the driver folder), each of its kind (and, with "modes", each file
+# with its mode); folders do not count. Prints
 # the first difference. In the extracted bundle only the bundle's parts are looked at.
 check_tree() {
 	if [ -n "$1" ]; then
@@ -342,24 +364,28 @@ check_tree() {
 		ct_where="$TOP_NAMES node payload"
 	fi
 	# shellcheck disable=SC2086 # the names are word-split on purpose
-	{ cat node/contents; printf '%s\n' '--- found'; find $ct_where ! -type d -printf '%y %p %l\n' 2>/dev/null; } |
-		awk -v strip="$1" '
+	{ cat node/contents; printf '%s\n' '--- found'; find $ct_where ! -type d -printf '%y %m %p %l\n' 2>/dev/null; } |
+		awk -v strip="$1" -v modes="${2:-}" '
+		function octal(m) { sub(/^0+/, "", m); return m }
 		$0 == "--- found" { found = 1; next }
 		!found {
 			path = $3
 			if (strip != "" && index(path, strip) == 1) path = substr(path, length(strip) + 1)
 			want[path] = ($2 == "link") ? "l " $4 : "f"
+			mode[path] = octal($1)
 			next
 		}
 		{
-			path = $2
+			path = $3
 			sub(/^\.\//, "", path)
-			have = ($1 == "l") ? "l " $3 : $1
+			have = ($1 == "l") ? "l " $4 : $1
 			seen[path] = 1
 			if (!(path in want)) { print path ": not part of the bundle (node/contents does not list it)"; done = 1; exit }
-			if (have == want[path]) next
-			if (want[path] == "f") print path ": not a regular file"
-			else if ($1 == "l") print path ": links to " $3 ", not " substr(want[path], 3)
+			if (have == want[path]) {
+				if (modes == "" || have != "f" || octal($2) == mode[path]) next
+				print path ": mode " $2 ", not " mode[path]
+			} else if (want[path] == "f") print path ": not a regular file"
+			else if ($1 == "l") print path ": links to " $4 ", not " substr(want[path], 3)
 			else print path ": not a link to " substr(want[path], 3)
 			done = 1
 			exit
@@ -367,6 +393,7 @@ check_tree() {
 		END {
 			if (done) exit
 			for (path in want) if (!(path in seen)) { print path ": missing"; exit }
+			print "OK"
 		}'
 }
 
@@ -380,7 +407,10 @@ check_sums() {
 	cs_list=$(awk -v strip="$1" '{
 		sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); archived = $0
 		if (strip != "" && index($0, strip) == 1) $0 = substr($0, length(strip) + 1)
-		print sum, $0, archived }' SHA256SUMS)
+		print sum, $0, archived }' SHA256SUMS) && [ -n "$cs_list" ] || {
+		printf 'SHA256SUMS could not be read'
+		return 0
+	}
 	if command -v openssl >/dev/null 2>&1; then
 		cs_cores=$(nproc 2>/dev/null || echo 1)
 		cs_hash="openssl dgst -sha256 -r"
@@ -399,7 +429,11 @@ check_sums() {
 		!hashed { want[$2] = $1; archived[$2] = $3; next }
 		{ sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); seen[$0] = 1
 		  if (want[$0] != sum) { print archived[$0] ": FAILED"; done = 1; exit } }
-		END { if (!done) for (f in want) if (!(f in seen)) { print archived[f] ": unreadable"; exit } }'
+		END {
+			if (done) exit
+			for (f in want) if (!(f in seen)) { print archived[f] ": unreadable"; exit }
+			print "OK"
+		}'
 }
 
 # check_settings FILE: every value of a node/bundle.env in the grammar the build side gives it
@@ -420,6 +454,7 @@ check_settings() {
 			if (key == "FLAVOUR") return v ~ /^(proprietary|open)$/
 			if (key == "PROFILE") return v ~ /^(compute|full)$/
 			if (key == "OS") return v ~ /^(flatcar|coreos)$/
+			if (key == "ARCH") return v ~ /^(x86_64|aarch64)$/
 			if (key == "ON_DRIVER_FAILURE") return v ~ /^(start-without-gpus|wait)$/
 			if (key == "KERNEL_RELEASES") return words(v, "^[A-Za-z0-9._+~-]+$")
 			if (key == "AGENT_UNITS") return words(v, "^[A-Za-z0-9@_.:\\\\-]+[.]service$")
@@ -428,7 +463,7 @@ check_settings() {
 				return v == "" || (v ~ /^sha256:[0-9a-f]+$/ && length(v) == 71)
 		}
 		END {
-			n = split("DRIVER_VERSION FLAVOUR PROFILE OS KERNEL_RELEASES AGENT_UNITS " \
+			n = split("DRIVER_VERSION FLAVOUR PROFILE OS ARCH KERNEL_RELEASES AGENT_UNITS " \
 				"ON_DRIVER_FAILURE REPOSITORY_URL REPOSITORY_KEY_FINGERPRINT", keys, " ")
 			for (i = 1; i <= n; i++)
 				if (!valid(keys[i], values[keys[i]])) {
@@ -441,12 +476,67 @@ check_settings() {
 	[ "$cs_out" = OK ] || printf '%s' "${cs_out:-node/bundle.env could not be checked (awk failed)}"
 }
 
-# check_bundle STRIP: all of the above, in the current folder; prints the first problem.
+# verdict OUTPUT WHAT: nothing when a check printed exactly "OK", else what it printed (or,
+# when it printed nothing, that it could not run): a check that fails never passes a bundle.
+verdict() {
+	[ "$1" = OK ] || printf '%s' "${1:-$2 could not be checked (a command failed)}"
+}
+
+# check_bundle STRIP [structure]: all of the above, in the current folder; prints the first
+# problem.
 check_bundle() {
-	cb_bad=$(check_contents)
-	[ -n "$cb_bad" ] || cb_bad=$(check_tree "$1")
-	[ -n "$cb_bad" ] || [ "${2:-}" = structure ] || cb_bad=$(check_sums "$1")
+	cb_bad=$(verdict "$(check_contents)" node/contents)
+	[ -n "$cb_bad" ] || cb_bad=$(verdict "$(check_tree "$1")" "the bundle's files")
+	[ -n "$cb_bad" ] || [ "${2:-}" = structure ] || cb_bad=$(verdict "$(check_sums "$1")" "the bundle's sums")
 	printf '%s' "$cb_bad"
+}
+
+# node_os: the node's ID in os-release ("" when it has none).
+node_os() {
+	for no_file in "$ROOT/etc/os-release" "$ROOT/usr/lib/os-release"; do
+		[ -f "$no_file" ] || continue
+		sed -n 's/^ID=//p' "$no_file" | tr -d '"'"'" | head -n 1
+		return 0
+	done
+}
+
+# check_fits_node: refuse (8) a bundle for another OS or machine; and decide what a bundle
+# without modules for the running kernel does. Making it current would leave the node
+# without a driver that loads until it boots one of those kernels, so it is staged beside
+# the installed driver (startup.sh switches to it at that boot), as --stage does. Where it
+# cannot be (no driver of its version and flavour is current), it is refused, unless
+# --force; where no driver is installed, the node has nothing to lose: it becomes current.
+check_fits_node() {
+	cf_env=$BUNDLE/node/bundle.env
+	# `current` is switched by renaming a link over it: a folder or file there (an earlier
+	# tool's) would stop the switch, after the driver folder has landed.
+	[ ! -e "$ROOT$OPT/current" ] || [ -L "$ROOT$OPT/current" ] ||
+		die 1 "$ROOT$OPT/current is not a link (an earlier tool's folder?): move it out of $OPT and run me again"
+	cf_os=$(node_os)
+	case $cf_os in
+	flatcar | coreos)
+		[ "$cf_os" = "$(bundle_value OS "$cf_env")" ] ||
+			die 8 "this bundle is for $(bundle_value OS "$cf_env"), but this node runs $cf_os; build one with --os $cf_os" ;;
+	esac
+	cf_arch=$(uname -m) && [ -n "$cf_arch" ] || die 1 "uname -m failed: cannot tell this node's machine"
+	[ "$cf_arch" = "$(bundle_value ARCH "$cf_env")" ] ||
+		die 8 "this bundle is for $(bundle_value ARCH "$cf_env") machines, but this node is $cf_arch; install a bundle built for $cf_arch"
+	cf_kernels=$(kernel_releases_in "$PAYLOAD")
+	cf_running=$(uname -r) && [ -n "$cf_running" ] || die 1 "uname -r failed: cannot tell the running kernel"
+	case " $cf_kernels" in *" $cf_running "*) return 0 ;; esac
+	[ "$STAGE_ONLY" = 0 ] && [ "$FORCE" = 0 ] || return 0
+	cf_current=$(link_of "$ROOT$OPT/current") || die 1 "cannot read the link $ROOT$OPT/current"
+	installed_folder "$cf_current" || return 0
+	[ "$cf_current" != "$NAME" ] || return 0  # current already: nothing to switch
+	if [ "$(bundle_value DRIVER_VERSION "$ROOT$OPT/$cf_current/node/bundle.env")" = "$DRIVER_VERSION" ] &&
+		[ "$(bundle_value FLAVOUR "$ROOT$OPT/$cf_current/node/bundle.env")" = "$(bundle_value FLAVOUR "$cf_env")" ]; then
+		say "this node runs kernel $cf_running, and the bundle has modules only for ${cf_kernels% }: staging it beside $OPT/current, which stays $cf_current until the node boots one of those (--force makes it current now)"
+		STAGE_ONLY=1
+		START=0
+		ENABLE=0
+		return 0
+	fi
+	die 8 "this node runs kernel $cf_running, but the bundle has modules only for ${cf_kernels% }, and the installed driver ($cf_current) is another version or flavour, so it cannot be staged beside it; install a bundle built for kernel $cf_running, or give --force to switch to it anyway (the driver will not load until the node boots one of those kernels)"
 }
 
 # --- checks: nothing on the node changes before they pass ---------------------------------
@@ -454,7 +544,7 @@ if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
 	die 3 "run me as root (sudo $0)"
 fi
 need_tools 7 sha256sum flock mktemp readlink stat df du cp mv ln rm awk sed sort find xargs chmod \
-	chown ldconfig
+	chown ldconfig cmp head
 [ "$ENABLE" = 0 ] && [ "$START" = 0 ] && [ "$UNINSTALL" = 0 ] || need_tools 7 systemctl
 [ "$UNINSTALL" = 0 ] || uninstall
 
@@ -474,7 +564,10 @@ PAYLOAD=$BUNDLE/payload/$DRIVER_VERSION
 # startup.sh switches only among folders of current's driver and flavour.
 [ "$STAGE_ONLY" = 0 ] || [ -f "$ROOT$OPT/current/node/bundle.env" ] ||
 	die 2 "--stage installs beside an installed driver, and none is installed under ${ROOT:-/}; run me without --stage"
-ID=$(sha256sum "$BUNDLE/SHA256SUMS" | cut -c1-12)
+# The bundle id: the first 12 hex digits of SHA256SUMS's sum (as the build names it).
+SUM=$(sha256sum <"$BUNDLE/SHA256SUMS") || die 1 "cannot read $BUNDLE/SHA256SUMS"
+ID=${SUM%"${SUM#????????????}"}
+case $ID in *[!0-9a-f]* | "") die 1 "sha256sum gave no sum for $BUNDLE/SHA256SUMS" ;; esac
 NAME=$DRIVER_VERSION-$ID
 DEST=$ROOT$OPT/$NAME
 
@@ -488,7 +581,9 @@ fi
 [ -z "$BAD" ] ||
 	die 4 "the bundle in $BUNDLE is corrupt: $BAD; download and extract it again"
 # Only now is anything read from the extracted folder: node/bundle.env is a regular file
-# that node/contents lists (a FIFO there would have hung a read).
+# that node/contents lists (a FIFO there would have hung a read). What it says is checked
+# again on the root-owned copy, with the sums, before anything lands.
+check_fits_node
 if [ "$STAGE_ONLY" = 1 ]; then
 	for key in DRIVER_VERSION FLAVOUR; do
 		[ "$(bundle_value "$key" "$ROOT$OPT/current/node/bundle.env")" = "$(bundle_value "$key" "$BUNDLE/node/bundle.env")" ] ||
@@ -501,43 +596,219 @@ if [ ! -d "$DEST" ]; then
 	SPACE=$ROOT$OPT
 	while [ ! -d "$SPACE" ]; do SPACE=$(dirname "$SPACE"); done  # the first install makes it
 	FREE=$(df -Pk "$SPACE" | awk 'NR == 2 { print $4 }')
-	[ "${FREE:-0}" -ge "$NEED" ] ||
-		die 5 "not enough space for the driver in $ROOT$OPT: $((NEED / 1024)) MiB needed, $((${FREE:-0} / 1024)) MiB free; free some space and run me again"
+	case $NEED:$FREE in
+	:* | *: | *[!0-9:]*) die 1 "cannot tell the space the driver needs (du) or the space free in $ROOT$OPT (df)" ;;
+	esac
+	[ "$FREE" -ge "$NEED" ] ||
+		die 5 "not enough space for the driver in $ROOT$OPT: $((NEED / 1024)) MiB needed, $((FREE / 1024)) MiB free; free some space and run me again"
 fi
 
+# --- one transaction: any failure from here on leaves the node as it was -----------------------
+# Before this run changes a path, the path is saved in $UNDO (.undo.* beside the drivers): a
+# copy of the file or link there (cp -P keeps a link a link), or a note that there was none;
+# each folder it makes is noted too. die (below) puts every one back, newest first, removes
+# the driver folder it added, and only then says why. A run killed midway cannot do that: it
+# leaves the old driver current, or the new one complete (see the top); the next run clears
+# the journal it left.
+UNDO=
+UNDO_N=0
+UNDO_SAVED=
+SWITCHED=0
+NL='
+'
+# What the commands that change the node say when they fail: die adds the last line to its
+# own, so that the one line names the cause (a read-only file system, no space left). Kept
+# in /tmp (a tmpfs on Flatcar): not on the file system that may be the one that is full.
+TXN_ERR=/dev/null
+
+txn_begin() {
+	[ "$DRY" = 0 ] || return 0
+	TXN_ERR=$(mktemp "${TMPDIR:-/tmp}/install_nvidia.XXXXXX" 2>/dev/null) || TXN_ERR=/dev/null
+	UNDO=$(mktemp -d "$ROOT$OPT/.undo.XXXXXX" 2>>"$TXN_ERR") || die 1 "cannot create a folder in $ROOT$OPT"
+}
+
+# txn_end: the messages file goes (after a commit, or once die has read it).
+txn_end() {
+	[ "$TXN_ERR" = /dev/null ] || rm -f "$TXN_ERR"
+	TXN_ERR=/dev/null
+}
+
+# txn_note KIND PATH: one journal entry (KIND saved: the copy is $UNDO/<n>; absent: remove
+# PATH; made: a folder to rmdir; tree: a folder to remove whole; units: see txn_units).
+txn_note() {
+	UNDO_N=$((UNDO_N + 1))
+	printf '%s %s\n' "$1" "$2" >"$UNDO/$UNDO_N.what" || die 1 "cannot write the journal in $UNDO"
+}
+
+# txn_save PATH...: before each PATH (a file or a link) changes; the first save of a path is
+# the one that counts.
+txn_save() {
+	[ -n "$UNDO" ] || return 0
+	for ts_path in "$@"; do
+		case $NL$UNDO_SAVED in *"$NL$ts_path$NL"*) continue ;; esac
+		UNDO_SAVED=$UNDO_SAVED$ts_path$NL
+		if [ -e "$ts_path" ] || [ -L "$ts_path" ]; then
+			cp -pP "$ts_path" "$UNDO/$((UNDO_N + 1))" 2>>"$TXN_ERR" || die 1 "cannot save $ts_path in $UNDO"
+			txn_note saved "$ts_path"
+		else
+			txn_note absent "$ts_path"
+		fi
+	done
+}
+
+# txn_units: before systemctl enables units, the links in *.wants and *.requires folders (and
+# those folders) as they are, so that the ones it adds can go again.
+txn_units() {
+	[ -n "$UNDO" ] || return 0
+	for tu_path in "$UNITS"/*.wants "$UNITS"/*.requires "$UNITS"/*.wants/* "$UNITS"/*.requires/*; do
+		if [ -e "$tu_path" ] || [ -L "$tu_path" ]; then printf '%s\n' "$tu_path"; fi
+	done >"$UNDO/$((UNDO_N + 1))" || die 1 "cannot write the journal in $UNDO"
+	txn_note units "$UNITS"
+}
+
+# rollback: undo the journal, newest entry first (quietly: die says why; what cannot be put
+# back is named in one warning).
+rollback() {
+	rb_failed=
+	[ -z "$UNDO" ] || undo_journal
+	# This run's temporary names, wherever a failed step left one.
+	for rb_left in "$ROOT$OPT"/*.tmp."$$" "$ROOT/opt/bin"/*.tmp."$$" "$UNITS"/*.tmp."$$" "$UNITS"/*.d/*.tmp."$$" \
+		"$LDCONF".tmp."$$"; do
+		[ ! -e "$rb_left" ] && [ ! -L "$rb_left" ] || rm -f "$rb_left" 2>/dev/null || rb_failed="$rb_failed $rb_left"
+	done
+	# A first install leaves no /opt/nvidia behind (nor /opt, if it made that too).
+	if [ "$LOCKING" = 1 ] && [ -d "$ROOT$OPT" ] && [ ! -e "$ROOT$OPT/current" ] && [ ! -L "$ROOT$OPT/current" ] &&
+		! ls -d "$ROOT$OPT"/*/node/bundle.env >/dev/null 2>&1; then
+		drop_opt
+	elif [ "$LOCKING" = 1 ] && [ "$LOCK_MADE" = 1 ]; then
+		rm -f "$ROOT$OPT/.lock"  # made by this run (it still holds it: see lock)
+	fi
+	if [ "$SWITCHED" = 1 ]; then
+		run_ldconfig >/dev/null 2>&1 || rb_failed="$rb_failed ld.so.cache"
+	fi
+	if [ -z "$ROOT" ] && [ "$SYSTEMD_TOUCHED" = 1 ]; then
+		systemctl daemon-reload >/dev/null 2>&1 || rb_failed="$rb_failed (systemctl daemon-reload)"
+	fi
+	[ -z "$rb_failed" ] || warn "could not put back:$rb_failed"
+}
+
+undo_journal() {
+	rb_undo=$UNDO
+	UNDO=
+	rb_n=$UNDO_N
+	while [ "$rb_n" -gt 0 ]; do
+		read -r rb_kind rb_path <"$rb_undo/$rb_n.what" || rb_kind=
+		case $rb_kind in
+		saved) mv -Tf "$rb_undo/$rb_n" "$rb_path" ;;
+		absent) rm -f "$rb_path" ;;
+		made) rmdir "$rb_path" ;;
+		tree) rm -rf "$rb_path" ;;
+		units)
+			for rb_unit in "$rb_path"/*.wants/* "$rb_path"/*.requires/* "$rb_path"/*.wants "$rb_path"/*.requires; do
+				[ -e "$rb_unit" ] || [ -L "$rb_unit" ] || continue
+				grep -qxF "$rb_unit" "$rb_undo/$rb_n" || rm -f "$rb_unit" 2>/dev/null || rmdir "$rb_unit"
+			done ;;
+		*) false ;;
+		esac 2>/dev/null || rb_failed="$rb_failed $rb_path"
+		rb_n=$((rb_n - 1))
+	done
+	rm -rf "$rb_undo"
+}
+SYSTEMD_TOUCHED=0
+LOCKING=0
+LOCK_MADE=0
+
+# From here, every failure undoes the journal before it says why.
+die() {
+	die_code=$1
+	shift
+	die_cause=
+	[ ! -s "$TXN_ERR" ] || die_cause=$(tail -n 1 "$TXN_ERR" 2>/dev/null)
+	txn_end
+	rollback
+	printf '%s: error: %s%s\n' "$PROG" "$*" "${die_cause:+ ($die_cause)}" >&2
+	exit "$die_code"
+}
+trap 'die 1 "stopped by a signal; the node is as it was"' HUP INT TERM
+
+# txn_commit: the change is whole; nothing to undo any more.
+txn_commit() {
+	[ -z "$UNDO" ] || rm -rf "$UNDO" 2>/dev/null ||
+		warn "cannot remove the journal $UNDO (the change is whole: the next run removes it)"
+	UNDO=
+	txn_end
+	LOCKING=0
+	SWITCHED=0
+	SYSTEMD_TOUCHED=0
+	trap - HUP INT TERM
+}
+
+# put_link TARGET PATH, put_file TEXT PATH, put_copy FILE PATH MODE: make PATH so (in one
+# rename), saved first; nothing when it is so already.
+put_link() {
+	[ "$(readlink "$2" 2>/dev/null)" = "$1" ] && return 0
+	txn_save "$2" && replace_link "$1" "$2" 2>>"$TXN_ERR" || { rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
+}
+
+put_file() {
+	[ -f "$2" ] && [ ! -L "$2" ] && [ "$(cat "$2")" = "$1" ] && return 0
+	if [ "$DRY" = 1 ]; then
+		say "would write $2"
+		return 0
+	fi
+	txn_save "$2" && { printf '%s\n' "$1" >"$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"; } 2>>"$TXN_ERR" ||
+		{ rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
+}
+
+put_copy() {
+	[ -f "$2" ] && [ ! -L "$2" ] && cmp -s "$1" "$2" && return 0
+	if [ "$DRY" = 1 ]; then
+		say "would write $2"
+		return 0
+	fi
+	txn_save "$2" && { cp "$1" "$2.tmp.$$" && chmod "$3" "$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"; } 2>>"$TXN_ERR" ||
+		{ rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
+}
+
+# put_away PATH: remove PATH, saved first.
+put_away() {
+	txn_save "$1" && act rm -f "$1" 2>>"$TXN_ERR"
+}
+
+# disable UNIT: systemctl disable, its links saved first.
+disable() {
+	txn_save "$UNITS"/*.wants/"$1" "$UNITS"/*.requires/"$1"
+	SYSTEMD_TOUCHED=1
+	systemctl_root disable "$1" >/dev/null 2>&1 || true
+}
+
+LOCKING=1
 lock
 clean_leftovers
-
-# refuse_stage MESSAGE: drop the staging folder (and /opt/nvidia, if this was to be the
-# first driver in it), then exit 4.
-refuse_stage() {
-	rm -rf "$STAGE"
-	[ -e "$ROOT$OPT/current" ] || [ -L "$ROOT$OPT/current" ] || ls -d "$ROOT$OPT"/*/node/bundle.env >/dev/null 2>&1 ||
-		drop_opt
-	die 4 "$1"
-}
+txn_begin
 
 # --- the driver folder ----------------------------------------------------------------------
 if [ -d "$DEST" ]; then
 	say "driver $DRIVER_VERSION ($ID) is installed already in $OPT/$NAME"
-	SETTINGS=$DEST/node/bundle.env
+	FROM=$DEST
 elif [ "$DRY" = 1 ]; then
 	say "would install driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
-	SETTINGS=$BUNDLE/node/bundle.env
-	BAD=$(check_settings "$SETTINGS")
+	FROM=$BUNDLE
+	BAD=$(check_settings "$FROM/node/bundle.env")
 	[ -z "$BAD" ] || die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 else
 	STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
+	txn_note tree "$STAGE"
 	# -P: links stay links; no -p: the copies are root's, not the extracting user's.
 	# shellcheck disable=SC2086 # the names are word-split on purpose
-	cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/") ||
-		refuse_stage "cannot copy the bundle in $BUNDLE into $STAGE; extract the whole archive again"
+	{ cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/"); } 2>>"$TXN_ERR" ||
+		die 4 "cannot copy the bundle in $BUNDLE into $STAGE; extract the whole archive again"
 	# Its shape before anything follows a path in it (chmod would follow a link), then
 	# owner and modes, then the sums.
 	BAD=$(cd "$STAGE" && check_bundle "payload/$DRIVER_VERSION/" structure)
 	[ -z "$BAD" ] ||
-		refuse_stage "the bundle in $BUNDLE changed after it was extracted: $BAD; download and extract it again, where only root can write"
-	chown -R -h 0:0 "$STAGE" || die 1 "cannot make $STAGE root's"
+		die 4 "the bundle in $BUNDLE changed after it was extracted: $BAD; download and extract it again, where only root can write"
+	chown -R -h 0:0 "$STAGE" 2>>"$TXN_ERR" || die 1 "cannot make $STAGE root's"
 	# The modes the bundle lists, one chmod call per mode (links have no mode of their own).
 	(cd "$STAGE" && find . -type d -exec chmod 0755 {} + &&
 		awk -v strip="payload/$DRIVER_VERSION/" '$2 == "file" {
@@ -546,23 +817,29 @@ else
 		while read -r mode files; do
 			# shellcheck disable=SC2086 # a list of plain relative paths
 			chmod "$mode" $files || exit 1
-		done) || die 1 "cannot set the modes of the files in $STAGE"
-	BAD=$(cd "$STAGE" && check_sums "payload/$DRIVER_VERSION/")
+		done) 2>>"$TXN_ERR" || die 1 "cannot set the modes of the files in $STAGE"
+	BAD=$(cd "$STAGE" && verdict "$(check_tree "payload/$DRIVER_VERSION/" modes)" "the files' modes")
+	[ -z "$BAD" ] || die 1 "cannot set the modes of the files in $STAGE: $BAD"
+	BAD=$(cd "$STAGE" && verdict "$(check_sums "payload/$DRIVER_VERSION/")" "the bundle's sums")
 	[ -z "$BAD" ] ||
-		refuse_stage "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
+		die 4 "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
 	BAD=$(check_settings "$STAGE/node/bundle.env")
 	[ -z "$BAD" ] ||
-		refuse_stage "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
+		die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 	# The soname links (libnvidia-ml.so.1 -> …) are ldconfig's to make, in the new folder
 	# before it goes live; the cache itself is refreshed once current points there.
-	[ ! -d "$STAGE/lib64" ] || ldconfig -n "$STAGE/lib64" || die 1 "ldconfig -n $STAGE/lib64 failed"
-	chmod 0755 "$STAGE" && sync -f "$STAGE" || die 1 "cannot write $STAGE to disk"
-	mv "$STAGE" "$DEST" || die 1 "cannot rename $STAGE to $DEST"
+	[ ! -d "$STAGE/lib64" ] || ldconfig -n "$STAGE/lib64" 2>>"$TXN_ERR" || die 1 "ldconfig -n $STAGE/lib64 failed"
+	{ chmod 0755 "$STAGE" && sync -f "$STAGE"; } 2>>"$TXN_ERR" || die 1 "cannot write $STAGE to disk"
+	txn_note tree "$DEST"
+	mv -T "$STAGE" "$DEST" 2>>"$TXN_ERR" || die 1 "cannot rename $STAGE to $DEST"
 	say "installed driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
-	SETTINGS=$DEST/node/bundle.env
+	FROM=$DEST
 fi
-AGENT_UNITS=$(bundle_value AGENT_UNITS "$SETTINGS")
-KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$SETTINGS")
+SETTINGS=$FROM/node/bundle.env
+# Both are never empty in a bundle (check_settings): empty here means the read failed.
+AGENT_UNITS=$(bundle_value AGENT_UNITS "$SETTINGS") && [ -n "$AGENT_UNITS" ] &&
+	KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$SETTINGS") && [ -n "$KERNEL_RELEASES" ] ||
+	die 1 "cannot read $SETTINGS"
 if [ "$STAGE_ONLY" = 1 ]; then
 	CURRENT=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
 	if [ "$CURRENT" = "$NAME" ]; then
@@ -570,9 +847,11 @@ if [ "$STAGE_ONLY" = 1 ]; then
 	elif [ "$DRY" = 1 ]; then
 		say "would record $OPT/$NAME in $STAGED as staged for release $STAGE_RELEASE"
 	else
+		txn_save "$ROOT$STAGED"
 		record_staged "$NAME" "$STAGE_RELEASE" || die 1 "cannot write $ROOT$STAGED"
 		say "staged driver $DRIVER_VERSION ($ID) for kernel $KERNEL_RELEASES in $OPT/$NAME; $OPT/current stays $CURRENT until the node boots that kernel"
 	fi
+	txn_commit
 	exit 0
 fi
 RUNNING=$(uname -r)
@@ -581,65 +860,76 @@ case " $KERNEL_RELEASES " in
 *) warn "this node runs kernel $RUNNING, but the bundle has modules only for $KERNEL_RELEASES: the driver will not load until the node boots one of those" ;;
 esac
 
-# --- what points through current (constant: it never names a version) ----------------------
-make_dir "$ROOT/etc/ld.so.conf.d" && write_file "$LDCONF" "$LDCONF_TEXT" ||
-	die 1 "cannot write $LDCONF"
-replace_link current/startup.sh "$ROOT$OPT/startup.sh" || die 1 "cannot link $OPT/startup.sh"
-make_dir "$UNITS" && replace_link "$OPT/current/nvidia.service" "$UNITS/nvidia.service" ||
-	die 1 "cannot link $UNITS/nvidia.service"
+# --- what the boot runs, outside the switched folder; the rest points through current ------------
+# The unit, its entry point (boot.sh: it runs current's startup.sh, or says what is wrong with
+# current and falls back to previous), the agents' drop-ins and the doctor are files of their
+# own: a broken `current` cannot take them with it.
+put_copy "$FROM/node/boot.sh" "$ROOT$OPT/startup.sh" 0755 || die 1 "cannot write $OPT/startup.sh"
+put_copy "$FROM/node/nvidia-doctor" "$ROOT$OPT/nvidia-doctor" 0755 ||
+	die 1 "cannot write $OPT/nvidia-doctor"
+make_dir "$ROOT/etc/ld.so.conf.d" && put_file "$LDCONF_TEXT" "$LDCONF" || die 1 "cannot write $LDCONF"
+make_dir "$UNITS" && put_copy "$FROM/nvidia.service" "$UNITS/nvidia.service" 0644 ||
+	die 1 "cannot write $UNITS/nvidia.service"
 # The repository's units come and go with the bundle's repository setting.
 for unit in $REPOSITORY_UNITS; do
-	if [ -f "$DEST/node/$unit" ] || { [ ! -d "$DEST" ] && [ -f "$BUNDLE/node/$unit" ]; }; then  # (a dry run)
-		replace_link "$OPT/current/node/$unit" "$UNITS/$unit" || die 1 "cannot link $UNITS/$unit"
+	if [ -f "$FROM/node/$unit" ]; then
+		put_link "$OPT/current/node/$unit" "$UNITS/$unit" || die 1 "cannot link $UNITS/$unit"
 	elif [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; then
-		systemctl_root disable "$unit" >/dev/null 2>&1 || true
-		act rm -f "$UNITS/$unit"
+		disable "$unit"
+		put_away "$UNITS/$unit" || die 1 "cannot remove $UNITS/$unit"
 	fi
 done
 for unit in $AGENT_UNITS; do
 	make_dir "$UNITS/$unit.d" &&
-		replace_link "$OPT/current/node/agent-dropin.conf" "$UNITS/$unit.d/$DROPIN_NAME" ||
+		put_copy "$FROM/node/agent-dropin.conf" "$UNITS/$unit.d/$DROPIN_NAME" 0644 ||
 		die 1 "cannot add the drop-in for $unit"
 done
 make_dir "$ROOT/opt/bin" || die 1 "cannot create /opt/bin"
 # /opt/bin links, for humans: the driver's tools, the doctor, and nvidia-uninstall (the
 # driver folder's copy of this script, which outlives the extracted bundle in /tmp).
+TOOLS=
 [ -d "$DEST" ] && TOOLS_FROM=$DEST || TOOLS_FROM=$PAYLOAD  # a dry run's first install
-{
-	for tool in "$TOOLS_FROM"/bin/*; do
-		[ -e "$tool" ] && printf '%s bin/%s\n' "${tool##*/}" "${tool##*/}"
-	done
-	printf '%s\n' "nvidia-doctor node/nvidia-doctor" "nvidia-uninstall install_nvidia.sh"
-} | while read -r tool inside; do
+for tool in "$TOOLS_FROM"/bin/*; do
+	[ -e "$tool" ] && TOOLS="$TOOLS ${tool##*/}:current/bin/${tool##*/}"
+done
+for entry in $TOOLS nvidia-doctor:nvidia-doctor nvidia-uninstall:current/install_nvidia.sh; do
+	tool=${entry%%:*}
 	if [ -e "$ROOT/opt/bin/$tool" ] && ! ours "$ROOT/opt/bin/$tool"; then
 		warn "/opt/bin/$tool is not coreos-gpu's; leaving it"
 		continue
 	fi
-	replace_link "$OPT/current/$inside" "$ROOT/opt/bin/$tool" || die 1 "cannot link /opt/bin/$tool"
-done || exit $?
+	put_link "$OPT/${entry#*:}" "$ROOT/opt/bin/$tool" || die 1 "cannot link /opt/bin/$tool"
+done
 
 # --- the switch: one rename -------------------------------------------------------------------
+txn_save "$ROOT$OPT/current" "$ROOT$OPT/previous"
+SWITCHED=1
 switch_current "$NAME" || die 1 "cannot point $OPT/current at $NAME"
 
-# --- after the switch: caches, units, old versions -------------------------------------------
+# --- after the switch: caches, units -----------------------------------------------------------
 run_ldconfig || die 1 "ldconfig failed"
 for dropin in "$UNITS"/*.d/"$DROPIN_NAME"; do
-	ours "$dropin" || continue
+	ours "$dropin" || ours_file "$dropin" || continue
 	unit=${dropin%/*}
 	unit=${unit##*/}
 	case " $AGENT_UNITS " in *" ${unit%.d} "*) continue ;; esac
-	act rm -f "$dropin"
+	put_away "$dropin" || die 1 "cannot remove $dropin"
 done
-# Keep the previous driver (a rollback is one install_nvidia.sh of its bundle away, and
-# Flatcar may boot the previous release again) and the staged ones.
-drop_unbootable || die 1 "cannot update $ROOT$STAGED"
+SYSTEMD_TOUCHED=1
 [ -n "$ROOT" ] || systemctl_root daemon-reload || die 1 "systemctl daemon-reload failed"
 if [ "$ENABLE" = 1 ]; then
+	txn_units
 	systemctl_root enable nvidia.service || die 1 "systemctl enable nvidia.service failed"
 	for unit in $ENABLED_REPOSITORY_UNITS; do
 		[ ! -L "$UNITS/$unit" ] || systemctl_root enable "$unit" || die 1 "systemctl enable $unit failed"
 	done
 fi
+txn_commit
+
+# Keep the previous driver (a rollback is one install_nvidia.sh of its bundle away, and
+# Flatcar may boot the previous release again) and the staged ones. The install is whole
+# already: a folder that cannot go now goes at the next run.
+drop_unbootable || warn "cannot remove the drivers no boot wants any more from $OPT; the next install tries again"
 if [ "$START" = 1 ]; then
 	# startup.sh here, so its words reach the terminal; then the unit, so systemd knows.
 	act "$ROOT$OPT/startup.sh"

@@ -165,7 +165,10 @@ json_string() {
 # atomic: it unlinks first). mv -T keeps mv from moving into a linked folder.
 replace_link() {
 	[ "$(readlink "$2" 2>/dev/null)" = "$1" ] && return 0
-	act ln -s "$1" "$2.tmp.$$" && act mv -Tf "$2.tmp.$$" "$2"
+	act ln -s "$1" "$2.tmp.$$" && act mv -Tf "$2.tmp.$$" "$2" || {
+		rm -f "$2.tmp.$$" 2>/dev/null
+		return 1
+	}
 }
 
 # The awk that reads node/bundle.env, never sourced (a `$(…)` in a sourced value would run
@@ -201,13 +204,48 @@ installed_folder() {
 	[ -d "$ROOT$OPT/$1" ] && [ ! -L "$ROOT$OPT/$1" ] && [ -f "$ROOT$OPT/$1/node/bundle.env" ]
 }
 
+# link_of PATH: the target of the link PATH ("" when PATH is not a link); fails when PATH is
+# a link that cannot be read: a "" then would read as "no link" and lose what it names.
+link_of() {
+	[ -L "$1" ] || return 0
+	lo_target=$(readlink "$1") && [ -n "$lo_target" ] || return 1
+	printf '%s' "$lo_target"
+}
+
+# current_problem: why $OPT/current cannot be booted from, in a few words ("" when it can, or
+# when there is no `current` at all). It must be a link to an installed driver folder of
+# $OPT whose startup.sh can run: a hand-made link, a folder, or a folder half removed is not.
+current_problem() {
+	cp_link=$ROOT$OPT/current
+	[ -e "$cp_link" ] || [ -L "$cp_link" ] || return 0
+	if [ ! -L "$cp_link" ]; then
+		printf '%s is not a link to a driver folder' "$OPT/current"
+		return 0
+	fi
+	cp_name=$(readlink "$cp_link")
+	if ! installed_folder "$cp_name"; then
+		if [ -e "$cp_link" ]; then
+			printf '%s points at %s, not a driver folder of %s' "$OPT/current" "$cp_name" "$OPT"
+		else
+			printf '%s points at %s, which is not there' "$OPT/current" "$cp_name"
+		fi
+	elif [ ! -x "$ROOT$OPT/$cp_name/startup.sh" ] || [ ! -r "$ROOT$OPT/$cp_name/node/lib.sh" ]; then
+		printf '%s points at %s, which lacks its startup.sh or node/lib.sh' "$OPT/current" "$cp_name"
+	fi
+}
+
+# bootable NAME: NAME is an installed driver folder whose startup.sh can run.
+bootable() {
+	installed_folder "$1" && [ -x "$ROOT$OPT/$1/startup.sh" ] && [ -r "$ROOT$OPT/$1/node/lib.sh" ]
+}
+
 # switch_current NAME: point $OPT/current at the driver folder NAME in one rename. `previous`
 # names the driver before the last switch: kept for a rollback, and set before the switch
 # so that a run stopped after it keeps the same one. Only an installed folder becomes
 # `previous`: a dangling or foreign `current` (an old tool's, a hand-made link) leaves the
 # `previous` there was.
 switch_current() {
-	sc_was=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
+	sc_was=$(link_of "$ROOT$OPT/current") || return 1
 	if [ -n "$sc_was" ] && [ "$sc_was" != "$1" ]; then
 		if installed_folder "$sc_was"; then
 			replace_link "$sc_was" "$ROOT$OPT/previous" || return 1
@@ -261,8 +299,8 @@ installed_for() {
 # its USR partition when a boot fails) and the staged ones (the update waiting for its
 # reboot). Staged lines for folders now in use, or gone, are dropped. Call it under the lock.
 drop_unbootable() {
-	du_current=$(readlink "$ROOT$OPT/current" 2>/dev/null || true)
-	du_previous=$(readlink "$ROOT$OPT/previous" 2>/dev/null || true)
+	du_current=$(link_of "$ROOT$OPT/current") && du_previous=$(link_of "$ROOT$OPT/previous") ||
+		return 1
 	du_keep=" $du_current $du_previous "
 	if [ -f "$ROOT$STAGED" ]; then
 		du_lines=$(while read -r du_name du_release; do
@@ -297,7 +335,8 @@ drop_unbootable() {
 repository_url() {
 	if [ -n "${NVIDIA_REPOSITORY_URL+set}" ]; then
 		ru_url=$NVIDIA_REPOSITORY_URL
-	elif grep -q '^NVIDIA_REPOSITORY_URL=' "$ROOT/etc/default/nvidia" 2>/dev/null; then
+	elif [ -f "$ROOT/etc/default/nvidia" ] &&  # a regular file: a FIFO would hang the boot
+		grep -q '^NVIDIA_REPOSITORY_URL=' "$ROOT/etc/default/nvidia" 2>/dev/null; then
 		ru_url=$(sed -n 's/^NVIDIA_REPOSITORY_URL=//p' "$ROOT/etc/default/nvidia" | tail -n 1 |
 			sed "s/^\"\\(.*\\)\"\$/\\1/; s/^'\\(.*\\)'\$/\\1/")
 	else
@@ -338,7 +377,7 @@ lock_install() {
 # and, when no fetch.sh runs (its lock is free), a fetch's folder. Call it holding the
 # install lock.
 clear_leftovers_in_opt() {
-	for cl_left in "$ROOT$OPT"/*.tmp.* "$ROOT$OPT"/.gone.*; do
+	for cl_left in "$ROOT$OPT"/*.tmp.* "$ROOT$OPT"/.gone.* "$ROOT$OPT"/.undo.*; do
 		[ -e "$cl_left" ] || [ -L "$cl_left" ] || continue
 		act rm -rf "$cl_left"
 	done
