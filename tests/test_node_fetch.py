@@ -81,14 +81,19 @@ def publish_to(repo: Path, key: Path, *bundles: Path) -> None:
 
 class Repository:
     """A folder repository served over HTTP on 127.0.0.1; paths under `stall` get no
-    answer (the connection stays open), like a server that hangs."""
+    answer (the connection stays open), like a server that hangs; paths under `endless` get
+    their file and then junk without end (no Content-Length), and `sent` counts the bytes
+    that went out for them."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.stall: set[str] = set()
+        self.endless: set[str] = set()
+        self.sent: dict[str, int] = {}
         self.requests: list[str] = []
         self.redirect: dict[str, str] = {}  # path -> Location of a 302 answer
-        stall, requests, redirect = self.stall, self.requests, self.redirect
+        stall, endless, sent = self.stall, self.endless, self.sent
+        requests, redirect = self.requests, self.redirect
 
         class Handler(SimpleHTTPRequestHandler):
             def log_message(self, format: str, *args: object) -> None:
@@ -105,7 +110,26 @@ class Repository:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if any(self.path.startswith(p) for p in endless):
+                    self.send_endless()
+                    return
                 super().do_GET()
+
+            def send_endless(self) -> None:
+                self.close_connection = True  # the end of the answer is the end of the stream
+                self.send_response(200)
+                self.end_headers()
+                data = (root / self.path.lstrip("/")).read_bytes()
+                junk = b"x" * 65536
+                sent[self.path] = 0
+                try:
+                    self.wfile.write(data)
+                    sent[self.path] += len(data)
+                    while sent[self.path] < 4 << 30:  # stops only when the client does
+                        self.wfile.write(junk)
+                        sent[self.path] += len(junk)
+                except OSError:
+                    pass
 
         root.mkdir(parents=True, exist_ok=True)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
@@ -385,6 +409,40 @@ def test_a_server_that_stalls(tmp_path: Path, made: Made, repo: Repository,
     took = time.monotonic() - started
     assert "no answer within 3 s" in line
     assert took < 20, took
+
+
+@pytest.mark.parametrize(("shell", "client"), [
+    ("bash", "curl"), ("dash", "curl"), ("busybox sh", "curl"), ("dash", "wget")])
+@pytest.mark.parametrize(("endless", "code", "says"), [
+    ("/index.current", 22, "the answer is larger than 1024 bytes"),
+    ("/index/", 22, "the answer is larger than 16777216 bytes"),
+    ("/bundles/", 21, "is larger than the"),
+])
+def test_a_server_that_sends_without_end_is_cut_off(
+        tmp_path: Path, made: Made, repo: Repository, shell: str, client: str, endless: str,
+        code: int, says: str) -> None:
+    """An index, or a bundle, followed by junk without end (a hostile mirror): the node stops
+    reading a byte past what it may take (a fixed size for the index files, the signed size
+    for a bundle), with either client, instead of filling its disk."""
+    publish_to(repo.root, made.key, made.a, made.b)
+    repo.endless.add(endless)
+    node = node_with(tmp_path, made.a, shell)
+    before = snapshot(node.root)
+    env = {"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": repo.url, "NVIDIA_FETCH_TIMEOUT": "60"}
+    if client == "wget":
+        env["PATH"] = node.path_without("curl")
+    started = time.monotonic()
+    booted = node.startup(env=env)
+    line = one_error(booted, code)
+    assert says in line, line
+    assert time.monotonic() - started < 60
+    assert without_locks(snapshot(node.root)) == before
+    [(path, sent)] = [(p, n) for p, n in repo.sent.items() if p.startswith(endless)]
+    limit = {"/index.current": 1024, "/index/": 16 << 20}.get(endless) or (
+        repo.root / path.lstrip("/")).stat().st_size
+    # What was sent beyond the limit is what the sockets and pipes held when the node
+    # stopped reading (a few MiB on loopback), not the 4 GiB on offer.
+    assert sent < limit + (32 << 20), (sent, limit)
 
 
 def test_a_file_repository_that_hangs(tmp_path: Path, made: Made) -> None:

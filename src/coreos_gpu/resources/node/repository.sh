@@ -22,26 +22,50 @@ repo_sha256() {
 	printf '%s\n' "${rs_sum%% *}"
 }
 
-# repo_download URL FILE SECONDS: the whole file or a failure (its reason on stdout) within
-# SECONDS; curl where there is one (both OSes ship it), else wget; file:// is a copy.
-# Redirects (S3 websites, CDNs, http to https) are followed as wget does, at most 3, and
-# only to http(s) (curl: from https only to https; wget cannot be held to that).
+# The most an index file may be: a server that sends more (an endless answer, junk appended)
+# is cut off there, before it fills the node's disk (on Flatcar /opt shares ROOT with /var).
+REPO_MAX_POINTER=1024  # index.current: one line
+REPO_MAX_INDEX=16777216  # index/<sha256>.txt: a line per bundle, tens of thousands of them
+REPO_MAX_SIGNATURE=65536  # index/<sha256>.txt.sig
+
+# repo_download URL FILE SECONDS MAXBYTES: the whole file or a failure (its reason on stdout)
+# within SECONDS, and never more than MAXBYTES written: the transfer goes through head, which
+# stops reading one byte past the limit, so the client stops too. curl where there is one
+# (both OSes ship it), else wget; file:// is read the same way (a hung NFS mount: bounded
+# too). Redirects (S3 websites, CDNs, http to https) are followed as wget does, at most 3,
+# and only to http(s) (curl: from https only to https; wget cannot be held to that).
 repo_download() {
+	rm -f "$2.rc" "$2.err"
 	case $1 in
-	file://*) timeout "$3" cp "${1#file://}" "$2" 2>&1 ;;  # a hung NFS mount: bounded too
+	file://*) timeout "$3" head -c "$(($4 + 1))" "${1#file://}" >"$2" 2>"$2.err"; echo $? >"$2.rc" ;;
 	http://* | https://*)
 		if command -v curl >/dev/null 2>&1; then
 			case $1 in https://*) rd_redir='=https' ;; *) rd_redir='=http,https' ;; esac
-			timeout "$3" curl -fsS --proto =http,https -L --max-redirs 3 --proto-redir "$rd_redir" \
-				--connect-timeout 10 --retry 2 --retry-delay 1 --retry-connrefused -o "$2" "$1" 2>&1
+			{
+				timeout "$3" curl -fsS --proto =http,https -L --max-redirs 3 --proto-redir "$rd_redir" \
+					--connect-timeout 10 --retry 2 --retry-delay 1 --retry-connrefused -o - "$1" 2>"$2.err"
+				echo $? >"$2.rc"
+			} | head -c "$(($4 + 1))" >"$2"
 		else
-			timeout "$3" wget -q -T 10 -t 3 --max-redirect=3 -O "$2" "$1" 2>&1
+			{
+				timeout "$3" wget -q -T 10 -t 3 --max-redirect=3 -O - "$1" 2>"$2.err"
+				echo $? >"$2.rc"
+			} | head -c "$(($4 + 1))" >"$2"
 		fi ;;
-	*) printf 'not an http://, https:// or file:// URL'; false ;;
+	*) printf 'not an http://, https:// or file:// URL'; return 1 ;;
 	esac
-	rd_rc=$?
-	[ "$rd_rc" != 124 ] || printf 'no answer within %s s' "$3"
-	return "$rd_rc"
+	rd_rc=$(cat "$2.rc" 2>/dev/null) || rd_rc=1
+	rd_size=$(wc -c <"$2" 2>/dev/null | tr -d ' ')
+	if [ "${rd_size:-0}" -gt "$4" ]; then
+		printf 'the answer is larger than %s bytes: cut off there' "$4"
+		rd_rc=1
+	elif [ "$rd_rc" = 124 ]; then
+		printf 'no answer within %s s' "$3"
+	elif [ "$rd_rc" != 0 ]; then
+		cat "$2.err" 2>/dev/null
+	fi
+	rm -f "$2.rc" "$2.err"
+	[ "$rd_rc" = 0 ]
 }
 
 # repo_pointer FILE: the index sha256 an index.current names; fails unless FILE is exactly one
@@ -56,12 +80,13 @@ repo_pointer() {
 # public key KEY (openssl dgst -sha256 -verify), as WORK/index.txt. Each file within SECONDS.
 repo_index() {
 	ri_url=$1
-	ri_err=$(repo_download "$ri_url/index.current" "$3/index.current" "$4") ||
+	ri_err=$(repo_download "$ri_url/index.current" "$3/index.current" "$4" "$REPO_MAX_POINTER") ||
 		die 22 "cannot read $ri_url/index.current: $(printf '%s' "$ri_err" | tail -n 1); check the repository URL and the network"
 	ri_sha=$(repo_pointer "$3/index.current") ||
 		die 22 "$ri_url/index.current is not 'coreos-gpu-repository 1 <sha256>': $ri_url is not a coreos-gpu repository of this format"
 	for ri_name in "index/$ri_sha.txt" "index/$ri_sha.txt.sig"; do
-		ri_err=$(repo_download "$ri_url/$ri_name" "$3/${ri_name#index/}" "$4") ||
+		case $ri_name in *.sig) ri_max=$REPO_MAX_SIGNATURE ;; *) ri_max=$REPO_MAX_INDEX ;; esac
+		ri_err=$(repo_download "$ri_url/$ri_name" "$3/${ri_name#index/}" "$4" "$ri_max") ||
 			die 22 "cannot read $ri_url/$ri_name: $(printf '%s' "$ri_err" | tail -n 1)"
 	done
 	ri_err=$(openssl dgst -sha256 -verify "$2" -signature "$3/$ri_sha.txt.sig" "$3/$ri_sha.txt" 2>&1) ||
@@ -88,8 +113,13 @@ repo_pick() {
 
 # repo_bundle URL PATH SHA256 SIZE FILE SECONDS: the bundle, checked against the index.
 repo_bundle() {
-	rb_err=$(repo_download "$1/$2" "$5" "$6") ||
+	if ! rb_err=$(repo_download "$1/$2" "$5" "$6" "$4"); then
+		case $rb_err in
+		*"larger than $4 bytes"*)
+			die 21 "$1/$2 is larger than the $4 bytes the signed index gives: it was tampered with or damaged; the download was cut off there, and nothing was installed" ;;
+		esac
 		die 22 "cannot download $1/$2: $(printf '%s' "$rb_err" | tail -n 1); nothing was installed"
+	fi
 	[ "$(wc -c <"$5" | tr -d ' ')" = "$4" ] && [ "$(repo_sha256 "$5")" = "$3" ] ||
 		die 21 "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
 }
