@@ -142,9 +142,9 @@ make_dir() {
 	make_dir "$(dirname "$1")" || return 1
 	if [ "$DRY" = 0 ] && ! grep -qxF "${1#"$ROOT"}" "$ROOT$OPT/.created-dirs" 2>/dev/null; then
 		txn_save "$ROOT$OPT/.created-dirs" &&
-			{ printf '%s\n' "${1#"$ROOT"}" >>"$ROOT$OPT/.created-dirs"; } 2>>"$TXN_ERR" || return 1
+			quietly append_line "${1#"$ROOT"}" "$ROOT$OPT/.created-dirs" || return 1
 	fi
-	act mkdir "$1" 2>>"$TXN_ERR" || return 1
+	quietly act mkdir "$1" || return 1
 	[ -z "${UNDO:-}" ] || txn_note made "$1"
 }
 
@@ -616,21 +616,54 @@ UNDO_SAVED=
 SWITCHED=0
 NL='
 '
-# What the commands that change the node say when they fail: die adds the last line to its
-# own, so that the one line names the cause (a read-only file system, no space left). Kept
-# in /tmp (a tmpfs on Flatcar): not on the file system that may be the one that is full.
-TXN_ERR=/dev/null
+# What the last command that failed to change the node said (its last line): die adds it to
+# its own line, so that the one line names the cause (a read-only file system, no space).
+CAUSE=
+
+# quietly CMD...: run CMD (a command, or a function whose changes are on disk only: it runs
+# in a subshell), its words kept in CAUSE when it fails instead of printed; a dry run runs
+# it as it is (what it would do is what it says).
+quietly() {
+	[ "$DRY" = 0 ] || { "$@"; return; }
+	q_said=$("$@" 2>&1 >/dev/null) && return 0
+	CAUSE=${q_said##*"$NL"}
+	return 1
+}
+
+append_line() {
+	printf '%s\n' "$1" >>"$2"
+}
+
+write_line() {
+	printf '%s\n' "$1" >"$2"
+}
+
+# land_bundle: the bundle's parts, copied into the staging folder. -P: links stay links; no
+# -p: the copies are root's, not the extracting user's.
+land_bundle() {
+	# shellcheck disable=SC2086 # the names are word-split on purpose
+	cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/")
+}
+
+# set_modes: the modes the bundle lists, one chmod call per mode (links have no mode of
+# their own; folders are 0755). check_tree … modes then checks that every file has its own.
+set_modes() {
+	(cd "$STAGE" && find . -type d -exec chmod 0755 {} + &&
+		awk -v strip="payload/$DRIVER_VERSION/" '$2 == "file" {
+			if (index($3, strip) == 1) $3 = substr($3, length(strip) + 1); print $1, $3 }' node/contents |
+		sort | awk '$1 != mode { if (mode != "") print ""; mode = $1; printf "%s", mode } { printf " %s", $2 } END { print "" }' |
+		while read -r mode files; do
+			# shellcheck disable=SC2086 # a list of plain relative paths
+			chmod "$mode" $files || exit 1
+		done)
+}
 
 txn_begin() {
 	[ "$DRY" = 0 ] || return 0
-	TXN_ERR=$(mktemp "${TMPDIR:-/tmp}/install_nvidia.XXXXXX" 2>/dev/null) || TXN_ERR=/dev/null
-	UNDO=$(mktemp -d "$ROOT$OPT/.undo.XXXXXX" 2>>"$TXN_ERR") || die 1 "cannot create a folder in $ROOT$OPT"
-}
-
-# txn_end: the messages file goes (after a commit, or once die has read it).
-txn_end() {
-	[ "$TXN_ERR" = /dev/null ] || rm -f "$TXN_ERR"
-	TXN_ERR=/dev/null
+	UNDO=$(mktemp -d "$ROOT$OPT/.undo.XXXXXX" 2>/dev/null) || {
+		UNDO=
+		die 1 "cannot create a folder in $ROOT$OPT for the journal; check that it is writable and has space"
+	}
 }
 
 # txn_note KIND PATH: one journal entry (KIND saved: the copy is $UNDO/<n>; absent: remove
@@ -648,7 +681,7 @@ txn_save() {
 		case $NL$UNDO_SAVED in *"$NL$ts_path$NL"*) continue ;; esac
 		UNDO_SAVED=$UNDO_SAVED$ts_path$NL
 		if [ -e "$ts_path" ] || [ -L "$ts_path" ]; then
-			cp -pP "$ts_path" "$UNDO/$((UNDO_N + 1))" 2>>"$TXN_ERR" || die 1 "cannot save $ts_path in $UNDO"
+			quietly cp -pP "$ts_path" "$UNDO/$((UNDO_N + 1))" || die 1 "cannot save $ts_path in $UNDO"
 			txn_note saved "$ts_path"
 		else
 			txn_note absent "$ts_path"
@@ -722,9 +755,7 @@ LOCK_MADE=0
 die() {
 	die_code=$1
 	shift
-	die_cause=
-	[ ! -s "$TXN_ERR" ] || die_cause=$(tail -n 1 "$TXN_ERR" 2>/dev/null)
-	txn_end
+	die_cause=$CAUSE
 	rollback
 	printf '%s: error: %s%s\n' "$PROG" "$*" "${die_cause:+ ($die_cause)}" >&2
 	exit "$die_code"
@@ -736,7 +767,6 @@ txn_commit() {
 	[ -z "$UNDO" ] || rm -rf "$UNDO" 2>/dev/null ||
 		warn "cannot remove the journal $UNDO (the change is whole: the next run removes it)"
 	UNDO=
-	txn_end
 	LOCKING=0
 	SWITCHED=0
 	SYSTEMD_TOUCHED=0
@@ -747,7 +777,7 @@ txn_commit() {
 # rename), saved first; nothing when it is so already.
 put_link() {
 	[ "$(readlink "$2" 2>/dev/null)" = "$1" ] && return 0
-	txn_save "$2" && replace_link "$1" "$2" 2>>"$TXN_ERR" || { rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
+	txn_save "$2" && quietly replace_link "$1" "$2" || { rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
 }
 
 put_file() {
@@ -756,7 +786,7 @@ put_file() {
 		say "would write $2"
 		return 0
 	fi
-	txn_save "$2" && { printf '%s\n' "$1" >"$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"; } 2>>"$TXN_ERR" ||
+	txn_save "$2" && quietly write_line "$1" "$2.tmp.$$" && quietly mv -f "$2.tmp.$$" "$2" ||
 		{ rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
 }
 
@@ -766,13 +796,14 @@ put_copy() {
 		say "would write $2"
 		return 0
 	fi
-	txn_save "$2" && { cp "$1" "$2.tmp.$$" && chmod "$3" "$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"; } 2>>"$TXN_ERR" ||
+	txn_save "$2" && quietly cp "$1" "$2.tmp.$$" && quietly chmod "$3" "$2.tmp.$$" &&
+		quietly mv -f "$2.tmp.$$" "$2" ||
 		{ rm -f "$2.tmp.$$" 2>/dev/null; return 1; }
 }
 
 # put_away PATH: remove PATH, saved first.
 put_away() {
-	txn_save "$1" && act rm -f "$1" 2>>"$TXN_ERR"
+	txn_save "$1" && quietly act rm -f "$1"
 }
 
 # disable UNIT: systemctl disable, its links saved first.
@@ -799,25 +830,15 @@ elif [ "$DRY" = 1 ]; then
 else
 	STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
 	txn_note tree "$STAGE"
-	# -P: links stay links; no -p: the copies are root's, not the extracting user's.
-	# shellcheck disable=SC2086 # the names are word-split on purpose
-	{ cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/"); } 2>>"$TXN_ERR" ||
+	quietly land_bundle ||
 		die 4 "cannot copy the bundle in $BUNDLE into $STAGE; extract the whole archive again"
 	# Its shape before anything follows a path in it (chmod would follow a link), then
 	# owner and modes, then the sums.
 	BAD=$(cd "$STAGE" && check_bundle "payload/$DRIVER_VERSION/" structure)
 	[ -z "$BAD" ] ||
 		die 4 "the bundle in $BUNDLE changed after it was extracted: $BAD; download and extract it again, where only root can write"
-	chown -R -h 0:0 "$STAGE" 2>>"$TXN_ERR" || die 1 "cannot make $STAGE root's"
-	# The modes the bundle lists, one chmod call per mode (links have no mode of their own).
-	(cd "$STAGE" && find . -type d -exec chmod 0755 {} + &&
-		awk -v strip="payload/$DRIVER_VERSION/" '$2 == "file" {
-			if (index($3, strip) == 1) $3 = substr($3, length(strip) + 1); print $1, $3 }' node/contents |
-		sort | awk '$1 != mode { if (mode != "") print ""; mode = $1; printf "%s", mode } { printf " %s", $2 } END { print "" }' |
-		while read -r mode files; do
-			# shellcheck disable=SC2086 # a list of plain relative paths
-			chmod "$mode" $files || exit 1
-		done) 2>>"$TXN_ERR" || die 1 "cannot set the modes of the files in $STAGE"
+	quietly chown -R -h 0:0 "$STAGE" || die 1 "cannot make $STAGE root's"
+	quietly set_modes || die 1 "cannot set the modes of the files in $STAGE"
 	BAD=$(cd "$STAGE" && verdict "$(check_tree "payload/$DRIVER_VERSION/" modes)" "the files' modes")
 	[ -z "$BAD" ] || die 1 "cannot set the modes of the files in $STAGE: $BAD"
 	BAD=$(cd "$STAGE" && verdict "$(check_sums "payload/$DRIVER_VERSION/")" "the bundle's sums")
@@ -828,10 +849,10 @@ else
 		die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 	# The soname links (libnvidia-ml.so.1 -> …) are ldconfig's to make, in the new folder
 	# before it goes live; the cache itself is refreshed once current points there.
-	[ ! -d "$STAGE/lib64" ] || ldconfig -n "$STAGE/lib64" 2>>"$TXN_ERR" || die 1 "ldconfig -n $STAGE/lib64 failed"
-	{ chmod 0755 "$STAGE" && sync -f "$STAGE"; } 2>>"$TXN_ERR" || die 1 "cannot write $STAGE to disk"
+	[ ! -d "$STAGE/lib64" ] || quietly ldconfig -n "$STAGE/lib64" || die 1 "ldconfig -n $STAGE/lib64 failed"
+	quietly chmod 0755 "$STAGE" && quietly sync -f "$STAGE" || die 1 "cannot write $STAGE to disk"
 	txn_note tree "$DEST"
-	mv -T "$STAGE" "$DEST" 2>>"$TXN_ERR" || die 1 "cannot rename $STAGE to $DEST"
+	quietly mv -T "$STAGE" "$DEST" || die 1 "cannot rename $STAGE to $DEST"
 	say "installed driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
 	FROM=$DEST
 fi
