@@ -446,3 +446,20 @@ def test_flatcar_is_flatcar(tmp_path: Path, bundles: Bundles) -> None:
     (node.root / "etc/os-release").write_text(
         'NAME="Flatcar Container Linux by Kinvolk"\nID=flatcar\nID_LIKE=coreos\n')
     assert node.install(bundles.old).code == 0
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_fifo_where_a_setting_is_read_does_not_hang_the_boot(
+        tmp_path: Path, bundles: Bundles, shell: str) -> None:
+    """/etc/default/nvidia as a FIFO nobody writes (what a hung mount looks like): the boot
+    and the doctor read it only as a regular file (for NVIDIA_REPOSITORY_URL; systemd reads
+    the rest), so they do not block on it."""
+    node = with_driver(tmp_path, bundles.new, shell)  # with a repository: the URL is looked up
+    (node.root / "etc/default").mkdir(parents=True, exist_ok=True)
+    os.mkfifo(node.root / "etc/default/nvidia")
+    booted = node.startup()
+    assert booted.code == 0, booted.stderr
+    folder = f"{node.root}/opt/nvidia/{bundle_name(bundles.new)}/"
+    assert node.calls("insmod")[0][1].startswith(folder)
+    doctor = node.doctor()
+    assert "FAIL repository" in doctor.stdout, doctor.stdout  # it answered (nothing listens)
