@@ -8,6 +8,7 @@
 # `current` there (under the install lock, as install_nvidia.sh switches) and starts it.
 # Otherwise it exits 3, as startup.sh does for an incomplete installation.
 set -u
+# shellcheck disable=SC2034 # lib.sh's say, warn and die print it
 PROG=startup.sh
 
 ROOT=
@@ -52,11 +53,7 @@ else
 		replace_link "$PREVIOUS" "$ROOT$OPT/current" ||
 			die 3 "cannot point $OPT/current at $PREVIOUS; run install_nvidia.sh from a bundle"
 		# The ld.so cache names the libraries through current: the same paths, now there.
-		if [ -n "$ROOT" ]; then
-			ldconfig -r "$ROOT" || warn "ldconfig failed; run it by hand"
-		else
-			ldconfig || warn "ldconfig failed; run it by hand"
-		fi
+		run_ldconfig || warn "ldconfig failed; run it by hand"
 	fi
 	exec 9<&-
 	PREVIOUS=$(readlink "$ROOT$OPT/current")

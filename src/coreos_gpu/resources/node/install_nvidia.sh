@@ -174,14 +174,6 @@ systemctl_root() {
 	fi
 }
 
-run_ldconfig() {
-	if [ -n "$ROOT" ]; then
-		act ldconfig -r "$ROOT"
-	else
-		act ldconfig
-	fi
-}
-
 UNITS=$ROOT/etc/systemd/system
 # A bundle built with a repository also carries these, in node/: the retry timer (and the
 # service it starts) and the watcher that stages the bundle for a downloaded OS update.

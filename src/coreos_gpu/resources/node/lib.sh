@@ -212,6 +212,15 @@ link_of() {
 	printf '%s' "$lo_target"
 }
 
+# run_ldconfig: refresh the ld.so cache of the node (or of the tree under $ROOT).
+run_ldconfig() {
+	if [ -n "$ROOT" ]; then
+		act ldconfig -r "$ROOT"
+	else
+		act ldconfig
+	fi
+}
+
 # current_problem: why $OPT/current cannot be booted from, in a few words ("" when it can, or
 # when there is no `current` at all). It must be a link to an installed driver folder of
 # $OPT whose startup.sh can run: a hand-made link, a folder, or a folder half removed is not.
@@ -229,7 +238,7 @@ current_problem() {
 		else
 			printf '%s points at %s, which is not there' "$OPT/current" "$cp_name"
 		fi
-	elif [ ! -x "$ROOT$OPT/$cp_name/startup.sh" ] || [ ! -r "$ROOT$OPT/$cp_name/node/lib.sh" ]; then
+	elif ! bootable "$cp_name"; then
 		printf '%s points at %s, which lacks its startup.sh or node/lib.sh' "$OPT/current" "$cp_name"
 	fi
 }
