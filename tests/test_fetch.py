@@ -43,13 +43,14 @@ def test_download_lands_content_addressed(http_dir: Mirror, tmp_path: Path) -> N
     assert fetch(url, tmp_path) == path  # the second time from the cache
 
 
-def test_resumes_a_cut_download(http_dir: Mirror, tmp_path: Path) -> None:
+def test_a_cut_download_without_validator_starts_over(http_dir: Mirror, tmp_path: Path) -> None:
+    # The test mirror sends neither ETag nor Last-Modified: nothing tells the retry that the
+    # file is still the one whose first bytes it holds, so it takes the file whole again.
     url = _serve(http_dir, "big.bin")
-    # The server cuts the first response; the retry asks for the rest with a Range request.
     http_dir.cut_once["/big.bin"] = 300_000
     path = fetch(url, tmp_path)
     assert path.read_bytes() == DATA
-    assert http_dir.ranges_seen == ["bytes=300000-"]
+    assert http_dir.ranges_seen == []
 
 
 def test_truncated_download_fails_after_retries(http_dir: Mirror, tmp_path: Path) -> None:
@@ -59,9 +60,10 @@ def test_truncated_download_fails_after_retries(http_dir: Mirror, tmp_path: Path
         fetch(url, tmp_path)
     assert info.value.code is ExitCode.INCOMPLETE
     assert "stopped at" in info.value.message and f"of {len(DATA)} bytes" in info.value.message
-    assert http_dir.ranges_seen, "the retries must resume, not start over"
+    assert "starts over" in info.value.hint
+    assert http_dir.ranges_seen == []
     assert cached(url, tmp_path) is None
-    assert not [e for e in _entries(tmp_path) if e.startswith(("sha256", "urls"))]
+    assert _entries(tmp_path) == []  # bytes no later run can resume are not kept
 
 
 def test_404_and_offline(http_dir: Mirror, tmp_path: Path) -> None:
@@ -153,39 +155,145 @@ def _gzipped(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
 
 
-class GzipAnyway(_Quiet):
-    """Compresses every response (Content-Encoding: gzip) whatever the client asked for, and
-    serves ranges of the compressed bytes; can cut its first response short."""
+class Encoded(_Quiet):
+    """Sends `body` with Content-Encoding: `encoding`, whatever the client asked for (as
+    servers that compress anyway do, and S3 objects with that metadata)."""
 
     body: ClassVar[bytes]
-    cut_first: ClassVar[list[int]]  # bytes to send of the next response, then hang up
+    encoding: ClassVar[str]
+
+    def do_GET(self) -> None:
+        self.start()
+        self.send_response(200)
+        self.send_header("Content-Encoding", self.encoding)
+        self.send_header("ETag", '"v1"')
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def test_a_server_that_compresses_anyway_is_refused(tmp_path: Path) -> None:
+    handler = handler_with(Encoded, requests=[], body=_gzipped(DATA), encoding="gzip")
+    with served(handler) as base:
+        url = f"{base}/image.bin.bz2"
+        with pytest.raises(DownloadError) as info:
+            fetch(url, tmp_path)
+    # Stored, the gzip bytes would pass for the file; decoded, Content-Length and a resume's
+    # Range would count bytes of the other stream. So neither: one line, and not retried.
+    assert info.value.code is ExitCode.DOWNLOAD and not info.value.not_found
+    assert info.value.message == (f"download of {url} failed: the server sent it with "
+                                  "Content-Encoding: gzip although asked for none "
+                                  "(Accept-Encoding: identity)")
+    assert "without Content-Encoding" in info.value.hint
+    assert [r.get("Accept-Encoding") for r in handler.requests] == ["identity"]
+    assert cached(url, tmp_path) is None
+    assert _entries(tmp_path) == []
+
+
+def test_content_encoding_identity_is_the_file(tmp_path: Path) -> None:
+    handler = handler_with(Encoded, requests=[], body=DATA, encoding="Identity")
+    with served(handler) as base:
+        assert fetch(f"{base}/a.bin", tmp_path).read_bytes() == DATA
+
+
+OLD_DATE = "Tue, 01 Oct 2024 10:00:00 GMT"
+
+
+class Versioned(_Quiet):
+    """Serves `body` as nginx does a static file: with the `validators` headers (ETag,
+    Last-Modified), a Range honoured where If-Range names a current validator (or is absent),
+    else the whole file (200); `ignores_if_range` honours every Range. Cuts the next
+    responses after `cuts` bytes each; `date` replaces the Date header;
+    `encoding_on_range` is a Content-Encoding for the 206 responses."""
+
+    body: ClassVar[bytes]
+    validators: ClassVar[dict[str, str]]
+    cuts: ClassVar[list[int]]
+    ignores_if_range: ClassVar[bool] = False
+    date: ClassVar[str] = ""
+    encoding_on_range: ClassVar[str] = ""
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return self.date or super().date_time_string(timestamp)
 
     def do_GET(self) -> None:
         start = self.start()
+        if_range = self.headers.get("If-Range")
+        if (if_range is not None and not self.ignores_if_range
+                and if_range not in self.validators.values()):
+            start = 0
         self.send_response(206 if start else 200)
-        self.send_header("Content-Encoding", "gzip")
+        for name, value in self.validators.items():
+            self.send_header(name, value)
+        if start and self.encoding_on_range:
+            self.send_header("Content-Encoding", self.encoding_on_range)
         self.send_header("Content-Length", str(len(self.body) - start))
         if start:
             self.send_header("Content-Range",
                              f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
         self.end_headers()
-        end = self.cut_first.pop() if self.cut_first else len(self.body)
-        self.wfile.write(self.body[start:end])
-        self.close_connection = end < len(self.body)
+        cut = self.cuts.pop(0) if self.cuts else None
+        self.wfile.write(self.body[start:][:cut])
+        self.close_connection = cut is not None
 
 
-@pytest.mark.parametrize("cut", [None, 300_000])
-def test_a_server_that_compresses_anyway(tmp_path: Path, cut: int | None) -> None:
-    data = random.Random(16).randbytes(1 << 20)  # gzip cannot shrink it: sizes stay close
-    handler = handler_with(GzipAnyway, requests=[], body=_gzipped(data),
-                           cut_first=[cut] if cut else [])
+@pytest.mark.parametrize(("validators", "date", "if_range"), [
+    ({"ETag": '"v1"', "Last-Modified": OLD_DATE}, "", '"v1"'),
+    ({"Last-Modified": OLD_DATE}, "", OLD_DATE),
+    # A weak tag: neither it nor (RFC 9110 §13.1.5) the date may guard a range.
+    ({"ETag": 'W/"v1"', "Last-Modified": OLD_DATE}, "", None),
+    # Modified in the second the response was sent: a second version could share the date.
+    ({"Last-Modified": OLD_DATE}, OLD_DATE, None),
+    ({"Last-Modified": "not a date"}, "", None),
+])
+def test_a_retry_resumes_only_against_a_strong_validator(
+        tmp_path: Path, validators: dict[str, str], date: str, if_range: str | None) -> None:
+    handler = handler_with(Versioned, requests=[], body=DATA, validators=validators,
+                           cuts=[300_000], date=date)
     with served(handler) as base:
-        path = fetch(f"{base}/image.bin.bz2", tmp_path)
-    # The cache holds exactly what was served: the size check and the resume count those.
-    assert path.read_bytes() == handler.body
-    assert [r.get("Accept-Encoding") for r in handler.requests] == ["identity"] * (
-        2 if cut else 1)
-    assert [r.get("Range") for r in handler.requests][1:] == ([f"bytes={cut}-"] if cut else [])
+        path = fetch(f"{base}/a.bin", tmp_path)
+    assert path.read_bytes() == DATA
+    assert len(handler.requests) == 2
+    assert handler.requests[1].get("If-Range") == if_range
+    assert handler.requests[1].get("Range") == ("bytes=300000-" if if_range else None)
+    assert list((tmp_path / "downloads" / "partial").iterdir()) == []
+
+
+@pytest.mark.parametrize("ignores_if_range", [False, True])
+def test_a_file_changed_between_runs_comes_whole(tmp_path: Path, ignores_if_range: bool) -> None:
+    handler = handler_with(Versioned, requests=[], body=DATA, validators={"ETag": '"v1"'},
+                           cuts=[300_000] * 3, ignores_if_range=ignores_if_range)
+    with served(handler) as base:
+        url = f"{base}/a.bin"
+        with pytest.raises(CoreosGpuError) as info:
+            fetch(url, tmp_path)
+        assert info.value.code is ExitCode.INCOMPLETE
+        assert info.value.hint == "run the command again to resume it"
+        key = hashlib.sha256(url.encode()).hexdigest()
+        assert _entries(tmp_path) == [f"partial/{key}", f"partial/{key}.validator"]
+        # A mirror updates the file before the next run.
+        new = random.Random(22).randbytes(len(DATA))
+        handler.body, handler.validators = new, {"ETag": '"v2"'}
+        path = fetch(url, tmp_path)
+    assert path.read_bytes() == new  # not the old 900000 bytes and the new file's tail
+    resume = handler.requests[3]
+    assert (resume["Range"], resume["If-Range"]) == ("bytes=900000-", '"v1"')
+    # A server that ignores If-Range sends the new tail (206, ETag "v2"): dropped, then whole.
+    assert len(handler.requests) == (5 if ignores_if_range else 4)
+    assert _entries(tmp_path) == sorted([f"sha256/{path.name}", f"urls/{key}.json"])
+
+
+def test_a_resume_the_server_compresses_is_refused(tmp_path: Path) -> None:
+    # The first attempt gets plain bytes and is cut; the mirror then compresses the rest.
+    handler = handler_with(Versioned, requests=[], body=DATA, validators={"ETag": '"v1"'},
+                           cuts=[300_000], encoding_on_range="gzip")
+    with served(handler) as base:
+        url = f"{base}/a.bin"
+        with pytest.raises(DownloadError, match="Content-Encoding: gzip"):
+            fetch(url, tmp_path)
+    assert handler.requests[1]["Range"] == "bytes=300000-"
+    assert cached(url, tmp_path) is None
+    assert not [e for e in _entries(tmp_path) if e.startswith(("sha256", "urls"))]
 
 
 class BadRanges(_Quiet):
@@ -211,11 +319,15 @@ class BadRanges(_Quiet):
         self.wfile.write(self.body)
 
 
-def _stale_partial(cache: Path, url: str, data: bytes) -> None:
-    """What an interrupted download of an older version of url left behind."""
+def _stale_partial(cache: Path, url: str, data: bytes, *, etag: str | None = '"v1"') -> None:
+    """What an interrupted download of an older version of url left behind: its bytes, and
+    the ETag they were served with (none: a crash, or coreos-gpu before validators)."""
     partial = cache / "downloads" / "partial"
     partial.mkdir(parents=True)
-    (partial / hashlib.sha256(url.encode()).hexdigest()).write_bytes(data)
+    key = hashlib.sha256(url.encode()).hexdigest()
+    (partial / key).write_bytes(data)
+    if etag is not None:
+        (partial / f"{key}.validator").write_text(json.dumps({"header": "etag", "value": etag}))
 
 
 @pytest.mark.parametrize(("on_range", "stale"),
@@ -229,15 +341,20 @@ def test_an_unusable_partial_restarts_the_download(tmp_path: Path, on_range: str
         path = fetch(url, tmp_path)
     assert path.read_bytes() == DATA
     assert [r.get("Range") for r in handler.requests] == [f"bytes={len(stale)}-", None]
+    assert [r.get("If-Range") for r in handler.requests] == ['"v1"', None]
     assert list((tmp_path / "downloads" / "partial").iterdir()) == []
 
 
-def test_a_stale_partial_on_the_plain_mirror(http_dir: Mirror, tmp_path: Path) -> None:
+@pytest.mark.parametrize("etag", ['"v1"', None])
+def test_a_stale_partial_on_the_plain_mirror(http_dir: Mirror, tmp_path: Path,
+                                             etag: str | None) -> None:
     # The test mirror answers 416 to a range past the end, as SimpleHTTPRequestHandler would.
+    # A partial without its validator is not resumed at all: nothing asks for its range.
     url = _serve(http_dir, "a.bin")
-    _stale_partial(tmp_path, url, DATA + b"x")
+    _stale_partial(tmp_path, url, DATA + b"x", etag=etag)
     assert fetch(url, tmp_path).read_bytes() == DATA
-    assert http_dir.ranges_seen == [f"bytes={len(DATA) + 1}-"]
+    assert http_dir.ranges_seen == ([f"bytes={len(DATA) + 1}-"] if etag else [])
+    assert list((tmp_path / "downloads" / "partial").iterdir()) == []
 
 
 class CutChunked(_Quiet):
@@ -251,6 +368,7 @@ class CutChunked(_Quiet):
         start = self.start()
         self.send_response(206 if start else 200)
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("ETag", '"chunked"')
         if start:
             self.send_header("Content-Range",
                              f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
@@ -273,6 +391,7 @@ def test_a_cut_chunked_response_is_resumed(tmp_path: Path) -> None:
         path = fetch(f"{base}/a.bin", tmp_path)
     assert path.read_bytes() == DATA
     assert len(handler.requests) == 2 and handler.requests[1]["Range"].startswith("bytes=")
+    assert handler.requests[1]["If-Range"] == '"chunked"'
 
 
 def test_a_chunked_response_cut_every_time_is_not_complete(tmp_path: Path) -> None:
