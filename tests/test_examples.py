@@ -205,6 +205,19 @@ def test_the_workflow_build_job_builds_and_publishes_its_entry(tmp_path: Path) -
     assert all(parse(a).key == str(key) for a in calls if a[0] == "publish")
 
 
+def test_the_workflow_refreshes_the_index_after_every_build(tmp_path: Path) -> None:
+    """Nodes refuse an expired index: the refresh job runs after the builds, whether they
+    failed or none was needed, with the key in a file that does not outlive its step."""
+    job = load_yaml(WORKFLOW)["jobs"]["refresh"]
+    assert set(job["needs"]) == {"plan", "build"} and job["if"].startswith("always()")
+    shell = Shell(tmp_path, ENTRIES)
+    run_github_job(shell, "refresh", None)
+    (call,) = shell.argvs()
+    assert call[:2] == ["repository", "refresh"]
+    assert parse(call).key == str(tmp_path / "repo.key")
+    assert not (tmp_path / "repo.key").exists()
+
+
 def test_the_workflow_uses_only_plan_entry_keys() -> None:
     used = set(re.findall(r"\bmatrix\.([A-Za-z_][\w-]*)", WORKFLOW.read_text()))
     assert used and used <= set(ENTRIES[0]), used - set(ENTRIES[0])
@@ -270,7 +283,21 @@ def render_child(shell: Shell) -> tuple[Path, dict[str, Any]]:
 
 def test_the_gitlab_pipeline_is_valid() -> None:
     check_schema("gitlab-ci", GITLAB)
-    assert set(gitlab_jobs(load_yaml(GITLAB))) == {"plan", "build"}
+    assert set(gitlab_jobs(load_yaml(GITLAB))) == {"plan", "build", "refresh"}
+
+
+def test_the_gitlab_refresh_job_runs_after_every_build(tmp_path: Path) -> None:
+    """Nodes refuse an expired index: refresh signs it whether builds failed or none ran."""
+    pipeline = load_yaml(GITLAB)
+    job = pipeline["refresh"]
+    assert job["when"] == "always"
+    assert pipeline["stages"].index(job["stage"]) > pipeline["stages"].index("build")
+    shell = Shell(tmp_path, ENTRIES)
+    for command in job["script"]:
+        shell.run(command, {"REPO_KEY": str(tmp_path / "repo.key")})
+    (call,) = shell.argvs()
+    assert call[:2] == ["repository", "refresh"]
+    assert parse(call).key == str(tmp_path / "repo.key")
 
 
 @pytest.mark.parametrize("entries", [ENTRIES, EMPTY], ids=["two", "none"])

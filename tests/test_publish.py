@@ -4,6 +4,7 @@ writes, publishing again, two publishers at once, and every bad destination and 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ import httpx
 import pytest
 
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.keys import load_private_key, write_key_pair
+from coreos_gpu.keys import PrivateKey, fingerprint, load_private_key, sign, write_key_pair
+from coreos_gpu.publish import now_utc
 from coreos_gpu.publish import publish as publish_archives
+from coreos_gpu.repository import Index, render_text
 from coreos_gpu.stores import Conflict, FolderStore, S3Store
 
 from .conftest import CliResult, run_cli
@@ -440,3 +443,144 @@ def test_a_publish_that_fails_midway_leaves_the_old_index(
     verified = cli("repository", "verify", repo, "--key", pub(key), "--json")
     assert verified.code == 0 and json.loads(verified.stdout)["generation"] == 1
     assert node_check(repo, pub(key)).returncode == 0
+
+
+# --- an index.current set back -------------------------------------------------------------
+
+def _hinted_pointer(hint: str) -> str:
+    return hint.split("write the line '", 1)[1].split("'", 1)[0]
+
+
+def test_an_index_current_set_back_is_refused_until_repaired(
+        cli: Cli, tmp_path: Path, key: Path, bundles: Bundles) -> None:
+    repo = tmp_path / "repo"
+    publish_archives([bundles.amd64], FolderStore(repo), load_private_key(key))
+    first = (repo / "index.current").read_bytes()
+    publish_archives([bundles.cloud], FolderStore(repo), load_private_key(key))
+    second = (repo / "index.current").read_bytes()
+    # A restore from backup: the pointer, and (copied again) the text index it names, which
+    # so looks newer than generation 2's.
+    (repo / "index.current").write_bytes(first)
+    later = time.time() + 3 * 3600
+    os.utime(current_text(repo), (later, later))
+    before = snapshot(repo)
+    result = cli("publish", bundles.other_tool, "--to", repo, "--key", key)
+    line = error(result, ExitCode.REPOSITORY)
+    sha = second.split()[2].decode()
+    assert f"index.current names generation 1, but index/{sha}.txt (signed by this key) is " \
+           "generation 2" in line
+    assert snapshot(repo) == before  # not even the bundle
+    pointer = _hinted_pointer(result.error_lines[-1])
+    assert pointer == second.decode().strip()
+    (repo / "index.current").write_text(pointer + "\n")
+    again = cli("publish", bundles.other_tool, "--to", repo, "--key", key, "--json")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["generation"] == 3
+    listed = json.loads(cli("repository", "verify", repo, "--key", pub(key), "--json").stdout)
+    assert len(listed["bundles"]) == 3
+
+
+def _index_text(generation: int, key: PrivateKey) -> bytes:
+    return render_text(Index(generation, now_utc(), fingerprint(key.public_key()), ()),
+                       "0" * 64)
+
+
+def _plant(repo: Path, text: bytes, signature: bytes | None, name: str = "") -> None:
+    """A text index in repo/index/, under its sha256 (or name), with that signature."""
+    path = repo / "index" / (name or f"{hashlib.sha256(text).hexdigest()}.txt")
+    path.write_bytes(text)
+    if signature is not None:
+        path.with_name(f"{path.name}.sig").write_bytes(signature)
+
+
+def test_only_an_index_this_key_signed_can_stop_a_publish(tmp_path: Path, key: Path,
+                                                          bundles: Bundles) -> None:
+    repo = tmp_path / "repo"
+    own = load_private_key(key)
+    publish_archives([bundles.amd64], FolderStore(repo), own)
+    other = load_private_key(write_key_pair(tmp_path / "other.key").private)
+    _plant(repo, text := _index_text(9, other), sign(other, text))
+    _plant(repo, _index_text(8, own), None)
+    _plant(repo, _index_text(7, own), b"not a signature")
+    # signed, but the pointer cannot name it: not the bytes its name says
+    _plant(repo, text := _index_text(6, own), sign(own, text), name=f"{'a' * 64}.txt")
+    (repo / "index" / "notes.txt").write_text("generation 99\n")
+    result = publish_archives([bundles.cloud], FolderStore(repo), own)
+    assert result.changed and result.generation == 2
+
+
+def test_a_missing_index_current_is_refused_too(tmp_path: Path, key: Path,
+                                                bundles: Bundles) -> None:
+    repo = tmp_path / "repo"
+    publish_archives([bundles.amd64], FolderStore(repo), load_private_key(key))
+    (repo / "index.current").unlink()  # a new generation 1 would be refused by the nodes
+    with pytest.raises(CoreosGpuError, match=r"index\.current is missing, but .* is generation 1"):
+        publish_archives([bundles.cloud], FolderStore(repo), load_private_key(key))
+    assert not (repo / "index.current").exists()
+
+
+class CountingStore(FolderStore):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def read(self, name: str) -> bytes:
+        self.reads.append(name)
+        return super().read(name)
+
+
+def test_only_indexes_written_since_the_current_one_are_read(tmp_path: Path, key: Path,
+                                                             bundles: Bundles) -> None:
+    repo = tmp_path / "repo"
+    for archive in (bundles.amd64, bundles.cloud, bundles.other_tool):
+        publish_archives([archive], FolderStore(repo), load_private_key(key))
+    current = current_text(repo)
+    old = [f"index/{p.name}" for p in (repo / "index").glob("*.txt") if p != current]
+    day_ago = time.time() - 86400
+    for name in old:
+        os.utime(repo / name, (day_ago, day_ago))
+    listed = FolderStore(repo).list_indexes()
+    assert {f.name for f in listed} == {*old, f"index/{current.name}"}
+    assert {f.modified for f in listed if f.name in old} == {day_ago}
+    store = CountingStore(repo)
+    assert publish_archives([bundles.both], store, load_private_key(key)).generation == 4
+    assert not set(old) & set(store.reads)
+
+
+def test_an_s3_index_current_set_back_is_refused_until_repaired(
+        moto: str, s3: Any, bucket: str, key: Path, bundles: Bundles) -> None:
+    store = S3Store(bucket, "gpu/repo", endpoint_url=moto)
+    own = load_private_key(key)
+    publish_archives([bundles.amd64], store, own)
+    first = s3.get_object(Bucket=bucket, Key="gpu/repo/index.current")["Body"].read()
+    publish_archives([bundles.cloud], store, own)
+    listed = store.list_indexes()
+    assert len(listed) == 2 and all(f.name.startswith("index/") and f.name.endswith(".txt")
+                                    and abs(f.modified - time.time()) < 600 for f in listed)
+    unsigned = _index_text(9, own)  # counts for nothing
+    s3.put_object(Bucket=bucket, Body=unsigned,
+                  Key=f"gpu/repo/index/{hashlib.sha256(unsigned).hexdigest()}.txt")
+    time.sleep(1.1)  # S3 times have whole seconds: an index of index.current's may be in flight
+    s3.put_object(Bucket=bucket, Key="gpu/repo/index.current", Body=first)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    with pytest.raises(CoreosGpuError) as refused:
+        publish_archives([bundles.other_tool], store, own)
+    assert refused.value.code == ExitCode.REPOSITORY
+    assert "names generation 1" in str(refused.value)
+    assert "is generation 2" in str(refused.value)
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == keys
+    assert s3.get_object(Bucket=bucket, Key="gpu/repo/index.current")["Body"].read() == first
+    s3.put_object(Bucket=bucket, Key="gpu/repo/index.current",
+                  Body=_hinted_pointer(refused.value.hint).encode() + b"\n")
+    assert publish_archives([bundles.other_tool], store, own).generation == 3
+    # A publish that stops before its swap leaves a newer index, as one about to swap does:
+    # on S3, with no lock, neither blocks the next publish.
+    with pytest.raises(CoreosGpuError, match="dropped"):
+        publish_archives([bundles.both], StoppingS3Store(bucket, "gpu/repo", endpoint_url=moto),
+                         own)
+    assert publish_archives([bundles.both], store, own).generation == 4
+
+
+class StoppingS3Store(S3Store):
+    def swap_pointer(self, data: bytes, version: str) -> None:
+        raise CoreosGpuError("the connection dropped", code=ExitCode.REPOSITORY)

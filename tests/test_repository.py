@@ -10,6 +10,8 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,14 +28,19 @@ from coreos_gpu.keys import (
     signature_matches,
     write_key_pair,
 )
+from coreos_gpu.publish import _write_index, refresh_if_due
+from coreos_gpu.publish import publish as publish_index
 from coreos_gpu.repository import (
     Entry,
     Index,
     Release,
+    expiry_problem,
+    load_index,
     load_trust,
     parse_json,
     parse_text,
     render_json,
+    render_pointer,
     render_text,
 )
 from coreos_gpu.stores import FolderStore
@@ -174,11 +181,12 @@ ENTRY_B = Entry(sha256=SHA_B, path=f"bundles/{SHA_B}/nvidia.tar.zst", size=99,
                 flavour="open", profile="full", kernel_releases=("4.19.106-coreos",),
                 releases=(), tool_version="0.1.0")
 INDEX = Index(generation=7, created="2025-02-01T08:30:00Z", key="sha256:" + "c" * 64,
-              entries=(ENTRY_A, ENTRY_B))
+              entries=(ENTRY_A, ENTRY_B), expires="2025-02-22T08:30:00Z")
 EXPECTED_TEXT = f"""\
 coreos-gpu-index 1
 generation 7
 created 2025-02-01T08:30:00Z
+expires 2025-02-22T08:30:00Z
 key sha256:{"c" * 64}
 json index/{"d" * 64}.json {"d" * 64}
 bundle {VERSION} proprietary compute flatcar 3975.2.2,3975.2.3 {KERNEL} bundles/{SHA_A}/nvidia.tar.gz {SHA_A} 1234 2025-01-31T12:00:00Z
@@ -191,8 +199,19 @@ def test_the_text_index_has_one_line_per_bundle_and_kernel() -> None:
     text = render_text(INDEX, "d" * 64)
     assert text.decode() == EXPECTED_TEXT
     parsed = parse_text(text, "here")
-    assert (parsed.generation, parsed.created, parsed.key, parsed.json_sha256) == (
-        7, INDEX.created, INDEX.key, "d" * 64)
+    assert (parsed.generation, parsed.created, parsed.expires, parsed.key,
+            parsed.json_sha256) == (7, INDEX.created, INDEX.expires, INDEX.key, "d" * 64)
+
+
+def test_an_index_from_before_expiry_reads_and_is_called_expired() -> None:
+    """Format 1 indexes written before `expires` have no such line: they still read (the
+    publisher builds on them), and every reader calls them expired, as nodes do."""
+    old = replace(INDEX, expires="")
+    text = render_text(old, "d" * 64)
+    assert b"expires" not in text and parse_text(text, "here").expires == ""
+    assert "no expiry" in expiry_problem(old, "2025-02-02T00:00:00Z")
+    assert expiry_problem(INDEX, "2025-02-22T08:30:00Z") == ""
+    assert "expired at 2025-02-22T08:30:00Z" in expiry_problem(INDEX, "2025-02-22T08:30:01Z")
 
 
 @pytest.mark.parametrize(("kernel", "expected"), [
@@ -433,3 +452,73 @@ def test_an_index_replaced_by_garbage_is_a_signature_failure(
     current_text(repo).write_bytes(b"\x00\xff not an index at all")
     assert "does not match its signature" in error(
         cli("repository", "verify", repo, "--key", pub(key)), ExitCode.SIGNATURE)
+
+
+# --- freshness: expiry, refresh --------------------------------------------------------------
+
+
+def index_of(repo: Path) -> Index:
+    loaded = load_index(FolderStore(repo), None)
+    assert loaded is not None
+    return loaded.index
+
+
+def moment(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z")
+
+
+def test_publish_signs_an_expiry_and_refresh_renews_it(cli: Cli, tmp_path: Path, key: Path,
+                                                        bundles: Bundles) -> None:
+    """The expiry is index_lifetime days after the index was made; refresh signs the same
+    entries again as the next generation, valid from now, and nodes' openssl accepts it."""
+    repo = tmp_path / "repo"
+    result = cli("publish", bundles.amd64, "--to", repo, "--key", key, "--index-lifetime", "3")
+    assert result.code == 0, result.stderr
+    first = index_of(repo)
+    assert moment(first.expires) - moment(first.created) == timedelta(days=3)
+    (tmp_path / "coreos-gpu.toml").write_text(
+        f'publish_to = "{repo}"\npublish_key = "{key}"\n')  # refresh's defaults, as sync's
+    renewed = cli("repository", "refresh", "--json")
+    assert renewed.code == 0, renewed.stderr
+    assert json.loads(renewed.stdout)["generation"] == 2
+    second = index_of(repo)
+    assert second.entries == first.entries and second.generation == 2
+    assert moment(second.expires) - moment(second.created) == timedelta(days=21)
+    assert node_check(repo, pub(key)).returncode == 0
+    listed = cli("repository", "list", repo)
+    assert second.expires in listed.stdout
+    assert cli("repository", "verify", repo, "--key", pub(key)).code == 0
+
+
+def test_refresh_needs_an_index(cli: Cli, tmp_path: Path, key: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    line = error(cli("repository", "refresh", "--to", tmp_path / "empty", "--key", key),
+                 ExitCode.REPOSITORY)
+    assert "has no index to refresh" in line
+
+
+def test_verify_refuses_an_expired_index(tmp_path: Path, key: Path, cli: Cli,
+                                         bundles: Bundles) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    publish_index([bundles.amd64], FolderStore(repo), load_private_key(key),
+                  lifetime=timedelta(seconds=-1))
+    line = error(cli("repository", "verify", repo, "--key", pub(key)), ExitCode.REPOSITORY)
+    assert f"expired at {index_of(repo).expires}" in line
+
+
+def test_sync_refreshes_once_a_day(tmp_path: Path, key: Path, bundles: Bundles) -> None:
+    """refresh_if_due (sync's last step): not for an index made today, and for one made more
+    than a day ago or without an expiry; each refresh is a new generation."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    store, private = FolderStore(repo), load_private_key(key)
+    publish_index([bundles.amd64], store, private)
+    assert not refresh_if_due(store, private) and index_of(repo).generation == 1
+    for aged in ({"created": "2020-01-01T00:00:00Z"}, {"expires": ""}):
+        old = replace(index_of(repo), **aged)
+        (repo / "index.current").write_bytes(render_pointer(_write_index(store, old, private)))
+        assert refresh_if_due(store, private)
+        fresh = index_of(repo)
+        assert fresh.generation == old.generation + 1 and fresh.entries == old.entries
+        assert moment(fresh.expires) > datetime.now(UTC) + timedelta(days=20)

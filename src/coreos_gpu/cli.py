@@ -173,7 +173,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     publish_location(config)
     result = sync(config, make_plan(config, key.public_key()), key)
     if args.json:
-        ui.print_json({"repository": result.location, "seconds": round(result.seconds, 1)} | {
+        ui.print_json({"repository": result.location, "seconds": round(result.seconds, 1),
+                       "refreshed": result.refreshed} | {
             state: [_outcome_json(o) for o in result.of(state)]
             for state in ("built", "skipped", "failed")})
     else:

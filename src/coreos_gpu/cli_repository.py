@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from coreos_gpu import ui
 from coreos_gpu.config import BuildConfig, find_config_file, load_config
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import fingerprint, load_private_key, load_public_key, write_key_pair
-from coreos_gpu.publish import PublishResult, publish
+from coreos_gpu.publish import PublishResult, now_utc, publish, refresh
 from coreos_gpu.repository import (
     POINTER,
     BundleCheck,
     LoadedIndex,
     check_bundles,
+    expiry_problem,
     render_json,
     require_index,
     text_path,
@@ -73,7 +75,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     key = load_private_key(key_path)  # a bad key fails before anything is read or written
     store = open_store(to, s3_endpoint_url=config.s3_endpoint_url)
     with ui.step(f"publishing {len(args.archives)} archive(s) to {store.location}"):
-        result = publish(args.archives, store, key)
+        result = publish(args.archives, store, key, lifetime=lifetime(config))
     if args.json:
         ui.print_json(_publish_json(result))
         return
@@ -87,6 +89,25 @@ def cmd_publish(args: argparse.Namespace) -> None:
                      "added" if p.added else "already there") for p in result.bundles])
 
 
+def lifetime(config: BuildConfig) -> timedelta:
+    return timedelta(days=config.index_lifetime)
+
+
+def cmd_repository_refresh(args: argparse.Namespace) -> None:
+    config = _config(args)
+    to, key_path = publish_target(config, args.to, args.key)
+    key = load_private_key(key_path)
+    store = open_store(to, s3_endpoint_url=config.s3_endpoint_url)
+    with ui.step(f"refreshing {store.location}"):
+        result = refresh(store, key, lifetime=lifetime(config))
+    if args.json:
+        ui.print_json(_publish_json(result))
+        return
+    ui.print_fields([("repository", result.location),
+                     ("index", f"{text_path(result.index_sha256)} (generation "
+                               f"{result.generation}, valid {config.index_lifetime} days)")])
+
+
 def _publish_json(result: PublishResult) -> dict[str, Any]:
     return {"repository": result.location, "generation": result.generation,
             "index": text_path(result.index_sha256), "changed": result.changed,
@@ -98,6 +119,7 @@ def _summary(loaded: LoadedIndex, location: str, signature: str) -> list[tuple[s
     index = loaded.index
     return [("repository", location), ("index", text_path(loaded.text_sha256)),
             ("generation", index.generation), ("created", index.created),
+            ("expires", index.expires or "never (nodes refuse it: run repository refresh)"),
             ("signed by", index.key), ("signature", signature)]
 
 
@@ -138,6 +160,8 @@ def cmd_repository_verify(args: argparse.Namespace) -> int:
         ui.print_table("bundles", ("path", "size", "state"),
                        [(c.entry.path, c.entry.size, c.problem or "OK") for c in checks])
     _raise_first(checks)
+    if problem := expiry_problem(loaded.index, now_utc()):
+        raise CoreosGpuError(f"{reader.location}: {problem}", code=ExitCode.REPOSITORY)
     return int(ExitCode.OK)
 
 
@@ -173,6 +197,13 @@ def add_repository_verbs(verbs: Any, verb: Verb) -> None:
     listing = verb(repository, "list", "list what a repository offers", cmd_repository_list)
     verify = verb(repository, "verify", "check a repository's signature and every bundle's "
                   "size and sha256", cmd_repository_verify)
+    renew = verb(repository, "refresh", "sign the current index again, unchanged, as a new "
+                 "generation valid for index_lifetime days", cmd_repository_refresh)
+    renew.add_argument("--to", default="", metavar="DEST",
+                       help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: "
+                       "publish_to)")
+    renew.add_argument("--key", default="", metavar="PATH",
+                       help="the private key (default: publish_key)")
     for sub, required in ((listing, False), (verify, True)):
         sub.add_argument("url", metavar="URL",
                          help=f"the folder holding {POINTER}: a path, file://, http(s):// "

@@ -233,6 +233,9 @@ SETTINGS: tuple[Setting, ...] = (
             _text, lambda: "", "DEST"),
     Setting("publish_key", "private key that signs the repository's index (coreos-gpu keygen)",
             _text, lambda: "", "PATH"),
+    Setting("index_lifetime", "days a signed index stays valid: nodes refuse it after that, so "
+            "a mirror replaying an old copy is refused within them (publish, sync and "
+            "repository refresh sign a new one)", _positive, lambda: 21, "DAYS"),
     Setting("s3_endpoint_url", "an S3-compatible server instead of AWS for s3:// repositories "
             "(region and credentials come from the usual AWS settings)", _url, lambda: "",
             "URL"),
@@ -294,6 +297,7 @@ class BuildConfig:
     repository_key: str
     publish_to: str
     publish_key: str
+    index_lifetime: int
     s3_endpoint_url: str
     sync_channels: tuple[Channel, ...]
     sync_latest: int

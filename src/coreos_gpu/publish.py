@@ -12,23 +12,28 @@ and written again: no entry is ever lost. A bundle already listed changes nothin
 from __future__ import annotations
 
 import hashlib
+import math
 import random
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.inspection import inspect_bundle
-from coreos_gpu.keys import PrivateKey, PublicKey, fingerprint, sign
+from coreos_gpu.keys import PrivateKey, PublicKey, fingerprint, sign, signature_matches
 from coreos_gpu.repository import (
     EMPTY,
+    POINTER,
     Entry,
     Index,
+    MissingFile,
     entry_from_report,
     json_path,
     load_index_at,
+    parse_text,
     render_json,
     render_pointer,
     render_text,
@@ -38,6 +43,8 @@ from coreos_gpu.repository import (
 from coreos_gpu.stores import Conflict, Store
 
 ATTEMPTS = 10
+# How long a signed index stays valid: the index_lifetime setting's default (config.py).
+LIFETIME = timedelta(days=21)
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,12 @@ class PublishResult:
     changed: bool
 
 
+def _utc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now_utc() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _utc(datetime.now(UTC))
 
 
 def check_archives(archives: Sequence[Path], published: str) -> list[tuple[Path, Entry]]:
@@ -84,6 +95,80 @@ def _read_current(store: Store, key: PublicKey) -> tuple[Index, str, str]:
     return loaded.index, version, loaded.text_sha256
 
 
+# How far apart the clocks may be that stamp an index's created time (the publisher's) and
+# its file's modification time (the folder's or S3's).
+CLOCK_SLACK_S = 3600
+_TEXT_NAME = re.compile(r"index/([0-9a-f]{64})\.txt")  # text_path's names
+
+
+def check_not_rolled_back(store: Store, key: PublicKey, current: Index, version: str,
+                          text_sha256: str) -> None:
+    """Refuse to go on from an index.current that names an older index than one this key
+    signed: it was set back (a restore, a sync job with stale state), and the next index
+    would drop the newer one's entries and reuse its generation, which nodes that saw it
+    refuse. version, text_sha256: what _read_current gives with current.
+
+    Only files modified since the current index was created or written (the earlier of the
+    two, CLOCK_SLACK_S before) are read, not the hundreds of older indexes a repository
+    gathers: a newer index was written after the current one, and setting index.current
+    back leaves it, like every content-addressed file, with that time (or a later one where
+    it was copied). An index this key did not sign counts for nothing: no file planted in
+    index/ can stop publishing, nor can an index another publisher is about to swap in
+    (store.in_flight_after)."""
+    own = text_path(text_sha256) if text_sha256 else ""
+    listed = store.list_indexes()
+    since = [f.modified for f in listed if f.name == own]
+    if current.created:  # "": no index.current
+        since.append(datetime.fromisoformat(current.created).timestamp())
+    floor = min(since) - CLOCK_SLACK_S if since else -math.inf
+    others = [f for f in listed if f.modified >= floor and f.name != own]
+    if not others:
+        return  # what a publish finds, as a rule
+    in_flight = store.in_flight_after(version)
+    newest, newest_sha = current.generation, ""
+    for found in sorted(others, key=lambda f: f.modified, reverse=True):
+        match = _TEXT_NAME.fullmatch(found.name)
+        if found.modified < floor:
+            break
+        if found.modified >= in_flight or match is None:
+            continue
+        generation = _signed_generation_above(store, key, found.name, newest)
+        if generation is not None:
+            newest, newest_sha = generation, match.group(1)
+            # an index newer still was written after this one
+            floor = max(floor, found.modified - CLOCK_SLACK_S)
+    if newest_sha:
+        named = f"names generation {current.generation}" if text_sha256 else "is missing"
+        raise CoreosGpuError(
+            f"{store.location}/{POINTER} {named}, but {text_path(newest_sha)} (signed by this "
+            f"key) is generation {newest}: {POINTER} was set back, or a publish stopped "
+            "before writing it",
+            hint="to go on from the newest index (complete: it was written last), write the line "
+            f"'{render_pointer(newest_sha).decode().strip()}' into {store.location}/{POINTER} "
+            "and publish again", code=ExitCode.REPOSITORY)
+
+
+def _signed_generation_above(store: Store, key: PublicKey, name: str,
+                             generation: int) -> int | None:
+    """The generation of the text index `name` where it is above `generation` and the file
+    is one that index.current may name: the sha256 in its name, and signed by this key."""
+    try:
+        text = store.read(name)
+    except MissingFile:
+        return None
+    try:
+        found = parse_text(text, store.location).generation
+    except CoreosGpuError:
+        return None  # not an index
+    if found <= generation or text_path(hashlib.sha256(text).hexdigest()) != name:
+        return None
+    try:
+        signature = store.read(f"{name}.sig")
+    except MissingFile:
+        return None
+    return found if signature_matches(key, text, signature) else None
+
+
 def _write_index(store: Store, index: Index, key: PrivateKey) -> str:
     """Every file of the index but the pointer, the signature before the index it signs."""
     json_data = render_json(index)
@@ -101,31 +186,81 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0.05, 0.2) * min(2 ** attempt, 16))
 
 
-def publish(archives: Sequence[Path], store: Store, key: PrivateKey) -> PublishResult:
+def publish(archives: Sequence[Path], store: Store, key: PrivateKey, *,
+            lifetime: timedelta = LIFETIME) -> PublishResult:
     published = now_utc()
     wanted = check_archives(archives, published)
     public = key.public_key()
     with store.locked():
-        _read_current(store, public)  # refuse a repository we cannot extend, before writing
+        # refuse a repository we cannot extend, before writing
+        check_not_rolled_back(store, public, *_read_current(store, public))
         for archive, entry in wanted:
             store.put_file(entry.path, archive, entry.sha256)
-        for attempt in range(ATTEMPTS):
-            current, version, current_sha = _read_current(store, public)
-            listed = {e.sha256: e for e in current.entries}
-            missing = [entry for _, entry in wanted if entry.sha256 not in listed]
-            if not missing:
-                return PublishResult(store.location, _results(wanted, listed, ()),
-                                     current.generation, current_sha, changed=False)
-            index = with_entries(current, [*current.entries, *missing], created=published,
-                                 key=fingerprint(public))
-            text_sha = _write_index(store, index, key)
-            try:
-                store.swap_pointer(render_pointer(text_sha), version)
-            except Conflict:
-                _backoff(attempt)
-                continue
-            return PublishResult(store.location, _results(wanted, listed, missing),
-                                 index.generation, text_sha, changed=True)
+
+        def added(current: Index) -> list[Entry]:
+            return [entry for _, entry in wanted
+                    if entry.sha256 not in {e.sha256 for e in current.entries}]
+
+        read, written, text_sha = _commit(
+            store, key, lambda current: [*current.entries, *new] if (new := added(current))
+            else None, lifetime)
+    listed = {e.sha256: e for e in read.entries}
+    return PublishResult(store.location, _results(wanted, listed, added(read)),
+                         (written or read).generation, text_sha, changed=written is not None)
+
+
+def refresh(store: Store, key: PrivateKey, *, lifetime: timedelta = LIFETIME) -> PublishResult:
+    """The current index again, its entries unchanged, as the next generation with a new
+    expiry: what keeps nodes accepting a repository that had nothing new to publish."""
+    with store.locked():
+        if _read_current(store, key.public_key())[0] is EMPTY:
+            raise CoreosGpuError(f"{store.location} has no index to refresh",
+                                 hint="publish a bundle there first (coreos-gpu publish)",
+                                 code=ExitCode.REPOSITORY)
+        _, written, text_sha = _commit(store, key, lambda current: current.entries, lifetime)
+    assert written is not None
+    return PublishResult(store.location, (), written.generation, text_sha, changed=True)
+
+
+def refresh_if_due(store: Store, key: PrivateKey, *, lifetime: timedelta = LIFETIME) -> bool:
+    """Refresh the index when it was signed more than a day ago (or has no expiry): what
+    sync does at every run. Hourly syncs would otherwise add an index every hour; once a day
+    keeps every index well inside any lifetime of a day or more."""
+    pointer, _ = store.read_pointer()
+    if pointer is None:
+        return False
+    index = load_index_at(store, key.public_key(), pointer).index
+    day_ago = _utc(datetime.now(UTC) - timedelta(days=1))
+    if index.expires and index.created > day_ago:
+        return False
+    refresh(store, key, lifetime=lifetime)
+    return True
+
+
+def _commit(store: Store, key: PrivateKey,
+            entries_of: Callable[[Index], Sequence[Entry] | None],
+            lifetime: timedelta) -> tuple[Index, Index | None, str]:
+    """Under the store's lock: the next generation of the current index, with the entries
+    entries_of gives for it (None: no change), written and swapped in; read again and
+    redone when another publisher swapped index.current in between. Returns the index it
+    built on, the one it wrote (None: none), and the text sha256 index.current names."""
+    public = key.public_key()
+    for attempt in range(ATTEMPTS):
+        current, version, current_sha = _read_current(store, public)
+        entries = entries_of(current)
+        if entries is None:
+            return current, None, current_sha
+        check_not_rolled_back(store, public, current, version, current_sha)
+        created = datetime.now(UTC).replace(microsecond=0)
+        index = with_entries(current, entries, created=_utc(created),
+                             expires=_utc(created + lifetime), key=fingerprint(public))
+        text_sha = _write_index(store, index, key)
+        try:
+            store.swap_pointer(render_pointer(text_sha), version)
+        except Conflict:
+            _backoff(attempt)
+            continue
+        return current, index, text_sha
     raise CoreosGpuError(f"{store.location}: the index changed under every one of {ATTEMPTS} "
                          "attempts to update it", hint="other publishers are busy; run it "
                          "again", code=ExitCode.REPOSITORY)

@@ -118,10 +118,13 @@ class Entry:
 
 @dataclass(frozen=True)
 class Index:
-    generation: int  # one more at every change; a node may refuse to go back
+    generation: int  # one more at every change; a node refuses to go back (README)
     created: str
     key: str  # fingerprint of the key that signs it (keys.fingerprint)
     entries: tuple[Entry, ...]  # sorted by (os, driver, flavour, profile, published, sha256)
+    # After this time nodes refuse the index: a copy replayed by a mirror or cache is stale
+    # within a bounded time. "" in an index older than the field (nodes refuse those too).
+    expires: str = ""
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ def sort_entries(entries: Sequence[Entry]) -> tuple[Entry, ...]:
 def render_json(index: Index) -> bytes:
     data = {
         "format": FORMAT, "generation": index.generation, "created": index.created,
-        "key": index.key,
+        "expires": index.expires, "key": index.key,
         "bundles": [{
             "sha256": e.sha256, "path": e.path, "size": e.size, "published": e.published,
             "os": e.os, "driver_version": e.driver_version, "flavour": e.flavour,
@@ -228,7 +231,8 @@ def parse_json(data: bytes, location: str) -> Index:
             raise _bad(location, f"index.json has format {doc.get('format')!r}, this "
                        f"coreos-gpu reads {FORMAT}")
         return Index(int(doc["generation"]), str(doc["created"]), str(doc["key"]),
-                     tuple(_entry_from_json(item) for item in doc["bundles"]))
+                     tuple(_entry_from_json(item) for item in doc["bundles"]),
+                     str(doc.get("expires", "")))
     except CoreosGpuError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -249,10 +253,13 @@ def render_bundle_lines(entries: Sequence[Entry]) -> str:
 
 
 def render_text(index: Index, json_sha256: str) -> bytes:
+    # A record a reader does not know is skipped (format 1 readers before `expires` read
+    # this index too); a node reads generation, expires and key with awk.
     return (f"{TEXT_MAGIC} {FORMAT}\n"
             f"generation {index.generation}\n"
             f"created {index.created}\n"
-            f"key {index.key}\n"
+            + (f"expires {index.expires}\n" if index.expires else "")
+            + f"key {index.key}\n"
             f"json {json_path(json_sha256)} {json_sha256}\n"
             + render_bundle_lines(index.entries)).encode()
 
@@ -266,6 +273,7 @@ class TextIndex:
     key: str
     json_sha256: str
     bundle_lines: str
+    expires: str
 
 
 def parse_text(data: bytes, location: str) -> TextIndex:
@@ -287,7 +295,8 @@ def parse_text(data: bytes, location: str) -> TextIndex:
         (generation,), (created,), (key,) = (header["generation"], header["created"],
                                              header["key"])
         _, json_sha256 = header["json"]
-        return TextIndex(int(generation), created, key, json_sha256, "".join(bundles))
+        (expires,) = header.get("expires", [""])
+        return TextIndex(int(generation), created, key, json_sha256, "".join(bundles), expires)
     except (KeyError, ValueError) as e:
         raise _bad(location, "its index lacks a generation, created, key or json line") from e
 
@@ -362,8 +371,8 @@ def load_index_at(reader: Reader, key: PublicKey | None, pointer: bytes) -> Load
                              code=ExitCode.DIGEST)
     index = parse_json(data, reader.location)
     if (render_bundle_lines(index.entries) != parsed.bundle_lines
-            or (index.generation, index.created, index.key)
-            != (parsed.generation, parsed.created, parsed.key)):
+            or (index.generation, index.created, index.key, index.expires)
+            != (parsed.generation, parsed.created, parsed.key, parsed.expires)):
         raise _bad(reader.location, f"{name} and {json_name} list different bundles")
     return LoadedIndex(index, text_sha)
 
@@ -406,7 +415,20 @@ def check_bundles(reader: Reader, index: Index) -> tuple[BundleCheck, ...]:
 EMPTY = Index(generation=0, created="", key="", entries=())
 
 
-def with_entries(index: Index, entries: Sequence[Entry], *, created: str, key: str) -> Index:
+def with_entries(index: Index, entries: Sequence[Entry], *, created: str, expires: str,
+                 key: str) -> Index:
     """The next generation of an index."""
-    return replace(index, generation=index.generation + 1, created=created, key=key,
-                   entries=sort_entries(entries))
+    return replace(index, generation=index.generation + 1, created=created, expires=expires,
+                   key=key, entries=sort_entries(entries))
+
+
+def expiry_problem(index: Index, now: str) -> str:
+    """Why a node would refuse this index at `now` (UTC, as `created`), or "": what
+    node/repository.sh's repo_fresh checks, for `repository verify` to say it first."""
+    if not _TIME.fullmatch(index.expires):
+        return ("it has no expiry (an index from before indexes expired): nodes refuse it; "
+                "run coreos-gpu repository refresh")
+    if now > index.expires:
+        return (f"it expired at {index.expires}: nodes refuse it; run coreos-gpu repository "
+                "refresh (sync does it)")
+    return ""

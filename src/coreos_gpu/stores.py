@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -26,6 +28,7 @@ from coreos_gpu.fetch import fetch, forget
 from coreos_gpu.repository import POINTER, MissingFile, Reader
 
 LOCK_NAME = ".lock"
+INDEX_FOLDER = "index"  # where repository.text_path puts the indexes
 _CHUNK = 1 << 20
 # Content-addressed files never change, so caches (CloudFront, proxies) may keep them;
 # the pointer must be asked for every time.
@@ -37,8 +40,22 @@ class Conflict(Exception):
     """Another publisher swapped index.current since it was read: read again and retry."""
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A file a store holds, as its listing shows it."""
+
+    name: str  # relative to the repository: index/<sha256>.txt
+    modified: float  # POSIX seconds, by the store's clock (a folder's mtime, S3's LastModified)
+
+
 class Store(Reader, Protocol):
     def locked(self) -> AbstractContextManager[None]: ...
+
+    def list_indexes(self) -> list[Listed]: ...  # every index/*.txt, in no order
+
+    # Index files modified at or after this time may be a publish's still at work, or one
+    # that stopped before swapping index.current (version: as read_pointer gave it).
+    def in_flight_after(self, version: str) -> float: ...
 
     def read_pointer(self) -> tuple[bytes | None, str]: ...  # data (None: absent), version
 
@@ -104,6 +121,24 @@ class FolderStore:
             return self.read(POINTER), ""
         except MissingFile:
             return None, ""
+
+    def list_indexes(self) -> list[Listed]:
+        folder = self.root / INDEX_FOLDER
+        try:
+            with os.scandir(folder) as entries:
+                # is_file: not a dangling link; a leading dot: _write's temporary files
+                return [Listed(f"{INDEX_FOLDER}/{e.name}", e.stat().st_mtime) for e in entries
+                        if e.name.endswith(".txt") and not e.name.startswith(".")
+                        and e.is_file()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise _repository_error(f"cannot list {folder}: {e.strerror or e}") from e
+
+    def in_flight_after(self, version: str) -> float:
+        # None is: publishers hold the lock for the whole publish. (index.current's mtime
+        # could not tell one anyway: a copy restored with rsync -a or cp -p keeps its old one.)
+        return math.inf
 
     def _write(self, dest: Path, write: Any) -> None:
         """Through a temporary file beside dest, renamed over it: never half a file. The data
@@ -241,6 +276,42 @@ class S3Store:
                 return answer["Body"].read(), str(answer["ETag"])
         except MissingFile:
             return None, ""
+
+    def list_indexes(self) -> list[Listed]:
+        prefix = self._key(f"{INDEX_FOLDER}/")
+        found = []
+        with self._calling(prefix):
+            # 1000 keys a page; the delimiter keeps to index/ itself, as a folder's listing
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                found += [Listed(f"{INDEX_FOLDER}/{item['Key'].removeprefix(prefix)}",
+                                 item["LastModified"].timestamp())
+                          for item in page.get("Contents", []) if item["Key"].endswith(".txt")]
+        return found
+
+    def in_flight_after(self, version: str) -> float:
+        """When index.current was written: S3 publishers share no lock, so an index written
+        since may be another's, about to be swapped in, or one whose publish stopped. S3
+        stamps every write (a restore's too), so an index written before was there when
+        index.current was written. When it is absent, or changed since it was read (the
+        caller's swap will fail), every index may be in flight."""
+        from botocore.exceptions import ClientError
+
+        if not version:
+            return -math.inf
+        try:
+            with self._calling(POINTER):
+                try:
+                    head = self.client.head_object(Bucket=self.bucket, Key=self._key(POINTER),
+                                                   IfMatch=version)
+                except ClientError as e:
+                    if _client_code(e)[1] == 412:
+                        return -math.inf
+                    raise
+        except MissingFile:
+            return -math.inf
+        return float(head["LastModified"].timestamp())
 
     def _exists(self, name: str, sha256: str) -> bool:
         try:

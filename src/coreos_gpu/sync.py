@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 from coreos_gpu import ui
@@ -25,7 +26,7 @@ from coreos_gpu.config import BuildConfig, Channel, KernelModuleType, OsName, Pr
 from coreos_gpu.driver import default_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import PrivateKey, PublicKey, fingerprint, load_private_key, load_public_key
-from coreos_gpu.publish import publish
+from coreos_gpu.publish import publish, refresh_if_due
 from coreos_gpu.release import list_releases
 from coreos_gpu.repository import Entry, load_index
 from coreos_gpu.stores import open_reader, open_store
@@ -91,6 +92,7 @@ class SyncResult:
     location: str  # the repository written
     outcomes: tuple[Outcome, ...]
     seconds: float
+    refreshed: bool = False  # the index was signed again, unchanged, with a new expiry
 
     def of(self, state: str) -> tuple[Outcome, ...]:
         return tuple(o for o in self.outcomes if o.state == state)
@@ -244,7 +246,8 @@ def sync(config: BuildConfig, plan: Plan, key: PrivateKey) -> SyncResult:
         try:
             made = build(target_config(config, target, work / "nvidia.tar.gz"))
             with ui.step(f"publishing it to {store.location}"):
-                publish([made.bundle.path], store, key)
+                publish([made.bundle.path], store, key,
+                        lifetime=timedelta(days=config.index_lifetime))
             outcome = Outcome(target, "built", time.monotonic() - began, made.bundle.sha256,
                               made.bundle.size, made.compiled)
         except CoreosGpuError as e:
@@ -255,9 +258,12 @@ def sync(config: BuildConfig, plan: Plan, key: PrivateKey) -> SyncResult:
             shutil.rmtree(work, ignore_errors=True)
         outcomes.append(outcome)
         ui.log(f"    [{number}/{total}] {outcome.state} in {_duration(outcome.seconds)}")
+    # Nodes refuse an expired index: keep it fresh even when nothing was missing.
+    with ui.step(f"refreshing the index of {store.location} if due"):
+        refreshed = refresh_if_due(store, key, lifetime=timedelta(days=config.index_lifetime))
     order = {t: i for i, t in enumerate(plan.wanted)}
     result = SyncResult(store.location, tuple(sorted(outcomes, key=lambda o: order[o.target])),
-                        time.monotonic() - start)
+                        time.monotonic() - start, refreshed)
     ui.log(f"==> sync: {len(result.of('built'))} built, {len(result.of('skipped'))} skipped, "
            f"{len(result.of('failed'))} failed in {_duration(result.seconds)}")
     return result
