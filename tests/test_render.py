@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -19,14 +20,23 @@ from typing import Any
 import pytest
 import yaml
 
-from coreos_gpu.config import DEFAULT_AGENT_UNITS, DriverFailurePolicy, OsName
+from coreos_gpu.config import (
+    DEFAULT_AGENT_UNITS,
+    DEFAULT_DRIVER_VERSION,
+    DriverFailurePolicy,
+    KernelModuleType,
+    OsName,
+    Profile,
+)
+from coreos_gpu.driver import default_flavour
 from coreos_gpu.errors import ExitCode
 from coreos_gpu.keys import write_key_pair
+from coreos_gpu.node import default_node_files
 from coreos_gpu.provision import DIR, UNIT, render_script, terraform_commands
 from coreos_gpu.render import DEFAULT_IMAGE, BundleSource, RepositorySource
 
 from .conftest import CliResult
-from .nodetree import make_bundle
+from .nodetree import SHELLS, make_bundle
 from .render_tools import (
     butane_to_ignition,
     decode_data_url,
@@ -264,7 +274,8 @@ def test_the_smoke_tests_fail_their_schema_when_broken(cli: Cli) -> None:
 @pytest.mark.parametrize("source", [
     BundleSource(url=URL, sha256=SHA256),
     RepositorySource(url=REPO_URL, public_key_pem=b"KEY", fingerprint="f",
-                     driver_version="535.261.03", agent_units=DEFAULT_AGENT_UNITS)],
+                     driver_version="535.261.03", flavour=KernelModuleType.PROPRIETARY,
+                     profile=Profile.COMPUTE, agent_units=DEFAULT_AGENT_UNITS)],
     ids=["bundle", "repository"])
 def test_provision_script_passes_shellcheck_and_every_shell(source: Any,
                                                             tmp_path: Path) -> None:
@@ -280,6 +291,103 @@ def test_provision_script_passes_shellcheck_and_every_shell(source: Any,
                                 text=True, check=False)
         assert parsed.returncode == 0 and not parsed.stderr, (shell, parsed.stderr)
     assert not re.search(r"@[A-Z0-9_]+@", script.read_text())  # every setting filled in
+
+
+FILE_SETTINGS = 'driver_version = "535.261.03"\nkernel_module_type = "open"\nprofile = "full"\n'
+
+
+@pytest.mark.parametrize(("flags", "config", "pinned"), [
+    ((), "", (DEFAULT_DRIVER_VERSION, default_flavour(DEFAULT_DRIVER_VERSION).value,
+              "compute")),
+    (("--driver-version", "535.261.03"), "", ("535.261.03", "proprietary", "compute")),
+    ((), FILE_SETTINGS, ("535.261.03", "open", "full")),
+    (("--driver-version", "580.82.07", "--profile", "compute"), FILE_SETTINGS,
+     ("580.82.07", "open", "compute")),
+    (("--config", "conf/gpu.toml", "--kernel-module-type", "proprietary"), FILE_SETTINGS,
+     ("535.261.03", "proprietary", "full")),
+], ids=["defaults", "the driver's flavour", "config file", "flags over the file", "--config"])
+def test_a_repository_pins_driver_flavour_and_profile(cli: Cli, pub: Path, tmp_path: Path,
+                                                      flags: tuple[str, ...], config: str,
+                                                      pinned: tuple[str, str, str]) -> None:
+    """provision.sh takes the bundle of one driver, flavour and profile: flag > config file
+    > default (the flavour's: the driver's own, as build picks it)."""
+    config_file = tmp_path / ("conf/gpu.toml" if "--config" in flags else "coreos-gpu.toml")
+    config_file.parent.mkdir(exist_ok=True)
+    config_file.write_text(config)
+    result = cli("render", "ignition", *by_repository(pub), *flags)
+    files = {f["path"]: f for f in json.loads(ok(result))["storage"]["files"]}
+    script = decode_data_url(files[f"{DIR}/provision.sh"]["contents"]["source"]).decode()
+    driver, flavour, profile = pinned
+    assert f"\nDRIVER_VERSION={driver}\nFLAVOUR={flavour}\nPROFILE={profile}\n" in script
+    assert ('repo_pick "$tmp/index.txt" kernel "$kernel" "$DRIVER_VERSION" "$FLAVOUR" '
+            '"$PROFILE" "$OS"') in script
+    assert f"nodes take: driver {driver}, {flavour} modules, {profile} profile" in result.stderr
+
+
+# --- repo_pick: which bundle a node takes ------------------------------------------------------
+
+def _line(driver: str, flavour: str, profile: str, sha: str, published: str, *,
+          kernel: str = "K", os: str = "flatcar", path: str = "") -> str:
+    return (f"bundle {driver} {flavour} {profile} {os} 3975.2.2,3975.2.3 {kernel} "
+            f"{path or f'bundles/{sha}/nvidia.tar.gz'} {sha} 1 {published}")
+
+
+D1, D2, D3 = "2025-06-01T00:00:00Z", "2025-06-02T00:00:00Z", "2025-06-03T00:00:00Z"
+PICK_INDEX = [
+    _line("535.261.03", "proprietary", "compute", "a1", D1),
+    _line("535.261.03", "proprietary", "compute", "a2", D2),  # rebuilds: the newest,
+    _line("535.261.03", "proprietary", "compute", "a3", D2),  # then the greatest sha256
+    _line("535.261.03", "open", "compute", "b1", D3),
+    _line("535.261.03", "proprietary", "full", "c1", D3),
+    _line("535.54.03", "proprietary", "compute", "d1", D3),  # lower, though "54" > "261"
+    _line("580.82.07", "open", "compute", "e1", D1),
+    _line("590.1.1", "gsp", "compute", "f1", D3),  # nothing a node can install
+    _line("590.1.1", "open", "compute", "f2", D3, path="bundles/../nvidia.tar.gz"),
+    _line("999.1.1", "open", "compute", "f3", D3, os="coreos"),
+    _line("999.1.1", "open", "compute", "f4", D3, kernel="other"),
+]
+# (kernel|release, what, driver, flavour, profile) -> the sha256 taken ("" for none)
+PICKS = [
+    (("kernel", "K", "535.261.03", "proprietary", "compute"), "a3"),
+    (("kernel", "K", "535.261.03", "open", "compute"), "b1"),
+    (("kernel", "K", "535.261.03", "proprietary", "full"), "c1"),
+    (("kernel", "K", "535.54.03", "proprietary", "compute"), "d1"),
+    (("kernel", "K", "580.82.07", "proprietary", "compute"), ""),
+    (("release", "3975.2.3", "535.261.03", "proprietary", "compute"), "a3"),
+    (("release", "3975.2.9", "535.261.03", "proprietary", "compute"), ""),
+    # Unpinned (no caller leaves them empty now): the highest driver, proprietary before
+    # open, compute before full.
+    (("kernel", "K", "", "proprietary", "compute"), "a3"),
+    (("kernel", "K", "535.261.03", "", ""), "a3"),
+    (("kernel", "K", "", "open", ""), "e1"),
+    (("kernel", "K", "", "", ""), "e1"),
+]
+
+
+@pytest.mark.parametrize("awk", ["awk", "busybox awk"])
+@pytest.mark.parametrize("shell", SHELLS)
+def test_repo_pick_never_chooses_by_the_order_of_the_index(tmp_path: Path, shell: str,
+                                                           awk: str) -> None:
+    """What node/repository.sh's repo_pick takes (provision.sh and fetch.sh call it), the
+    index's lines in either order, under each shell and awk a node may have."""
+    program, *applet = awk.split()  # the node's awk, or busybox's
+    command = shlex.join([str(shutil.which(program)), *applet])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/awk").write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    (tmp_path / "bin/awk").chmod(0o755)
+    (tmp_path / "repository.sh").write_bytes(
+        (default_node_files() / "repository.sh").read_bytes())
+    calls = "".join(f'printf "%s\\n" "$(repo_pick "$1" {shlex.join(args)} flatcar)"\n'
+                    for args, _ in PICKS)
+    (tmp_path / "pick.sh").write_text(f'. "${{0%/*}}/repository.sh"\n{calls}')
+    expected = [f"bundles/{sha}/nvidia.tar.gz {sha} 1 K" if sha else "" for _, sha in PICKS]
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    for order in (PICK_INDEX, PICK_INDEX[::-1]):
+        (tmp_path / "index.txt").write_text("coreos-gpu-index 1\n" + "\n".join(order) + "\n")
+        ran = subprocess.run([*shell.split(), tmp_path / "pick.sh", tmp_path / "index.txt"],
+                             capture_output=True, text=True, check=False, env=env)
+        assert (ran.returncode, ran.stderr) == (0, "")
+        assert ran.stdout.splitlines() == expected
 
 
 # --- output and bad input ----------------------------------------------------------------------
@@ -331,7 +439,19 @@ BAD = [
      ExitCode.CONFIG, "is not an http:// or https:// URL"),
     (("ignition", "--repository", REPO_URL, "--repository-key", "@notakey"), ExitCode.KEY, ""),
     (("ignition", "--repository", REPO_URL, "--repository-key", "@pub", "--driver-version",
-      "latest"), ExitCode.CONFIG, "is not a driver version"),
+      "latest"), ExitCode.CONFIG, "invalid --driver-version: 'latest'"),
+    (("ignition", "--repository", REPO_URL, "--repository-key", "@pub",
+      "--kernel-module-type", "both"), ExitCode.CONFIG, "invalid --kernel-module-type: 'both'"),
+    (("ignition", "--repository", REPO_URL, "--repository-key", "@pub", "--profile", "min"),
+     ExitCode.CONFIG, "invalid --profile: 'min'"),
+    (("ignition", "--repository", REPO_URL, "--repository-key", "@pub", "--config",
+      "@badconfig"), ExitCode.CONFIG, "invalid kernel_module_type in"),
+    (("ignition", *BY_URL, "--kernel-module-type", "open"), ExitCode.CONFIG,
+     "--kernel-module-type chooses the bundle a node takes from a repository"),
+    (("marathon-app", "--profile", "full"), ExitCode.CONFIG,
+     "--profile chooses the bundle a node takes from a repository"),
+    (("ignition", "--bundle", "@archive", "--bundle-url", URL, "--kernel-module-type", "open"),
+     ExitCode.CONFIG, "--kernel-module-type open, but the bundle holds flavour proprietary"),
     (("ignition", "--bundle", "@missing", "--bundle-url", URL), ExitCode.CONFIG,
      "no such file"),
     (("ignition", "--bundle", "@notabundle", "--bundle-url", URL), ExitCode.BUNDLE, ""),
@@ -358,8 +478,10 @@ def test_bad_input_is_one_line_and_its_exit_code(cli: Cli, tmp_path: Path, archi
     (tmp_path / "notakey").write_text("not a key\n")
     (tmp_path / "notabundle").write_bytes(b"\x1f\x8b not a gzip tar")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.toml").write_text('kernel_module_type = "both"\n')
     places = {"@pub": str(pub), "@archive": str(archive), "@missing": "absent.tar.gz",
-              "@notakey": "notakey", "@notabundle": "notabundle", "@folder": "folder"}
+              "@notakey": "notakey", "@notabundle": "notabundle", "@folder": "folder",
+              "@badconfig": "bad.toml"}
     result = cli("render", *(places.get(a, a) for a in argv))
     assert result.code == code, result.stderr
     assert result.stdout == ""
@@ -369,5 +491,8 @@ def test_bad_input_is_one_line_and_its_exit_code(cli: Cli, tmp_path: Path, archi
 
 
 def test_kernel_facts_reach_the_terraform_comment(cli: Cli, archive: Path) -> None:
-    text = ok(cli("render", "terraform", "--bundle", archive, "--bundle-url", URL))
+    # A bundle file's own driver, flavour and profile, given, are checked and taken.
+    text = ok(cli("render", "terraform", "--bundle", archive, "--bundle-url", URL,
+                  "--driver-version", VERSION, "--kernel-module-type", "proprietary",
+                  "--profile", "compute"))
     assert f"NVIDIA driver {VERSION} (kernels {KERNEL})" in text

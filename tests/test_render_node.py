@@ -10,11 +10,13 @@ ExecStart runs against a fake node tree (nodetree.Node) with the real install_nv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from coreos_gpu.stores import open_store
 from .conftest import CliResult, Mirror
 from .nodetree import Node, Result, make_bundle, snapshot
 from .render_tools import HashMismatch, ignite, remote_exec_inline, unit_setting
-from .test_bundle import CLOUD
+from .test_bundle import CLOUD, VERSION
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 Cli = Callable[..., CliResult]
@@ -147,37 +149,55 @@ def test_a_bundle_changed_on_disk_is_refused_before_it_is_read(
 
 # --- from a repository ---------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Repo:
+    url: str
+    root: Path  # the folder served at url
+    pub: Path
+    key: Path  # the private key that signs its index
+
+
+PIN = ("--driver-version", VERSION)  # the test bundle's driver (the default is another)
+
+
 @pytest.fixture
-def repository(http_dir: Mirror, extracted: Path, tmp_path: Path) -> tuple[str, Path]:
+def repository(http_dir: Mirror, extracted: Path, tmp_path: Path) -> Repo:
     """The bundle published into a signed repository served on 127.0.0.1."""
     pair = write_key_pair(tmp_path / "keys" / "repo.key")
     publish([archive_of(extracted)], open_store(str(http_dir.root / "repo")),
             load_private_key(pair.private))
-    return f"{http_dir.url}/repo", pair.public
+    return Repo(f"{http_dir.url}/repo", http_dir.root / "repo", pair.public, pair.private)
 
 
-def test_a_repository_config_fetches_the_kernels_bundle_and_gives_the_same_node(
-        cli: Cli, repository: tuple[str, Path], tmp_path: Path,
-        manual_tree: dict[str, str]) -> None:
-    url, pub = repository
-    result = cli("render", "ignition", "--repository", url, "--repository-key", pub)
+def provisioned_node(cli: Cli, repo: Repo, tmp_path: Path, *flags: str) -> Node:
+    """A node that Ignition wrote a repository config onto, not booted yet."""
+    result = cli("render", "ignition", "--repository", repo.url, "--repository-key", repo.pub,
+                 *flags)
     assert result.code == 0, result.stderr
     node = a_node(tmp_path / "node")
     ignite(json.loads(result.stdout), node.root)
+    return node
+
+
+def test_a_repository_config_fetches_the_kernels_bundle_and_gives_the_same_node(
+        cli: Cli, repository: Repo, tmp_path: Path, manual_tree: dict[str, str]) -> None:
+    node = provisioned_node(cli, repository, tmp_path, *PIN)
     booted = boot(node)
     assert booted.code == 0, booted.stderr
-    same_tree(snapshot(node.root), manual_tree, EXTRAS | {"opt/coreos-gpu/repository.pub"})
+    # The repository's index generation the node accepted (node/repository.sh, README
+    # "Freshness"): the one file a repository adds beyond the manual steps' node.
+    memory = {p for p in snapshot(node.root) if p.startswith("var/lib/coreos-gpu/generation.")}
+    assert len(memory) == 1
+    same_tree(snapshot(node.root), manual_tree,
+              EXTRAS | {"opt/coreos-gpu/repository.pub", "var/lib/coreos-gpu", *memory})
     assert not [p for p in (node.root / "opt/coreos-gpu").iterdir()
                 if p.name.startswith(("fetch.", "bundle."))]
 
 
 def test_an_index_that_fails_its_signature_installs_nothing(
-        cli: Cli, repository: tuple[str, Path], http_dir: Mirror, tmp_path: Path) -> None:
-    url, pub = repository
-    result = cli("render", "ignition", "--repository", url, "--repository-key", pub)
-    node = a_node(tmp_path / "node")
-    ignite(json.loads(result.stdout), node.root)
-    [index] = (http_dir.root / "repo/index").glob("*.txt")
+        cli: Cli, repository: Repo, tmp_path: Path) -> None:
+    node = provisioned_node(cli, repository, tmp_path, *PIN)
+    [index] = (repository.root / "index").glob("*.txt")
     with index.open("a") as f:
         f.write(index.read_text().splitlines()[-1].replace(" 535.261.03 ", " 999.1.1 ") + "\n")
     booted = boot(node)
@@ -187,15 +207,83 @@ def test_an_index_that_fails_its_signature_installs_nothing(
 
 
 def test_no_bundle_for_the_nodes_kernel_installs_nothing(
-        cli: Cli, repository: tuple[str, Path], tmp_path: Path) -> None:
-    url, pub = repository
-    result = cli("render", "ignition", "--repository", url, "--repository-key", pub)
-    node = a_node(tmp_path / "node")
-    ignite(json.loads(result.stdout), node.root)
+        cli: Cli, repository: Repo, tmp_path: Path) -> None:
+    node = provisioned_node(cli, repository, tmp_path, *PIN)
     booted = boot(node, env={"FAKE_KERNEL": CLOUD})
     assert booted.code == 24, booted.stderr
-    assert f"lists no flatcar bundle for kernel {CLOUD}" in booted.stderr
+    assert (f"lists no flatcar bundle for kernel {CLOUD} of driver {VERSION}, proprietary "
+            "modules, compute profile: build and publish one") in booted.stderr
     assert not (node.root / "opt/nvidia").exists()
+
+
+def relist(repo: Repo, lines: list[str]) -> None:
+    """Sign a new index whose bundle lines are these, in this order (its header kept): what a
+    publisher's index may say. Only the signed lines decide what a node takes."""
+    current = (repo.root / "index.current").read_text().split()[2]
+    head = [line for line in (repo.root / f"index/{current}.txt").read_text().splitlines()
+            if not line.startswith("bundle ")]
+    text = ("\n".join([*head, *lines]) + "\n").encode()
+    sha = hashlib.sha256(text).hexdigest()
+    (repo.root / f"index/{sha}.txt").write_bytes(text)
+    subprocess.run(["openssl", "dgst", "-sha256", "-sign", repo.key, "-out",
+                    repo.root / f"index/{sha}.txt.sig", repo.root / f"index/{sha}.txt"],
+                   check=True)
+    (repo.root / "index.current").write_text(f"coreos-gpu-repository 1 {sha}\n")
+
+
+def not_a_bundle(repo: Repo) -> tuple[str, str, str]:
+    """Path, sha256 and size of a file the index may list, which no node can install."""
+    data = b"not a bundle\n"
+    sha = hashlib.sha256(data).hexdigest()
+    path = f"bundles/{sha}/nvidia.tar.gz"
+    (repo.root / path).parent.mkdir(parents=True)
+    (repo.root / path).write_bytes(data)
+    return path, sha, str(len(data))
+
+
+OLDER, NEWER = "2025-06-01T12:00:00Z", "2025-06-02T12:00:00Z"
+# What the index lists the test bundle as, and the bundles it lists beside it (each a file no
+# node can install, published after it or before it: the order must not matter), with the
+# settings render takes them from. Bundle line fields: 1 driver, 2 flavour, 3 profile.
+PINNED = {
+    "open by flag, proprietary published after": (
+        (*PIN, "--kernel-module-type", "open"), "", {2: "open"}, [{2: "proprietary"}], NEWER),
+    "open by flag, proprietary published before": (
+        (*PIN, "--kernel-module-type", "open"), "", {2: "open"}, [{2: "proprietary"}], OLDER),
+    "the driver's own flavour, open published after": (PIN, "", {}, [{2: "open"}], NEWER),
+    "the config file's driver and flavour, another driver and flavour published after": (
+        (), 'driver_version = "535.261.03"\nkernel_module_type = "open"\n', {2: "open"},
+        [{1: "999.1.1", 2: "open"}, {2: "proprietary"}], NEWER),
+}
+
+
+@pytest.mark.parametrize(("flags", "config", "listed_as", "others", "when"),
+                         list(PINNED.values()), ids=list(PINNED))
+def test_a_node_takes_the_pinned_bundle_whatever_was_published_when(
+        cli: Cli, repository: Repo, tmp_path: Path, flags: tuple[str, ...], config: str,
+        listed_as: dict[int, str], others: list[dict[int, str]], when: str) -> None:
+    """Bundles of other flavours and drivers for the same kernel, published after (or
+    before) the one render pinned, never take its place: not the newest, not the last."""
+    [index] = (repository.root / "index").glob("*.txt")
+    [published] = [line.split(" ") for line in index.read_text().splitlines()
+                   if line.startswith("bundle ")]
+    junk = not_a_bundle(repository)
+    ours = [*published[:10], OLDER if when == NEWER else NEWER]
+    for field, value in listed_as.items():
+        ours[field] = value
+    theirs = []
+    for changes in others:
+        other = [*ours[:7], *junk, when]
+        for field, value in changes.items():
+            other[field] = value
+        theirs.append(" ".join(other))
+    relist(repository, [" ".join(ours), *theirs] if when == NEWER else [*theirs, " ".join(ours)])
+    (tmp_path / "coreos-gpu.toml").write_text(config)  # where render runs (cli's cwd)
+    node = provisioned_node(cli, repository, tmp_path, *flags)
+    booted = boot(node)
+    assert booted.code == 0, booted.stderr
+    assert f"downloading {repository.url}/{ours[7]} " in booted.stderr
+    assert (node.root / "opt/coreos-gpu/provisioned").read_text() == f"{ours[8]}\n"
 
 
 # --- Terraform -------------------------------------------------------------------------------

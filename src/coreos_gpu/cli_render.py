@@ -11,8 +11,28 @@ from typing import Any
 
 from coreos_gpu import ui
 from coreos_gpu.cache import write_atomically
+from coreos_gpu.config import SETTINGS_BY_KEY, find_config_file, load_config
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.render import DEFAULT_IMAGE, IGNITION_SPECS, Kind, build_request, render
+from coreos_gpu.render import (
+    DEFAULT_IMAGE,
+    IGNITION_SPECS,
+    PROVISIONING,
+    SETTINGS,
+    Kind,
+    RepositorySource,
+    build_request,
+    render,
+)
+
+# What each setting means to render (its flag, metavar and check are config.py's).
+_SETTING_HELP = {
+    "driver_version": "the driver nodes take from a repository (default: the setting "
+                      "driver_version), or the smoke test expects",
+    "kernel_module_type": "proprietary or open: the module flavour nodes take from a repository "
+                          "(default: the setting, else the driver's: open from 560)",
+    "profile": "compute or full: the profile nodes take from a repository (default: the "
+               "setting profile)",
+}
 
 
 def _output_path(value: str) -> Path:
@@ -24,16 +44,21 @@ def _output_path(value: str) -> Path:
 
 def cmd_render(args: argparse.Namespace) -> None:
     output = _output_path(args.output) if args.output else None
+    settings = load_config({key: getattr(args, key) for key in SETTINGS},
+                           find_config_file(args.config, Path.cwd()))
     request = build_request(
         Kind(args.kind), os=args.os, bundle=args.bundle, bundle_url=args.bundle_url,
         bundle_sha256=args.bundle_sha256, bundle_sha512=args.bundle_sha512,
-        repository=args.repository, repository_key=args.repository_key,
-        driver_version=args.driver_version, ignition_spec=args.ignition_version,
-        image=args.image, app_id=args.id)
+        repository=args.repository, repository_key=args.repository_key, settings=settings,
+        ignition_spec=args.ignition_version, image=args.image, app_id=args.id)
     rendered = render(request)
     steps = [s.replace("FILE", str(output) if output else "FILE") for s in rendered.next_steps]
+    pinned = (request.source.pinned() if isinstance(request.source, RepositorySource)
+              and request.kind in PROVISIONING else "")
     if output is None:
         sys.stdout.writelines(rendered.text.splitlines(keepends=True))
+        if pinned:
+            ui.log(f"nodes take: {pinned}")
         for step in steps:
             ui.log(f"next: {step}")
         return
@@ -42,6 +67,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     os.umask(umask)
     output.chmod(0o666 & ~umask)  # an ordinary file, as > would make it
     ui.print_fields([("wrote", f"{output} ({request.kind.value})"),
+                     *((("nodes take", pinned),) if pinned else ()),
                      *(("next", step) for step in steps)])
 
 
@@ -57,6 +83,8 @@ def add_render_verb(verbs: Any) -> None:
                      help=", ".join(k.value for k in Kind))
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="show tracebacks")
+    sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                     help="config file (default: ./coreos-gpu.toml if present)")
     sub.add_argument("--os", default=None, metavar="OS",
                      help="flatcar or coreos (default: the bundle's, else flatcar)")
     sub.add_argument("--bundle", type=Path, default=None, metavar="FILE",
@@ -71,8 +99,10 @@ def add_render_verb(verbs: Any) -> None:
                      help="a repository nodes fetch the bundle for their kernel from")
     sub.add_argument("--repository-key", type=Path, default=None, metavar="PUB.pem",
                      help="the repository's public key (coreos-gpu keygen)")
-    sub.add_argument("--driver-version", default="", metavar="VERSION",
-                     help="the driver to take from a repository, or the smoke test expects")
+    for key in SETTINGS:
+        setting = SETTINGS_BY_KEY[key]
+        sub.add_argument(setting.flag, dest=key, metavar=setting.metavar, default=None,
+                         help=_SETTING_HELP[key])
     sub.add_argument("--ignition-version", default=None, choices=IGNITION_SPECS,
                      help="Ignition spec (default: 2.2.0 for coreos, 3.3.0 for flatcar)")
     sub.add_argument("--image", default=DEFAULT_IMAGE, metavar="IMAGE",

@@ -7,8 +7,9 @@ writes it (sha512, or sha256 from spec 3.1 on); then coreos-gpu-provision.servic
 before the agent units, until a stamp file says it is done) runs provision.sh, which checks
 the sha256 again, extracts the bundle into a new, empty, root-owned folder and runs its
 install_nvidia.sh: the README's manual steps. With a repository instead, provision.sh fetches
-the bundle for the node's kernel after checking the index's signature. Both files come from
-resources/provision/, with the settings filled in.
+the bundle for the node's kernel, of the driver, flavour and profile rendered in, after
+checking the index's signature. Both files come from resources/provision/, with the settings
+filled in.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 def render_script(source: Source, *, os: OsName, tool_version: str) -> str:
     """provision.sh with its settings: every value shell-quoted, though all are checked."""
-    bundle = isinstance(source, BundleSource)
+    repository = source if isinstance(source, RepositorySource) else None
     settings = {"DIR": DIR, "OS": os.value,
                 "BUNDLE_SHA256": source.sha256 if isinstance(source, BundleSource) else "",
-                "REPOSITORY_URL": "" if bundle else source.url,
-                "DRIVER_VERSION": source.driver_version if not bundle else ""}
+                "REPOSITORY_URL": repository.url if repository else "",
+                "DRIVER_VERSION": repository.driver_version if repository else "",
+                "FLAVOUR": repository.flavour.value if repository else "",
+                "PROFILE": repository.profile.value if repository else ""}
     values = {key: shlex.quote(value) if value else "''" for key, value in settings.items()}
     # The repository reader is the node's own (node/repository.sh), copied in.
     script = inline_sources(_template("provision.sh").encode(), default_node_files()).decode()
@@ -223,7 +226,8 @@ def render_terraform(source: Source, *, os: OsName, tool_version: str) -> str:
     if isinstance(source, BundleSource) and source.kernel_releases:
         what += f" (kernels {', '.join(source.kernel_releases)})"
     if isinstance(source, RepositorySource):
-        what += f" for the node's kernel from {source.url}"
+        what = (f"NVIDIA driver {source.driver_version} ({source.flavour.value} modules, "
+                f"{source.profile.value} profile) for the node's kernel from {source.url}")
     commands = terraform_commands(source, os=os, tool_version=tool_version)
     body = "".join(f"    {hcl_string(c)},\n" for c in commands)
     return (f"# Written by coreos-gpu {tool_version} (coreos-gpu render terraform): installs\n"

@@ -9,7 +9,9 @@ with one GPU, which is what DC/OS schedules only on an agent whose GPUs Mesos fo
 A bundle comes from a file (its MANIFEST.json is read and checked through inspect_bundle, its
 sha256 and sha512 computed) plus the URL nodes download it from, or from a URL and its sha256
 alone; or the node fetches the bundle for its own kernel from a repository (publish.py) whose
-index it checks with the repository's public key.
+index it checks with the repository's public key: always the bundle of one driver, flavour and
+profile, pinned here from the settings (flag > config file > default), never "the newest",
+which whoever serves the index would choose.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from coreos_gpu import __version__
-from coreos_gpu.config import DEFAULT_AGENT_UNITS, OsName
+from coreos_gpu.config import (
+    DEFAULT_AGENT_UNITS,
+    SETTINGS_BY_KEY,
+    BuildConfig,
+    KernelModuleType,
+    OsName,
+    Profile,
+)
+from coreos_gpu.driver import default_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.inspection import inspect_bundle
 from coreos_gpu.keys import fingerprint, load_public_key, public_pem
@@ -38,6 +48,9 @@ class Kind(StrEnum):
 
 
 PROVISIONING = (Kind.IGNITION, Kind.BUTANE, Kind.TERRAFORM)
+# The settings render takes (config.py declares each: flag, check, default). They pin the
+# bundle a repository node takes; given as flags, they are checked against a bundle file.
+SETTINGS = ("driver_version", "kernel_module_type", "profile")
 # Ignition spec versions rendered: 2.2.0 is what CoreOS Container Linux's Ignition (v0.22 and
 # later) and Flatcar before 3185.0.0 read; 3.3.0 is what Flatcar reads from 3185.0.0 on
 # (Ignition v2.11+), and what Butane's flatcar 1.0.0 variant translates to.
@@ -52,7 +65,6 @@ DEFAULT_APP_ID = {Kind.MARATHON_APP: "/coreos-gpu-smoke-test",
 _HEX = re.compile(r"[0-9a-f]+")
 # RFC 3986 characters only: a URL goes into JSON, YAML, HCL and sh, quoted for each.
 _URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
-_VERSION = re.compile(r"[0-9]+(\.[0-9]+)+")
 # A Docker image reference: [registry[:port]/]name[/name...][:tag][@sha256:digest].
 _IMAGE = re.compile(r"([a-zA-Z0-9][a-zA-Z0-9.-]*(:[0-9]+)?/)?"
                     r"[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*"
@@ -74,6 +86,8 @@ class BundleSource:
     sha256: str
     sha512: str = ""
     driver_version: str = ""
+    flavour: str = ""
+    profile: str = ""
     os: str = ""
     kernel_releases: tuple[str, ...] = ()
     agent_units: tuple[str, ...] = DEFAULT_AGENT_UNITS
@@ -81,13 +95,20 @@ class BundleSource:
 
 @dataclass(frozen=True)
 class RepositorySource:
-    """A repository the node fetches the bundle for its own kernel from."""
+    """A repository the node fetches the bundle for its own kernel from: the bundle of this
+    driver, flavour and profile (node/repository.sh repo_pick)."""
 
     url: str
     public_key_pem: bytes
     fingerprint: str
-    driver_version: str = ""  # "" takes the most recently published bundle for the kernel
+    driver_version: str
+    flavour: KernelModuleType
+    profile: Profile
     agent_units: tuple[str, ...] = DEFAULT_AGENT_UNITS
+
+    def pinned(self) -> str:
+        return (f"driver {self.driver_version}, {self.flavour.value} modules, "
+                f"{self.profile.value} profile")
 
 
 @dataclass(frozen=True)
@@ -133,12 +154,6 @@ def check_hex(value: str, flag: str, bits: int) -> str:
     return digest
 
 
-def _check_version(value: str, flag: str) -> str:
-    if value and not _VERSION.fullmatch(value):
-        raise _bad(f"{flag} {value!r} is not a driver version like 535.261.03")
-    return value
-
-
 def _sha512_of(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha512").hexdigest()
@@ -174,26 +189,56 @@ def bundle_source(path: Path | None, url: str, sha256: str, sha512: str, *,
             raise _bad(f"{flag} {given} is not the hash of {path} ({actual})",
                        "give the file or its hash, not another bundle's")
     return BundleSource(url=url, sha256=report.sha256, sha512=actual512,
-                        driver_version=report.driver_version, os=report.os,
+                        driver_version=report.driver_version, flavour=report.flavour,
+                        profile=report.profile, os=report.os,
                         kernel_releases=report.kernel_releases,
                         agent_units=report.agent_units or DEFAULT_AGENT_UNITS)
 
 
-def repository_source(url: str, key: Path | None, driver_version: str) -> RepositorySource:
+def repository_source(url: str, key: Path | None, settings: BuildConfig) -> RepositorySource:
+    """The repository and what its nodes take: the settings' driver, flavour (unset: the one
+    NVIDIA's installer defaults to for that driver, as build does) and profile."""
     if key is None:
         raise _bad("--repository needs --repository-key: a node trusts only an index signed "
                    "by the key it was given", "--repository-key repo.key.pub")
     public = load_public_key(key.expanduser())  # exit 15 for a file that is no usable key
     return RepositorySource(url=check_url(url, "--repository").rstrip("/"),
                             public_key_pem=public_pem(public), fingerprint=fingerprint(public),
-                            driver_version=_check_version(driver_version, "--driver-version"))
+                            driver_version=settings.driver_version,
+                            flavour=(settings.kernel_module_type
+                                     or default_flavour(settings.driver_version)),
+                            profile=settings.profile)
+
+
+def _flags_given(settings: BuildConfig) -> dict[str, str]:
+    """The settings a flag gave (not the config file or a default), as their values."""
+    return {key: str(getattr(settings, key)) for key in SETTINGS
+            if settings.sources.get(key) == SETTINGS_BY_KEY[key].flag}
+
+
+def _check_against_bundle(source: BundleSource | None, given: dict[str, str]) -> None:
+    """A flag that pins what a repository node takes, given with a bundle file, must be the
+    file's own; without a file or a repository there is nothing to pin or check."""
+    known = source or BundleSource(url="", sha256="")
+    facts = {"driver_version": ("driver", known.driver_version),
+             "kernel_module_type": ("flavour", known.flavour),
+             "profile": ("profile", known.profile)}
+    for key, value in given.items():
+        what, actual = facts[key]
+        flag = SETTINGS_BY_KEY[key].flag
+        if actual and value != actual:
+            raise _bad(f"{flag} {value}, but the bundle holds {what} {actual}")
+        if not actual and key != "driver_version":  # that one is the smoke test's too
+            raise _bad(f"{flag} chooses the bundle a node takes from a repository: give it "
+                       "with --repository", "or with --bundle FILE, which it is checked against")
 
 
 def build_request(kind: Kind, *, os: str | None, bundle: Path | None, bundle_url: str,
                   bundle_sha256: str, bundle_sha512: str, repository: str,
-                  repository_key: Path | None, driver_version: str, ignition_spec: str | None,
-                  image: str, app_id: str) -> RenderRequest:
-    """The checked request, from the command line's values ("" or None: not given)."""
+                  repository_key: Path | None, settings: BuildConfig,
+                  ignition_spec: str | None, image: str, app_id: str) -> RenderRequest:
+    """The checked request, from the command line's values ("" or None: not given) and the
+    settings (load_config: flag > config file > default)."""
     from_bundle = bundle is not None or bool(bundle_url or bundle_sha256 or bundle_sha512)
     if from_bundle and (repository or repository_key):
         raise _bad("give a bundle (--bundle, --bundle-url) or a repository (--repository), "
@@ -205,7 +250,7 @@ def build_request(kind: Kind, *, os: str | None, bundle: Path | None, bundle_url
         source = bundle_source(bundle, bundle_url, bundle_sha256, bundle_sha512,
                                need_url=kind in PROVISIONING)
     elif repository:
-        source = repository_source(repository, repository_key, driver_version)
+        source = repository_source(repository, repository_key, settings)
     elif kind in PROVISIONING:
         raise _bad(f"render {kind.value} needs a bundle or a repository",
                    "--bundle nvidia.tar.gz --bundle-url URL, --bundle-url URL --bundle-sha256 "
@@ -229,12 +274,13 @@ def build_request(kind: Kind, *, os: str | None, bundle: Path | None, bundle_url
         raise _bad(f"Ignition spec {spec} checks downloads by sha512 only, and only the "
                    "sha256 is given", "add --bundle-sha512 (sha512sum nvidia.tar.gz), or give "
                    "--bundle FILE")
-    expected = _check_version(driver_version, "--driver-version")
-    if isinstance(source, BundleSource) and source.driver_version:
-        if expected and expected != source.driver_version:
-            raise _bad(f"--driver-version {expected}, but the bundle holds driver "
-                       f"{source.driver_version}")
-        expected = source.driver_version
+    given = _flags_given(settings)
+    if not isinstance(source, RepositorySource):
+        _check_against_bundle(source, given)
+    # What the smoke test expects: the bundle's driver, else --driver-version's (a default
+    # is no fact about the node).
+    expected = (source.driver_version if isinstance(source, BundleSource)
+                and source.driver_version else given.get("driver_version", ""))
     if kind in DEFAULT_APP_ID:
         app_id = app_id or DEFAULT_APP_ID[kind]
         if not _APP_ID[kind].fullmatch(app_id):

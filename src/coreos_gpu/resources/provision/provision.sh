@@ -9,15 +9,18 @@
 # With a bundle: Ignition downloaded it to DIR/nvidia.tar.gz and checked its hash; its
 # sha256 is checked again here, before anything reads it. With a repository: the signed
 # index is checked with DIR/repository.pub (openssl dgst -sha256 -verify), and the bundle
-# for this node's kernel (uname -r) is downloaded and checked against the sha256 and size
-# the index lists. Either way the bundle is extracted into a new, empty, root-owned folder
-# and its install_nvidia.sh runs from there.
+# for this node's kernel (uname -r), of the driver, flavour and profile rendered in below,
+# is downloaded and checked against the sha256 and size the index lists. Either way the
+# bundle is extracted into a new, empty, root-owned folder and its install_nvidia.sh runs
+# from there.
 #
 # Exit codes: 0 installed (or installed before); 2 bad command line; 21 the bundle does
 # not match its sha256 (or size); 22 the repository cannot be read (or not within a minute
 # for each index file, 20 minutes for the bundle), or holds no coreos-gpu repository; 23 the
-# index does not match its signature; 24 the index lists no bundle for this kernel; 25 the
-# bundle cannot be extracted; any other: install_nvidia.sh's exit code.
+# index does not match its signature; 24 the index lists no bundle of that driver, flavour
+# and profile for this kernel; 25 the bundle cannot be extracted; 28 the index is older
+# than one this node accepted before; 29 the index has expired (or has no expiry); any
+# other: install_nvidia.sh's exit code.
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -29,6 +32,8 @@ BUNDLE_SHA256=@BUNDLE_SHA256@
 REPOSITORY_URL=@REPOSITORY_URL@
 OS=@OS@
 DRIVER_VERSION=@DRIVER_VERSION@
+FLAVOUR=@FLAVOUR@
+PROFILE=@PROFILE@
 # ------------------------------------------------------------------------------------------
 
 say() {
@@ -75,16 +80,16 @@ sha256_of() {
 # shellcheck source=../node/repository.sh
 . "${0%/*}/../node/repository.sh" # coreos-gpu: inline
 
-# fetch_from_repository: the bundle for this kernel, from the repository's signed index
-# (of DRIVER_VERSION if set, else the most recently published one).
+# fetch_from_repository: the bundle for this kernel, of DRIVER_VERSION, FLAVOUR and PROFILE,
+# from the repository's signed index (repo_pick says which of several rebuilds).
 fetch_from_repository() {
 	base=${REPOSITORY_URL%/}
 	kernel=$(uname -r)
 	tmp=$(mktemp -d "$HERE/fetch.XXXXXX") || die 1 "cannot make a folder in $HERE"
 	# Bounded: a node without network fails, and tries again at the next boot.
 	repo_index "$base" "$HERE/repository.pub" "$tmp" 60
-	line=$(repo_pick "$tmp/index.txt" kernel "$kernel" "$DRIVER_VERSION" "" "" "$OS")
-	[ -n "$line" ] || die 24 "$base lists no $OS bundle for kernel $kernel${DRIVER_VERSION:+ and driver $DRIVER_VERSION}: build and publish one (coreos-gpu build --release …; coreos-gpu publish)"
+	line=$(repo_pick "$tmp/index.txt" kernel "$kernel" "$DRIVER_VERSION" "$FLAVOUR" "$PROFILE" "$OS")
+	[ -n "$line" ] || die 24 "$base lists no $OS bundle for kernel $kernel of driver $DRIVER_VERSION, $FLAVOUR modules, $PROFILE profile: build and publish one (coreos-gpu build --release … --driver-version $DRIVER_VERSION --kernel-module-type $FLAVOUR --profile $PROFILE; coreos-gpu publish)"
 	read -r path sum size _ <<-END
 	$line
 	END
