@@ -240,8 +240,10 @@ class Node:
         self.bin = folder / "bin"
         self.log = folder / "calls"
         self.shell = shell.split()
+        # var/lib: every Flatcar and CoreOS root has it (the node remembers index generations
+        # there).
         for sub in ("dev", "etc", "sys/bus/pci/devices", "sys/module/firmware_class/parameters",
-                    "proc/driver/nvidia/gpus", "run"):
+                    "proc/driver/nvidia/gpus", "run", "var/lib"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "sys/module/firmware_class/parameters/path").write_text("\n")
         (self.root / "proc/devices").write_text(PROC_DEVICES)

@@ -15,8 +15,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -83,7 +84,8 @@ class Repository:
     """A folder repository served over HTTP on 127.0.0.1; paths under `stall` get no
     answer (the connection stays open), like a server that hangs; paths under `endless` get
     their file and then junk without end (no Content-Length), and `sent` counts the bytes
-    that went out for them."""
+    that went out for them; paths under a key of `answer` get what its function sends (the
+    hostile servers of test_node_hostile.py)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -92,8 +94,9 @@ class Repository:
         self.sent: dict[str, int] = {}
         self.requests: list[str] = []
         self.redirect: dict[str, str] = {}  # path -> Location of a 302 answer
+        self.answer: dict[str, Callable[[SimpleHTTPRequestHandler], None]] = {}
         stall, endless, sent = self.stall, self.endless, self.sent
-        requests, redirect = self.requests, self.redirect
+        requests, redirect, answer = self.requests, self.redirect, self.answer
 
         class Handler(SimpleHTTPRequestHandler):
             def log_message(self, format: str, *args: object) -> None:
@@ -101,6 +104,11 @@ class Repository:
 
             def do_GET(self) -> None:
                 requests.append(self.path)
+                answer_with = next((f for p, f in answer.items() if self.path.startswith(p)),
+                                   None)
+                if answer_with is not None:
+                    answer_with(self)
+                    return
                 if any(self.path.startswith(p) for p in stall):
                     time.sleep(30)
                     return
@@ -183,7 +191,11 @@ def one_error(result: Result, code: int) -> str:
 
 
 def without_locks(tree: dict[str, str]) -> dict[str, str]:
-    return {p: v for p, v in tree.items() if not p.endswith("/.fetch.lock")}
+    """A tree without what a failed fetch may leave: the fetch lock file, and the memory of
+    the index generation accepted (remembered once an index's signature is checked, even when
+    the bundle then fails: as TUF keeps verified metadata; nothing of a driver)."""
+    return {p: v for p, v in tree.items() if not p.endswith("/.fetch.lock")
+            and not p.startswith("var/lib/coreos-gpu")}
 
 
 # --- at boot: fetch the bundle for the running kernel -----------------------------------------
@@ -247,8 +259,8 @@ def test_check_says_it_would_fetch(tmp_path: Path, made: Made, repo: Repository)
 
 
 def refused(tmp_path: Path, made: Made, url: str, code: int,
-            env: dict[str, str] | None = None) -> str:
-    node = node_with(tmp_path, made.a)
+            env: dict[str, str] | None = None, shell: str = "sh") -> str:
+    node = node_with(tmp_path, made.a, shell)
     before = snapshot(node.root)
     booted = node.startup(env={"FAKE_KERNEL": CLOUD, "NVIDIA_REPOSITORY_URL": url, **(env or {})})
     line = one_error(booted, code)
@@ -711,7 +723,7 @@ def test_retry_starts_the_driver_and_then_the_agent(tmp_path: Path, policy: Driv
     env = {"FAKE_INACTIVE": "nvidia.service", "NVIDIA_REPOSITORY_URL": UNREACHABLE}
     result = node.fetch("--retry", env=env)
     assert result.code == 0, result.stderr
-    calls = [c[1:] for c in node.calls("systemctl")]
+    calls = [c[1:] for c in node.calls("systemctl") if c[1] != "show"]  # how it failed: asked
     assert calls[:2] == [["is-active", "-q", "nvidia.service"], ["start", "nvidia.service"]]
     agents = ["start", "--no-block", "dcos-mesos-slave.service",
               "dcos-mesos-slave-public.service"]
@@ -744,6 +756,76 @@ def test_retry_backs_off(tmp_path: Path, made: Made) -> None:
     assert node_ok.code == 0 and not state.exists(), node_ok.stderr
 
 
+def failed_with(node: Node, result: str, status: int, run: str) -> None:
+    """What `systemctl show` says of nvidia.service's last run (the stand-in's files)."""
+    unit = node.root / ".systemd/nvidia.service"
+    unit.mkdir(parents=True, exist_ok=True)
+    for name, value in (("Result", result), ("ExecMainStatus", status), ("InvocationID", run)):
+        (unit / name).write_text(f"{value}\n")
+
+
+def retried(node: Node, env: dict[str, str]) -> tuple[Result, bool, list[str]]:
+    """One run of the timer's retry: its result, whether it started nvidia.service, and
+    what it said of nvidia.service (not --update's words)."""
+    result = node.fetch("--retry", env=env)
+    started = ["start", "nvidia.service"] in [c[1:] for c in node.calls("systemctl")]
+    return result, started, [line for line in result.stderr.splitlines()
+                             if "nvidia.service" in line]
+
+
+@pytest.mark.parametrize(("shell", "code"), [*((s, 8) for s in SHELLS),
+                                             *(("sh", c) for c in (2, 4, 5, 6, 9))])
+def test_retry_leaves_alone_a_failure_no_retry_can_fix(tmp_path: Path, made: Made, shell: str,
+                                                       code: int) -> None:
+    """No usable GPU, a module the kernel refused, another driver loaded: starting
+    nvidia.service again fails the same way. Said once, exit 0 (a failed oneshot unit every
+    2 minutes would only repeat it), nothing started, until the failure changes."""
+    node = node_with(tmp_path, made.a, shell)
+    env = {"FAKE_INACTIVE": "nvidia.service", "FAKE_SYSTEMCTL_RC": "1",
+           "NVIDIA_REPOSITORY_URL": UNREACHABLE}
+    failed_with(node, "exit-code", code, "0f3c")
+    runs = [retried(node, env) for _ in range(3)]
+    assert [(r.code, started) for r, started, _ in runs] == [(0, False)] * 3, runs[0][0].stderr
+    assert [len(said) for _, _, said in runs] == [1, 0, 0], [said for _, _, said in runs]
+    line = runs[0][2][0]
+    assert line.startswith(f"fetch.sh: warning: nvidia.service failed (startup.sh exit {code}: ")
+    assert "no retry can fix" in line and "nvidia-doctor" in line, line
+    assert not (node.root / "run/coreos-gpu/retry").exists()
+    # nvidia.service ran again (systemctl restart) and failed the same way: said once more.
+    failed_with(node, "exit-code", code, "7a21")
+    again = [retried(node, env) for _ in range(2)]
+    assert [(r.code, started, len(said)) for r, started, said in again] == [(0, False, 1),
+                                                                           (0, False, 0)]
+    # A boot starts afresh (/run); so does another driver folder in current: started again.
+    shutil.rmtree(node.root / "run/coreos-gpu")
+    assert [len(retried(node, env)[2]) for _ in range(2)] == [1, 0]
+    assert node.install(made.a_later, "--no-start").code == 0
+    result, started, _ = retried(node, env)
+    assert started and result.code == 1, result.stderr
+
+
+@pytest.mark.parametrize(("result", "status"), [
+    ("exit-code", 22), ("exit-code", 24), ("exit-code", 3), ("exit-code", 7),
+    ("timeout", 9),  # killed by SIGKILL after its start timeout: 9 is the signal
+    ("success", 8),  # systemctl reset-failed nvidia.service: the operator asks for a retry
+])
+def test_retry_backs_off_from_a_failure_a_retry_can_fix(tmp_path: Path, made: Made, result: str,
+                                                         status: int) -> None:
+    """The repository unreachable (22), no bundle published yet (24), an install's lock (3),
+    nvidia-smi not answering (7), a timeout: started again, with the backoff."""
+    node = node_with(tmp_path, made.a)
+    env = {"FAKE_INACTIVE": "nvidia.service", "FAKE_SYSTEMCTL_RC": "1",
+           "NVIDIA_REPOSITORY_URL": UNREACHABLE}
+    failed_with(node, result, status, "0f3c")
+    now = int(time.time())
+    first, started, _ = retried(node, env)
+    assert started and first.code == 1, first.stderr
+    failures, after = map(int, (node.root / "run/coreos-gpu/retry").read_text().split())
+    assert failures == 1 and 119 <= after - now <= 125
+    waiting, started, _ = retried(node, env)
+    assert not started and "next attempt in" in waiting.stderr
+
+
 # --- nvidia-doctor ---------------------------------------------------------------------------
 
 
@@ -758,7 +840,11 @@ def test_doctor_checks_the_repository(tmp_path: Path, made: Made, repo: Reposito
     node = node_with(tmp_path, made.a)
     lines = doctor_lines(node, {"NVIDIA_REPOSITORY_URL": repo.url})
     head, kernels, tail = lines["repository"].split("; ")
-    assert head == f"PASS repository: {repo.url}: generation 1, signed by this bundle's key"
+    prefix = f"PASS repository: {repo.url}: generation 1 (valid until "
+    assert head.startswith(prefix) and head.endswith("), signed by this bundle's key")
+    # publish signs an index valid for 21 days (index_lifetime's default)
+    expires = datetime.strptime(head[len(prefix):].split(")")[0], "%Y-%m-%dT%H:%M:%S%z")
+    assert timedelta(0) <= datetime.now(UTC) + timedelta(days=21) - expires < timedelta(minutes=5)
     assert kernels.startswith("bundles of this driver for 2 kernel(s): ")
     assert set(kernels.split(": ")[1].split()) == {KERNEL, CLOUD}
     assert tail == f"one for the running kernel {KERNEL}"

@@ -9,8 +9,8 @@
 #                              NEW_VERSION, so that the next boot needs no network
 #   fetch.sh --watch           --update now, then at every status change update-engine
 #                              signals (nvidia-stage.service)
-#   fetch.sh --retry           start nvidia.service again if it failed, with a backoff, and
-#                              --update (nvidia-retry.timer)
+#   fetch.sh --retry           start nvidia.service again if it failed, with a backoff (not
+#                              after a failure no retry can fix), and --update (nvidia-retry.timer)
 #   fetch.sh --index           read and check the index only, and say what it has for this
 #                              node (nvidia-doctor; changes nothing, needs no root)
 #
@@ -36,6 +36,8 @@
 #       executable install_nvidia.sh, modules for its kernel), or did not install (install_nvidia.sh's
 #       message says why)
 #   26  not enough free space for the download
+#   28  the index is older than one this node accepted before (a replayed or rolled-back copy)
+#   29  the index has expired (the repository was not refreshed, or the clock is wrong)
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -48,7 +50,8 @@ usage: fetch.sh [--root DIR] (--kernel KERNEL | --update | --watch | --retry | -
   --kernel KERNEL  stage the repository's bundle for this kernel release
   --update         stage the bundle for the OS update waiting for its reboot, if any
   --watch          --update, then again at each update-engine status change (a service)
-  --retry          start nvidia.service if it failed (with a backoff), then --update
+  --retry          start nvidia.service if it failed (with a backoff; not when no retry
+                   can fix the failure), then --update
   --index          check the repository's index and say what it has for this node
 EOF
 }
@@ -242,12 +245,65 @@ os_release_of_node() {
 # --- retry ----------------------------------------------------------------------------------
 # The backoff lives in /run (a boot starts afresh): "<failures> <no retry before (epoch)>".
 # 2, 4, 8, 16 then 30 minutes between attempts; the timer wakes every 2 minutes.
+# A failure no retry can fix (unfixable_failure) stops the retries: said once, in one line,
+# and /run/coreos-gpu/retry-stopped holds "<nvidia.service's run> <current>" until the
+# failure changes: nvidia.service runs again (a boot, an install that starts it, systemctl
+# restart) or `current` names another folder (an install with --no-start: started then).
+
+# unfixable_failure: when nvidia.service last failed in a way that starting it again cannot
+# change (startup.sh's code for something on the node: no usable GPU, a module the kernel
+# refused, another driver loaded), one line: what, and what to do; else nothing. A fetch
+# that failed (21 and up: a later publish, the network, space), an install's lock held (3),
+# nvidia-smi not answering yet (7), a timeout or a signal: all worth retrying.
+unfixable_failure() {
+	# Only with Result=exit-code is ExecMainStatus startup.sh's exit code; after a timeout
+	# or a signal it is the signal's number.
+	[ "$(systemctl show -p Result --value nvidia.service 2>/dev/null)" = exit-code ] || return 0
+	uf_code=$(systemctl show -p ExecMainStatus --value nvidia.service 2>/dev/null)
+	case $uf_code in
+	2) uf_what="bad command line (not the ExecStart install_nvidia.sh wrote)"
+		uf_do="install the bundle again (install_nvidia.sh)" ;;
+	4) uf_what="kernel mismatch: no modules for kernel $(uname -r), or it refused them"
+		uf_do="install a bundle built for kernel $(uname -r)" ;;
+	5) uf_what="a module failed to load"
+		uf_do="journalctl -u nvidia.service and dmesg say why; fix it, then systemctl restart nvidia.service" ;;
+	6) uf_what="device nodes could not be made"
+		uf_do="journalctl -u nvidia.service says which; fix it, then systemctl restart nvidia.service" ;;
+	8) uf_what="the driver found no usable GPU"
+		uf_do="check that driver $DRIVER_VERSION ($FLAVOUR modules) supports the GPU, then systemctl restart nvidia.service" ;;
+	9) uf_what="another NVIDIA driver version is loaded"
+		uf_do="reboot to load $DRIVER_VERSION" ;;
+	*) return 0 ;;
+	esac
+	printf '%s\n' "nvidia.service failed (startup.sh exit $uf_code: $uf_what) and no retry can fix that: not starting it again until it runs again or $OPT/current changes; $uf_do (nvidia-doctor checks the node)"
+}
+
 retry() {
 	rt_state=$ROOT/run/coreos-gpu/retry
+	rt_stopped=$ROOT/run/coreos-gpu/retry-stopped
 	if systemctl is-active -q nvidia.service 2>/dev/null; then
-		rm -f "$rt_state"
+		rm -f "$rt_state" "$rt_stopped"
 		return 0
 	fi
+	rt_unfixable=$(unfixable_failure)
+	if [ -n "$rt_unfixable" ]; then
+		rt_run=$(systemctl show -p InvocationID --value nvidia.service 2>/dev/null)
+		rt_current=$(readlink "$ROOT$OPT/current" 2>/dev/null)
+		{ read -r rt_was_run rt_was_current <"$rt_stopped"; } 2>/dev/null || rt_was_run=
+		if [ "${rt_run:--}" != "$rt_was_run" ]; then
+			# Exit 0: nothing failed in this run, and a failed retry unit would add its own
+			# lines to the journal every 2 minutes.
+			rm -f "$rt_state"
+			mkdir -p "${rt_stopped%/*}" && printf '%s %s\n' "${rt_run:--}" "${rt_current:--}" >"$rt_stopped" ||
+				warn "cannot write $rt_stopped"
+			warn "$rt_unfixable"
+			return 0
+		fi
+		[ "${rt_current:--}" != "$rt_was_current" ] || return 0
+		say "$OPT/current is ${rt_current:-gone} now, $rt_was_current when nvidia.service failed"
+		rm -f "$rt_state"
+	fi
+	rm -f "$rt_stopped"
 	{ read -r rt_failures rt_next <"$rt_state"; } 2>/dev/null || { rt_failures=0; rt_next=0; }
 	rt_now=$(date +%s)
 	if [ "$rt_now" -lt "$rt_next" ]; then
@@ -287,15 +343,17 @@ kernel) stage_bundle kernel "$KERNEL" ;;
 index)
 	WORK=$(mktemp -d) || die 1 "cannot create a temporary folder"
 	trap 'rm -rf "$WORK"' EXIT
+	REPO_CHECK_ONLY=1 # checked against the generation remembered, and not remembered
 	fetch_index
 	awk -v d="$DRIVER_VERSION" -v f="$FLAVOUR" -v p="$PROFILE" -v os="$OS" -v k="$(uname -r)" '
 		$1 == "generation" { generation = $2 }
+		$1 == "expires" { expires = $2 }
 		$1 == "bundle" && $2 == d && $3 == f && $4 == p && $5 == os {
 			if (!($7 in seen)) { seen[$7] = 1; kernels = kernels " " $7; n++ }
 			if ($7 == k) here = 1
 		}
-		END { printf "generation %s, signed by this bundle'\''s key; bundles of this driver for %d kernel(s):%s; %s\n",
-			generation, n, kernels, here ? "one for the running kernel " k : "none for the running kernel " k }' "$WORK/index.txt" ;;
+		END { printf "generation %s (valid until %s), signed by this bundle'\''s key; bundles of this driver for %d kernel(s):%s; %s\n",
+			generation, expires, n, kernels, here ? "one for the running kernel " k : "none for the running kernel " k }' "$WORK/index.txt" ;;
 update) stage_update ;;
 retry)
 	retry

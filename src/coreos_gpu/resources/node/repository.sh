@@ -10,6 +10,11 @@
 #   22 the repository cannot be reached, a download failed or timed out, or no repository
 #   23 the index is not signed by the key given, or is not the index index.current names
 #   24 (the caller's) the index has no bundle for what was asked
+#   28 the index is older (a lower generation) than one this node accepted before from the
+#      same key: a mirror or cache replays an old copy, or index.current was rolled back
+#   29 the index has expired, or has no expiry: the repository was not refreshed
+# The caller defines ROOT (the tree acted on, "" for /) and may set REPO_CHECK_ONLY=1 to
+# check an index's generation without remembering it (fetch.sh --index: changes nothing).
 
 # repo_sha256 FILE: its sha256; openssl's uses the CPU's SHA instructions (a 100 MiB bundle
 # in a tenth of a second, against sha256sum's half second), sha256sum where it is missing.
@@ -48,7 +53,8 @@ repo_download() {
 			} | head -c "$(($4 + 1))" >"$2"
 		else
 			{
-				timeout "$3" wget -q -T 10 -t 3 --max-redirect=3 -O - "$1" 2>"$2.err"
+				# -nv, not -q: -q says nothing at all on failure (a 500 would give no reason).
+				timeout "$3" wget -nv -T 10 -t 3 --max-redirect=3 -O - "$1" 2>"$2.err"
 				echo $? >"$2.rc"
 			} | head -c "$(($4 + 1))" >"$2"
 		fi ;;
@@ -63,6 +69,12 @@ repo_download() {
 		printf 'no answer within %s s' "$3"
 	elif [ "$rd_rc" != 0 ]; then
 		cat "$2.err" 2>/dev/null
+	elif [ "${rd_size:-0}" = 0 ]; then
+		# Nothing a repository holds is empty. wget takes a 416 for "already complete" and
+		# succeeds with nothing: a failed download, as curl says it is.
+		printf 'the server answered with no data'
+		[ ! -s "$2.err" ] || printf ' (%s)' "$(tail -n 1 "$2.err")"
+		rd_rc=1
 	fi
 	rm -f "$2.rc" "$2.err"
 	[ "$rd_rc" = 0 ]
@@ -94,20 +106,88 @@ repo_index() {
 	[ "$(repo_sha256 "$3/$ri_sha.txt")" = "$ri_sha" ] && [ "$(head -n 1 "$3/$ri_sha.txt")" = "coreos-gpu-index 1" ] ||
 		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
 	mv "$3/$ri_sha.txt" "$3/index.txt"
+	repo_fresh "$ri_url" "$3/index.txt"
 }
 
-# repo_pick INDEX kernel|release WANT DRIVER FLAVOUR PROFILE OS: the newest bundle for that
-# kernel release (or OS release) as "PATH SHA256 SIZE KERNEL"; an empty DRIVER, FLAVOUR or
-# PROFILE matches any. Bundle lines: bundle DRIVER FLAVOUR PROFILE OS RELEASES KERNEL PATH
-# SHA256 SIZE PUBLISHED, RELEASES a comma list or -.
+# Where a node remembers the highest generation it accepted, one file per signing key: under
+# /var, so that removing or reinstalling every driver folder does not forget it.
+REPO_STATE=/var/lib/coreos-gpu
+
+# repo_fresh URL INDEX: refuses (28) a signed index older than one accepted before, and (29)
+# one past its expiry (the node's clock against the expiry it was signed with); then
+# remembers its generation. Only called on an index whose signature was checked.
+repo_fresh() {
+	rf_gen=$(awk '$1 == "generation" && $2 ~ /^[0-9]+$/ && length($2) < 16 { print $2; exit }' "$2")
+	rf_key=$(awk '$1 == "key" && $2 ~ /^sha256:[0-9a-f]+$/ && length($2) == 71 { print substr($2, 8); exit }' "$2")
+	rf_exp=$(awk '$1 == "expires" && $2 ~ /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z$/ { print $2; exit }' "$2")
+	[ -n "$rf_gen" ] && [ -n "$rf_key" ] ||
+		die 23 "$1's signed index has no generation or key line: it is not of this format"
+	[ -n "$rf_exp" ] ||
+		die 29 "$1's index (generation $rf_gen) has no expiry: it was signed before indexes expired, or replayed from then; the publisher runs coreos-gpu repository refresh; nothing was installed"
+	rf_now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+	awk -v now="$rf_now" -v until="$rf_exp" 'BEGIN { exit !(now > until) }' &&
+		die 29 "$1's index (generation $rf_gen) expired at $rf_exp (now $rf_now): the repository was not refreshed, a mirror serves an old copy, or this node's clock is wrong; the publisher runs coreos-gpu repository refresh (sync does it); nothing was installed"
+	rf_file=$ROOT$REPO_STATE/generation.$rf_key
+	rf_seen=0
+	if [ -f "$rf_file" ]; then
+		rf_seen=$(awk 'NR == 1 && /^[0-9]+$/ && length($0) < 16 { print; exit }' "$rf_file")
+		[ -n "$rf_seen" ] || { say "warning: $rf_file does not hold a generation; it is written again"; rf_seen=0; }
+	fi
+	awk -v gen="$rf_gen" -v seen="$rf_seen" 'BEGIN { exit !(gen + 0 < seen + 0) }' &&
+		die 28 "$1's index is generation $rf_gen, older than generation $rf_seen this node accepted before ($rf_file): a mirror or cache serves an old copy, or index.current was rolled back; nothing was installed. If the repository was made again from nothing on purpose, remove $rf_file"
+	[ "${REPO_CHECK_ONLY:-}" != 1 ] || return 0
+	# A file a killed run left half-written has a name of its own: written whole, then renamed.
+	for rf_old in "$rf_file".tmp.*; do
+		[ ! -e "$rf_old" ] || rm -f "$rf_old"
+	done
+	[ "$rf_gen" != "$rf_seen" ] || return 0
+	{ mkdir -p "${rf_file%/*}" && printf '%s\n' "$rf_gen" >"$rf_file.tmp.$$" && mv -f "$rf_file.tmp.$$" "$rf_file"; } 2>/dev/null ||
+		{ rm -f "$rf_file.tmp.$$"; say "warning: cannot write $rf_file: this node cannot remember which index generation it accepted"; }
+	return 0
+}
+
+# repo_pick INDEX kernel|release WANT DRIVER FLAVOUR PROFILE OS: the bundle for that kernel
+# release (or OS release) as "PATH SHA256 SIZE KERNEL". An empty DRIVER, FLAVOUR or PROFILE
+# matches any. The choice never depends on the order of the index's lines (the order bundles
+# were published in, which a replayed or merged index changes): of the lines that match, the
+# highest driver (compared field by field as numbers), then proprietary before open, then
+# compute before full; among rebuilds of one driver, flavour and profile, the newest
+# PUBLISHED, and of those the greatest SHA256 (both signed). A line this node could not
+# install (an unknown flavour or profile, a malformed version, path, sha256 or size) is never
+# picked. Bundle lines: bundle DRIVER FLAVOUR PROFILE OS RELEASES KERNEL PATH SHA256 SIZE
+# PUBLISHED, RELEASES a comma list or -. ("" v) compares as text what awk would compare as
+# numbers (580.82 = 580.820).
 repo_pick() {
 	awk -v by="$2" -v want="$3" -v d="$4" -v f="$5" -v p="$6" -v os="$7" '
+		function vercmp(a, b, x, y, nx, ny, i) {
+			nx = split(a, x, ".")
+			ny = split(b, y, ".")
+			for (i = 1; i <= nx || i <= ny; i++) {
+				if (i > nx) return -1
+				if (i > ny) return 1
+				if (x[i] + 0 != y[i] + 0) return ((x[i] + 0 > y[i] + 0) ? 1 : -1)
+			}
+			if (("" a) == ("" b)) return 0
+			return ((("" a) > ("" b)) ? 1 : -1)
+		}
+		function better(c) {
+			c = vercmp($2, bd)
+			if (c != 0) return (c > 0)
+			if ($3 != bf) return ($3 == "proprietary")
+			if ($4 != bp) return ($4 == "compute")
+			if (("" $11) != bt) return (("" $11) > bt)
+			return (("" $9) > bs)
+		}
 		$1 != "bundle" || NF < 11 || $5 != os { next }
-		(d != "" && $2 != d) || (f != "" && $3 != f) || (p != "" && $4 != p) { next }
+		(d != "" && ("" $2) != d) || (f != "" && $3 != f) || (p != "" && $4 != p) { next }
 		by == "kernel" && $7 != want { next }
 		by == "release" && index("," $6 ",", "," want ",") == 0 { next }
+		$2 !~ /^[0-9]+(\.[0-9]+)*$/ || $3 !~ /^(proprietary|open)$/ || $4 !~ /^(compute|full)$/ { next }
 		$8 !~ /^bundles\/[0-9a-f]+\/nvidia\.tar\.(gz|xz|zst)$/ || $9 !~ /^[0-9a-f]+$/ || $10 !~ /^[0-9]+$/ { next }
-		$11 >= newest { newest = $11; line = $8 " " $9 " " $10 " " $7 }
+		line == "" || better() {
+			bd = "" $2; bf = $3; bp = $4; bt = "" $11; bs = "" $9
+			line = $8 " " $9 " " $10 " " $7
+		}
 		END { if (line != "") print line }' "$1"
 }
 
@@ -120,6 +200,12 @@ repo_bundle() {
 		esac
 		die 22 "cannot download $1/$2: $(printf '%s' "$rb_err" | tail -n 1); nothing was installed"
 	fi
-	[ "$(wc -c <"$5" | tr -d ' ')" = "$4" ] && [ "$(repo_sha256 "$5")" = "$3" ] ||
+	rb_got=$(wc -c <"$5" | tr -d ' ')
+	# Short: the transfer stopped (a cut connection, a lying Content-Length, wget taking the
+	# 416 to its resume as the end; curl says so itself), or the bytes were changed on the
+	# way (gzip uninvited): a failed download either way.
+	[ "${rb_got:-0}" -ge "$4" ] ||
+		die 22 "cannot download $1/$2: $rb_got of the $4 bytes the signed index gives arrived (the transfer stopped, or the server changed them: compressed them uninvited?); nothing was installed"
+	[ "$rb_got" = "$4" ] && [ "$(repo_sha256 "$5")" = "$3" ] ||
 		die 21 "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
 }

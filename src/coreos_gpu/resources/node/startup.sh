@@ -18,6 +18,7 @@
 #      the repository cannot be reached, 23: bad signature, 24: the repository has no bundle
 #      for this kernel, 25: the fetched bundle did not install, 26: no space)
 #   27  fetching failed for another reason (see the message above it)
+#   28, 29  fetch.sh's: the index is older than one this node accepted (28) or expired (29)
 #
 # Settings from the environment (nvidia.service reads /etc/default/nvidia):
 #   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
@@ -153,7 +154,7 @@ if [ ! -d "$MODULES" ] && [ -n "$REPOSITORY" ]; then
 	FETCHED=$?
 	case $FETCHED in
 	0) switch_to_installed ;;
-	2[1-6]) exit "$FETCHED" ;;
+	2[1-689]) exit "$FETCHED" ;;
 	*) die 27 "fetching the driver for kernel $KERNEL failed (node/fetch.sh exit $FETCHED, see above)" ;;
 	esac
 	die 27 "node/fetch.sh staged no folder with modules for kernel $KERNEL"
