@@ -3,7 +3,9 @@ archive is extracted to, and members that would be written through a link."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -81,3 +83,19 @@ def test_inspect_exits_12_on_a_hostile_link(cli, tmp_path: Path) -> None:  # typ
     assert result.code == 12
     assert "lib/x.so: beneath the symlink lib, so extracting it would write where the link " \
         "points" in result.stdout
+
+
+def test_inspect_shows_the_contents_sha256(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The sha256 of SHA256SUMS, which install_nvidia.sh --expect-sha256 takes (the bundle id
+    on the node is its first 12 digits); none without one."""
+    archive = _archive(tmp_path / "nvidia.tar.gz", [("SHA256SUMS", ""), ("x", "")])
+    digest = hashlib.sha256(b"SHA256SUMS\n").hexdigest()  # _archive's contents of the file
+    assert inspect_bundle(archive).contents_sha256 == digest
+    assert json.loads(cli("inspect", archive, "--json").stdout)["contents_sha256"] == digest
+    [line] = [line for line in cli("inspect", archive).stdout.splitlines()
+              if line.startswith("contents sha256 ")]
+    assert line.split(None, 2)[2] == (f"{digest} (install_nvidia.sh --expect-sha256; "
+                                      f"bundle id {digest[:12]})")
+    none = _archive(tmp_path / "none.tar.gz", [("x", "")])
+    assert inspect_bundle(none).contents_sha256 == ""
+    assert json.loads(cli("inspect", none, "--json").stdout)["contents_sha256"] is None

@@ -71,6 +71,11 @@ def pub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_key_pair(tmp_path_factory.mktemp("key") / "repo.key").public
 
 
+def contents_sha256(archive: Path) -> str:
+    """Of the SHA256SUMS the archive holds (make_bundle extracted it beside the archive)."""
+    return hashlib.sha256((archive.parent / "bundle/SHA256SUMS").read_bytes()).hexdigest()
+
+
 def ok(result: CliResult) -> str:
     assert result.code == 0, result.stderr
     return result.stdout
@@ -111,11 +116,13 @@ def test_ignition_is_valid_by_its_spec_schema(cli: Cli, pub: Path, flags: tuple[
                                       "verification": {"hash": f"sha512-{SHA512}"}}
         assert bundle["mode"] == 0o600
         assert f"BUNDLE_SHA256={SHA256}\n" in script
+        assert "CONTENTS_SHA256=''\n" in script  # known from a bundle file only
         assert unit_setting(unit["contents"], "After") == []  # no network needed
     else:
         key = decode_data_url(by_path[f"{DIR}/repository.pub"]["contents"]["source"])
         assert key == pub.read_bytes()
         assert f"REPOSITORY_URL={REPO_URL}\n" in script
+        assert "CONTENTS_SHA256=''\n" in script
         assert unit_setting(unit["contents"], "After") == ["network-online.target"]
         assert unit_setting(unit["contents"], "Wants") == ["network-online.target"]
 
@@ -163,6 +170,9 @@ def test_a_bundle_file_gives_its_own_hashes(cli: Cli, archive: Path) -> None:
         f"sha512-{hashlib.sha512(data).hexdigest()}")
     text = decode_data_url(script["contents"]["source"]).decode()
     assert f"BUNDLE_SHA256={hashlib.sha256(data).hexdigest()}\n" in text
+    # And of its SHA256SUMS, for install_nvidia.sh --expect-sha256.
+    assert f"CONTENTS_SHA256={contents_sha256(archive)}\n" in text
+    assert '--expect-sha256 "$CONTENTS_SHA256"' in text
 
 
 # --- Butane --------------------------------------------------------------------------------
@@ -214,7 +224,8 @@ def test_terraform_parses_as_hcl_and_says_exactly_the_commands(
                          "sudo sha256sum -c -")
     download = next(i for i, c in enumerate(inline) if c.startswith("sudo curl "))
     extract = next(i for i, c in enumerate(inline) if c.startswith("sudo tar -xf"))
-    install = inline.index('sudo "$work/bundle/install_nvidia.sh"')
+    install = inline.index('sudo "$work/bundle/install_nvidia.sh" --expect-sha256 '
+                           f"{contents_sha256(archive)}")
     assert download < check < extract < install  # checked before anything in it runs
     assert inline[extract - 1] == 'sudo mkdir "$work/bundle"'  # into an empty folder
     assert URL in inline[download]
@@ -231,6 +242,8 @@ def test_hcl_escapes_every_template_and_quote() -> None:
                                                           tool_version="t")
     assert any("'https://h.example/a/${b}/%{c}/'\"'\"'d'\"'\"''" in c
                for c in remote_exec_inline(text))
+    # Without the bundle file, nothing to pin the contents to: the download's sha256 only.
+    assert 'sudo "$work/bundle/install_nvidia.sh"' in remote_exec_inline(text)
 
 
 # --- the smoke tests -------------------------------------------------------------------------

@@ -99,6 +99,9 @@ def test_an_ignition_config_gives_the_manual_steps_node(
     assert (written / "nvidia.tar.gz").read_bytes() == archive.read_bytes()
     assert (written / "nvidia.tar.gz").stat().st_mode & 0o777 == 0o600
     assert written.stat().st_mode & 0o777 == 0o700
+    # provision.sh passes install_nvidia.sh the bundle file's contents sha256 (of SHA256SUMS).
+    contents = hashlib.sha256((extracted / "SHA256SUMS").read_bytes()).hexdigest()
+    assert f"\nCONTENTS_SHA256={contents}\n" in (written / "provision.sh").read_text()
     booted = boot(node)
     assert booted.code == 0, booted.stderr
     tree = snapshot(node.root)
@@ -143,6 +146,27 @@ def test_a_bundle_changed_on_disk_is_refused_before_it_is_read(
     booted = boot(node)
     assert booted.code == 21, booted.stderr
     assert "does not match sha256" in booted.stderr
+    assert not (node.root / "opt/nvidia").exists()
+    assert not (node.root / "opt/coreos-gpu/provisioned").exists()  # tried again next boot
+
+
+def test_provision_has_the_install_check_the_contents_it_copies(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
+    """install_nvidia.sh gets --expect-sha256: contents other than the ones rendered (here,
+    a provision.sh that expects others) are refused, and nothing is installed."""
+    archive = archive_of(extracted)
+    shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
+    result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
+                 f"{http_dir.url}/nvidia.tar.gz")
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    script = node.root / DIR.lstrip("/") / "provision.sh"
+    contents = hashlib.sha256((extracted / "SHA256SUMS").read_bytes()).hexdigest()
+    script.write_text(script.read_text().replace(f"\nCONTENTS_SHA256={contents}\n",
+                                                 f"\nCONTENTS_SHA256={'0' * 64}\n"))
+    booted = boot(node)
+    assert booted.code == 4, booted.stderr
+    assert f"its SHA256SUMS has sha256 {contents}, not {'0' * 64}" in booted.stderr
     assert not (node.root / "opt/nvidia").exists()
     assert not (node.root / "opt/coreos-gpu/provisioned").exists()  # tried again next boot
 

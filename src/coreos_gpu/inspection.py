@@ -66,6 +66,9 @@ class BundleReport:
     compression: Compression  # as the magic bytes say, whatever the file's name
     size: int
     sha256: str
+    # Of its SHA256SUMS, which covers every other file: what install_nvidia.sh
+    # --expect-sha256 takes, and whose first 12 digits are the bundle id on the node.
+    contents_sha256: str  # empty when there is no SHA256SUMS
     tool_version: str
     os: str
     arch: str
@@ -89,7 +92,10 @@ class BundleReport:
     def summary(self) -> list[tuple[str, str]]:
         """(label, value) rows for a text rendering."""
         return [("archive", f"{self.path} ({self.compression.value}, {self.size} bytes)"),
-                ("sha256", self.sha256), ("driver", f"{self.driver_version} ({self.flavour})"),
+                ("sha256", self.sha256),
+                ("contents sha256", f"{self.contents_sha256} (install_nvidia.sh --expect-sha256; "
+                 f"bundle id {self.contents_sha256[:12]})" if self.contents_sha256 else "none"),
+                ("driver", f"{self.driver_version} ({self.flavour})"),
                 ("profile", self.profile), ("os", f"{self.os} ({self.arch})"),
                 ("releases", ", ".join(f"{r.channel} {r.version} ({r.kernel_release})"
                                        for r in self.releases)),
@@ -104,6 +110,7 @@ class BundleReport:
         return {
             "path": str(self.path), "ok": self.ok, "problems": list(self.problems),
             "compression": self.compression.value, "size": self.size, "sha256": self.sha256,
+            "contents_sha256": self.contents_sha256 or None,
             "tool_version": self.tool_version, "os": self.os, "arch": self.arch,
             "driver_version": self.driver_version, "flavour": self.flavour,
             "profile": self.profile, "releases": [r.to_json() for r in self.releases],
@@ -440,6 +447,7 @@ def inspect_bundle(path: Path) -> BundleReport:
                                  f"{release.kernel_release}, which the bundle lacks")
     return BundleReport(
         path=path, compression=compression, size=size, sha256=sha256,
+        contents_sha256=sums.sha256 if (sums := scan.members.get(SUMS_NAME)) else "",
         tool_version=_text(manifest, "tool_version"), os=_text(manifest, "os"),
         arch=_arch(manifest, scan),
         driver_version=driver_version, flavour=_text(manifest, "flavour"),

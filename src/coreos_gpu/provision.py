@@ -46,6 +46,8 @@ def render_script(source: Source, *, os: OsName, tool_version: str) -> str:
     repository = source if isinstance(source, RepositorySource) else None
     settings = {"DIR": DIR, "OS": os.value,
                 "BUNDLE_SHA256": source.sha256 if isinstance(source, BundleSource) else "",
+                "CONTENTS_SHA256": (source.contents_sha256
+                                    if isinstance(source, BundleSource) else ""),
                 "REPOSITORY_URL": repository.url if repository else "",
                 "DRIVER_VERSION": repository.driver_version if repository else "",
                 "FLAVOUR": repository.flavour.value if repository else "",
@@ -216,8 +218,14 @@ def terraform_commands(source: Source, *, os: OsName, tool_version: str) -> list
             f"printf '%s  %s\\n' {source.sha256} \"$work/nvidia.tar.gz\" | sudo sha256sum -c -",
             'sudo mkdir "$work/bundle"',
             'sudo tar -xf "$work/nvidia.tar.gz" -C "$work/bundle"',
-            'sudo "$work/bundle/install_nvidia.sh"',
+            'sudo "$work/bundle/install_nvidia.sh"' + _expect(source),
             'sudo rm -rf "$work"', *tail]
+
+
+def _expect(source: BundleSource) -> str:
+    # What the bundle file says its SHA256SUMS is: install_nvidia.sh checks the copy it
+    # installs against it, a second lock behind sha256sum -c (provision.sh says why).
+    return f" --expect-sha256 {source.contents_sha256}" if source.contents_sha256 else ""
 
 
 def render_terraform(source: Source, *, os: OsName, tool_version: str) -> str:

@@ -7,11 +7,12 @@ starts; the smoke-test kinds (marathon-app, metronome-job) run `nvidia-smi` in a
 with one GPU, which is what DC/OS schedules only on an agent whose GPUs Mesos found.
 
 A bundle comes from a file (its MANIFEST.json is read and checked through inspect_bundle, its
-sha256 and sha512 computed) plus the URL nodes download it from, or from a URL and its sha256
-alone; or the node fetches the bundle for its own kernel from a repository (publish.py) whose
-index it checks with the repository's public key: always the bundle of one driver, flavour and
-profile, pinned here from the settings (flag > config file > default), never "the newest",
-which whoever serves the index would choose.
+sha256 and sha512 computed, and its SHA256SUMS's, which the node checks too) plus the URL
+nodes download it from, or from a URL and its sha256 alone; or the node fetches the bundle
+for its own kernel from a repository (publish.py) whose index it checks with the repository's
+public key: always the bundle of one driver, flavour and profile, pinned here from the
+settings (flag > config file > default), never "the newest", which whoever serves the index
+would choose.
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ _APP_ID = {Kind.MARATHON_APP: re.compile(rf"/?{_APP_NAME}(/{_APP_NAME})*"),
 
 @dataclass(frozen=True)
 class BundleSource:
-    """A bundle nodes download from url; sha512 and the manifest's facts when the file was
-    at hand, "" and () when only its URL and sha256 were given."""
+    """A bundle nodes download from url; sha512, contents_sha256 (of its SHA256SUMS: what
+    install_nvidia.sh --expect-sha256 takes) and the manifest's facts when the file was at
+    hand, "" and () when only its URL and sha256 were given."""
 
     url: str
     sha256: str
     sha512: str = ""
+    contents_sha256: str = ""
     driver_version: str = ""
     flavour: str = ""
     profile: str = ""
@@ -189,6 +192,7 @@ def bundle_source(path: Path | None, url: str, sha256: str, sha512: str, *,
             raise _bad(f"{flag} {given} is not the hash of {path} ({actual})",
                        "give the file or its hash, not another bundle's")
     return BundleSource(url=url, sha256=report.sha256, sha512=actual512,
+                        contents_sha256=report.contents_sha256,
                         driver_version=report.driver_version, flavour=report.flavour,
                         profile=report.profile, os=report.os,
                         kernel_releases=report.kernel_releases,

@@ -11,6 +11,13 @@
 # can change it any more: every file against SHA256SUMS, every link against node/contents,
 # nothing missing and nothing more. Only then is it renamed into place.
 #
+# --expect-sha256 HEX pins the bundle itself: the sha256 of the copy's SHA256SUMS (which
+# covers every other file, node/contents with its links and modes too) must be HEX, the
+# "contents sha256" coreos-gpu inspect shows; the bundle id is its first 12 digits. Without
+# it, whoever can rewrite the extracted files and SHA256SUMS can hand root another bundle.
+# It does not vouch for this script, which runs from the extracted folder: extract the
+# archive where only root can write, as coreos-gpu render's provisioning does.
+#
 # The driver goes to /opt/nvidia/<driver>-<bundle id>/ through that staging folder, and
 # /opt/nvidia/current flips to it in one rename: until then the previous driver stays in
 # use, and a run stopped at any point leaves the old or the new driver complete, never a
@@ -38,7 +45,8 @@
 #   2      bad command line
 #   3      not run as root
 #   4      the bundle is corrupt, incomplete or unsafe (a file does not match SHA256SUMS, a
-#          link leaves the bundle, a file is missing or not part of the bundle)
+#          link leaves the bundle, a file is missing or not part of the bundle), or not the
+#          one --expect-sha256 names
 #   5      not enough free space
 #   6      another install_nvidia.sh kept the lock for 10 minutes
 #   7      a command this script needs is missing
@@ -48,7 +56,7 @@
 #          kernel mismatch, 15: a module failed to load, 18: no usable GPU, …; see
 #          startup.sh), 11 for any other
 #   20     installed and startup.sh succeeded, but systemctl start nvidia.service failed
-#   21-27  installed, but the bundle has no modules for the running kernel and fetching them
+#   21-29  installed, but the bundle has no modules for the running kernel and fetching them
 #          from the repository failed: startup.sh's code (see startup.sh and node/fetch.sh)
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
@@ -58,7 +66,7 @@ PROG=install_nvidia.sh
 usage() {
 	cat <<'EOF'
 usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [--dry-run]
-                         [--stage [--release VERSION]] [--force]
+                         [--stage [--release VERSION]] [--force] [--expect-sha256 HEX]
   --root DIR    install into the tree under DIR (an image being prepared, a test tree)
   --no-start    do not load the driver now (it loads at the next boot)
   --no-enable   do not enable nvidia.service
@@ -69,6 +77,9 @@ usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [
   --release VERSION  with --stage: the OS release it is staged for (nvidia-doctor shows it)
   --force       make the bundle current even when it has no modules for the running kernel
                 (without it, such a bundle is staged beside the installed driver instead)
+  --expect-sha256 HEX  install only the bundle whose SHA256SUMS has this sha256 (64 lower-case
+                hex digits: "contents sha256" in coreos-gpu inspect), checked in the
+                root-owned copy (on a dry run, in the extracted files)
 EOF
 }
 
@@ -80,6 +91,8 @@ DRY=0
 STAGE_ONLY=0
 STAGE_RELEASE=-
 FORCE=0
+EXPECT=0
+EXPECT_SHA256=
 # /opt/bin/nvidia-uninstall links to the installed copy of this script.
 case ${0##*/} in nvidia-uninstall) UNINSTALL=1 ;; esac
 while [ $# -gt 0 ]; do
@@ -100,6 +113,12 @@ while [ $# -gt 0 ]; do
 		STAGE_RELEASE=$2
 		shift ;;
 	--release=*) STAGE_RELEASE=${1#--release=} ;;
+	--expect-sha256)
+		[ $# -ge 2 ] || { usage >&2; exit 2; }
+		EXPECT=1
+		EXPECT_SHA256=$2
+		shift ;;
+	--expect-sha256=*) EXPECT=1; EXPECT_SHA256=${1#--expect-sha256=} ;;
 	-h | --help) usage; exit 0 ;;
 	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -121,6 +140,10 @@ case $STAGE_ONLY:$UNINSTALL:$STAGE_RELEASE in
 0:*:[!-]*) die 2 "--release names the OS release a --stage is for: give --stage too" ;;
 *:*:*[!A-Za-z0-9._+~-]* | *:*:) die 2 "--release $STAGE_RELEASE is not an OS release (e.g. 4081.2.0)" ;;
 esac
+# As sha256sum prints it: 64 digits, lower case.
+[ "$EXPECT" = 0 ] || { [ "${#EXPECT_SHA256}" -eq 64 ] && case $EXPECT_SHA256 in *[!0-9a-f]*) false ;; esac; } ||
+	die 2 "--expect-sha256 $EXPECT_SHA256 is not a sha256: give the 64 lower-case hex digits coreos-gpu inspect shows as contents sha256"
+[ "$EXPECT$UNINSTALL" != 11 ] || die 2 "--expect-sha256 names a bundle to install; --uninstall installs none"
 # A staged driver is not switched to: nothing starts, nothing is enabled.
 [ "$STAGE_ONLY" = 0 ] || { START=0; ENABLE=0; }
 # A node's systemd is only asked to reload and start things on a real node, not in a tree.
@@ -483,6 +506,16 @@ check_bundle() {
 	printf '%s' "$cb_bad"
 }
 
+# check_expected FOLDER WHAT: with --expect-sha256, FOLDER's SHA256SUMS (it covers every other
+# file of the bundle) has that sha256; else die 4, naming WHAT.
+check_expected() {
+	[ "$EXPECT" = 1 ] || return 0
+	ce_sum=$(sha256sum <"$1/SHA256SUMS") && ce_sum=${ce_sum%% *} && [ -n "$ce_sum" ] ||
+		die 1 "cannot read $1/SHA256SUMS"
+	[ "$ce_sum" = "$EXPECT_SHA256" ] ||
+		die 4 "$2 is not the one you expect: its SHA256SUMS has sha256 $ce_sum, not $EXPECT_SHA256 (--expect-sha256); extract the archive again, where only root can write"
+}
+
 # node_os: the node's ID in os-release ("" when it has none).
 node_os() {
 	for no_file in "$ROOT/etc/os-release" "$ROOT/usr/lib/os-release"; do
@@ -812,6 +845,7 @@ txn_begin
 
 # --- the driver folder ----------------------------------------------------------------------
 if [ -d "$DEST" ]; then
+	check_expected "$DEST" "the bundle in $BUNDLE (installed already in $OPT/$NAME)"
 	say "driver $DRIVER_VERSION ($ID) is installed already in $OPT/$NAME"
 	FROM=$DEST
 elif [ "$DRY" = 1 ]; then
@@ -819,6 +853,7 @@ elif [ "$DRY" = 1 ]; then
 	FROM=$BUNDLE
 	BAD=$(check_settings "$FROM/node/bundle.env")
 	[ -z "$BAD" ] || die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
+	check_expected "$BUNDLE" "the extracted bundle in $BUNDLE"
 else
 	STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
 	txn_note tree "$STAGE"
@@ -836,6 +871,8 @@ else
 	BAD=$(cd "$STAGE" && verdict "$(check_sums "payload/$DRIVER_VERSION/")" "the bundle's sums")
 	[ -z "$BAD" ] ||
 		die 4 "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
+	# The sums passed, so this one SHA256SUMS speaks for the whole copy.
+	check_expected "$STAGE" "the extracted bundle in $BUNDLE"
 	BAD=$(check_settings "$STAGE/node/bundle.env")
 	[ -z "$BAD" ] ||
 		die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
@@ -951,7 +988,7 @@ if [ "$START" = 1 ]; then
 	case $STARTED in
 	0) ;;
 	[3-9]) die $((10 + STARTED)) "installed driver $DRIVER_VERSION, but it did not start (startup.sh exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
-	2[1-7]) die "$STARTED" "installed driver $DRIVER_VERSION, but it has no modules for this kernel and none could be fetched (startup.sh exit $STARTED): see above" ;;
+	2[1-9]) die "$STARTED" "installed driver $DRIVER_VERSION, but it has no modules for this kernel and none could be fetched (startup.sh exit $STARTED): see above" ;;
 	*) die 11 "installed driver $DRIVER_VERSION, but startup.sh failed (exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
 	esac
 	systemctl_root start nvidia.service || die 20 "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"

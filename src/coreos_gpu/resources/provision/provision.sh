@@ -12,7 +12,7 @@
 # for this node's kernel (uname -r), of the driver, flavour and profile rendered in below,
 # is downloaded and checked against the sha256 and size the index lists. Either way the
 # bundle is extracted into a new, empty, root-owned folder and its install_nvidia.sh runs
-# from there.
+# from there (with --expect-sha256 when render had the bundle file: see below).
 #
 # Exit codes: 0 installed (or installed before); 2 bad command line; 21 the bundle does
 # not match its sha256 (or size); 22 the repository cannot be read (or not within a minute
@@ -29,6 +29,7 @@ PROG=coreos-gpu-provision
 # --- settings, rendered by coreos-gpu -----------------------------------------------------
 DIR=@DIR@
 BUNDLE_SHA256=@BUNDLE_SHA256@
+CONTENTS_SHA256=@CONTENTS_SHA256@
 REPOSITORY_URL=@REPOSITORY_URL@
 OS=@OS@
 DRIVER_VERSION=@DRIVER_VERSION@
@@ -110,6 +111,11 @@ fi
 WORK=$(mktemp -d "$HERE/bundle.XXXXXX") || die 1 "cannot make a folder in $HERE"
 tar -xf "$BUNDLE" -C "$WORK" || { rm -rf "$WORK"; die 25 "cannot extract $BUNDLE"; }
 if [ -n "$ROOT" ]; then set -- --root "$ROOT"; else set --; fi
+# A second lock on the same door, known when render read the bundle file (not from a URL and
+# sha256 alone, nor a repository): the archive's sha256 proves the download, this one (of the
+# bundle's SHA256SUMS, which covers every file) proves what install_nvidia.sh copies and
+# installs, whatever tar made of the archive.
+[ -z "$CONTENTS_SHA256" ] || set -- "$@" --expect-sha256 "$CONTENTS_SHA256"
 umask 022
 code=0
 "$WORK/install_nvidia.sh" "$@" || code=$?
