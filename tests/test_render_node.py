@@ -132,14 +132,20 @@ def test_ignition_refuses_a_bundle_that_is_not_the_one_rendered(
     assert snapshot(node.root) == before
 
 
-def test_a_bundle_changed_on_disk_is_refused_before_it_is_read(
-        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
+def ignited(cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> Node:
+    """A node that Ignition gave the config render wrote for the served bundle, not booted."""
     archive = archive_of(extracted)
     shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
     result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
                  f"{http_dir.url}/nvidia.tar.gz")
     node = a_node(tmp_path / "node")
     ignite(json.loads(result.stdout), node.root)
+    return node
+
+
+def test_a_bundle_changed_on_disk_is_refused_before_it_is_read(
+        cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
+    node = ignited(cli, http_dir, tmp_path, extracted)
     other = tmp_path / "other.tar.gz"
     subprocess.run(["tar", "czf", other, "-C", extracted, "install_nvidia.sh"], check=True)
     shutil.copy(other, node.root / "opt/coreos-gpu/nvidia.tar.gz")
@@ -154,12 +160,7 @@ def test_provision_has_the_install_check_the_contents_it_copies(
         cli: Cli, http_dir: Mirror, tmp_path: Path, extracted: Path) -> None:
     """install_nvidia.sh gets --expect-sha256: contents other than the ones rendered (here,
     a provision.sh that expects others) are refused, and nothing is installed."""
-    archive = archive_of(extracted)
-    shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
-    result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
-                 f"{http_dir.url}/nvidia.tar.gz")
-    node = a_node(tmp_path / "node")
-    ignite(json.loads(result.stdout), node.root)
+    node = ignited(cli, http_dir, tmp_path, extracted)
     script = node.root / DIR.lstrip("/") / "provision.sh"
     contents = hashlib.sha256((extracted / "SHA256SUMS").read_bytes()).hexdigest()
     script.write_text(script.read_text().replace(f"\nCONTENTS_SHA256={contents}\n",
