@@ -127,6 +127,16 @@ if [ "$1" = is-active ]; then
 	case " $FAKE_INACTIVE " in *" $3 "*) exit 3 ;; esac
 	exit 0
 fi
+# `systemctl start|restart [--no-block] UNIT` fails, as for a masked unit, when
+# FAKE_START_FAIL names UNIT.
+case $1 in start | restart)
+	for unit in "$@"; do
+		case " $FAKE_START_FAIL " in *" $unit "*)
+			echo "Failed to $1 $unit: Unit $unit is masked." >&2
+			exit 1 ;;
+		esac
+	done ;;
+esac
 exit "${FAKE_SYSTEMCTL_RC:-0}"
 """,
     "nvidia-smi": """
@@ -154,7 +164,8 @@ echo "/dev/vda9 1000000 0 $FAKE_DF_AVAIL 1% /"
     "dmesg": "exit 0\n",
 }
 STAND_IN_ENV = ("FAKE_INSMOD_ERROR", "FAKE_MODPROBE_MISSING", "FAKE_MKNOD_FAIL", "FAKE_SMI_FAIL",
-                "FAKE_DF_AVAIL", "FAKE_INACTIVE", "FAKE_START_RUNS_STARTUP", "FAKE_MACHINE")
+                "FAKE_DF_AVAIL", "FAKE_INACTIVE", "FAKE_START_RUNS_STARTUP", "FAKE_MACHINE",
+                "FAKE_START_FAIL")
 # Flatcar's update_engine_client (flatcar/update_engine, update_engine_client.cc): -status
 # prints these five lines (shared/reference/flatcar-update.md); -watch_for_updates logs each
 # status signal to stderr and never returns (here: the lines of .update-engine-signals once

@@ -264,6 +264,10 @@ case $n in
 	mkdir -p /tmp/a && tar xzf /data/a.tar.gz -C /tmp/a
 	/tmp/a/install_nvidia.sh >$r/install.log 2>&1
 	echo $? >$r/install.rc
+	# The install started the retry timer (in the boot it installs in, too). This boot tests
+	# the staging run by hand below: the timer must not stage first.
+	systemctl is-active nvidia-retry.timer >$r/timer.txt 2>&1
+	systemctl stop nvidia-retry.timer
 	# update-engine has downloaded the next release; the node stages its driver (file://).
 	mkdir -p /var/lib/update-engine-stand-in
 	cat /proc/sys/kernel/random/boot_id >/var/lib/update-engine-stand-in/boot_id
@@ -352,6 +356,7 @@ def test_a_node_follows_os_updates(vm_image, build_bundle, flatcar_release,  # t
         #    --update stages B (from file://, the override in /etc/default/nvidia) beside A.
         first = vm.boot(KERNEL, data, timeout=600)  # two installs under TCG: minutes
         assert result(first, "install.rc").strip() == "0", result(first, "install.log")
+        assert result(first, "timer.txt").strip() == "active"  # started, not only enabled
         assert "CURRENT_OP=UPDATE_STATUS_UPDATED_NEED_REBOOT" in result(first, "update-status.txt")
         stage = result(first, "stage.log")
         assert result(first, "stage.rc").strip() == "0", stage + first.describe()

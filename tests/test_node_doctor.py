@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from .nodetree import CGROUP_V2_MOUNTS, SHELLS, Node, make_bundle
+from .nodetree import CGROUP_V1_MOUNTS, CGROUP_V2_MOUNTS, SHELLS, Node, make_bundle
 from .test_bundle import CLOUD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
-CHECKS = ["gpus", "modules", "device-nodes", "libraries", "agent-path", "unit-ordering",
-          "cgroups", "nvidia-smi"]
+CHECKS = ["gpus", "modules", "sysext", "lockdown", "device-nodes", "libraries", "agent-path",
+          "unit-ordering", "cgroups", "nvidia-smi"]
 AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
 MISSING_TOOLS = ("nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
                  "nvidia-cuda-mps-server")
@@ -204,3 +204,97 @@ def test_exit_codes_have_one_meaning_each(tmp_path: Path, bundle: Path) -> None:
     assert incomplete.code == 3, incomplete
     assert "FAIL modules: /opt/nvidia/current points at" in incomplete.stdout, incomplete
     assert "which lacks its startup.sh or node/lib.sh" in incomplete.stdout, incomplete
+
+
+# --- cgroups: what the OS release can boot decides the advice ----------------------------------
+
+V1_ARGS = "systemd.unified_cgroup_hierarchy=0 systemd.legacy_systemd_cgroup_controller"
+
+
+def write_os_release(node: Node, ident: str | None, version: str = "",
+                     *, quoted: bool = False) -> None:
+    """/etc/os-release as Flatcar ships it (a link to /usr/lib/os-release) or CoreOS's, in
+    the shapes of shared/reference/flatcar-update.md; ident None: none at all."""
+    for path in (node.root / "etc/os-release", node.root / "usr/lib/os-release"):
+        path.unlink(missing_ok=True)
+    if ident is None:
+        return
+    v = f'"{version}"' if quoted else version
+    text = {"flatcar": (
+        f'NAME="Flatcar Container Linux by Kinvolk"\nID=flatcar\nID_LIKE=coreos\nVERSION={v}\n'
+        f'VERSION_ID={v}\nBUILD_ID=2024-10-23-2058\nSYSEXT_LEVEL=1.0\n'
+        f'PRETTY_NAME="Flatcar Container Linux by Kinvolk {version} (Oklo)"\n'
+        'FLATCAR_BOARD="amd64-usr"\n'), "coreos": (
+        f'NAME="Container Linux by CoreOS"\nID=coreos\nVERSION={v}\nVERSION_ID={v}\n'
+        f'PRETTY_NAME="Container Linux by CoreOS {version} (Rhyolite)"\n'
+        'COREOS_BOARD="amd64-usr"\n')}[ident]
+    (node.root / "usr/lib").mkdir(parents=True, exist_ok=True)
+    (node.root / "usr/lib/os-release").write_text(text)
+    (node.root / "etc/os-release").symlink_to("../usr/lib/os-release")
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory: pytest.TempPathFactory, bundle: Path) -> Node:
+    """One healthy node for the cgroup cases: each sets the release and the mounts it needs."""
+    return healthy(tmp_path_factory.mktemp("cgroups"), bundle)
+
+
+ADVICE = "cgroup v2 device control (unreleased Mesos master) or another orchestrator"
+CGROUP_CASES: dict[str, tuple[tuple[str | None, str, bool], bool, str, list[str], list[str],
+                              list[str]]] = {
+    # name: ((os, VERSION_ID, quoted), v1 mounted, status, words of the detail, words of the
+    # fix, words the fix must not have)
+    "flatcar 3975, v2 only": (("flatcar", "3975.2.2", False), False, "FAIL",
+                              ["released Mesos (1.11, DC/OS's) cannot isolate GPUs",
+                               "Flatcar 3975.2.2 can boot cgroup v1"],
+                              [V1_ARGS, "grub.cfg", "stop below 4187",
+                               "LTS channel, whose 4081 line"], []),
+    "flatcar LTS 4081, v2 only": (("flatcar", "4081.3.6", False), False, "FAIL",
+                                  ["Flatcar 4081.3.6 can boot cgroup v1"], [V1_ARGS], []),
+    "flatcar 4186, v2 only": (("flatcar", "4186.1.0", False), False, "FAIL",
+                              ["Flatcar 4186.1.0 can boot cgroup v1"], [V1_ARGS], []),
+    "flatcar 4187, v2 only": (("flatcar", "4187.0.0", False), False, "FAIL",
+                              ["Flatcar 4187.0.0 still boots cgroup v1, but the flatcar-postinst "
+                               "of every later release refuses to update a cgroup v1 node"],
+                              ["the choice: cgroup v1 here", V1_ARGS, "no more OS updates",
+                               "LTS channel (4081", ADVICE], []),
+    "flatcar 4229, v2 only": (("flatcar", "4229.1.0", True), False, "FAIL",
+                              ["Flatcar 4229.1.0 still boots cgroup v1"], ["the choice"], []),
+    "flatcar 4230, v2 only": (("flatcar", "4230.2.0", False), False, "FAIL",
+                              ["Flatcar 4230.2.0 (systemd 256 or later) cannot boot cgroup v1"],
+                              [ADVICE, "LTS channel (4081, systemd 255"],
+                              ["unified_cgroup_hierarchy"]),
+    "flatcar 4593 (stable 2026), quoted, v2 only": (
+        ("flatcar", "4593.2.0", True), False, "FAIL",
+        ["Flatcar 4593.2.0 (systemd 256 or later) cannot boot cgroup v1"], [ADVICE],
+        ["unified_cgroup_hierarchy"]),
+    "coreos 1855, v2 only": (("coreos", "1855.4.0", False), False, "FAIL",
+                             ["CoreOS 1855.4.0 can boot cgroup v1"], [V1_ARGS], ["4187", "LTS"]),
+    "no os-release, v2 only": ((None, "", False), False, "FAIL",
+                               ["no cgroup v1 devices hierarchy is mounted (cgroup v2 only)"],
+                               ["Flatcar below 4230", V1_ARGS, ADVICE], []),
+    "flatcar LTS 4081, v1": (("flatcar", "4081.3.6", False), True, "PASS",
+                             ["cgroup v1 devices hierarchy at /sys/fs/cgroup/devices "
+                              "(Flatcar 4081.3.6)", "updates stop below 4187"], [], []),
+    "coreos 1855, v1": (("coreos", "1855.4.0", False), True, "PASS",
+                        ["cgroup v1 devices hierarchy at /sys/fs/cgroup/devices"], [], ["4187"]),
+}
+
+
+@pytest.mark.parametrize("case", CGROUP_CASES)
+def test_the_cgroup_check_follows_the_os_release(one_node: Node, case: str) -> None:
+    (ident, version, quoted), v1, status, detail, fix, not_in_fix = CGROUP_CASES[case]
+    write_os_release(one_node, ident, version, quoted=quoted)
+    (one_node.root / "proc/mounts").write_text(CGROUP_V1_MOUNTS if v1 else CGROUP_V2_MOUNTS)
+    report = json.loads(one_node.doctor("--json").stdout)
+    [check] = [c for c in report["checks"] if c["check"] == "cgroups"]
+    assert check["status"] == status, check
+    for words in detail:
+        assert words in check["detail"], check["detail"]
+    for words in fix:
+        assert words in check["fix"], check["fix"]
+    for words in not_in_fix:
+        assert words not in check["fix"] and words not in check["detail"], check
+    if status == "PASS":  # the one line stays one line
+        text = one_node.doctor().stdout
+        assert f"PASS cgroups: {check['detail']}\n" in text

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from coreos_gpu.config import DriverFailurePolicy
+from coreos_gpu.keys import write_key_pair
+from coreos_gpu.repository import load_trust
 
-from .nodetree import SHELLS, Node, make_bundle, reseal, snapshot
+from .nodetree import SHELLS, Node, Result, make_bundle, reseal, snapshot
 from .test_bundle import CLOUD, KERNEL, VERSION
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
@@ -147,6 +149,94 @@ def test_no_enable(tmp_path: Path, bundles: dict[str, Path]) -> None:
     assert result.code == 0, result.stderr
     check_installed(node, bundles["a"])
     assert not node.calls("systemctl")
+
+
+# --- on the running system: what starts now (never under --root) ---------------------------
+
+@pytest.fixture(scope="module")
+def with_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle built with a repository: it carries the stage watcher and the retry timer."""
+    folder = tmp_path_factory.mktemp("install-repository")
+    ko_dir = folder / "ko"
+    ko_dir.mkdir()
+    keys = write_key_pair(folder / "keys" / "repo.key")
+    return make_bundle(folder / "r", ko_dir, repository=load_trust(
+        "https://repository.example/gpu", str(keys.public)))
+
+
+def on_the_running_system(node: Node, script: Path, *args: str,
+                          env: dict[str, str] | None = None) -> Result:
+    """script without --root, as on a node, in a mount namespace whose /opt, /etc, /sys and
+    /run are the node's: systemctl (the stand-in) is asked to start things. No GPU on the
+    node's PCI, so startup.sh loads nothing and succeeds."""
+    (node.root / "opt").mkdir(exist_ok=True)
+    # The host's tools behind /etc/alternatives (awk is one), which the node's /etc hides.
+    if Path("/etc/alternatives").is_dir() and not (node.root / "etc/alternatives").exists():
+        shutil.copytree("/etc/alternatives", node.root / "etc/alternatives", symlinks=True)
+    binds = [arg for sub in ("opt", "etc", "sys", "run")
+             for arg in ("--bind", str(node.root / sub), f"/{sub}")]
+    return node.run(script, *args, env=env,
+                    shell=["bwrap", "--dev-bind", "/", "/", *binds, *node.shell])
+
+
+ENABLES = [["daemon-reload"], ["enable", "nvidia.service"], ["enable", "nvidia-retry.timer"],
+           ["enable", "nvidia-stage.service"]]
+# After nvidia.service: the retry timer, and the watcher restarted (the new current's fetch.sh).
+STARTS = [["start", "--no-block", "nvidia-retry.timer"],
+          ["restart", "--no-block", "nvidia-stage.service"]]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_on_a_node_the_install_starts_the_watcher_and_the_retry_timer(
+        tmp_path: Path, with_repository: Path, shell: str) -> None:
+    node = Node(tmp_path, shell=shell)
+    result = on_the_running_system(node, with_repository / "install_nvidia.sh")
+    assert result.code == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+    assert [c[1:] for c in node.calls("systemctl")] == [
+        *ENABLES, ["start", "nvidia.service"], *STARTS]
+    # --uninstall stops them (a watcher left running would stage into the /opt/nvidia it
+    # removes), then disables them; nvidia.service keeps running (the modules stay loaded).
+    gone = on_the_running_system(node, node.root / "opt/nvidia/current/install_nvidia.sh",
+                                 "--uninstall")
+    assert gone.code == 0, gone.stderr
+    calls = [c[1:] for c in node.calls("systemctl")]
+    assert ["stop", "nvidia.service"] not in calls
+    for unit in ("nvidia-retry.timer", "nvidia-retry.service", "nvidia-stage.service"):
+        assert calls.index(["stop", unit]) < calls.index(["disable", unit]), calls
+
+
+@pytest.mark.parametrize(("args", "fail", "code", "starts"), [
+    ((), "nvidia-stage.service", 0, True),
+    # The driver did not start: the retry timer is for that; the install's code says why.
+    ((), "nvidia.service", 20, True),
+    (("--no-start",), "", 0, False),
+    (("--dry-run",), "", 0, False),
+], ids=["a unit will not start", "nvidia.service will not start", "--no-start", "--dry-run"])
+def test_on_a_node_what_starts_and_what_a_failure_to_start_says(
+        tmp_path: Path, with_repository: Path, args: tuple[str, ...], fail: str, code: int,
+        starts: bool) -> None:
+    node = Node(tmp_path)
+    result = on_the_running_system(node, with_repository / "install_nvidia.sh", *args,
+                                   env={"FAKE_START_FAIL": fail})
+    assert result.code == code, result.stderr
+    started = [c[1:] for c in node.calls("systemctl") if c[1] in ("start", "restart")]
+    assert started == ([["start", "nvidia.service"], *STARTS] if starts else []), started
+    warnings = [line for line in result.stderr.splitlines() if ": warning: " in line]
+    if fail == "nvidia-stage.service":
+        assert warnings == [
+            "install_nvidia.sh: warning: cannot start nvidia-stage.service (Failed to restart "
+            "nvidia-stage.service: Unit nvidia-stage.service is masked.); it starts at the "
+            "next boot, or now with: systemctl start nvidia-stage.service"]
+        assert result.stderr.splitlines()[-1].startswith("install_nvidia.sh: done: ")
+    elif fail:
+        assert warnings == [] and result.errors == [
+            f"install_nvidia.sh: error: installed driver {VERSION} and startup.sh loaded it, "
+            "but systemctl start nvidia.service failed: journalctl -u nvidia.service"]
+    if args == ("--dry-run",):
+        assert not [c for c in node.calls() if c[0] == "systemctl"]
+        assert ("would run: systemctl restart --no-block nvidia-stage.service"
+                in result.stderr), result.stderr
 
 
 def test_running_it_again_changes_nothing(tmp_path: Path, bundles: dict[str, Path]) -> None:

@@ -24,12 +24,14 @@ import pytest
 from coreos_gpu.keys import load_private_key, write_key_pair
 from coreos_gpu.provision import DIR, UNIT
 from coreos_gpu.publish import publish
+from coreos_gpu.repository import load_trust
 from coreos_gpu.stores import open_store
 
 from .conftest import CliResult, Mirror
 from .nodetree import Node, Result, make_bundle, snapshot
 from .render_tools import HashMismatch, ignite, remote_exec_inline, unit_setting
 from .test_bundle import CLOUD, VERSION
+from .test_node_install import STARTS, on_the_running_system
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 Cli = Callable[..., CliResult]
@@ -170,6 +172,30 @@ def test_provision_has_the_install_check_the_contents_it_copies(
     assert f"its SHA256SUMS has sha256 {contents}, not {'0' * 64}" in booted.stderr
     assert not (node.root / "opt/nvidia").exists()
     assert not (node.root / "opt/coreos-gpu/provisioned").exists()  # tried again next boot
+
+
+def test_the_first_boot_starts_the_watcher_and_the_retry_timer_in_that_boot(
+        cli: Cli, http_dir: Mirror, tmp_path: Path) -> None:
+    """The unit's ExecStart as systemd runs it, on the node (no --root): the install it runs
+    starts the units it enables (a bundle built with a repository), after nvidia.service, so
+    an OS update downloaded in the first boot is staged before its reboot."""
+    (tmp_path / "ko").mkdir()
+    keys = write_key_pair(tmp_path / "keys" / "repo.key")
+    archive = archive_of(make_bundle(tmp_path / "b", tmp_path / "ko", repository=load_trust(
+        "https://repository.example/gpu", str(keys.public))))
+    shutil.copy(archive, http_dir.root / "nvidia.tar.gz")
+    result = cli("render", "ignition", "--bundle", archive, "--bundle-url",
+                 f"{http_dir.url}/nvidia.tar.gz")
+    assert result.code == 0, result.stderr
+    node = a_node(tmp_path / "node")
+    ignite(json.loads(result.stdout), node.root)
+    [exec_start] = unit_setting((node.root / "etc/systemd/system" / UNIT).read_text(),
+                                "ExecStart")
+    booted = on_the_running_system(node, Path(exec_start))
+    assert booted.code == 0, booted.stderr
+    assert (node.root / "opt/coreos-gpu/provisioned").exists()
+    started = [c[1:] for c in node.calls("systemctl") if c[1] in ("start", "restart")]
+    assert started == [["start", "nvidia.service"], *STARTS], started
 
 
 # --- from a repository ---------------------------------------------------------------------

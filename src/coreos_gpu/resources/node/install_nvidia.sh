@@ -39,7 +39,8 @@
 # boot startup.sh switches to it. node/fetch.sh stages what it fetches this way.
 #
 # Exit codes:
-#   0      installed (and the driver started, unless --no-start), or uninstalled; or staged,
+#   0      installed (and the driver started, unless --no-start; a repository's watcher and
+#          retry timer that would not start are a warning), or uninstalled; or staged,
 #          when the bundle has no modules for the running kernel (see --force)
 #   1      a step failed (the message says which; the node is as it was before the run)
 #   2      bad command line
@@ -51,7 +52,10 @@
 #   6      another install_nvidia.sh kept the lock for 10 minutes
 #   7      a command this script needs is missing
 #   8      the bundle is not for this node: another OS or machine, or no modules for the
-#          running kernel while a driver that cannot be staged beside is installed (--force)
+#          running kernel while a driver that cannot be staged beside is installed (--force);
+#          or the node is not for it: Flatcar's NVIDIA sysext is enabled or merged (two
+#          drivers), or the kernel loads only signed modules (lockdown, Secure Boot) and the
+#          bundle's are unsigned
 #   11-19  installed, but the driver did not start: 10 + startup.sh's exit code 3..9 (14:
 #          kernel mismatch, 15: a module failed to load, 18: no usable GPU, …; see
 #          startup.sh), 11 for any other
@@ -68,7 +72,8 @@ usage() {
 usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [--dry-run]
                          [--stage [--release VERSION]] [--force] [--expect-sha256 HEX]
   --root DIR    install into the tree under DIR (an image being prepared, a test tree)
-  --no-start    do not load the driver now (it loads at the next boot)
+  --no-start    do not load the driver now (it loads at the next boot), nor start the
+                repository's stage watcher and retry timer (they start at the next boot)
   --no-enable   do not enable nvidia.service
   --uninstall   remove everything this script added, and nothing else (also: nvidia-uninstall)
   --dry-run     check the bundle and say what would be done, without changing anything
@@ -283,6 +288,8 @@ uninstall() {
 	# points at a missing file for long, and a second --uninstall finishes the job.
 	for unit in nvidia.service $REPOSITORY_UNITS; do
 		{ [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; } || ours_file "$UNITS/$unit" || continue
+		# A watcher left running would stage a driver into the $OPT this removes.
+		[ -n "$ROOT" ] || [ "$unit" = nvidia.service ] || systemctl_root stop "$unit" >/dev/null 2>&1 || true
 		systemctl_root disable "$unit" >/dev/null 2>&1 || true
 		act rm -f "$UNITS/$unit"
 	done
@@ -548,7 +555,22 @@ check_fits_node() {
 		die 8 "this bundle is for $(bundle_value ARCH "$cf_env") machines, but this node is $cf_arch; install a bundle built for $cf_arch"
 	cf_kernels=$(kernel_releases_in "$PAYLOAD")
 	cf_running=$(uname -r) && [ -n "$cf_running" ] || die 1 "uname -r failed: cannot tell the running kernel"
-	case " $cf_kernels" in *" $cf_running "*) return 0 ;; esac
+	# Flatcar's own NVIDIA driver as a sysext: two drivers never load on one node.
+	find_nvidia_sysext "$cf_running"
+	[ -z "$SYSEXT" ] ||
+		die 8 "$SYSEXT: its driver and this one must not both load, so nothing was changed; to install this bundle, $SYSEXT_FIX, and run me again (or keep the sysext, Flatcar's signed driver, and do not install this one)"
+	case " $cf_kernels" in *" $cf_running "*)
+		# A driver made current that this kernel will not load (it loads only signed
+		# modules): refused now, not at every boot. A staged one is startup.sh's to judge at
+		# its boot.
+		[ "$STAGE_ONLY" = 0 ] || return 0
+		read_lockdown
+		[ -n "$LOCKDOWN" ] || return 0
+		cf_unsigned=$(first_unsigned "$PAYLOAD/modules/$cf_running"/*.ko)
+		[ -z "$cf_unsigned" ] ||
+			die 8 "this kernel loads only signed modules ($LOCKDOWN), and this bundle's ${cf_unsigned#"$BUNDLE/"} is unsigned: its driver cannot load here, so nothing was changed; $LOCKDOWN_CHOICES"
+		return 0 ;;
+	esac
 	[ "$STAGE_ONLY" = 0 ] && [ "$FORCE" = 0 ] || return 0
 	cf_current=$(link_of "$ROOT$OPT/current") || die 1 "cannot read the link $ROOT$OPT/current"
 	installed_folder "$cf_current" || return 0
@@ -980,10 +1002,32 @@ txn_commit
 # Flatcar may boot the previous release again) and the staged ones. The install is whole
 # already: a folder that cannot go now goes at the next run.
 drop_unbootable || warn "cannot remove the drivers no boot wants any more from $OPT; the next install tries again"
+
+# start_repository_units: the stage watcher and the retry timer, now: enabled, they start
+# only at the next boot, and an OS update downloaded before it would go unstaged. After
+# nvidia.service (an elapsed OnBootSec fires the timer at once, and its fetch.sh --retry
+# must not race the install's own start), whether or not the driver started (the retry
+# timer is for that case). The watcher is restarted: it runs the fetch.sh, settings and key
+# of the driver that was current when it started. --no-block: it is ordered after
+# update-engine and the network, and must not hold the first boot's provisioning unit.
+# A failure is a warning: the driver is installed, and both start at the next boot.
+start_repository_units() {
+	for sru_unit in $ENABLED_REPOSITORY_UNITS; do
+		[ -f "$FROM/node/$sru_unit" ] || continue
+		case $sru_unit in *.service) sru_verb=restart ;; *) sru_verb=start ;; esac
+		quietly systemctl_root "$sru_verb" --no-block "$sru_unit" ||
+			warn "cannot start $sru_unit (${CAUSE:-systemctl $sru_verb failed}); it starts at the next boot, or now with: systemctl start $sru_unit"
+		CAUSE=
+	done
+}
+
 if [ "$START" = 1 ]; then
 	# startup.sh here, so its words reach the terminal; then the unit, so systemd knows.
 	act "$ROOT$OPT/startup.sh"
 	STARTED=$?
+	UNIT_STARTED=1
+	[ "$STARTED" != 0 ] || systemctl_root start nvidia.service || UNIT_STARTED=0
+	start_repository_units
 	# startup.sh's own code shows through: 10 + its 3..9 (any other: 11).
 	case $STARTED in
 	0) ;;
@@ -991,7 +1035,7 @@ if [ "$START" = 1 ]; then
 	2[1-9]) die "$STARTED" "installed driver $DRIVER_VERSION, but it has no modules for this kernel and none could be fetched (startup.sh exit $STARTED): see above" ;;
 	*) die 11 "installed driver $DRIVER_VERSION, but startup.sh failed (exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
 	esac
-	systemctl_root start nvidia.service || die 20 "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"
+	[ "$UNIT_STARTED" = 1 ] || die 20 "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"
 fi
 if [ "$DRY" = 1 ]; then
 	say "dry run: nothing was changed"

@@ -266,6 +266,99 @@ switch_current() {
 	[ "$sc_was" = "$1" ] || [ "${DRY:-0}" = 1 ] || say "$OPT/current is now $1${sc_was:+ (was $sc_was)}"
 }
 
+# --- another driver, and the modules the kernel takes ---------------------------------------
+# What every run asks is read with shell builtins (install_nvidia.sh asks before it changes
+# anything, and each command it runs is one more point where it can fail or be killed); od,
+# tail and grep run only on a kernel that loads signed modules alone.
+
+# find_nvidia_sysext KERNEL: SYSEXT says what of a Flatcar NVIDIA driver sysext this node has
+# ("" when none), SYSEXT_FIX how to disable it. Flatcar's official ones are nvidia-drivers-
+# 535, -550, -570 and their -open (flatcar/scripts build_library/extra_sysexts.sh), with
+# modules Flatcar signed. A name in /etc/flatcar/enabled-sysext.conf enables one (names split
+# by blanks, "#" starts a comment; "-NAME" only disables a default of /usr's, and no NVIDIA
+# one is); at each boot the initrd fetches /etc/flatcar/sysext/flatcar-NAME-<OS version>.raw
+# if missing and links it as /etc/extensions/flatcar-NAME.raw, but never removes the link of
+# a name no longer listed (flatcar/bootengine initrd-setup-root-after-ignition). Merged by
+# systemd-sysext, it puts /usr/lib/extension-release.d/extension-release.flatcar-NAME
+# (flatcar/scripts build_sysext) and its modules under /usr/lib/modules/<kernel>/video.
+find_nvidia_sysext() {
+	SYSEXT=
+	SYSEXT_FIX=
+	fs_conf=$ROOT/etc/flatcar/enabled-sysext.conf
+	if [ -f "$fs_conf" ]; then  # a regular file: a FIFO would hang the read
+		while IFS= read -r fs_line || [ -n "$fs_line" ]; do
+			set -f
+			# shellcheck disable=SC2086 # the names on the line, split as the initrd splits them
+			for fs_name in ${fs_line%%#*}; do
+				case $fs_name in nvidia-drivers-*)
+					SYSEXT="$SYSEXT, $fs_name in /etc/flatcar/enabled-sysext.conf"
+					SYSEXT_FIX="$SYSEXT_FIX remove the line $fs_name from /etc/flatcar/enabled-sysext.conf," ;;
+				esac
+			done
+			set +f
+		done <"$fs_conf"
+	fi
+	# systemd-sysext's folders on the root file system.
+	for fs_link in "$ROOT"/etc/extensions/*nvidia-drivers-* "$ROOT"/run/extensions/*nvidia-drivers-* \
+		"$ROOT"/var/lib/extensions/*nvidia-drivers-*; do
+		[ -e "$fs_link" ] || [ -L "$fs_link" ] || continue
+		SYSEXT="$SYSEXT, ${fs_link#"$ROOT"}"
+		SYSEXT_FIX="$SYSEXT_FIX remove ${fs_link#"$ROOT"},"
+	done
+	for fs_merged in "$ROOT"/usr/lib/extension-release.d/extension-release.*nvidia-drivers-* \
+		"$ROOT/usr/lib/modules/$1"/video/nvidia.ko*; do
+		[ -e "$fs_merged" ] || continue
+		SYSEXT="$SYSEXT, ${fs_merged#"$ROOT"} (merged into /usr)"
+		[ -n "$SYSEXT_FIX" ] ||
+			SYSEXT_FIX=" remove its image from /etc/extensions (systemd-sysext status names it),"
+		break
+	done
+	[ -n "$SYSEXT" ] || return 0
+	SYSEXT="Flatcar's NVIDIA driver sysext is enabled on this node (${SYSEXT#, })"
+	SYSEXT_FIX="${SYSEXT_FIX# } then reboot (systemd-sysext refresh unmerges it, but a module it loaded stays loaded until a reboot)"
+}
+
+# What a locked-down kernel leaves an operator, for the line that says it cannot load ours.
+LOCKDOWN_CHOICES="the choices: Flatcar's NVIDIA sysext, whose modules Flatcar signs, in place of this driver where its branches fit (a line nvidia-drivers-535, -550 or -570, each also -open, in /etc/flatcar/enabled-sysext.conf; Flatcar 4344.0.0 alpha and 4459.2.0 stable on, not LTS), Secure Boot off (then reboot), or modules signed with a key this kernel trusts (Flatcar's kernels trust only their own build key: an enrolled MOK does not help)"
+
+# read_lockdown: LOCKDOWN says in a few words why this kernel loads only signed modules (""
+# when it loads unsigned ones). /sys/kernel/security/lockdown lists the modes and brackets
+# the one in force, "none [integrity] confidentiality" (security/lockdown/lockdown.c);
+# integrity and confidentiality both refuse unsigned modules. No file: a kernel without the
+# lockdown LSM (or a tree without it). module.sig_enforce=1 refuses them without lockdown.
+# Flatcar locks down under Secure Boot (since 4152.2.0): the EFI variable SecureBoot says so
+# in its 5th byte (efivarfs puts 4 bytes of attributes first), read only when it matters.
+read_lockdown() {
+	LOCKDOWN=
+	rl_line=
+	rl_file=$ROOT/sys/kernel/security/lockdown
+	[ ! -f "$rl_file" ] || read -r rl_line 2>/dev/null <"$rl_file" || true
+	case $rl_line in
+	*"[confidentiality]"*) LOCKDOWN="lockdown=confidentiality" ;;
+	*"[integrity]"*) LOCKDOWN="lockdown=integrity" ;;
+	esac
+	rl_line=
+	rl_file=$ROOT/sys/module/module/parameters/sig_enforce
+	[ -n "$LOCKDOWN" ] || [ ! -f "$rl_file" ] || read -r rl_line 2>/dev/null <"$rl_file" || true
+	[ "$rl_line" != Y ] || LOCKDOWN="module.sig_enforce=1"
+	rl_file=$ROOT/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+	[ -n "$LOCKDOWN" ] && [ -f "$rl_file" ] || return 0
+	rl_line=$(od -An -tu1 -j4 -N1 "$rl_file" 2>/dev/null)
+	[ "${rl_line##* }" != 1 ] || LOCKDOWN="$LOCKDOWN, Secure Boot on"
+}
+
+# first_unsigned FILE...: the first of these kernel modules that carries no signature ("" when
+# all do). scripts/sign-file appends the signature and then the magic "~Module signature
+# appended~\n", which the kernel looks for at the very end (MODULE_SIG_STRING,
+# kernel/module/signing.c). Whether the kernel trusts the key is its own to say, at insmod.
+first_unsigned() {
+	for fu_ko in "$@"; do
+		tail -c 28 "$fu_ko" 2>/dev/null | grep -qx '~Module signature appended~' && continue
+		printf '%s' "$fu_ko"
+		return 0
+	done
+}
+
 # --- staged drivers and what a node keeps ---------------------------------------------------
 # $OPT/staged lists the driver folders installed beside `current` for a kernel the node has
 # not booted yet (an OS update waiting for its reboot, or a fetch at boot just before the

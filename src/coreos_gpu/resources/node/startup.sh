@@ -6,13 +6,16 @@
 #   0  the driver is loaded and answers, or there is no NVIDIA GPU (nothing to load)
 #   2  bad command line
 #   3  the installation is incomplete (run install_nvidia.sh again)
-#   4  kernel mismatch: no modules for `uname -r`, or the kernel refused them as built for
-#      another kernel ("Invalid module format")
+#   4  the kernel does not take these modules: kernel mismatch (no modules for `uname -r`,
+#      or refused as built for another kernel: "Invalid module format"), or a locked-down
+#      kernel (Secure Boot) and unsigned modules, or a signature it does not trust (said
+#      before any insmod where it can be)
 #   5  a module failed to load for another reason, or the firmware search path could not be set
 #   6  device nodes could not be made
 #   7  nvidia-smi does not answer
 #   8  the driver loaded but found no usable GPU ("No such device")
-#   9  another NVIDIA driver version is loaded already (reboot to switch)
+#   9  another NVIDIA driver: another version is loaded already (reboot to switch), or
+#      Flatcar's NVIDIA sysext is enabled or merged (the line says how to disable it)
 #   21-26  no installed folder has modules for this kernel, and fetching one from the bundle
 #      repository failed: node/fetch.sh's code (21: the bundle does not match the index, 22:
 #      the repository cannot be reached, 23: bad signature, 24: the repository has no bundle
@@ -87,6 +90,11 @@ export PATH
 # --- the folder for this kernel ----------------------------------------------------------
 KERNEL=$(uname -r)
 MODULES=$HERE/modules/$KERNEL
+# Flatcar's own NVIDIA driver, as a sysext: two drivers never load on one node. Before
+# anything changes (a switch of `current`, a fetch).
+find_nvidia_sysext "$KERNEL"
+[ -z "$SYSEXT" ] ||
+	die 9 "$SYSEXT: its driver and coreos-gpu's must not both load, so nothing was loaded; to use coreos-gpu's, $SYSEXT_FIX; or keep the sysext and remove coreos-gpu's driver (nvidia-uninstall)"
 # After an OS update, or a rollback to the previous release, another installed folder of
 # this driver and flavour may have the modules for the running kernel: point `current` at
 # it (one rename, under the install lock, as install_nvidia.sh does) and carry on with that
@@ -168,6 +176,22 @@ if [ -r "$ROOT/sys/module/nvidia/version" ]; then
 		die 9 "NVIDIA driver $LOADED is loaded, but $DRIVER_VERSION is installed: reboot to switch to $DRIVER_VERSION"
 fi
 
+WANTED=$LOAD_ORDER
+[ "${NVIDIA_LOAD_DRM:-0}" != 1 ] || WANTED="$WANTED nvidia-drm"
+# --- what the kernel takes --------------------------------------------------------------
+# A locked-down kernel (Secure Boot on Flatcar) loads only modules signed with a key it
+# trusts: said in one line before any insmod, unless the modules still to load are signed.
+read_lockdown
+if [ -n "$LOCKDOWN" ]; then
+	set --
+	for name in $WANTED; do
+		[ ! -r "$MODULES/$name.ko" ] || module_loaded "$name" || set -- "$@" "$MODULES/$name.ko"
+	done
+	UNSIGNED=$(first_unsigned "$@")
+	[ -z "$UNSIGNED" ] ||
+		die 4 "this kernel loads only signed modules ($LOCKDOWN), and ${UNSIGNED#"$ROOT"} is unsigned: driver $DRIVER_VERSION cannot load here, and nothing was loaded; $LOCKDOWN_CHOICES"
+fi
+
 # --- firmware ---------------------------------------------------------------------------
 # The GSP firmware is requested from <path>/nvidia/<version>/; /lib/firmware is read-only
 # here, so point the kernel's one extra search path at this version's copy (the resolved
@@ -205,6 +229,14 @@ load_failed() {
 		die 4 "kernel mismatch: the running kernel $KERNEL refused $lf_name.ko from $MODULES as built for another kernel (Invalid module format) ${lf_kernel}; build a bundle for kernel $KERNEL and install it" ;;
 	*"No such device"*)
 		die 8 "the kernel accepted $lf_name.ko, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
+	# A signed module whose key the kernel does not trust: EKEYREJECTED where signatures are
+	# enforced, EPERM from lockdown (kernel/module/signing.c).
+	*"Key was rejected by service"*)
+		die 4 "the kernel refused the signature of $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES" ;;
+	*"Operation not permitted"*)
+		[ -z "$LOCKDOWN" ] ||
+			die 4 "the kernel ($LOCKDOWN) refused $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES"
+		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
 	*)
 		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
 	esac
@@ -223,8 +255,6 @@ options_of() {
 		name == m { for (i = 3; i <= NF; i++) printf "%s%s", (found++ ? " " : ""), $i }'
 }
 
-WANTED=$LOAD_ORDER
-[ "${NVIDIA_LOAD_DRM:-0}" != 1 ] || WANTED="$WANTED nvidia-drm"
 # IPMI lets the driver talk to the board's management controller; absent on many kernels.
 for dep in ipmi_msghandler ipmi_devintf; do
 	module_loaded "$dep" || act modprobe -q "$dep" 2>/dev/null || true

@@ -12,7 +12,9 @@
 # for this node's kernel (uname -r), of the driver, flavour and profile rendered in below,
 # is downloaded and checked against the sha256 and size the index lists. Either way the
 # bundle is extracted into a new, empty, root-owned folder and its install_nvidia.sh runs
-# from there (with --expect-sha256 when render had the bundle file: see below).
+# from there (with --expect-sha256 when render had the bundle file: see below). Without
+# --root it starts what it installs, as on any node: the driver, and a repository's stage
+# watcher and retry timer, so that an OS update downloaded in this first boot is staged.
 #
 # Exit codes: 0 installed (or installed before); 2 bad command line; 21 the bundle does
 # not match its sha256 (or size); 22 the repository cannot be read (or not within a minute
