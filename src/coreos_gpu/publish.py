@@ -198,8 +198,8 @@ def publish(archives: Sequence[Path], store: Store, key: PrivateKey, *,
             store.put_file(entry.path, archive, entry.sha256)
 
         def added(current: Index) -> list[Entry]:
-            return [entry for _, entry in wanted
-                    if entry.sha256 not in {e.sha256 for e in current.entries}]
+            listed = {e.sha256 for e in current.entries}
+            return [entry for _, entry in wanted if entry.sha256 not in listed]
 
         read, written, text_sha = _commit(
             store, key, lambda current: [*current.entries, *new] if (new := added(current))
@@ -209,32 +209,35 @@ def publish(archives: Sequence[Path], store: Store, key: PrivateKey, *,
                          (written or read).generation, text_sha, changed=written is not None)
 
 
-def refresh(store: Store, key: PrivateKey, *, lifetime: timedelta = LIFETIME) -> PublishResult:
+def refresh(store: Store, key: PrivateKey, *, lifetime: timedelta = LIFETIME,
+            due: Callable[[Index], bool] = lambda _: True) -> PublishResult:
     """The current index again, its entries unchanged, as the next generation with a new
-    expiry: what keeps nodes accepting a repository that had nothing new to publish."""
-    with store.locked():
-        if _read_current(store, key.public_key())[0] is EMPTY:
+    expiry: what keeps nodes accepting a repository that had nothing new to publish. Where
+    due says the current index is not due, nothing is written (changed=False)."""
+
+    def entries_of(current: Index) -> Sequence[Entry] | None:
+        if not due(current):
+            return None
+        if current is EMPTY:
             raise CoreosGpuError(f"{store.location} has no index to refresh",
                                  hint="publish a bundle there first (coreos-gpu publish)",
                                  code=ExitCode.REPOSITORY)
-        _, written, text_sha = _commit(store, key, lambda current: current.entries, lifetime)
-    assert written is not None
-    return PublishResult(store.location, (), written.generation, text_sha, changed=True)
+        return current.entries
+
+    with store.locked():
+        read, written, text_sha = _commit(store, key, entries_of, lifetime)
+    return PublishResult(store.location, (), (written or read).generation, text_sha,
+                         changed=written is not None)
 
 
 def refresh_if_due(store: Store, key: PrivateKey, *, lifetime: timedelta = LIFETIME) -> bool:
     """Refresh the index when it was signed more than a day ago (or has no expiry): what
     sync does at every run. Hourly syncs would otherwise add an index every hour; once a day
-    keeps every index well inside any lifetime of a day or more."""
-    pointer, _ = store.read_pointer()
-    if pointer is None:
-        return False
-    index = load_index_at(store, key.public_key(), pointer).index
+    keeps every index well inside any lifetime of a day or more. A repository without an
+    index has nothing to refresh."""
     day_ago = _utc(datetime.now(UTC) - timedelta(days=1))
-    if index.expires and index.created > day_ago:
-        return False
-    refresh(store, key, lifetime=lifetime)
-    return True
+    return refresh(store, key, lifetime=lifetime, due=lambda current: current is not EMPTY and (
+        not current.expires or current.created <= day_ago)).changed
 
 
 def _commit(store: Store, key: PrivateKey,
