@@ -523,15 +523,6 @@ check_expected() {
 		die 4 "$2 is not the one you expect: its SHA256SUMS has sha256 $ce_sum, not $EXPECT_SHA256 (--expect-sha256); extract the archive again, where only root can write"
 }
 
-# node_os: the node's ID in os-release ("" when it has none).
-node_os() {
-	for no_file in "$ROOT/etc/os-release" "$ROOT/usr/lib/os-release"; do
-		[ -f "$no_file" ] || continue
-		sed -n 's/^ID=//p' "$no_file" | tr -d '"'"'" | head -n 1
-		return 0
-	done
-}
-
 # check_fits_node: refuse (8) a bundle for another OS or machine; and decide what a bundle
 # without modules for the running kernel does. Making it current would leave the node
 # without a driver that loads until it boots one of those kernels, so it is staged beside
@@ -544,7 +535,7 @@ check_fits_node() {
 	# tool's) would stop the switch, after the driver folder has landed.
 	[ ! -e "$ROOT$OPT/current" ] || [ -L "$ROOT$OPT/current" ] ||
 		die 1 "$ROOT$OPT/current is not a link (an earlier tool's folder?): move it out of $OPT and run me again"
-	cf_os=$(node_os)
+	cf_os=$(os_release ID)
 	case $cf_os in
 	flatcar | coreos)
 		[ "$cf_os" = "$(bundle_value OS "$cf_env")" ] ||

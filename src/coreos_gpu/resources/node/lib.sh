@@ -266,6 +266,16 @@ switch_current() {
 	[ "$sc_was" = "$1" ] || [ "${DRY:-0}" = 1 ] || say "$OPT/current is now $1${sc_was:+ (was $sc_was)}"
 }
 
+# os_release KEY: KEY's value in the node's os-release (/etc's, else /usr/lib's, which
+# /etc's links to on Flatcar), its quotes dropped; "" when there is none.
+os_release() {
+	for or_file in "$ROOT/etc/os-release" "$ROOT/usr/lib/os-release"; do
+		[ -f "$or_file" ] || continue
+		sed -n "s/^$1=//p" "$or_file" | tr -d "\"'" | head -n 1
+		return 0
+	done
+}
+
 # --- another driver, and the modules the kernel takes ---------------------------------------
 # What every run asks is read with shell builtins (install_nvidia.sh asks before it changes
 # anything, and each command it runs is one more point where it can fail or be killed); od,

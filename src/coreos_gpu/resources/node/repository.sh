@@ -117,9 +117,20 @@ REPO_STATE=/var/lib/coreos-gpu
 # one past its expiry (the node's clock against the expiry it was signed with); then
 # remembers its generation. Only called on an index whose signature was checked.
 repo_fresh() {
-	rf_gen=$(awk '$1 == "generation" && $2 ~ /^[0-9]+$/ && length($2) < 16 { print $2; exit }' "$2")
-	rf_key=$(awk '$1 == "key" && $2 ~ /^sha256:[0-9a-f]+$/ && length($2) == 71 { print substr($2, 8); exit }' "$2")
-	rf_exp=$(awk '$1 == "expires" && $2 ~ /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z$/ { print $2; exit }' "$2")
+	# The first valid generation, key and expires records, in one read ("-": none); it stops
+	# once it has all three (headers come first, bundle lines after).
+	rf_head=$(awk '
+		g == "" && $1 == "generation" && $2 ~ /^[0-9]+$/ && length($2) < 16 { g = $2 }
+		k == "" && $1 == "key" && $2 ~ /^sha256:[0-9a-f]+$/ && length($2) == 71 { k = substr($2, 8) }
+		e == "" && $1 == "expires" && $2 ~ /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z$/ { e = $2 }
+		g != "" && k != "" && e != "" { exit }
+		END { print (g == "" ? "-" : g), (k == "" ? "-" : k), (e == "" ? "-" : e) }' "$2")
+	read -r rf_gen rf_key rf_exp <<-EOF
+	$rf_head
+	EOF
+	[ "$rf_gen" != - ] || rf_gen=
+	[ "$rf_key" != - ] || rf_key=
+	[ "$rf_exp" != - ] || rf_exp=
 	[ -n "$rf_gen" ] && [ -n "$rf_key" ] ||
 		die 23 "$1's signed index has no generation or key line: it is not of this format"
 	[ -n "$rf_exp" ] ||
