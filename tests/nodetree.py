@@ -23,6 +23,7 @@ from coreos_gpu.config import (
     Compression,
     DriverFailurePolicy,
     KernelModuleType,
+    Persistence,
     Profile,
 )
 from coreos_gpu.layout import (
@@ -34,7 +35,16 @@ from coreos_gpu.layout import (
 )
 from coreos_gpu.repository import RepositoryTrust
 
-from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, VERSION, make_package, module_set
+from .test_bundle import (
+    CLOUD,
+    CLOUD_RELEASE,
+    KERNEL,
+    PERSISTENCED,
+    RELEASE,
+    VERSION,
+    make_package,
+    module_set,
+)
 
 SHELLS = ("bash", "dash", "busybox sh")
 UVM_MAJOR = 508
@@ -202,19 +212,22 @@ def make_bundle(folder: Path, ko_dir: Path, *, tool_version: str = "0.1.0",
                 agent_units: tuple[str, ...] = DEFAULT_AGENT_UNITS,
                 repository: RepositoryTrust | None = None,
                 flavour: KernelModuleType = KernelModuleType.PROPRIETARY,
-                releases: tuple[ReleaseInputs, ...] = ()) -> Path:
+                releases: tuple[ReleaseInputs, ...] = (),
+                persistence: Persistence = Persistence.OFF) -> Path:
     """A real bundle (with the real node scripts), extracted with tar like an operator
     does, in folder/bundle (the archive: folder/nvidia.tar.gz); another tool_version gives
-    the same driver with another bundle id."""
+    the same driver with another bundle id. With persistence = daemon the driver package
+    has nvidia-persistenced too."""
     folder.mkdir(parents=True)
     by_kernel = {KERNEL: RELEASE, CLOUD: CLOUD_RELEASE}
     bundle = assemble_bundle(
-        package=make_package(folder / "driver"),
+        package=make_package(folder / "driver", extra=PERSISTENCED
+                             if persistence is Persistence.DAEMON else ""),
         module_sets=[replace(module_set(ko_dir, k), flavour=flavour) for k in kernels],
         profile=Profile.COMPUTE,
         compression=Compression.GZIP, output=folder / "nvidia.tar.gz",
         releases=list(releases) or [by_kernel[k] for k in kernels],
-        node=NodeSettings(agent_units, policy, repository),
+        node=NodeSettings(agent_units, policy, repository, persistence=persistence),
         tool_version=tool_version)
     extracted = folder / "bundle"
     extracted.mkdir()

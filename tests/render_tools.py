@@ -140,6 +140,9 @@ def ignite(config: dict[str, Any], root: Path) -> None:
     for unit in units:
         path = root / "etc/systemd/system" / unit["name"]
         path.parent.mkdir(parents=True, exist_ok=True)
+        if unit.get("mask"):  # Ignition masks a unit with a link to /dev/null
+            path.symlink_to("/dev/null")
+            continue
         path.write_text(unit["contents"])
         if unit.get("enabled") or unit.get("enable"):
             presets.append(f"enable {unit['name']}\n")

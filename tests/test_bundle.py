@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -29,7 +30,7 @@ from coreos_gpu.bundle import (
     inspect_bundle,
 )
 from coreos_gpu.cache import sha256_of
-from coreos_gpu.config import Compression, KernelModuleType, Profile
+from coreos_gpu.config import Compression, KernelModuleType, Persistence, Profile
 from coreos_gpu.driver import DriverPackage, read_package
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import write_key_pair
@@ -60,6 +61,8 @@ nvidia-modprobe 4755 NVIDIA_MODPROBE /usr/bin MODULE:installer
 firmware/gsp_ga10x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1 MODULE:gsp
 NVIDIA_Changelog 0644 DOCUMENTATION share/doc/NVIDIA_GLX-1.0 MODULE:installer
 """
+# What persistence = daemon needs (make_package(extra=PERSISTENCED)); the others go without.
+PERSISTENCED = "nvidia-persistenced 0755 UTILITY_BINARY MODULE:nvidia-persistenced\n"
 COMPUTE_FILES = {
     f"{P}/lib64/libnvidia-ml.so.{VERSION}", f"{P}/lib64/libcuda.so.{VERSION}",
     f"{P}/etc/OpenCL/vendors/nvidia.icd", f"{P}/bin/nvidia-smi", f"{P}/bin/nvidia-modprobe",
@@ -91,11 +94,12 @@ int init_module(void) { return 0; }
 
 # --- inputs -------------------------------------------------------------------------------
 
-def make_package(root: Path) -> DriverPackage:
+def make_package(root: Path, *, extra: str = "") -> DriverPackage:
+    """The package of ENTRIES, and of the manifest lines in extra."""
     (root / "kernel").mkdir(parents=True)
     (root / "kernel/Makefile").write_text("all:\n")
-    (root / ".manifest").write_text(NEW_HEADER + ENTRIES)
-    for line in ENTRIES.splitlines():
+    (root / ".manifest").write_text(NEW_HEADER + ENTRIES + extra)
+    for line in (ENTRIES + extra).splitlines():
         entry = parse_entry(line, 1)
         path = root / entry.file
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -713,3 +717,67 @@ def test_a_bundle_without_a_repository(bundle: Bundle) -> None:
     report = inspect_bundle(bundle.path)
     assert report.ok and report.repository_url == "" and report.to_json()["repository"] is None
     assert ("repository", "none") in report.summary()
+
+
+# --- persistence: how the nodes keep their GPUs initialised -----------------------------------
+@pytest.mark.parametrize("persistence", list(Persistence))
+def test_bundle_env_says_the_persistence_and_daemon_brings_its_unit(
+        ko_dir: Path, tmp_path: Path, persistence: Persistence) -> None:
+    package = make_package(tmp_path / "driver", extra=PERSISTENCED)
+    empty = tmp_path / "no-node-files"
+    empty.mkdir()
+    bundle = assemble_bundle(
+        package=package, module_sets=[module_set(ko_dir, KERNEL)], profile=Profile.COMPUTE,
+        compression=Compression.GZIP, output=tmp_path / "p.tar.gz", releases=[RELEASE],
+        node=NodeSettings(("my-agent.service", "other-agent.service"),
+                          persistence=persistence),
+        tool_version="0.1.0", node_files=empty)
+    unit = "node/nvidia-persistenced.service"
+    with tarfile.open(bundle.path) as tar:
+        def read(name: str) -> str:
+            stream = tar.extractfile(name)
+            assert stream is not None
+            return stream.read().decode()
+        assert f"\nPERSISTENCE={persistence.value}\n" in read("node/bundle.env")
+        names = tar.getnames()
+        text = read(unit) if unit in names else ""
+    assert f"{P}/bin/nvidia-persistenced" in names
+    if persistence is not Persistence.DAEMON:
+        assert unit not in names
+        return
+    lines = text.splitlines()
+    # install_nvidia.sh knows its own units by the first line.
+    assert lines[0].startswith(f"# Written by coreos-gpu for NVIDIA driver {VERSION}; ")
+    for line in ("Requires=nvidia.service", "After=nvidia.service",
+                 "Before=my-agent.service other-agent.service",
+                 "ConditionPathExists=/dev/nvidiactl", "Type=forking",
+                 "PIDFile=/run/nvidia-persistenced/nvidia-persistenced.pid",
+                 "ExecStart=/opt/nvidia/current/bin/nvidia-persistenced",
+                 "ExecStopPost=/bin/rm -rf /run/nvidia-persistenced",
+                 "WantedBy=multi-user.target"):
+        assert line in lines, line
+    assert not [line for line in lines if line.startswith(("User=", "ExecStart=")) and
+                "--user" in line]
+    assert not re.search(r"@[A-Z_]+@", text)
+    assert inspect_bundle(bundle.path).ok
+
+
+@pytest.mark.parametrize("profile", list(Profile))
+def test_daemon_without_the_daemon_is_refused(package: DriverPackage, ko_dir: Path,
+                                              tmp_path: Path, profile: Profile) -> None:
+    """The package has no nvidia-persistenced: persistence = daemon would start a unit whose
+    ExecStart= is missing on every node."""
+    with pytest.raises(CoreosGpuError) as error:
+        assemble_bundle(
+            package=package, module_sets=[module_set(ko_dir, KERNEL)], profile=profile,
+            compression=Compression.GZIP, output=tmp_path / "d.tar.gz", releases=[RELEASE],
+            node=NodeSettings(("dcos-mesos-slave.service",), persistence=Persistence.DAEMON),
+            tool_version="0.1.0")
+    assert error.value.code is ExitCode.CONFIG
+    assert str(error.value) == (
+        f"persistence = daemon runs bin/nvidia-persistenced, which the {profile.value} profile "
+        f"of driver {VERSION} does not ship")
+    assert error.value.hint == ('set persistence = "legacy" (nvidia-smi -pm 1 at boot) or '
+                                '"off" (--persistence), or use a driver .run that has '
+                                "nvidia-persistenced")
+    assert not (tmp_path / "d.tar.gz").exists()

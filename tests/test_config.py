@@ -12,6 +12,7 @@ from coreos_gpu.config import (
     SETTINGS,
     BuildConfig,
     OsName,
+    Persistence,
     Profile,
     load_config,
 )
@@ -34,6 +35,7 @@ def test_defaults() -> None:
     assert config.profile is Profile.COMPUTE
     assert config.kernel_module_type is None  # the driver's own default (driver.default_flavour)
     assert config.agent_units == DEFAULT_AGENT_UNITS
+    assert config.persistence is Persistence.DAEMON  # NVIDIA's way
     assert re.fullmatch(r"\d{3}\.\d+\.\d+", config.driver_version)
     assert set(config.sources.values()) == {"default"}
 
@@ -105,6 +107,11 @@ def test_example_file_names_every_setting_and_holds_the_defaults() -> None:
         (f'driver_sha256 = "{"g" * 64}"', [], r"invalid driver_sha256 in .*coreos-gpu.toml"),
         (f'driver_sha256 = "{"0" * 65}"', [], r"invalid driver_sha256 in "),
         ("driver_sha256 = 7", [], r"invalid driver_sha256 in .*: 7 \(expected a sha256"),
+        ('persistence = "on"', [],
+         r"invalid persistence in .*coreos-gpu.toml: 'on' \(allowed: daemon, legacy, off\)$"),
+        ('', ["--persistence", "nvidia-smi"],
+         r"invalid --persistence: 'nvidia-smi' \(allowed: daemon, legacy, off\)$"),
+        ("persistence = true", [], r"invalid persistence in .*: True \(allowed: daemon, "),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(cli, tmp_path: Path, toml: str,

@@ -15,8 +15,8 @@ from .nodetree import CGROUP_V1_MOUNTS, CGROUP_V2_MOUNTS, SHELLS, Node, make_bun
 from .test_bundle import CLOUD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
-CHECKS = ["gpus", "modules", "sysext", "lockdown", "device-nodes", "libraries", "agent-path",
-          "unit-ordering", "cgroups", "nvidia-smi"]
+CHECKS = ["gpus", "modules", "sysext", "lockdown", "flatcar-recipe", "device-nodes", "libraries",
+          "agent-path", "unit-ordering", "cgroups", "nvidia-smi", "persistence"]
 AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
 MISSING_TOOLS = ("nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
                  "nvidia-cuda-mps-server")

@@ -104,6 +104,9 @@ def test_an_ignition_config_gives_the_manual_steps_node(
     # provision.sh passes install_nvidia.sh the bundle file's contents sha256 (of SHA256SUMS).
     contents = hashlib.sha256((extracted / "SHA256SUMS").read_bytes()).hexdigest()
     assert f"\nCONTENTS_SHA256={contents}\n" in (written / "provision.sh").read_text()
+    # Flatcar's own nvidia.service is masked from the first boot on; the install writes ours
+    # over the mask (same_tree below: the manual steps' unit file).
+    assert os.readlink(node.root / "etc/systemd/system/nvidia.service") == "/dev/null"
     booted = boot(node)
     assert booted.code == 0, booted.stderr
     tree = snapshot(node.root)

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreos_gpu import __version__, ui
-from coreos_gpu.bundle import Bundle, NodeSettings, ReleaseInputs, assemble_bundle
+from coreos_gpu.bundle import (
+    Bundle,
+    NodeSettings,
+    ReleaseInputs,
+    assemble_bundle,
+    check_persistence,
+)
 from coreos_gpu.config import BuildConfig, KernelModuleType
 from coreos_gpu.devcontainer import engine_options, prepare_devcontainer
 from coreos_gpu.driver import DRIVER_URL, DriverPackage, fetch_driver, resolve_flavour
@@ -59,6 +65,7 @@ def build(config: BuildConfig) -> Build:
     trust = load_trust(config.repository, config.repository_key)
     # The driver first: a wrong driver_version should not wait for gigabytes of images.
     package, flavour = read_driver(config)
+    check_persistence(package, config.profile, config.persistence)
     devroots = [prepare_devcontainer(config, version) for version in config.releases]
     # One module set per distinct kernel: several releases may share one.
     by_kernel = {d.kernel_release: d for d in reversed(devroots)}
@@ -78,7 +85,8 @@ def build(config: BuildConfig) -> Build:
                                     image_url=d.release.canonical_image_url,
                                     image_sha256=d.image_sha256)
                       for d in devroots],
-            node=NodeSettings(config.agent_units, config.on_driver_failure, trust),
+            node=NodeSettings(config.agent_units, config.on_driver_failure, trust,
+                              persistence=config.persistence),
             tool_version=__version__,
             cache_dir=config.cache_dir)
     return Build(bundle, package, flavour, tuple(module_sets), compiled,

@@ -18,7 +18,7 @@ from typing import Any
 
 from coreos_gpu.archive import ArchiveWriter, Digest, archive_mtime, create_archive
 from coreos_gpu.cache import copy_atomically, hash_inputs, write_atomically
-from coreos_gpu.config import Compression, Profile
+from coreos_gpu.config import Compression, Persistence, Profile
 from coreos_gpu.driver import DriverPackage
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.inspection import BundleReport, ModuleReport, PartSize, inspect_bundle
@@ -47,11 +47,13 @@ __all__ = [
     "PartSize",
     "ReleaseInputs",
     "assemble_bundle",
+    "check_persistence",
     "default_node_files",
     "inspect_bundle",
 ]
 
 _UNSAFE = re.compile(r"[\n\\]")  # characters sha256sum -c would need escaped
+_PERSISTENCED = "bin/nvidia-persistenced"  # what nvidia-persistenced.service runs
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,21 @@ def _contents_member(members: Sequence[_Member]) -> _Member:
 
 def _bad(message: str, hint: str = "") -> CoreosGpuError:
     return CoreosGpuError(message, hint=hint, code=ExitCode.BUNDLE)
+
+
+def check_persistence(package: DriverPackage, profile: Profile,
+                      persistence: Persistence) -> None:
+    """Refuse persistence = daemon for a profile without the daemon's binary: build calls it
+    right after the driver is read, before any image is fetched; assemble_bundle again."""
+    if persistence is not Persistence.DAEMON or any(
+            payload_path(e, package.version) == _PERSISTENCED for e in package.files(profile)):
+        return
+    raise CoreosGpuError(
+        f"persistence = daemon runs {_PERSISTENCED}, which the {profile.value} profile of "
+        f"driver {package.version} does not ship",
+        hint='set persistence = "legacy" (nvidia-smi -pm 1 at boot) or "off" '
+        "(--persistence), or use a driver .run that has nvidia-persistenced",
+        code=ExitCode.CONFIG)
 
 
 def _check_inputs(package: DriverPackage, module_sets: Sequence[ModuleSet],
@@ -230,6 +247,7 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
     rebuild copies the archive instead of compressing it again.
     """
     _check_inputs(package, module_sets, releases)
+    check_persistence(package, profile, node.persistence)
     module_sets = sorted(module_sets, key=lambda s: _version_key(s.kernel_release))
     releases = sorted(releases, key=lambda r: (r.os, r.channel, _version_key(r.version)))
     listed = (_userspace_members(package, profile) + _module_members(package.version, module_sets)

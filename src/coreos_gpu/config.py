@@ -63,6 +63,14 @@ class DriverFailurePolicy(StrEnum):
     WAIT = "wait"
 
 
+class Persistence(StrEnum):
+    """How a node keeps its GPUs initialised while no process holds them open."""
+
+    DAEMON = "daemon"  # nvidia-persistenced.service: NVIDIA's way
+    LEGACY = "legacy"  # nvidia-smi -pm 1 at boot, the kernel's persistence mode (deprecated)
+    OFF = "off"
+
+
 class Runtime(StrEnum):
     AUTO = "auto"
     PODMAN = "podman"
@@ -224,6 +232,10 @@ SETTINGS: tuple[Setting, ...] = (
             "start-without-gpus (the node still runs CPU tasks) or wait (they stay down "
             "until nvidia.service succeeds)", _choice(DriverFailurePolicy),
             lambda: DriverFailurePolicy.START_WITHOUT_GPUS, "POLICY"),
+    Setting("persistence", "how the nodes keep their GPUs initialised between jobs: daemon "
+            "(nvidia-persistenced.service, NVIDIA's way; needs the profile's "
+            "nvidia-persistenced), legacy (nvidia-smi -pm 1 at boot) or off",
+            _choice(Persistence), lambda: Persistence.DAEMON, "MODE"),
     Setting("repository", "bundle repository the nodes trust (http://, https:// or file://; "
             "see coreos-gpu publish); needs repository_key", _url, lambda: "", "URL"),
     Setting("repository_key", "public key (PEM) the repository's index must be signed with "
@@ -293,6 +305,7 @@ class BuildConfig:
     kernel_module_type: KernelModuleType | None  # None: the driver's default
     agent_units: tuple[str, ...]
     on_driver_failure: DriverFailurePolicy
+    persistence: Persistence
     repository: str
     repository_key: str
     publish_to: str

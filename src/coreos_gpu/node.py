@@ -3,7 +3,7 @@
 Nodes have no Python, so what the node side needs to know about its bundle reaches it as
 files the scripts read: `node/bundle.env` (read by lib.sh's bundle_value, never sourced),
 `node/module-deps` (each module's kernel dependencies, from its .modinfo at build time: no
-modinfo on the node), and the unit and agent drop-in rendered from `resources/templates/`.
+modinfo on the node), and the units and agent drop-in rendered from `resources/templates/`.
 The scripts themselves (`resources/node/`) are carried as they are, except that a line that
 sources a sibling and ends in `# coreos-gpu: inline` is replaced by that file:
 install_nvidia.sh runs from a folder anyone may have written to, so it must not source
@@ -20,7 +20,7 @@ from importlib.abc import Traversable
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
-from coreos_gpu.config import DriverFailurePolicy
+from coreos_gpu.config import DriverFailurePolicy, Persistence
 from coreos_gpu.layout import MACHINE, NODE, NODE_TOP_LEVEL, REPOSITORY_KEY_NAME
 from coreos_gpu.modules import ModuleSet
 
@@ -46,6 +46,9 @@ class NodeSettings:
     # Where the nodes fetch bundles for other kernels, and the one key whose index they
     # trust (build --repository/--repository-key); None: no repository.
     repository: RepositoryTrust | None = None
+    # The build passes the setting (default daemon); off here is a bundle as it was before
+    # the setting: no unit, and a package without nvidia-persistenced is fine.
+    persistence: Persistence = Persistence.OFF
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: s
         "KERNEL_RELEASES": " ".join(kernel_releases),
         "AGENT_UNITS": " ".join(settings.agent_units),
         "ON_DRIVER_FAILURE": settings.on_driver_failure.value,
+        # install_nvidia.sh links node/nvidia-persistenced.service with daemon; startup.sh
+        # runs nvidia-smi -pm 1 with legacy; the doctor checks either.
+        "PERSISTENCE": settings.persistence.value,
         "REPOSITORY_URL": settings.repository.url if settings.repository else "",
         "REPOSITORY_KEY_FINGERPRINT": (settings.repository.fingerprint
                                        if settings.repository else ""),
@@ -113,6 +119,7 @@ def render_module_deps(module_sets: Sequence[ModuleSet]) -> str:
 
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 _REPOSITORY_UNITS = "repository/"
+_PERSISTENCED_UNIT = "nvidia-persistenced.service"
 # `. "…/node/lib.sh" # coreos-gpu: inline`
 _INLINE = re.compile(r'^\. "[^"]*/(?P<name>[\w.-]+)" # coreos-gpu: inline$', re.MULTILINE)
 
@@ -129,6 +136,17 @@ def inline_sources(data: bytes, folder: Traversable) -> bytes:
 
 def _render(template: str, values: dict[str, str]) -> bytes:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template).encode()
+
+
+def _carries(settings: NodeSettings, template: str) -> bool:
+    """Whether a bundle of these settings carries a template: templates/repository/ (the
+    retry timer and its service, the stage watcher) with a repository, the persistence
+    daemon's unit with persistence = daemon, the rest always."""
+    if template.startswith(_REPOSITORY_UNITS):
+        return settings.repository is not None
+    if template == _PERSISTENCED_UNIT:
+        return settings.persistence is Persistence.DAEMON
+    return True
 
 
 def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: str,
@@ -153,10 +171,8 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
     else:
         values |= {"NETWORK": "# No network: this bundle has no repository to fetch from.",
                    "FETCH_TIME": "", "START_TIMEOUT": "300"}
-    # templates/repository/: the units a node with a repository runs (retry, staging).
     rendered = [_file(name.removeprefix(_REPOSITORY_UNITS), _render(r.read_text(), values))
-                for name, r in _walk(_templates())
-                if settings.repository is not None or not name.startswith(_REPOSITORY_UNITS)]
+                for name, r in _walk(_templates()) if _carries(settings, name)]
     generated = [
         _file("bundle.env", render_bundle_env(
             settings, driver_version=driver_version, flavour=flavour, profile=profile, os=os,

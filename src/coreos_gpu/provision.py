@@ -96,11 +96,19 @@ def ignition_config(source: Source, *, spec: str, os: OsName,
     files_.append({**where, "path": f"{DIR}/provision.sh", "mode": 0o700,
                    "contents": {"source": data_url(render_script(
                        source, os=os, tool_version=tool_version))}})
+    units: list[dict[str, Any]] = [{"name": UNIT, "enabled": True,
+                                    "contents": render_unit(source, tool_version=tool_version)}]
+    if os is OsName.FLATCAR:
+        # Flatcar's own nvidia.service (setup-nvidia, enabled in every image) would start
+        # compiling another driver into /opt/nvidia at this first boot, beside the install.
+        # Masked from the start (a link to /dev/null in /etc/systemd/system); the install
+        # writes coreos-gpu's nvidia.service over the mask, and nvidia-uninstall's removal of
+        # it hands the node back to Flatcar's.
+        units.append({"name": "nvidia.service", "mask": True})
     return {
         "ignition": {"version": spec},
         "storage": {"directories": [{**where, "path": DIR, "mode": 0o700}], "files": files_},
-        "systemd": {"units": [{"name": UNIT, "enabled": True,
-                               "contents": render_unit(source, tool_version=tool_version)}]},
+        "systemd": {"units": units},
     }
 
 

@@ -25,7 +25,7 @@
 # reported and repaired rather than silently skipped: the unit, its entry point
 # /opt/nvidia/startup.sh (node/boot.sh: it falls back to /opt/nvidia/previous), the agents'
 # drop-ins and /opt/nvidia/nvidia-doctor are files of their own. The rest (ld.so.conf.d
-# entry, /opt/bin links, the repository's units) points through current.
+# entry, /opt/bin links, the bundle's other units) points through current.
 #
 # One transaction: every path it changes is saved first, and a failure at any step, before
 # the switch or after it, puts each back, removes the driver folder it added and then says
@@ -38,10 +38,17 @@
 # later (an OS update waiting for its reboot): /opt/nvidia/staged records it, and at that
 # boot startup.sh switches to it. node/fetch.sh stages what it fetches this way.
 #
+# On Flatcar, the image's own nvidia.service (setup-nvidia) compiles another driver into
+# /opt/nvidia at boot; ours, of the same name in /etc/systemd/system, shadows it. An install
+# stops a run of it, takes over its /opt/nvidia/current, /opt/bin tools and ld.so.conf.d
+# entry, and once whole removes its build ("Flatcar's own recipe" below); --uninstall leaves
+# the node to it again.
+#
 # Exit codes:
 #   0      installed (and the driver started, unless --no-start; a repository's watcher and
-#          retry timer that would not start are a warning), or uninstalled; or staged,
-#          when the bundle has no modules for the running kernel (see --force)
+#          retry timer, or the persistence daemon, that would not start are a warning), or
+#          uninstalled; or staged, when the bundle has no modules for the running kernel
+#          (see --force)
 #   1      a step failed (the message says which; the node is as it was before the run)
 #   2      bad command line
 #   3      not run as root
@@ -73,7 +80,8 @@ usage: install_nvidia.sh [--root DIR] [--no-start] [--no-enable] [--uninstall] [
                          [--stage [--release VERSION]] [--force] [--expect-sha256 HEX]
   --root DIR    install into the tree under DIR (an image being prepared, a test tree)
   --no-start    do not load the driver now (it loads at the next boot), nor start the
-                repository's stage watcher and retry timer (they start at the next boot)
+                repository's stage watcher and retry timer, or the persistence daemon
+                (they start at the next boot)
   --no-enable   do not enable nvidia.service
   --uninstall   remove everything this script added, and nothing else (also: nvidia-uninstall)
   --dry-run     check the bundle and say what would be done, without changing anything
@@ -203,10 +211,11 @@ systemctl_root() {
 }
 
 UNITS=$ROOT/etc/systemd/system
-# A bundle built with a repository also carries these, in node/: the retry timer (and the
-# service it starts) and the watcher that stages the bundle for a downloaded OS update.
-REPOSITORY_UNITS="nvidia-retry.timer nvidia-retry.service nvidia-stage.service"
-ENABLED_REPOSITORY_UNITS="nvidia-retry.timer nvidia-stage.service"
+# Units a bundle may carry in node/, by its settings: with a repository, the retry timer (and
+# the service it starts) and the watcher that stages the bundle for a downloaded OS update;
+# with persistence = daemon, nvidia-persistenced.service.
+BUNDLE_UNITS="nvidia-retry.timer nvidia-retry.service nvidia-stage.service nvidia-persistenced.service"
+ENABLED_BUNDLE_UNITS="nvidia-retry.timer nvidia-stage.service nvidia-persistenced.service"
 LDCONF=$ROOT/etc/ld.so.conf.d/nvidia.conf
 LDCONF_TEXT="# coreos-gpu: the NVIDIA driver's libraries, found by the Mesos agent through ld.so.cache
 $OPT/current/lib64"
@@ -286,9 +295,10 @@ uninstall() {
 		say "no coreos-gpu driver is installed under ${ROOT:-/}; removing what is left, if anything"
 	# First what activates the driver, then the driver: a stop midway leaves nothing that
 	# points at a missing file for long, and a second --uninstall finishes the job.
-	for unit in nvidia.service $REPOSITORY_UNITS; do
+	for unit in nvidia.service $BUNDLE_UNITS; do
 		{ [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; } || ours_file "$UNITS/$unit" || continue
-		# A watcher left running would stage a driver into the $OPT this removes.
+		# A watcher left running would stage a driver into the $OPT this removes; the
+		# persistence daemon runs from it.
 		[ -n "$ROOT" ] || [ "$unit" = nvidia.service ] || systemctl_root stop "$unit" >/dev/null 2>&1 || true
 		systemctl_root disable "$unit" >/dev/null 2>&1 || true
 		act rm -f "$UNITS/$unit"
@@ -316,6 +326,9 @@ uninstall() {
 	run_ldconfig || warn "ldconfig failed; run it by hand"
 	[ -n "$ROOT" ] || systemctl_root daemon-reload || true
 	say "uninstalled; modules already loaded stay loaded until the next reboot"
+	# Nothing of setup-nvidia's is left (an install removes it): unshadowed, it starts over.
+	[ ! -f "$ROOT$FLATCAR_UNIT" ] ||
+		say "Flatcar's own nvidia.service (setup-nvidia) is no longer shadowed: at the next boot it downloads, builds and loads NVIDIA's driver$(recipe_driver | sed 's/^./ &/') on a node with an NVIDIA GPU (systemctl mask nvidia.service keeps it from doing so)"
 	exit 0
 }
 
@@ -478,6 +491,7 @@ check_settings() {
 			if (key == "OS") return v ~ /^(flatcar|coreos)$/
 			if (key == "ARCH") return v ~ /^(x86_64|aarch64)$/
 			if (key == "ON_DRIVER_FAILURE") return v ~ /^(start-without-gpus|wait)$/
+			if (key == "PERSISTENCE") return v ~ /^(daemon|legacy|off)$/
 			if (key == "KERNEL_RELEASES") return words(v, "^[A-Za-z0-9._+~-]+$")
 			if (key == "AGENT_UNITS") return words(v, "^[A-Za-z0-9@_.:\\\\-]+[.]service$")
 			if (key == "REPOSITORY_URL") return v == "" || v ~ /^(https?|file):\/\/[^ \t]+$/
@@ -486,7 +500,7 @@ check_settings() {
 		}
 		END {
 			n = split("DRIVER_VERSION FLAVOUR PROFILE OS ARCH KERNEL_RELEASES AGENT_UNITS " \
-				"ON_DRIVER_FAILURE REPOSITORY_URL REPOSITORY_KEY_FINGERPRINT", keys, " ")
+				"ON_DRIVER_FAILURE PERSISTENCE REPOSITORY_URL REPOSITORY_KEY_FINGERPRINT", keys, " ")
 			for (i = 1; i <= n; i++)
 				if (!valid(keys[i], values[keys[i]])) {
 					printf "node/bundle.env: %s=%s is not a valid value", keys[i], values[keys[i]]
@@ -760,6 +774,10 @@ rollback() {
 	if [ -z "$ROOT" ] && [ "$SYSTEMD_TOUCHED" = 1 ]; then
 		systemctl daemon-reload >/dev/null 2>&1 || rb_failed="$rb_failed (systemctl daemon-reload)"
 	fi
+	# Flatcar's setup-nvidia, stopped by this run, builds its driver again.
+	if [ "$RECIPE_STOPPED" = 1 ]; then
+		systemctl start --no-block nvidia.service >/dev/null 2>&1 || rb_failed="$rb_failed (systemctl start nvidia.service)"
+	fi
 	[ -z "$rb_failed" ] || warn "could not put back:$rb_failed"
 }
 
@@ -786,6 +804,7 @@ undo_journal() {
 	rm -rf "$rb_undo"
 }
 SYSTEMD_TOUCHED=0
+RECIPE_STOPPED=0
 LOCKING=0
 LOCK_MADE=0
 
@@ -849,6 +868,71 @@ disable() {
 	txn_save "$UNITS"/*.wants/"$1" "$UNITS"/*.requires/"$1"
 	SYSTEMD_TOUCHED=1
 	systemctl_root disable "$1" >/dev/null 2>&1 || true
+}
+
+# --- Flatcar's own recipe (lib.sh find_flatcar_recipe) -------------------------------------------
+# setup-nvidia may be compiling into /opt/nvidia right now (a node provisioned at its first
+# boot runs this script while Flatcar's nvidia.service runs too), or may have left a driver of
+# its own. Two drivers must not share /opt/nvidia/current, /opt/bin and
+# /etc/ld.so.conf.d/nvidia.conf: setup-nvidia's run is stopped, its `current` link and tools go
+# (saved in the journal, like every change) and its ld.so.conf.d entry is replaced by ours;
+# its driver folders and work folder go once the install is whole (drop_recipe). From then on
+# our nvidia.service, of the same name in /etc/systemd/system, shadows Flatcar's.
+
+# stop_recipe: stop Flatcar's nvidia.service while its setup-nvidia runs (on a node, while
+# nvidia.service is still Flatcar's unit). systemd stops the compile with it; a rollback
+# starts the unit again.
+stop_recipe() {
+	[ -z "$ROOT" ] && [ -f "$FLATCAR_UNIT" ] && command -v systemctl >/dev/null 2>&1 || return 0
+	# systemd names the file by its unit folder: /lib/systemd/system on a split-/usr build.
+	sr_fragment=$(systemctl show -p FragmentPath --value nvidia.service 2>/dev/null)
+	[ -n "$sr_fragment" ] && [ "$(readlink -f "$sr_fragment")" = "$(readlink -f "$FLATCAR_UNIT")" ] &&
+		[ "$(systemctl show -p ActiveState --value nvidia.service 2>/dev/null)" = activating ] || return 0
+	sr_what="Flatcar's nvidia.service: its setup-nvidia is building NVIDIA's driver$(recipe_driver | sed 's/^./ &/') into $OPT, and coreos-gpu's nvidia.service replaces it"
+	if [ "$DRY" = 1 ]; then
+		say "would stop $sr_what"
+		return 0
+	fi
+	say "stopping $sr_what"
+	RECIPE_STOPPED=1
+	quietly systemctl stop nvidia.service || die 1 "cannot stop Flatcar's nvidia.service (setup-nvidia)"
+}
+
+# take_over_recipe: setup-nvidia's `current` link and /opt/bin tools go (the switch and the
+# tool links below put ours there), and its ld.so.conf.d entry is named (put_file below
+# replaces it); one line says what.
+take_over_recipe() {
+	tr_what=
+	if [ -n "$RECIPE_CURRENT" ]; then
+		tr_what=" $OPT/current"
+		put_away "$ROOT$OPT/current" || die 1 "cannot remove Flatcar's $OPT/current (setup-nvidia's)"
+	fi
+	for tr_tool in $RECIPE_TOOLS; do
+		tr_what="$tr_what /opt/bin/$tr_tool"
+		put_away "$ROOT/opt/bin/$tr_tool" || die 1 "cannot remove Flatcar's /opt/bin/$tr_tool (setup-nvidia's)"
+	done
+	tr_line=
+	[ ! -f "$LDCONF" ] || read -r tr_line <"$LDCONF" || true
+	[ "$tr_line" != "$OPT/current/usr/lib64" ] || tr_what="$tr_what ${LDCONF#"$ROOT"}"
+	[ -n "$tr_what" ] || return 0
+	say "taking over from Flatcar's setup-nvidia:$tr_what"
+}
+
+# drop_recipe: once the install is whole, setup-nvidia's driver folders (a few hundred MiB
+# each) and its work folder (the ~6 GB developer container) go: coreos-gpu's driver replaces
+# them, and left there they would mislead setup-nvidia itself after nvidia-uninstall (it
+# skips the build for a kernel whose folder exists, then loads through a `current` that is
+# gone). Out of sight first, one rename each, as drop_unbootable does.
+drop_recipe() {
+	[ -n "$RECIPE_TREES$RECIPE_WORK" ] || return 0
+	dr_what=
+	for dr_name in $RECIPE_TREES ${RECIPE_WORK:+workdir}; do
+		act mv -T "$ROOT$OPT/$dr_name" "$ROOT$OPT/.gone.$dr_name.$$" &&
+			act rm -rf "$ROOT$OPT/.gone.$dr_name.$$" || return 1
+		dr_what="$dr_what $OPT/$dr_name"
+	done
+	[ "$DRY" = 1 ] ||
+		say "removed Flatcar's setup-nvidia build:$dr_what (after nvidia-uninstall, Flatcar's nvidia.service builds its driver again at the next boot)"
 }
 
 LOCKING=1
@@ -922,6 +1006,9 @@ case " $KERNEL_RELEASES " in
 *" $RUNNING "*) ;;
 *) warn "this node runs kernel $RUNNING, but the bundle has modules only for $KERNEL_RELEASES: the driver will not load until the node boots one of those" ;;
 esac
+stop_recipe
+find_flatcar_recipe
+take_over_recipe
 
 # --- what the boot runs, outside the switched folder; the rest points through current ------------
 # The unit, its entry point (boot.sh: it runs current's startup.sh, or says what is wrong with
@@ -933,8 +1020,8 @@ put_copy "$FROM/node/nvidia-doctor" "$ROOT$OPT/nvidia-doctor" 0755 ||
 make_dir "$ROOT/etc/ld.so.conf.d" && put_file "$LDCONF_TEXT" "$LDCONF" || die 1 "cannot write $LDCONF"
 make_dir "$UNITS" && put_copy "$FROM/nvidia.service" "$UNITS/nvidia.service" 0644 ||
 	die 1 "cannot write $UNITS/nvidia.service"
-# The repository's units come and go with the bundle's repository setting.
-for unit in $REPOSITORY_UNITS; do
+# The bundle's units come and go with its settings (repository, persistence).
+for unit in $BUNDLE_UNITS; do
 	if [ -f "$FROM/node/$unit" ]; then
 		put_link "$OPT/current/node/$unit" "$UNITS/$unit" || die 1 "cannot link $UNITS/$unit"
 	elif [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; then
@@ -957,10 +1044,13 @@ for tool in "$TOOLS_FROM"/bin/*; do
 done
 for entry in $TOOLS nvidia-doctor:nvidia-doctor nvidia-uninstall:current/install_nvidia.sh; do
 	tool=${entry%%:*}
-	if [ -e "$ROOT/opt/bin/$tool" ] && ! ours "$ROOT/opt/bin/$tool"; then
-		warn "/opt/bin/$tool is not coreos-gpu's; leaving it"
-		continue
-	fi
+	# setup-nvidia's went above (a dry run only said so); anyone else's stay.
+	case " $RECIPE_TOOLS " in *" $tool "*) ;; *)
+		if [ -e "$ROOT/opt/bin/$tool" ] && ! ours "$ROOT/opt/bin/$tool"; then
+			warn "/opt/bin/$tool is not coreos-gpu's; leaving it"
+			continue
+		fi ;;
+	esac
 	put_link "$OPT/${entry#*:}" "$ROOT/opt/bin/$tool" || die 1 "cannot link /opt/bin/$tool"
 done
 
@@ -983,7 +1073,7 @@ SYSTEMD_TOUCHED=1
 if [ "$ENABLE" = 1 ]; then
 	txn_units
 	systemctl_root enable nvidia.service || die 1 "systemctl enable nvidia.service failed"
-	for unit in $ENABLED_REPOSITORY_UNITS; do
+	for unit in $ENABLED_BUNDLE_UNITS; do
 		[ ! -L "$UNITS/$unit" ] || systemctl_root enable "$unit" || die 1 "systemctl enable $unit failed"
 	done
 fi
@@ -993,21 +1083,31 @@ txn_commit
 # Flatcar may boot the previous release again) and the staged ones. The install is whole
 # already: a folder that cannot go now goes at the next run.
 drop_unbootable || warn "cannot remove the drivers no boot wants any more from $OPT; the next install tries again"
+drop_recipe || warn "cannot remove Flatcar's setup-nvidia build from $OPT; the next install tries again"
 
-# start_repository_units: the stage watcher and the retry timer, now: enabled, they start
-# only at the next boot, and an OS update downloaded before it would go unstaged. After
-# nvidia.service (an elapsed OnBootSec fires the timer at once, and its fetch.sh --retry
-# must not race the install's own start), whether or not the driver started (the retry
-# timer is for that case). The watcher is restarted: it runs the fetch.sh, settings and key
-# of the driver that was current when it started. --no-block: it is ordered after
+# start_bundle_units: the stage watcher, the retry timer and the persistence daemon, now:
+# enabled, they start only at the next boot, and an OS update downloaded before it would go
+# unstaged. After nvidia.service (an elapsed OnBootSec fires the timer at once, and its
+# fetch.sh --retry must not race the install's own start). The timer and the watcher start
+# whether or not the driver started (the retry timer is for that case); the daemon only when
+# it did: its Requires= would start nvidia.service again, in the background, for a driver
+# that just failed to load. The watcher is restarted: it runs the fetch.sh, settings and key
+# of the driver that was current when it started; a running daemon is left alone (the same
+# driver is loaded: another version needs a reboot). --no-block: the watcher is ordered after
 # update-engine and the network, and must not hold the first boot's provisioning unit.
-# A failure is a warning: the driver is installed, and both start at the next boot.
-start_repository_units() {
-	for sru_unit in $ENABLED_REPOSITORY_UNITS; do
-		[ -f "$FROM/node/$sru_unit" ] || continue
-		case $sru_unit in *.service) sru_verb=restart ;; *) sru_verb=start ;; esac
-		quietly systemctl_root "$sru_verb" --no-block "$sru_unit" ||
-			warn "cannot start $sru_unit (${CAUSE:-systemctl $sru_verb failed}); it starts at the next boot, or now with: systemctl start $sru_unit"
+# A failure is a warning: the driver is installed, and they start at the next boot.
+start_bundle_units() {
+	for sbu_unit in $ENABLED_BUNDLE_UNITS; do
+		[ -f "$FROM/node/$sbu_unit" ] || continue
+		case $sbu_unit in
+		nvidia-persistenced.service)
+			[ "$STARTED:$UNIT_STARTED" = 0:1 ] || continue
+			sbu_verb=start ;;
+		*.service) sbu_verb=restart ;;
+		*) sbu_verb=start ;;
+		esac
+		quietly systemctl_root "$sbu_verb" --no-block "$sbu_unit" ||
+			warn "cannot start $sbu_unit (${CAUSE:-systemctl $sbu_verb failed}); it starts at the next boot, or now with: systemctl start $sbu_unit"
 		CAUSE=
 	done
 }
@@ -1018,7 +1118,7 @@ if [ "$START" = 1 ]; then
 	STARTED=$?
 	UNIT_STARTED=1
 	[ "$STARTED" != 0 ] || systemctl_root start nvidia.service || UNIT_STARTED=0
-	start_repository_units
+	start_bundle_units
 	# startup.sh's own code shows through: 10 + its 3..9 (any other: 11).
 	case $STARTED in
 	0) ;;

@@ -369,6 +369,61 @@ first_unsigned() {
 	done
 }
 
+# --- Flatcar's own recipe: setup-nvidia ---------------------------------------------------------
+# Every Flatcar image ships /usr/lib/systemd/system/nvidia.service, enabled, whose
+# /usr/lib/nvidia/bin/setup-nvidia compiles NVIDIA's driver at boot on a node with an NVIDIA
+# GPU (coreos-overlay x11-drivers/nvidia-drivers-service): it lays the driver out in
+# /opt/nvidia/<driver>/<kernel>/usr/{lib64,lib/modules/<kernel>/video}, links /opt/nvidia/current
+# to <driver>/<kernel>, copies eight tools into /opt/bin (plain files), writes
+# /etc/ld.so.conf.d/nvidia.conf (/opt/nvidia/current/usr/lib64) and keeps its downloads in
+# /opt/nvidia/workdir. It skips the build when /opt/nvidia/<driver>/$(uname -r) is there, the
+# driver version coming from /usr/share/flatcar/nvidia-metadata (/etc/flatcar/'s overrides).
+# coreos-gpu's unit has the same name in /etc/systemd/system, so systemd runs ours instead.
+FLATCAR_UNIT=/usr/lib/systemd/system/nvidia.service
+FLATCAR_TOOLS="nvidia-debugdump nvidia-cuda-mps-control nvidia-xconfig nvidia-modprobe nvidia-smi nvidia-cuda-mps-server nvidia-persistenced nvidia-settings"
+
+# find_flatcar_recipe: what a run of setup-nvidia left. RECIPE_TREES: its driver folders in
+# $OPT (a version number, holding <kernel>/usr); RECIPE_CURRENT: 1 when $OPT/current is its
+# link (it leads to a usr/ tree, not to a driver folder of ours); RECIPE_TOOLS: its tools in
+# /opt/bin, files and not links, counted only beside a tree or current of its own (without
+# one, a file there is someone else's); RECIPE_WORK: its work folder. Builtins only: every
+# install asks.
+find_flatcar_recipe() {
+	RECIPE_TREES=
+	for fr_dir in "$ROOT$OPT"/*/*/usr; do
+		[ -d "$fr_dir" ] || continue
+		fr_driver=${fr_dir%/*/usr}
+		fr_driver=${fr_driver##*/}
+		case $fr_driver in "" | *[!0-9.]*) continue ;; esac
+		case " $RECIPE_TREES " in *" $fr_driver "*) ;; *) RECIPE_TREES="$RECIPE_TREES $fr_driver" ;; esac
+	done
+	RECIPE_TREES=${RECIPE_TREES# }
+	RECIPE_CURRENT=
+	[ -L "$ROOT$OPT/current" ] && [ -d "$ROOT$OPT/current/usr" ] && [ ! -e "$ROOT$OPT/current/node/bundle.env" ] &&
+		RECIPE_CURRENT=1
+	RECIPE_TOOLS=
+	if [ -n "$RECIPE_TREES$RECIPE_CURRENT" ]; then
+		for fr_tool in $FLATCAR_TOOLS; do
+			[ -f "$ROOT/opt/bin/$fr_tool" ] && [ ! -L "$ROOT/opt/bin/$fr_tool" ] && RECIPE_TOOLS="$RECIPE_TOOLS $fr_tool"
+		done
+	fi
+	RECIPE_TOOLS=${RECIPE_TOOLS# }
+	RECIPE_WORK=
+	[ ! -d "$ROOT$OPT/workdir" ] || [ -L "$ROOT$OPT/workdir" ] || RECIPE_WORK=$OPT/workdir
+	return 0
+}
+
+# recipe_driver: the driver version Flatcar's recipe builds on this node (nvidia-metadata;
+# "" when this OS has none).
+recipe_driver() {
+	for rd_file in "$ROOT/etc/flatcar/nvidia-metadata" "$ROOT/usr/share/flatcar/nvidia-metadata"; do
+		rd_version=$(bundle_value NVIDIA_DRIVER_VERSION "$rd_file")
+		rd_version=${rd_version#\"}  # a shell file: "…" is as good as bare
+		rd_version=${rd_version%\"}
+		[ -z "$rd_version" ] || { printf '%s' "$rd_version"; return 0; }
+	done
+}
+
 # --- staged drivers and what a node keeps ---------------------------------------------------
 # $OPT/staged lists the driver folders installed beside `current` for a kernel the node has
 # not booted yet (an OS update waiting for its reboot, or a fetch at boot just before the

@@ -23,8 +23,14 @@
 #   27  fetching failed for another reason (see the message above it)
 #   28, 29  fetch.sh's: the index is older than one this node accepted (28) or expired (29)
 #
+# Persistence (node/bundle.env's PERSISTENCE, the build's persistence setting): with legacy
+# it turns the kernel's persistence mode on (nvidia-smi -pm 1); daemon leaves it to
+# nvidia-persistenced.service, which starts after nvidia.service; off (and a bundle from
+# before the setting) does neither.
+#
 # Settings from the environment (nvidia.service reads /etc/default/nvidia):
-#   NVIDIA_PERSISTENCE_MODE=1  turn persistence mode on (nvidia-smi -pm 1)
+#   NVIDIA_PERSISTENCE_MODE=1  nvidia-smi -pm 1 whatever the bundle's setting: kept for the
+#                              nodes that set it before the setting existed
 #   NVIDIA_LOAD_DRM=1          also load nvidia-drm (needs drm_kms_helper); off for compute
 #   NVIDIA_FORCE_LOAD=1        as --force-load (for tests on machines without a GPU)
 #   NVIDIA_REPOSITORY_URL=URL  fetch from this repository instead of the bundle's (none: off)
@@ -324,7 +330,8 @@ expected_nodes | while read -r path major minor; do
 done || exit $?
 
 # --- persistence and a last check ---------------------------------------------------------
-if [ "${NVIDIA_PERSISTENCE_MODE:-0}" = 1 ]; then
+if [ "$(bundle_value PERSISTENCE "$HERE/node/bundle.env")" = legacy ] ||
+	[ "${NVIDIA_PERSISTENCE_MODE:-0}" = 1 ]; then
 	act nvidia-smi -pm 1 >/dev/null || warn "could not turn persistence mode on (nvidia-smi -pm 1)"
 fi
 if ! SMI=$(nvidia-smi -L 2>&1); then
