@@ -16,7 +16,7 @@ from .test_bundle import CLOUD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
 CHECKS = ["gpus", "modules", "sysext", "lockdown", "flatcar-recipe", "device-nodes", "libraries",
-          "agent-path", "unit-ordering", "cgroups", "nvidia-smi", "persistence"]
+          "agent-path", "unit-ordering", "cgroups", "nvidia-smi", "persistence", "cdi"]
 AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
 MISSING_TOOLS = ("nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
                  "nvidia-cuda-mps-server")

@@ -313,10 +313,11 @@ uninstall() {
 	if [ -f "$LDCONF" ] && grep -q '^# coreos-gpu' "$LDCONF"; then
 		act rm -f "$LDCONF"
 	fi
-	# Only what this script puts in /opt/nvidia: an earlier tool's files there stay. This
-	# script may run from one of these folders: sh has it open already, so it reads on.
+	# Only what this script puts in /opt/nvidia (and startup.sh's CDI spec, which names the
+	# driver folders that go): an earlier tool's files there stay. This script may run from
+	# one of these folders: sh has it open already, so it reads on.
 	for item in "$ROOT$OPT"/current "$ROOT$OPT"/previous "$ROOT$OPT"/startup.sh \
-		"$ROOT$OPT"/nvidia-doctor "$ROOT$STAGED" \
+		"$ROOT$OPT"/nvidia-doctor "$ROOT$STAGED" "$ROOT$CDI_SPEC" \
 		"$ROOT$OPT"/.fetch.* "$ROOT$OPT"/*/node/bundle.env; do
 		[ -e "$item" ] || [ -L "$item" ] || continue
 		case $item in */node/bundle.env) item=${item%/node/bundle.env} ;; esac

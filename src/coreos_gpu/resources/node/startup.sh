@@ -144,6 +144,8 @@ GPUS=$(list_gpus)
 if [ -z "$GPUS" ]; then
 	if [ "$FORCE" != 1 ]; then
 		say "no NVIDIA GPU on PCI (vendor $NVIDIA_VENDOR, class 0x0300 or 0x0302): nothing to load"
+		# A spec left from a GPU that is gone would offer containers devices that are not there.
+		write_cdi_spec "$HERE" || warn "cannot remove the CDI spec $CDI_SPEC"
 		exit 0
 	fi
 	say "no NVIDIA GPU on PCI; loading anyway (--force-load)"
@@ -337,4 +339,7 @@ fi
 if ! SMI=$(nvidia-smi -L 2>&1); then
 	die 7 "nvidia-smi does not answer: $(printf '%s' "$SMI" | tail -n 2 | tr '\n' ' ')"
 fi
+# --- CDI: what containerd, CRI-O, Podman and Docker hand to containers (lib.sh) -----------------
+write_cdi_spec "$HERE" ||
+	warn "cannot write the CDI spec $CDI_SPEC: containers that ask for $CDI_KIND devices get none (nvidia-doctor's cdi check)"
 say "driver $DRIVER_VERSION is ready: $(printf '%s\n' "$SMI" | grep -c '^GPU ') GPU(s) answer nvidia-smi"
