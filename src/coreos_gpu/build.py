@@ -86,7 +86,7 @@ def build(config: BuildConfig) -> Build:
                                     image_sha256=d.image_sha256)
                       for d in devroots],
             node=NodeSettings(config.agent_units, config.on_driver_failure, trust,
-                              persistence=config.persistence),
+                              persistence=config.persistence, mesos_path=config.mesos_path),
             tool_version=__version__,
             cache_dir=config.cache_dir)
     return Build(bundle, package, flavour, tuple(module_sets), compiled,

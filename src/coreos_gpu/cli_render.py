@@ -14,6 +14,7 @@ from coreos_gpu.cache import write_atomically
 from coreos_gpu.config import SETTINGS_BY_KEY, find_config_file, load_config
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.render import (
+    AGENT_SETTINGS,
     DEFAULT_IMAGE,
     IGNITION_SPECS,
     PROVISIONING,
@@ -32,6 +33,11 @@ _SETTING_HELP = {
                           "(default: the setting, else the driver's: open from 560)",
     "profile": "compute or full: the profile nodes take from a repository (default: the "
                "setting profile)",
+    "agents": "what runs the GPU containers (mesos, kubelet, containerd, docker, crio, nomad, "
+              "podman): the provisioning unit runs before their units (default: the bundle "
+              "file's, else the setting agents)",
+    "agent_units": "more units the provisioning unit runs before (default: the bundle file's, "
+                   "else the setting agent_units)",
 }
 
 
@@ -44,7 +50,7 @@ def _output_path(value: str) -> Path:
 
 def cmd_render(args: argparse.Namespace) -> None:
     output = _output_path(args.output) if args.output else None
-    settings = load_config({key: getattr(args, key) for key in SETTINGS},
+    settings = load_config({key: getattr(args, key) for key in (*SETTINGS, *AGENT_SETTINGS)},
                            find_config_file(args.config, Path.cwd()))
     request = build_request(
         Kind(args.kind), os=args.os, bundle=args.bundle, bundle_url=args.bundle_url,
@@ -75,7 +81,7 @@ def add_render_verb(verbs: Any) -> None:
     # Not through cli.py's verb(): its setting flags are build's (--os, --output, --repository
     # mean other things there).
     helptext = ("write an Ignition config, Butane config or Terraform provisioner that "
-                "installs a bundle, or a DC/OS GPU smoke test")
+                "installs a bundle, or a DC/OS or Kubernetes GPU smoke test")
     sub: argparse.ArgumentParser = verbs.add_parser("render", help=helptext,
                                                     description=helptext)
     sub.set_defaults(func=cmd_render)
@@ -99,15 +105,16 @@ def add_render_verb(verbs: Any) -> None:
                      help="a repository nodes fetch the bundle for their kernel from")
     sub.add_argument("--repository-key", type=Path, default=None, metavar="PUB.pem",
                      help="the repository's public key (coreos-gpu keygen)")
-    for key in SETTINGS:
+    for key in (*SETTINGS, *AGENT_SETTINGS):
         setting = SETTINGS_BY_KEY[key]
         sub.add_argument(setting.flag, dest=key, metavar=setting.metavar, default=None,
+                         action="append" if setting.multiple else "store",
                          help=_SETTING_HELP[key])
     sub.add_argument("--ignition-version", default=None, choices=IGNITION_SPECS,
                      help="Ignition spec (default: 2.2.0 for coreos, 3.3.0 for flatcar)")
     sub.add_argument("--image", default=DEFAULT_IMAGE, metavar="IMAGE",
                      help=f"the smoke test's Docker image (default: {DEFAULT_IMAGE})")
     sub.add_argument("--id", default="", metavar="ID",
-                     help="the smoke test's app or job id")
+                     help="the smoke test's app, job or pod id")
     sub.add_argument("--output", default="", metavar="FILE",
                      help="write there (atomically) instead of to stdout")

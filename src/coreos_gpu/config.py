@@ -71,6 +71,19 @@ class Persistence(StrEnum):
     OFF = "off"
 
 
+class Agent(StrEnum):
+    """What starts the GPU containers on a node: a preset of the units that must start after
+    the driver (AGENT_PRESET_UNITS)."""
+
+    MESOS = "mesos"
+    KUBELET = "kubelet"
+    CONTAINERD = "containerd"
+    DOCKER = "docker"
+    CRIO = "crio"
+    NOMAD = "nomad"
+    PODMAN = "podman"
+
+
 class Runtime(StrEnum):
     AUTO = "auto"
     PODMAN = "podman"
@@ -83,6 +96,20 @@ class Runtime(StrEnum):
 # A current NVIDIA datacenter (Tesla) driver of the R580 long-term branch.
 DEFAULT_DRIVER_VERSION = "580.82.07"
 DEFAULT_AGENT_UNITS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
+# The units each preset orders after nvidia.service, by the names their packages install:
+# DC/OS's two agents; kubelet.service (Kubernetes' own packages; on Flatcar the operator
+# installs it under that name); containerd.service and docker.service (Flatcar's own units);
+# crio.service (CRI-O's); nomad.service (HashiCorp's packages). Podman has no daemon: nothing
+# to order, so its containers' units (Quadlets) go into agent_units.
+AGENT_PRESET_UNITS: Mapping[Agent, tuple[str, ...]] = {
+    Agent.MESOS: DEFAULT_AGENT_UNITS,
+    Agent.KUBELET: ("kubelet.service",),
+    Agent.CONTAINERD: ("containerd.service",),
+    Agent.DOCKER: ("docker.service",),
+    Agent.CRIO: ("crio.service",),
+    Agent.NOMAD: ("nomad.service",),
+    Agent.PODMAN: (),
+}
 
 Parser = Callable[[Any], Any]
 
@@ -225,7 +252,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kernel_module_type", "which kernel module sources to build (default: the "
             "driver's, as NVIDIA's installer picks it: open from 560 on, proprietary before)",
             _choice(KernelModuleType), lambda: None, "TYPE"),
-    Setting("agent_units", "Mesos agent units that must start after the driver",
+    Setting("agents", "what runs the GPU containers: presets of the units that start after "
+            "the driver (mesos: DC/OS's two agents, kubelet, containerd, docker, crio, nomad; "
+            "podman: none) (default: mesos, unless agent_units is set)",
+            _list_of(_choice(Agent)), lambda: (Agent.MESOS,), "AGENT", flag_name="agent",
+            multiple=True),
+    Setting("agent_units", "more units that must start after the driver, added to the "
+            "agents' (given without agents, these units alone, as before presets)",
             _list_of(UNIT), lambda: DEFAULT_AGENT_UNITS, "UNIT", flag_name="agent_unit",
             multiple=True),
     Setting("on_driver_failure", "what the agent units do when the driver fails to load: "
@@ -303,7 +336,8 @@ class BuildConfig:
     driver_sha256: str
     profile: Profile
     kernel_module_type: KernelModuleType | None  # None: the driver's default
-    agent_units: tuple[str, ...]
+    agents: tuple[Agent, ...]  # () when agent_units alone was given
+    agent_units: tuple[str, ...]  # every unit the bundle orders: the agents' and agent_units
     on_driver_failure: DriverFailurePolicy
     persistence: Persistence
     repository: str
@@ -328,6 +362,12 @@ class BuildConfig:
     offline: bool
     # Where each value came from: "default", the config file's path, or the flag.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def mesos_path(self) -> bool:
+        """Whether the agent units' drop-in gives them the Mesos agent's PATH (node/agent.env):
+        with the mesos preset, or with agent_units alone (Mesos agents, as before presets)."""
+        return Agent.MESOS in self.agents or not self.agents
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +434,30 @@ def load_config(flags: Mapping[str, Any], config_file: Path | None) -> BuildConf
             # A path in a config file means the same wherever the command is run from.
             values[s.key] = config_file.parent / values[s.key]
         sources[s.key] = source
+    combine_agents(values, sources)
     return BuildConfig(**values, sources=sources)
+
+
+def combine_agents(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """agent_units becomes every unit the bundle orders: the presets' units, then agent_units
+    when it was given. agent_units given without agents replaces the default preset, as it
+    replaced DC/OS's units before presets existed, so every earlier config builds the same
+    bundle; given with agents, it adds to them (a preset never has to be spelled out again)."""
+    given = sources["agent_units"] != "default"
+    if given and sources["agents"] == "default":
+        values["agents"] = ()
+    presets = tuple(unit for agent in values["agents"] for unit in AGENT_PRESET_UNITS[agent])
+    units = tuple(dict.fromkeys(presets + (values["agent_units"] if given else ())))
+    if not units:
+        # The node orders nvidia.service Before= these, and refuses a bundle without any.
+        raise CoreosGpuError(
+            f"agents = {', '.join(values['agents'])} orders no unit after the driver, and a "
+            "bundle needs at least one", hint="add the units that start your GPU containers "
+            "to agent_units (a Podman Quadlet's NAME.service), or another agent",
+            code=ExitCode.CONFIG)
+    if not given and sources["agents"] != "default":
+        sources["agent_units"] = f"agents ({sources['agents']})"
+    values["agent_units"] = units
 
 
 def render_value(value: Any) -> Any:

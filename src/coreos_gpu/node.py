@@ -49,6 +49,11 @@ class NodeSettings:
     # The build passes the setting (default daemon); off here is a bundle as it was before
     # the setting: no unit, and a package without nvidia-persistenced is fine.
     persistence: Persistence = Persistence.OFF
+    # Whether the drop-in sets the agents' PATH to DC/OS's plus the driver's tools (Mesos's
+    # GPU isolator finds nvidia-smi with `which`). Off for the other agents (BuildConfig's
+    # mesos_path): they get the driver through CDI and need nothing on their PATH, and
+    # agent.env would replace their own (Flatcar's containerd.service sets one with /opt/bin).
+    mesos_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,14 @@ def render_module_deps(module_sets: Sequence[ModuleSet]) -> str:
 
 
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+# The drop-in's end (templates/agent-dropin.conf) with and without the Mesos agent's PATH.
+_MESOS_PATH = ("\n[Service]\n"
+               "# Read after DC/OS's own environment files, so this PATH wins: DC/OS's agent "
+               "PATH plus the\n# driver's bin folder, where the GPU isolator looks for "
+               "nvidia-smi and the other tools.\n"
+               "EnvironmentFile=-/opt/nvidia/current/node/agent.env")
+_NO_PATH = ("# No [Service] section: these units get the driver through CDI and need nothing "
+            "on their\n# PATH, so their own PATH stays as their unit sets it.")
 _REPOSITORY_UNITS = "repository/"
 _PERSISTENCED_UNIT = "nvidia-persistenced.service"
 # `. "…/node/lib.sh" # coreos-gpu: inline`
@@ -161,7 +174,9 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
               "AGENT_UNITS": " ".join(settings.agent_units),
               "POLICY": settings.on_driver_failure.value,
               "POLICY_TEXT": _POLICY_TEXT[settings.on_driver_failure],
-              "DEPENDENCY": _DEPENDENCY[settings.on_driver_failure]}
+              "DEPENDENCY": _DEPENDENCY[settings.on_driver_failure],
+              "AGENTS_TEXT": "Mesos agent unit" if settings.mesos_path else "agent unit",
+              "AGENT_PATH": _MESOS_PATH if settings.mesos_path else _NO_PATH}
     if settings.repository is not None:
         # The boot may fetch a bundle: it needs the network, and the download's time.
         values |= {"NETWORK": "Wants=network-online.target\nAfter=network-online.target",

@@ -4,7 +4,9 @@ Every value that goes into them is checked first (URL schemes, hex lengths, name
 references), so what comes out is either right or not written at all. The provisioning kinds
 (ignition, butane, terraform: provision.py) install a bundle on a node before the DC/OS agent
 starts; the smoke-test kinds (marathon-app, metronome-job) run `nvidia-smi` in a UCR container
-with one GPU, which is what DC/OS schedules only on an agent whose GPUs Mesos found.
+with one GPU, which is what DC/OS schedules only on an agent whose GPUs Mesos found;
+k8s-smoke-pod is the same for Kubernetes: a Pod that asks for one nvidia.com/gpu, which the
+scheduler places only on a node whose device plugin offers GPUs.
 
 A bundle comes from a file (its MANIFEST.json is read and checked through inspect_bundle, its
 sha256 and sha512 computed, and its SHA256SUMS's, which the node checks too) plus the URL
@@ -46,12 +48,16 @@ class Kind(StrEnum):
     TERRAFORM = "terraform"
     MARATHON_APP = "marathon-app"
     METRONOME_JOB = "metronome-job"
+    K8S_SMOKE_POD = "k8s-smoke-pod"
 
 
 PROVISIONING = (Kind.IGNITION, Kind.BUTANE, Kind.TERRAFORM)
 # The settings render takes (config.py declares each: flag, check, default). They pin the
 # bundle a repository node takes; given as flags, they are checked against a bundle file.
 SETTINGS = ("driver_version", "kernel_module_type", "profile")
+# The settings that name the units the provisioning unit runs before (the bundle's agent
+# units): given as flags or in the config file, they must be a bundle file's own.
+AGENT_SETTINGS = ("agents", "agent_units")
 # Ignition spec versions rendered: 2.2.0 is what CoreOS Container Linux's Ignition (v0.22 and
 # later) and Flatcar before 3185.0.0 read; 3.3.0 is what Flatcar reads from 3185.0.0 on
 # (Ignition v2.11+), and what Butane's flatcar 1.0.0 variant translates to.
@@ -61,7 +67,8 @@ DEFAULT_SPEC = {OsName.COREOS: "2.2.0", OsName.FLATCAR: "3.3.0"}
 # at /usr/local/nvidia in images that set NVIDIA_VISIBLE_DEVICES (nvidia/cuda images do).
 DEFAULT_IMAGE = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 DEFAULT_APP_ID = {Kind.MARATHON_APP: "/coreos-gpu-smoke-test",
-                  Kind.METRONOME_JOB: "coreos-gpu-smoke-test"}
+                  Kind.METRONOME_JOB: "coreos-gpu-smoke-test",
+                  Kind.K8S_SMOKE_POD: "coreos-gpu-smoke-test"}
 
 _HEX = re.compile(r"[0-9a-f]+")
 # RFC 3986 characters only: a URL goes into JSON, YAML, HCL and sh, quoted for each.
@@ -75,7 +82,10 @@ _IMAGE = re.compile(r"([a-zA-Z0-9][a-zA-Z0-9.-]*(:[0-9]+)?/)?"
 _NAME = r"[a-z0-9]+(-+[a-z0-9]+)*"
 _APP_NAME = r"[a-z0-9]+([.-]+[a-z0-9]+)*"
 _APP_ID = {Kind.MARATHON_APP: re.compile(rf"/?{_APP_NAME}(/{_APP_NAME})*"),
-           Kind.METRONOME_JOB: re.compile(rf"{_NAME}(\.{_NAME})*")}
+           Kind.METRONOME_JOB: re.compile(rf"{_NAME}(\.{_NAME})*"),
+           # A Pod's name: a DNS subdomain (RFC 1123: lowercase, digits, dashes and dots).
+           Kind.K8S_SMOKE_POD: re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                                          r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")}
 
 
 @dataclass(frozen=True)
@@ -163,9 +173,11 @@ def _sha512_of(path: Path) -> str:
 
 
 def bundle_source(path: Path | None, url: str, sha256: str, sha512: str, *,
-                  need_url: bool = True) -> BundleSource:
+                  need_url: bool = True,
+                  agent_units: tuple[str, ...] = DEFAULT_AGENT_UNITS) -> BundleSource:
     """--bundle FILE --bundle-url URL, or --bundle-url URL --bundle-sha256 HEX. The smoke
-    tests need no URL: only the driver version a file's manifest gives."""
+    tests need no URL: only the driver version a file's manifest gives. agent_units: the
+    settings', for a bundle known only by its URL (a file's manifest says its own)."""
     if not url and need_url:
         raise _bad("--bundle-url is missing: nodes need the URL they download the bundle from",
                    "upload nvidia.tar.gz (S3, any HTTP server) and give its URL")
@@ -177,7 +189,7 @@ def bundle_source(path: Path | None, url: str, sha256: str, sha512: str, *,
             raise _bad("--bundle-url needs --bundle-sha256 (or --bundle FILE): nodes check "
                        "the download before anything in it runs",
                        "sha256sum nvidia.tar.gz prints it")
-        return BundleSource(url=url, sha256=sha256, sha512=sha512)
+        return BundleSource(url=url, sha256=sha256, sha512=sha512, agent_units=agent_units)
     if not path.is_file():
         raise _bad(f"--bundle {path}: no such file")
     report = inspect_bundle(path)
@@ -211,13 +223,29 @@ def repository_source(url: str, key: Path | None, settings: BuildConfig) -> Repo
                             driver_version=settings.driver_version,
                             flavour=(settings.kernel_module_type
                                      or default_flavour(settings.driver_version)),
-                            profile=settings.profile)
+                            profile=settings.profile, agent_units=settings.agent_units)
 
 
 def _flags_given(settings: BuildConfig) -> dict[str, str]:
     """The settings a flag gave (not the config file or a default), as their values."""
     return {key: str(getattr(settings, key)) for key in SETTINGS
             if settings.sources.get(key) == SETTINGS_BY_KEY[key].flag}
+
+
+def _agents_given(settings: BuildConfig) -> bool:
+    """Whether a flag or the config file named the agents (not their default)."""
+    return any(settings.sources.get(key, "default") != "default" for key in AGENT_SETTINGS)
+
+
+def _check_agents_against_bundle(source: BundleSource, settings: BuildConfig) -> None:
+    """Agents named for a bundle file must be the ones it was built for: the provisioning
+    unit runs before the bundle's agent units, which the node's drop-ins order."""
+    if (_agents_given(settings) and source.contents_sha256
+            and set(settings.agent_units) != set(source.agent_units)):
+        raise _bad(f"the settings name the agent units {' '.join(settings.agent_units)}, but "
+                   f"the bundle was built for {' '.join(source.agent_units)}",
+                   "build the bundle with these agents, or drop --agent/--agent-unit (and "
+                   "agents, agent_units in the config file) to take the bundle's")
 
 
 def _check_against_bundle(source: BundleSource | None, given: dict[str, str]) -> None:
@@ -252,7 +280,8 @@ def build_request(kind: Kind, *, os: str | None, bundle: Path | None, bundle_url
     source: BundleSource | RepositorySource | None = None
     if from_bundle:
         source = bundle_source(bundle, bundle_url, bundle_sha256, bundle_sha512,
-                               need_url=kind in PROVISIONING)
+                               need_url=kind in PROVISIONING, agent_units=settings.agent_units)
+        _check_agents_against_bundle(source, settings)
     elif repository:
         source = repository_source(repository, repository_key, settings)
     elif kind in PROVISIONING:
@@ -343,6 +372,68 @@ def render_metronome_job(request: RenderRequest) -> Rendered:
         f"dcos job history {request.app_id}"))
 
 
+def pod_script(driver_version: str) -> list[str]:
+    """The smoke pod's sh script. The GPU's device nodes are what every CDI spec for it adds
+    (ours, or the device plugin's own); nvidia-smi is there when the spec mounts the driver's
+    tools and puts them on PATH, as the node's spec does: it then lists the GPU and says the
+    driver's version. Any failure ends the pod with a non-zero exit (set -e)."""
+    lines = ["set -eu",
+             "ls -l /dev/nvidiactl /dev/nvidia[0-9]*",
+             "if command -v nvidia-smi >/dev/null 2>&1; then",
+             "  nvidia-smi -L"]
+    if driver_version:
+        lines.append('  test "$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | '
+                     f'head -n 1)" = {driver_version}')
+    return [*lines,
+            "else",
+            "  echo 'no nvidia-smi in the container: the CDI spec that gave it the GPU mounts "
+            "no tools'",
+            "fi",
+            "echo 'coreos-gpu smoke test: OK'"]
+
+
+def render_k8s_smoke_pod(request: RenderRequest) -> Rendered:
+    """A Pod (YAML) with one nvidia.com/gpu that runs pod_script once and ends."""
+    name = request.app_id
+    q = json.dumps  # a JSON string is a YAML double-quoted scalar
+    annotations = {f"coreos-gpu/{k}": v for k, v in _labels(request).items()}
+    script = "".join(f"          {line}\n" for line in pod_script(request.driver_version))
+    text = (
+        f"# Written by coreos-gpu {request.tool_version} (coreos-gpu render k8s-smoke-pod): one "
+        "GPU through the\n# NVIDIA device plugin; it lists the GPU and ends (Succeeded) or "
+        "fails (Failed).\n"
+        "apiVersion: v1\n"
+        "kind: Pod\n"
+        "metadata:\n"
+        f"  name: {q(name)}\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: coreos-gpu-smoke-test\n"
+        "  annotations:\n"
+        + "".join(f"    {q(k)}: {q(v)}\n" for k, v in annotations.items()) +
+        "spec:\n"
+        "  restartPolicy: Never\n"
+        # GPU nodes are often tainted so that only GPU pods land there.
+        "  tolerations:\n"
+        "    - key: nvidia.com/gpu\n"
+        "      operator: Exists\n"
+        "      effect: NoSchedule\n"
+        "  containers:\n"
+        "    - name: smoke-test\n"
+        f"      image: {q(request.image)}\n"
+        "      command:\n"
+        "        - sh\n"
+        "        - -c\n"
+        "        - |\n"
+        f"{script}"
+        "      resources:\n"
+        "        limits:\n"
+        "          nvidia.com/gpu: 1\n")
+    return Rendered(text, ("kubectl apply -f FILE",
+                           f"kubectl wait --for=jsonpath='{{.status.phase}}'=Succeeded "
+                           f"pod/{name} --timeout=5m",
+                           f"kubectl logs {name}", f"kubectl delete pod {name}"))
+
+
 def render(request: RenderRequest) -> Rendered:
     from coreos_gpu import provision
 
@@ -350,6 +441,8 @@ def render(request: RenderRequest) -> Rendered:
         return render_marathon_app(request)
     if request.kind is Kind.METRONOME_JOB:
         return render_metronome_job(request)
+    if request.kind is Kind.K8S_SMOKE_POD:
+        return render_k8s_smoke_pod(request)
     assert request.source is not None  # build_request requires one for these kinds
     if request.kind is Kind.IGNITION:
         config = provision.ignition_config(request.source, spec=request.ignition_spec,
