@@ -170,7 +170,8 @@ def test_build_refuses_a_module_that_is_not_this_builds(
         "--signing-key-fingerprint", flatcar_release.key_fingerprint,
         "--driver-url", _copying_run(tmp_path, sets, uvm_from, stale),
         "--driver-version", R470, "--runtime", "bwrap", "--output", archive,
-        cwd=tmp_path, cache=tmp_path / "cache")
+        # This .run has no nvidia-persistenced, which persistence = daemon (the default) needs.
+        "--persistence", "off", cwd=tmp_path, cache=tmp_path / "cache")
     assert result.code == ExitCode.MODULES, result.stderr
     error, hint = result.error_lines
     assert error.startswith(f"coreos-gpu: error: {message}"), error
