@@ -54,11 +54,14 @@ def test_prepare_gives_the_release_kernel_tree(cli, mirror: Mirror, flatcar_rele
     assert shown["kernel_release"] == KERNEL
     assert shown["version"] == flatcar_release.version
     root = Path(shown["root"])
-    assert f"FLATCAR_RELEASE_VERSION={flatcar_release.version}" in (
-        root / "usr/share/flatcar/release").read_text()
+    # /etc is copied whole, and its os-release link followed into /usr/lib.
+    assert f"VERSION={flatcar_release.version}\n" in (root / "etc/os-release").read_text()
     tree = resolve_in_root(root, shown["build_dir"])
     assert tree.is_relative_to(root) and (tree / "Module.symvers").is_file()
     assert (root / "usr/bin/make").exists() and (root / "usr/bin/gcc-12").exists()
+    # Only what a module build reads: dpkg's database and the release files stay behind.
+    assert not (root / "var/lib/dpkg").exists()
+    assert not (root / "usr/share/flatcar/release").exists()
     # "current" is the newest release, with the other kernel; then offline, everything comes
     # from the cache.
     again = _prepare(cli, mirror, flatcar_release, "--release", "current", "--json")
@@ -230,7 +233,7 @@ def test_a_command_runs_inside_the_root(cli, mirror: Mirror, flatcar_release, tm
                                         runtime: str) -> None:
     if runtime == "podman":
         (tmp_path / "coreos-gpu.toml").write_text(PODMAN_HERE)
-    script = ("cat /usr/share/flatcar/release; uname -s; "
+    script = ("cat /etc/os-release; uname -s; "
               "make -s -C /usr/lib/modules/*/build kernelversion; gcc-12 -dumpversion")
     result = _prepare(cli, mirror, flatcar_release, "--release", flatcar_release.version)
     assert result.code == 0, result.stderr
@@ -238,7 +241,7 @@ def test_a_command_runs_inside_the_root(cli, mirror: Mirror, flatcar_release, tm
               "--release", flatcar_release.version, "--signing-key-fingerprint",
               flatcar_release.key_fingerprint, "--", "sh", "-c", script)
     assert run.code == 0, run.stderr
-    assert f"FLATCAR_RELEASE_VERSION={flatcar_release.version}" in run.stdout
+    assert f"VERSION={flatcar_release.version}\n" in run.stdout
     # kbuild itself runs inside the root and names the kernel's upstream version.
     assert f"\n{flatcar_release.kernel_version}\n" in run.stdout
     assert run.stdout.rstrip().endswith("12")

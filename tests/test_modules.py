@@ -14,15 +14,13 @@ from coreos_gpu.config import Board, Channel, KernelModuleType, OsName, Runtime
 from coreos_gpu.devcontainer import DevRoot, resolve_in_root, unpack_image
 from coreos_gpu.driver import load_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.kconfig import CompilerWanted, read_kconfig, wanted_compiler
 from coreos_gpu.modules import (
-    CompilerWanted,
     Toolchain,
     build_modules,
     find_command,
     module_set_key,
-    read_kconfig,
     resolve_toolchain,
-    wanted_compiler,
 )
 from coreos_gpu.release import OsRelease
 from coreos_gpu.sandbox import EngineOptions

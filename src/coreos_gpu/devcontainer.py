@@ -1,10 +1,12 @@
 """Developer container stage: a verified `.bin.bz2` image → `DevRoot`, a root folder holding
 the release's prepared kernel build tree. Nothing is mounted and no container engine is needed:
 
-    .bin.bz2 → (streamed) raw GPT disk → partition 9 "ROOT" → ext4 → `debugfs rdump` → folder
+    .bin.bz2 → (streamed) raw GPT disk → partition 9 "ROOT" → ext4 → debugfs → folder
 
-Only partition 9 is written to disk (sparsely), never the whole raw image. The result is
-cached by the image's sha256.
+Only partition 9 is written to disk (sparsely), never the whole raw image, and deleted once
+read. Of a Flatcar ROOT only what a module build reads is copied (buildroot.py: a few
+hundred MB of a ~6 GB image); CoreOS's is copied whole, since its tree is prepared in it by
+emerge. The result is cached by the image's sha256.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from coreos_gpu import ui
+from coreos_gpu.buildroot import MODULE_DIRS, copy_build_root
 from coreos_gpu.cache import content_digest, locked, write_atomically
 from coreos_gpu.config import BuildConfig, OsName, Runtime
 from coreos_gpu.errors import CoreosGpuError, ExitCode, KernelTreeNotPrepared
@@ -36,8 +39,6 @@ SECTOR = 512
 ROOT_PARTITION = 9  # Flatcar's and CoreOS's disk layout: partition 9 is ROOT
 CHUNK = 1 << 20
 _EXT4_MAGIC_AT = 1024 + 0x38
-# Kernel build trees: /usr/lib/modules on current Flatcar, /usr/lib64/modules up to 3115.0.0.
-MODULE_DIRS = ("usr/lib/modules", "usr/lib64/modules", "lib/modules")
 PREPARED_FILES = (".config", "Module.symvers", "include/generated/utsrelease.h")
 
 
@@ -136,11 +137,16 @@ def extract_partition(image: Path, number: int, dest: Path) -> str:
     return name
 
 
-def dump_ext4(filesystem: Path, dest: Path) -> None:
+def check_ext4(filesystem: Path) -> None:
     with filesystem.open("rb") as f:
         f.seek(_EXT4_MAGIC_AT)
         if f.read(2) != b"\x53\xef":
             raise _image_error("the ROOT partition does not hold an ext2/3/4 file system")
+
+
+def dump_ext4(filesystem: Path, dest: Path) -> None:
+    """Copy the whole file system out (CoreOS: emerge prepares its tree in the root)."""
+    check_ext4(filesystem)
     dest.mkdir()
     done = run(["debugfs", "-R", f"rdump / {dest}", filesystem],
                what="copying the ROOT file system out of the image")
@@ -272,15 +278,24 @@ def unpack_image(image: Path, release: OsRelease, cache_dir: Path, *, runtime: R
             filesystem = work / "root.ext4"
             with ui.step(f"extracting partition {ROOT_PARTITION} of {release.image_name}"):
                 extract_partition(image, ROOT_PARTITION, filesystem)
-            with ui.step("copying its files out"):
-                dump_ext4(filesystem, work / "root")
+            log = folder / f"{digest}.prepare.log"
+            if release.os is OsName.COREOS:
+                with ui.step("copying its files out"):
+                    dump_ext4(filesystem, work / "root")
+            else:
+                with ui.step("copying out what a module build reads"):
+                    check_ext4(filesystem)
+                    copy_build_root(filesystem, work / "root", runtime=runtime, engine=engine,
+                                    log_file=log, image_key=f"{digest}-parts")
             filesystem.unlink()
             build_dir, kernel_release = prepare_kernel_tree(
                 work / "root", release, runtime=runtime, engine=engine,
-                log_file=folder / f"{digest}.prepare.log", image_key=digest)
+                log_file=log, image_key=digest)
             write_atomically(work / "devroot.json", json.dumps({
                 "kernel_release": kernel_release, "build_dir": build_dir,
                 "image_sha256": digest, "os": release.os.value, "version": release.version,
+                "channel": release.channel.value,
+                "root": "full" if release.os is OsName.COREOS else "build",
             }, indent=2).encode())
             work.rename(entry)
         finally:

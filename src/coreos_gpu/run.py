@@ -26,8 +26,12 @@ def run(
     timeout: float | None = None,
     what: str = "",
     check: bool = True,
+    stderr_apart: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv (never through a shell) and return its captured output.
+
+    stderr_apart keeps stderr out of stdout (for tools whose stdout is parsed, and whose
+    buffered stdout would come out of order with their unbuffered complaints).
 
     On failure (unless check=False) the error names what was being done, the exit code, the
     last lines of output, and a command line the user can paste to reproduce it.
@@ -44,7 +48,7 @@ def run(
             env=None if env is None else dict(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT,
             text=True,
             errors="replace",
             timeout=timeout,
@@ -61,7 +65,7 @@ def run(
             code=ExitCode.COMMAND,
         ) from e
     if check and proc.returncode != 0:
-        output = tail(proc.stdout)
+        output = tail(proc.stdout + (proc.stderr or ""))
         detail = f"\n{output}" if output else ""
         raise CoreosGpuError(
             f"{label} failed with exit code {proc.returncode}{detail}",
