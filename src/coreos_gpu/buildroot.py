@@ -60,7 +60,7 @@ BLOCKED = _Blocked()
 Lookup = str | None | _Blocked  # a real path in the image, None (not there), or BLOCKED
 
 
-def _image_error(message: str) -> CoreosGpuError:
+def image_error(message: str) -> CoreosGpuError:
     return CoreosGpuError(message, hint="the image is damaged or not a developer container; "
                           "delete it from the cache and download it again",
                           code=ExitCode.IMAGE)
@@ -73,7 +73,7 @@ def _split(path: str) -> list[str]:
 def _quoted(path: str | Path) -> str:
     text = str(path)
     if '"' in text or "\n" in text:
-        raise _image_error(f"the ROOT file system has a path debugfs cannot be asked for: "
+        raise image_error(f"the ROOT file system has a path debugfs cannot be asked for: "
                            f"{text!r}")
     return f'"{text}"'
 
@@ -102,7 +102,7 @@ class _Debugfs:
                     if line.strip() and not line.startswith("debugfs ")
                     and "while changing ownership" not in line]
         if problems:
-            raise _image_error(f"debugfs could not read the ROOT file system: {problems[0]}")
+            raise image_error(f"debugfs could not read the ROOT file system: {problems[0]}")
         outputs: list[list[str]] = []
         for line in done.stdout.splitlines():
             if line.startswith(self._ECHO):
@@ -110,7 +110,7 @@ class _Debugfs:
             elif outputs:
                 outputs[-1].append(line)
         if len(outputs) != len(commands):
-            raise _image_error(f"debugfs answered {len(outputs)} of {len(commands)} requests")
+            raise image_error(f"debugfs answered {len(outputs)} of {len(commands)} requests")
         return ["\n".join(lines) for lines in outputs]
 
 
@@ -178,7 +178,7 @@ class RootCopy:
                     return BLOCKED
                 hops += 1
                 if hops > MAX_LINK_HOPS:
-                    raise _image_error(f"too many links resolving {path} in the image")
+                    raise image_error(f"too many links resolving {path} in the image")
                 target = os.readlink(local)
                 if target.startswith("/"):
                     parts = []
@@ -224,7 +224,7 @@ class RootCopy:
         folder, name = real.rsplit("/", 1)
         mode = self._mode(folder or "/", name)
         if mode is None:
-            raise _image_error(f"{real} vanished from the image while being copied")
+            raise image_error(f"{real} vanished from the image while being copied")
         if isinstance(mode, _Blocked):
             return False
         if stat.S_ISDIR(mode):
@@ -255,7 +255,7 @@ class RootCopy:
             kind, _, real = self._queued[command].partition(":")
             if kind in ("copy", "link"):
                 if not (self.local(real).is_symlink() or self.local(real).exists()):
-                    raise _image_error(f"debugfs did not copy {real} out of the image")
+                    raise image_error(f"debugfs did not copy {real} out of the image")
                 if self.local(real).is_dir() and not self.local(real).is_symlink():
                     self._whole.add(real)
                 if kind == "copy":

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import IO
 
 from coreos_gpu import ui
-from coreos_gpu.buildroot import MODULE_DIRS, copy_build_root
+from coreos_gpu.buildroot import MODULE_DIRS, copy_build_root, image_error
 from coreos_gpu.cache import content_digest, locked, write_atomically
 from coreos_gpu.config import BuildConfig, OsName, Runtime
-from coreos_gpu.errors import CoreosGpuError, ExitCode, KernelTreeNotPrepared
+from coreos_gpu.errors import KernelTreeNotPrepared
 from coreos_gpu.release import SCHEMES, OsRelease, mirrored, resolve_release
 from coreos_gpu.run import check_tools, run
 from coreos_gpu.sandbox import Bind, EngineOptions, SandboxSpec, run_in_sandbox
@@ -49,12 +49,6 @@ class DevRoot:
     build_dir: str  # the kernel build tree, as a path inside root
     image_sha256: str
     release: OsRelease
-
-
-def _image_error(message: str) -> CoreosGpuError:
-    return CoreosGpuError(message, hint="the image is damaged or not a developer container; "
-                          "delete it from the cache and download it again",
-                          code=ExitCode.IMAGE)
 
 
 @contextmanager
@@ -88,24 +82,24 @@ def find_partition(head: bytes, number: int) -> tuple[int, int, str]:
     """(first byte, size in bytes, name) of a GPT partition, from the disk's first sectors."""
     header = head[SECTOR:2 * SECTOR]
     if header[:8] != b"EFI PART":
-        raise _image_error("the developer container is not a GPT disk image")
+        raise image_error("the developer container is not a GPT disk image")
     size = struct.unpack_from("<I", header, 12)[0]
     stored_crc = struct.unpack_from("<I", header, 16)[0]
     checked = header[:16] + b"\0\0\0\0" + header[20:size]
     if zlib.crc32(checked) != stored_crc:
-        raise _image_error("the developer container's GPT header fails its CRC32 check")
+        raise image_error("the developer container's GPT header fails its CRC32 check")
     entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 72)
     table = head[entries_lba * SECTOR:entries_lba * SECTOR + count * entry_size]
     if len(table) < count * entry_size or zlib.crc32(table) != entries_crc:
-        raise _image_error("the developer container's GPT partition table fails its CRC32 "
+        raise image_error("the developer container's GPT partition table fails its CRC32 "
                            "check")
     if number > count:
-        raise _image_error(f"the developer container's GPT has no partition {number}")
+        raise image_error(f"the developer container's GPT has no partition {number}")
     entry = table[(number - 1) * entry_size:number * entry_size]
     first, last = struct.unpack_from("<QQ", entry, 32)
     name = entry[56:128].decode("utf-16-le", errors="replace").rstrip("\0")
     if entry[:16] == b"\0" * 16 or last < first:
-        raise _image_error(f"the developer container's GPT partition {number} is empty")
+        raise image_error(f"the developer container's GPT partition {number} is empty")
     return first * SECTOR, (last - first + 1) * SECTOR, name
 
 
@@ -115,19 +109,19 @@ def extract_partition(image: Path, number: int, dest: Path) -> str:
         head = _read_exactly(stream, 34 * SECTOR)  # protective MBR, GPT header, 128 entries
         start, size, name = find_partition(head, number)
         if start < len(head):
-            raise _image_error(f"partition {number} overlaps the GPT")
+            raise image_error(f"partition {number} overlaps the GPT")
         position = len(head)
         while position < start:  # skip the partitions before it without storing them
             skipped = len(_read_exactly(stream, min(CHUNK, start - position)))
             if not skipped:
-                raise _image_error(f"the image ends before partition {number}")
+                raise image_error(f"the image ends before partition {number}")
             position += skipped
         with dest.open("wb") as out:
             left = size
             while left:
                 chunk = _read_exactly(stream, min(CHUNK, left))
                 if not chunk:
-                    raise _image_error(f"the image ends inside partition {number}")
+                    raise image_error(f"the image ends inside partition {number}")
                 if chunk.count(0) == len(chunk):
                     out.seek(len(chunk), 1)  # a hole costs no disk space
                 else:
@@ -141,7 +135,7 @@ def check_ext4(filesystem: Path) -> None:
     with filesystem.open("rb") as f:
         f.seek(_EXT4_MAGIC_AT)
         if f.read(2) != b"\x53\xef":
-            raise _image_error("the ROOT partition does not hold an ext2/3/4 file system")
+            raise image_error("the ROOT partition does not hold an ext2/3/4 file system")
 
 
 def dump_ext4(filesystem: Path, dest: Path) -> None:
@@ -154,7 +148,7 @@ def dump_ext4(filesystem: Path, dest: Path) -> None:
     problems = [line for line in done.stdout.splitlines()
                 if line.strip() and not line.startswith("debugfs ")]
     if problems:
-        raise _image_error(f"debugfs could not copy the ROOT file system: {problems[0]}")
+        raise image_error(f"debugfs could not copy the ROOT file system: {problems[0]}")
 
 
 def resolve_in_root(root: Path, path: str) -> Path:
@@ -171,7 +165,7 @@ def resolve_in_root(root: Path, path: str) -> Path:
         if candidate.is_symlink():
             hops += 1
             if hops > 40:
-                raise _image_error(f"too many symlinks resolving {path} in the image")
+                raise image_error(f"too many symlinks resolving {path} in the image")
             target = str(candidate.readlink())
             if target.startswith("/"):
                 current = root
@@ -190,10 +184,10 @@ def find_kernel_tree(root: Path) -> tuple[str, Path]:
                    if real.is_dir() for kernel in real.iterdir()
                    if (kernel / "build").is_symlink() or (kernel / "build").is_dir())
     if not trees:
-        raise _image_error("the image holds no kernel build tree (looked for "
+        raise image_error("the image holds no kernel build tree (looked for "
                            + ", ".join(f"/{d}/*/build" for d in MODULE_DIRS) + ")")
     if len(trees) > 1:
-        raise _image_error(f"the image holds several kernel build trees: {', '.join(trees)}")
+        raise image_error(f"the image holds several kernel build trees: {', '.join(trees)}")
     return trees[0], resolve_in_root(root, trees[0])
 
 
@@ -208,10 +202,10 @@ def read_kernel_release(tree: Path, build_dir: str, modules_of: str) -> str:
     text = (tree / "include/generated/utsrelease.h").read_text(errors="replace")
     found = re.search(r'#define\s+UTS_RELEASE\s+"([^"]+)"', text)
     if not found:
-        raise _image_error(f"{build_dir}/include/generated/utsrelease.h names no release")
+        raise image_error(f"{build_dir}/include/generated/utsrelease.h names no release")
     release = found.group(1)
     if modules_of != release:
-        raise _image_error(f"the kernel tree for modules/{modules_of} was built as {release}")
+        raise image_error(f"the kernel tree for modules/{modules_of} was built as {release}")
     return release
 
 
