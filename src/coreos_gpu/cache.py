@@ -73,3 +73,22 @@ def link_tree(source: Path, dest: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, dest, symlinks=True, copy_function=link, dirs_exist_ok=True)
+
+
+def lock_of(entry: Path) -> Path:
+    """The lock of a cache entry `<folder>/<name>`: `<folder>/<name>.lock`, beside it."""
+    return entry.with_name(f"{entry.name}.lock")
+
+
+@contextmanager
+def held(entry: Path) -> Iterator[None]:
+    """Use a cache entry (a developer container, a driver, a module set) while the block runs.
+    Any number of users share the hold, its writer and `cache prune` need the lock alone, so
+    nothing held is removed. Taking it marks the entry used now, which prune's age and size
+    rules go by (atime is no help: most hosts mount with relatime or noatime)."""
+    lock_path = lock_of(entry)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        os.utime(lock_path)
+        yield

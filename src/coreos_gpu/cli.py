@@ -8,12 +8,14 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
 from coreos_gpu import __version__, ui
-from coreos_gpu.build import build
+from coreos_gpu.build import build, hold_devcontainer
 from coreos_gpu.bundle import BundleReport, inspect_bundle
+from coreos_gpu.cli_cache import add_cache_verbs, prune_json
 from coreos_gpu.cli_render import add_render_verb
 from coreos_gpu.cli_repository import add_repository_verbs
 from coreos_gpu.completion import SHELLS, render_completion
@@ -107,22 +109,25 @@ def cmd_devcontainer_prepare(args: argparse.Namespace) -> None:
                        [(r["version"], r["kernel_release"], r["root"]) for r in rows])
 
 
-def _devroot_sandbox(args: argparse.Namespace) -> tuple[DevRoot, BuildConfig]:
+def _devroot_sandbox(args: argparse.Namespace, holds: ExitStack) -> tuple[DevRoot, BuildConfig]:
+    """The one configured release's developer container, held (cache prune leaves it alone)
+    until holds closes."""
     config = _config(args)
     if len(config.releases) != 1:
         raise CoreosGpuError("devcontainer shell and run work on one release; "
                              f"{len(config.releases)} are configured",
                              hint="pick one with --release", code=ExitCode.CONFIG)
-    return prepare_devcontainer(config, config.releases[0]), config
+    return hold_devcontainer(holds, config, config.releases[0]), config
 
 
 def cmd_devcontainer_shell(args: argparse.Namespace) -> int:
-    devroot, config = _devroot_sandbox(args)
-    ui.log(f"    shell in {devroot.release.os.value} {devroot.release.version}'s developer "
-           f"container; the kernel tree is {devroot.build_dir}")
-    return run_interactive(SandboxSpec(root=devroot.root), ("/bin/sh", "-l"),
-                           runtime=config.runtime, engine_options=engine_options(config),
-                           image_key=devroot.image_sha256)
+    with ExitStack() as holds:
+        devroot, config = _devroot_sandbox(args, holds)
+        ui.log(f"    shell in {devroot.release.os.value} {devroot.release.version}'s developer "
+               f"container; the kernel tree is {devroot.build_dir}")
+        return run_interactive(SandboxSpec(root=devroot.root), ("/bin/sh", "-l"),
+                               runtime=config.runtime, engine_options=engine_options(config),
+                               image_key=devroot.image_sha256)
 
 
 def cmd_devcontainer_run(args: argparse.Namespace) -> int:
@@ -130,10 +135,11 @@ def cmd_devcontainer_run(args: argparse.Namespace) -> int:
     if not command:
         raise CoreosGpuError("devcontainer run needs a command", hint="coreos-gpu "
                              "devcontainer run -- make --version", code=ExitCode.CONFIG)
-    devroot, config = _devroot_sandbox(args)
-    return run_interactive(SandboxSpec(root=devroot.root), command, runtime=config.runtime,
-                           engine_options=engine_options(config),
-                           image_key=devroot.image_sha256)
+    with ExitStack() as holds:
+        devroot, config = _devroot_sandbox(args, holds)
+        return run_interactive(SandboxSpec(root=devroot.root), command, runtime=config.runtime,
+                               engine_options=engine_options(config),
+                               image_key=devroot.image_sha256)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -174,7 +180,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     result = sync(config, make_plan(config, key.public_key()), key)
     if args.json:
         ui.print_json({"repository": result.location, "seconds": round(result.seconds, 1),
-                       "refreshed": result.refreshed} | {
+                       "refreshed": result.refreshed,
+                       "pruned": prune_json(result.pruned) if result.pruned else None} | {
             state: [_outcome_json(o) for o in result.of(state)]
             for state in ("built", "skipped", "failed")})
     else:
@@ -365,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
     add_repository_verbs(verbs, verb)  # keygen, publish, repository list/verify
     add_render_verb(verbs)  # render ignition|butane|terraform|marathon-app|metronome-job
+    add_cache_verbs(verbs, verb)  # cache list|prune
 
     devcontainer = verbs.add_parser(
         "devcontainer", help="the OS's developer container, the module build's root"

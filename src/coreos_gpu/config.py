@@ -174,6 +174,26 @@ def _positive(raw: Any) -> int:
     raise BadValue(raw, "expected a whole number of at least 1")
 
 
+def _count(raw: Any) -> int:
+    number = int(raw) if isinstance(raw, str) and raw.isdigit() else raw
+    if isinstance(number, int) and not isinstance(number, bool) and number >= 0:
+        return number
+    raise BadValue(raw, "expected a whole number, 0 or more (0: no limit)")
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|B)?", re.IGNORECASE)
+
+
+def _size(raw: Any) -> int:
+    """Bytes, from a number of bytes or "20G", "512MiB", "1.5T" (powers of 1024)."""
+    found = _SIZE.fullmatch(raw.strip()) if isinstance(raw, str) else None
+    if found:
+        return int(float(found.group(1)) * 1024 ** " KMGT".index((found.group(2) or " ").upper()))
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    raise BadValue(raw, "expected a size like 20G, 512M or a number of bytes (0: no limit)")
+
+
 def _boolean(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -300,11 +320,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync_profiles", "profiles sync keeps built (default: profile)",
             _list_of(_choice(Profile), empty=True), tuple, "PROFILE", flag_name="sync_profile",
             multiple=True),
+    Setting("sync_prune", "after each run, sync prunes the cache by cache_keep_releases, "
+            "cache_max_age_days and cache_max_size, keeping what the repository lists and sync "
+            "wants", _boolean, lambda: False, boolean=True),
     Setting("output", "archive to write", _path, lambda: Path("nvidia.tar.gz"), "PATH"),
     Setting("compression", "archive compression", _choice(Compression),
             lambda: Compression.GZIP, "ALGO"),
     Setting("cache_dir", "where downloads, extractions and builds are cached", _path,
             _default_cache_dir, "DIR"),
+    Setting("cache_keep_releases", "cache prune keeps the newest N releases of each OS channel "
+            "(image and developer container; 0: no limit by count)", _count, lambda: 2, "N"),
+    Setting("cache_max_age_days", "cache prune removes what was not used for this many days "
+            "(0: no limit by age)", _count, lambda: 0, "DAYS"),
+    Setting("cache_max_size", "cache prune removes the least recently used until the cache is "
+            "under this size, like 20G (0: no limit by size)", _size, lambda: 0, "SIZE"),
     Setting("runtime", "sandbox that runs the module build", _choice(Runtime),
             lambda: Runtime.AUTO, "RUNTIME"),
     Setting("podman_options", "extra global podman (or docker) options, e.g. "
@@ -352,9 +381,13 @@ class BuildConfig:
     sync_drivers: tuple[str, ...]
     sync_flavours: tuple[KernelModuleType, ...]
     sync_profiles: tuple[Profile, ...]
+    sync_prune: bool
     output: Path
     compression: Compression
     cache_dir: Path
+    cache_keep_releases: int
+    cache_max_age_days: int
+    cache_max_size: int  # bytes
     runtime: Runtime
     podman_options: tuple[str, ...]
     podman_run_options: tuple[str, ...]

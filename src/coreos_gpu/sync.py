@@ -22,10 +22,13 @@ from pathlib import Path
 
 from coreos_gpu import ui
 from coreos_gpu.build import build
+from coreos_gpu.cache import held, lock_of
 from coreos_gpu.config import BuildConfig, Channel, KernelModuleType, OsName, Profile
 from coreos_gpu.driver import default_flavour
 from coreos_gpu.errors import CoreosGpuError, ExitCode
+from coreos_gpu.inventory import SYNC_WORK_PREFIX, human_size
 from coreos_gpu.keys import PrivateKey, PublicKey, fingerprint, load_private_key, load_public_key
+from coreos_gpu.prune import PruneResult, prune_cache
 from coreos_gpu.publish import publish, refresh_if_due
 from coreos_gpu.release import list_releases
 from coreos_gpu.repository import Entry, load_index
@@ -93,6 +96,7 @@ class SyncResult:
     outcomes: tuple[Outcome, ...]
     seconds: float
     refreshed: bool = False  # the index was signed again, unchanged, with a new expiry
+    pruned: PruneResult | None = None  # with sync_prune: what the cache prune after it did
 
     def of(self, state: str) -> tuple[Outcome, ...]:
         return tuple(o for o in self.outcomes if o.state == state)
@@ -242,12 +246,13 @@ def sync(config: BuildConfig, plan: Plan, key: PrivateKey) -> SyncResult:
     for number, target in enumerate(plan.missing, 1):
         ui.log(f"==> [{number}/{total}] {target.title}")
         began = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=".sync-", dir=config.cache_dir))
+        work = Path(tempfile.mkdtemp(prefix=SYNC_WORK_PREFIX, dir=config.cache_dir))
         try:
-            made = build(target_config(config, target, work / "nvidia.tar.gz"))
-            with ui.step(f"publishing it to {store.location}"):
-                publish([made.bundle.path], store, key,
-                        lifetime=timedelta(days=config.index_lifetime))
+            with held(work):  # cache prune removes the work folders of syncs that died only
+                made = build(target_config(config, target, work / "nvidia.tar.gz"))
+                with ui.step(f"publishing it to {store.location}"):
+                    publish([made.bundle.path], store, key,
+                            lifetime=timedelta(days=config.index_lifetime))
             outcome = Outcome(target, "built", time.monotonic() - began, made.bundle.sha256,
                               made.bundle.size, made.compiled)
         except CoreosGpuError as e:
@@ -256,17 +261,37 @@ def sync(config: BuildConfig, plan: Plan, key: PrivateKey) -> SyncResult:
                               code=e.code)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            lock_of(work).unlink(missing_ok=True)
         outcomes.append(outcome)
         ui.log(f"    [{number}/{total}] {outcome.state} in {_duration(outcome.seconds)}")
     # Nodes refuse an expired index: keep it fresh even when nothing was missing.
     with ui.step(f"refreshing the index of {store.location} if due"):
         refreshed = refresh_if_due(store, key, lifetime=timedelta(days=config.index_lifetime))
+    pruned = prune_after(config, plan) if config.sync_prune else None
     order = {t: i for i, t in enumerate(plan.wanted)}
     result = SyncResult(store.location, tuple(sorted(outcomes, key=lambda o: order[o.target])),
-                        time.monotonic() - start, refreshed)
+                        time.monotonic() - start, refreshed, pruned)
     ui.log(f"==> sync: {len(result.of('built'))} built, {len(result.of('skipped'))} skipped, "
            f"{len(result.of('failed'))} failed in {_duration(result.seconds)}")
     return result
+
+
+def prune_after(config: BuildConfig, plan: Plan) -> PruneResult | None:
+    """sync_prune: the cache pruned by the cache_* settings, keeping the releases the plan
+    wants (a failed one is built again next time) and those the repository lists. A prune
+    that cannot run is said, and the sync's own result stands."""
+    with ui.step("pruning the cache"):
+        try:
+            result = prune_cache(config, keep={(t.os.value, t.release) for t in plan.wanted})
+        except CoreosGpuError as e:
+            ui.log(f"    cache prune skipped: {e.message}")
+            return None
+        ui.log(f"    removed {len(result.removed)} entries ({human_size(result.freed)}); the "
+               f"cache holds {human_size(result.after)}"
+               + (f"; {len(result.skipped)} in use or not removable" if result.skipped else ""))
+        for note in result.notes:
+            ui.log(f"    note: {note}")
+        return result
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,140 @@
+"""The cache verbs of the `coreos-gpu` command: `cache list` and `cache prune`. cli.py registers
+them (add_cache_verbs) beside the other verbs; like those, each parses, calls the stage
+(inventory, prune) and renders through ui."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from coreos_gpu import ui
+from coreos_gpu.config import find_config_file, load_config
+from coreos_gpu.inventory import CacheEntry, Inventory, Kind, human_size, scan_cache
+from coreos_gpu.prune import Item, PruneResult, in_use, prune_cache
+
+Verb = Callable[[Any, str, str, Callable[[argparse.Namespace], int | None]],
+                argparse.ArgumentParser]
+# How `cache list` groups what it shows, in this order.
+SECTIONS = (
+    ("releases", (Kind.RELEASE,)), ("drivers", (Kind.DRIVER,)),
+    ("module sets", (Kind.MODULES,)), ("bundles", (Kind.BUNDLE,)),
+    ("leftovers", (Kind.PARTIAL, Kind.WORK, Kind.TRASH, Kind.ORPHAN)),
+)
+
+
+def when(seconds: float) -> str:
+    return (datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if seconds else "")
+
+
+def entry_json(entry: CacheEntry, *, held: bool | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"kind": entry.kind.value, "name": entry.name, "size": entry.size,
+                            "last_used": when(entry.last_used)}
+    if entry.kind is Kind.RELEASE:
+        data |= {"os": entry.os or None, "channel": entry.channel or None,
+                 "version": entry.version or None}
+    elif entry.version:
+        data["driver_version"] = entry.version
+    if entry.kernels:
+        data["kernel_releases"] = list(entry.kernels)
+    if entry.kind is Kind.BUNDLE:
+        data["releases"] = [{"os": os_name, "version": version}
+                            for os_name, version in entry.releases]
+    data |= {key.replace(" ", "_") + "_size": size for key, size in entry.parts}
+    data |= dict(entry.details)
+    data["paths"] = [str(p) for p in entry.paths]
+    if held is not None:
+        data["in_use"] = held
+    return data
+
+
+def _release_row(e: CacheEntry, held: bool) -> tuple[str, ...]:
+    parts = dict(e.parts)
+    return (e.os or "?", e.channel or "?", e.version or e.name, human_size(parts["image"]),
+            human_size(parts["dev container"]), human_size(e.size), when(e.last_used),
+            "yes" if held else "")
+
+
+def render_list(inventory: Inventory) -> None:
+    held = {e: in_use(e) for e in inventory.entries}
+    ui.print_fields([("cache", inventory.cache_dir), ("total", human_size(inventory.total))])
+    for title, kinds in SECTIONS:
+        entries = inventory.of(*kinds)
+        if not entries:
+            continue
+        if kinds == (Kind.RELEASE,):
+            ui.print_table(title, ("os", "channel", "version", "image", "dev container", "size",
+                                   "last used", "in use"),
+                           [_release_row(e, held[e]) for e in entries])
+        else:
+            ui.print_table(title, ("entry", "size", "last used", "in use"),
+                           [(e.name, human_size(e.size), when(e.last_used),
+                             "yes" if held[e] else "") for e in entries])
+    ui.print_fields([("other", f"{human_size(inventory.other)} (feeds, keys, index files, "
+                               "locks, logs)")])
+
+
+def cmd_cache_list(args: argparse.Namespace) -> None:
+    config = load_config(vars(args), find_config_file(args.config, Path.cwd()))
+    inventory = scan_cache(config.cache_dir)
+    if args.json:
+        ui.print_json({"cache_dir": str(inventory.cache_dir), "total": inventory.total,
+                       "other": inventory.other} | {
+            title.replace(" ", "_"): [entry_json(e, held=in_use(e)) for e in inventory.of(*kinds)]
+            for title, kinds in SECTIONS})
+    else:
+        render_list(inventory)
+
+
+def _item_json(item: Item) -> dict[str, Any]:
+    return entry_json(item.entry) | {"reason": item.reason} | (
+        {"skipped": item.skipped} if item.skipped else {})
+
+
+def prune_json(result: PruneResult) -> dict[str, Any]:
+    return {"cache_dir": str(result.cache_dir), "dry_run": result.dry_run,
+            "before": result.before, "freed": result.freed, "after": result.after,
+            "removed": [_item_json(i) for i in result.removed],
+            "skipped": [_item_json(i) for i in result.skipped],
+            "kept_for_the_repository": [entry_json(e) for e in result.protected],
+            "notes": list(result.notes)}
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> None:
+    config = load_config(vars(args), find_config_file(args.config, Path.cwd()))
+    result = prune_cache(config, dry_run=args.dry_run)
+    if args.json:
+        ui.print_json(prune_json(result))
+        return
+    verb = "would remove" if result.dry_run else "removed"
+    if result.removed:
+        ui.print_table(f"{verb} from {result.cache_dir}", ("entry", "size", "why"),
+                       [(i.entry.name, human_size(i.entry.size), i.reason)
+                        for i in result.removed])
+    if result.skipped:
+        ui.print_table("skipped", ("entry", "size", "why it stays"),
+                       [(i.entry.name, human_size(i.entry.size), i.skipped)
+                        for i in result.skipped])
+    if result.protected:
+        ui.print_table("kept: the repository lists them", ("entry", "size"),
+                       [(e.name, human_size(e.size)) for e in result.protected])
+    ui.print_fields([(verb, f"{len(result.removed)} entries, {human_size(result.freed)}"),
+                     ("cache", f"{human_size(result.before)} before, "
+                               f"{human_size(result.after)} after"),
+                     *(("note", note) for note in result.notes)])
+
+
+def add_cache_verbs(verbs: Any, verb: Verb) -> None:
+    cache = verbs.add_parser("cache", help="what the build cache holds, and pruning it"
+                             ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    verb(cache, "list", "show what the cache holds: each OS release's image and developer "
+         "container, drivers, module sets, bundles, with sizes and when each was last used",
+         cmd_cache_list)
+    prune = verb(cache, "prune", "remove from the cache what cache_keep_releases, "
+                 "cache_max_age_days and cache_max_size let go, never what a build holds or "
+                 "the repository lists", cmd_cache_prune)
+    prune.add_argument("--dry-run", action="store_true",
+                       help="only say what would be removed")
