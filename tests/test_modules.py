@@ -167,10 +167,24 @@ def twin_roots(tmp_path: Path) -> tuple[DevRoot, DevRoot]:
     roots = []
     for name in ("beta", "stable"):
         root = _root(tmp_path / name, DEBIAN, {"gcc-12": "x"})
-        (resolve_in_root(root.root, BUILD_DIR) / "Module.symvers").write_text(SYMVERS)
+        tree = resolve_in_root(root.root, BUILD_DIR)
+        (tree / "Module.symvers").write_text(SYMVERS)
+        # Debian's split headers: generated files here, the rest behind modules/*/source.
+        (tree / "include/generated").mkdir(parents=True)
+        (tree / "include/generated/utsrelease.h").write_text(f'#define UTS_RELEASE "{KERNEL}"\n')
+        (tree / "scripts").symlink_to("../../lib/linux-kbuild-6.1/scripts")
+        common = root.root / "usr/src/linux-common"
+        (common / "include/linux").mkdir(parents=True)
+        (common / "include/linux/sched.h").write_text("struct task_struct { int state; };\n")
+        (root.root / BUILD_DIR.lstrip("/")).with_name("source").symlink_to(
+            "/usr/src/linux-common")
         (root.root / "usr/lib/os-release").write_text(f"VERSION_ID={name}\n")
         roots.append(dataclasses.replace(root, image_sha256=name[0] * 64))
     return roots[0], roots[1]
+
+
+def _source_tree(root: DevRoot) -> Path:
+    return resolve_in_root(root.root, BUILD_DIR.rsplit("/", 1)[0] + "/source")
 
 
 def test_equal_kernel_trees_in_different_images_share_a_module_set(
@@ -180,7 +194,8 @@ def test_equal_kernel_trees_in_different_images_share_a_module_set(
     assert _key_of(beta) == _key_of(stable)
 
 
-@pytest.mark.parametrize("change", [".config", "Module.symvers", "compiler", "release"])
+@pytest.mark.parametrize("change", [".config", "Module.symvers", "compiler", "release",
+                                    "header", "source header", "new header", "link"])
 def test_each_part_of_the_kernel_tree_changes_the_key(twin_roots: tuple[DevRoot, DevRoot],
                                                       change: str) -> None:
     beta, stable = twin_roots
@@ -192,6 +207,17 @@ def test_each_part_of_the_kernel_tree_changes_the_key(twin_roots: tuple[DevRoot,
         (tree / "Module.symvers").write_text(SYMVERS.replace("0x1a2b3c4d", "0x4d3c2b1a"))
     elif change == "compiler":  # the same name, another binary (a rebuilt gcc-12 package)
         (stable.root / "usr/bin/gcc-12").write_text("#!/bin/sh\n# 12.2.0-14+deb12u2\n")
+    elif change == "header":  # a patched header, same release, config and symbol CRCs
+        with (tree / "include/generated/utsrelease.h").open("a") as f:
+            f.write("/* patched */\n")
+    elif change == "source header":  # the same, in the common tree behind modules/*/source
+        source = _source_tree(stable)
+        (source / "include/linux/sched.h").write_text("struct task_struct { int patched; };\n")
+    elif change == "new header":
+        (tree / "include/generated/extra.h").write_text("#define EXTRA 1\n")
+    elif change == "link":
+        (tree / "scripts").unlink()
+        (tree / "scripts").symlink_to("../../lib/linux-kbuild-6.2/scripts")
     else:
         kernel = f"{KERNEL}-rt"
     assert _key_of(beta) != _key_of(stable, kernel)

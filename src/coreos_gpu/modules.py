@@ -11,7 +11,9 @@ kernel tree equals one already built (a beta promoted to stable, say).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import stat
@@ -54,7 +56,8 @@ class ModuleSet:
 
 
 # Part of every cache key: bump it when the build commands below change.
-BUILD_RECIPE = "3"  # 2: CC (and LD) as the kernel was built with; 3: keyed by the tree
+BUILD_RECIPE = "4"  # 2: CC (and LD) as the kernel was built with; 3: keyed by the tree;
+# 4: by all of the tree's files
 # Without these three the driver cannot work; nvidia-drm and nvidia-peermem are optional
 # (kernels without DRM or InfiniBand build without them).
 REQUIRED = ("nvidia", "nvidia-uvm", "nvidia-modeset")
@@ -77,6 +80,27 @@ def _tree_file_sha256(devroot: DevRoot, name: str) -> str:
                              code=ExitCode.IMAGE) from e
 
 
+def _tree_sha256(devroot: DevRoot) -> str:
+    """Every path, link target and file of the kernel build tree and its source: headers
+    patched without a new release string, .config or symbol CRCs must not reuse modules.
+    Hashed on each build (under a second for a distribution's headers), not recorded: a root
+    changed by hand in `devcontainer shell` counts too."""
+    digest = hashlib.sha256()
+    tops = dict.fromkeys(resolve_in_root(devroot.root, d) for d in (
+        devroot.build_dir, _kernel_source(devroot)))
+    for n, top in enumerate(tops):
+        for folder, dirs, files in os.walk(top):
+            dirs.sort()
+            for name in sorted(dirs + files):
+                path = Path(folder, name)
+                digest.update(f"{n}:{path.relative_to(top)}\0".encode())
+                if path.is_symlink():
+                    digest.update(b"link:" + os.fsencode(os.readlink(path)) + b"\0")
+                elif path.is_file():
+                    digest.update(bytes.fromhex(sha256_of(path)))
+    return digest.hexdigest()
+
+
 def _command_sha256(root: Path, name: str) -> str:
     """The sha256 of the executable `name` runs as in root ("" for no name)."""
     path = find_executable(root, name) if name else None
@@ -87,7 +111,8 @@ def module_set_key(package: DriverPackage, devroot: DevRoot, flavour: KernelModu
                    toolchain: Toolchain) -> str:
     """What a module build depends on: the driver's sources, the flavour and the kernel build
     tree — its release, .config (which also names the compiler's version), Module.symvers
-    (the symbol versions the modules link against) and the compiler and linker themselves.
+    (the symbol versions the modules link against), every other file of it and of its
+    source, and the compiler and linker themselves.
     The image is not part of it: two releases whose images differ only outside the tree
     (their release files, other packages) share one module set. Nor is where the tree lies
     in the image (/usr/lib64/modules on older releases): the stripped modules do not record
@@ -96,6 +121,7 @@ def module_set_key(package: DriverPackage, devroot: DevRoot, flavour: KernelModu
               "kernel_release": devroot.kernel_release,
               "config_sha256": _tree_file_sha256(devroot, ".config"),
               "symvers_sha256": _tree_file_sha256(devroot, "Module.symvers"),
+              "tree_sha256": _tree_sha256(devroot),
               "cc": toolchain.cc, "cc_sha256": _command_sha256(devroot.root, toolchain.cc),
               "ld": toolchain.ld, "ld_sha256": _command_sha256(devroot.root, toolchain.ld)}
     return hash_inputs(inputs)
