@@ -83,15 +83,16 @@ class _Debugfs:
 
     _ECHO = "debugfs: "
 
-    def __init__(self, filesystem: Path) -> None:
-        self.filesystem = filesystem
+    def __init__(self, filesystem: str, scratch: Path) -> None:
+        self.filesystem = filesystem  # a path, or `DISK?offset=N` (a partition of a disk)
+        self.scratch = scratch  # where the command files go
         self.rounds = 0
 
     def batch(self, commands: list[str]) -> list[str]:
         """Each command's output (stdout), in order."""
         self.rounds += 1
         with tempfile.NamedTemporaryFile("w", prefix=".debugfs-", suffix=".cmds",
-                                         dir=self.filesystem.parent) as script:
+                                         dir=self.scratch) as script:
             script.write("\n".join(commands) + "\n")
             script.flush()
             done = run(["debugfs", "-f", script.name, self.filesystem], stderr_apart=True,
@@ -121,8 +122,9 @@ class RootCopy:
     image's root). A folder copied whole is known from the copy; any other folder from its
     listing. Work that needs the image waits for the next round (`flush`)."""
 
-    def __init__(self, filesystem: Path, dest: Path) -> None:
-        self.debugfs = _Debugfs(filesystem)
+    def __init__(self, filesystem: str | Path, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        self.debugfs = _Debugfs(str(filesystem), dest.parent)
         self.dest = dest
         self._listings: dict[str, dict[str, int]] = {}  # folder → name → st_mode
         self._whole: set[str] = set()  # folders copied with everything in them
@@ -567,9 +569,10 @@ def find_kernel_trees(copy: RootCopy) -> list[str]:
     return found
 
 
-def copy_build_root(filesystem: Path, dest: Path, *, runtime: Runtime, engine: EngineOptions,
+def copy_build_root(filesystem: str | Path, dest: Path, *, runtime: Runtime, engine: EngineOptions,
                     log_file: Path, image_key: str) -> None:
-    """Copy what a module build reads out of the ext4 `filesystem` into dest."""
+    """Copy what a module build reads out of the ext4 `filesystem` (a file, or what debugfs
+    opens: `DISK?offset=N`) into dest."""
     copy = RootCopy(filesystem, dest)
     top = copy.listing("/")
     if isinstance(top, _Blocked):
