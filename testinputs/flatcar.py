@@ -10,6 +10,8 @@ prepared 6.1 kernel headers at /usr/lib/modules/<kver>/build and Flatcar's relea
 ext4 on partition 9 "ROOT" of a GPT disk laid out like Flatcar's, bzip2ed, with a Gentoo
 `.DIGESTS`, a detached `.sig` from a test key shaped like Flatcar's (signing subkey) and
 `version.txt` in the release's own folder; each channel's feed lists its releases.
+A real-size variant, for benchmarks only, pads 3975.2.2's root to Flatcar's size
+(testinputs/padding.py) in a ROOT partition of Flatcar's 6 GiB.
 server_root is a mirror in the project's layout: `https://HOST/PATH` is served as
 `<server_root>/HOST/PATH`. Building needs root (debootstrap); every root is a copy of one
 debootstrap.
@@ -17,6 +19,7 @@ debootstrap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +46,7 @@ from testinputs.debian_root import (
     write_ext4,
 )
 from testinputs.gpg import export_public_key, generate_signing_key, gnupg_home, sign_detached
+from testinputs.padding import write_padding
 
 VERSION = "3975.2.2"
 BUILD_ID = "2024-10-23-2058"
@@ -118,11 +122,15 @@ PARTITIONS = (  # number, label, type GUID, partition GUID (Flatcar fixes USR-A/
     (7, "OEM-CONFIG", "C95DC21A-DF0E-4340-8D7B-26CBFA9A03E0", None),
     (9, "ROOT", "0FC63DAF-8483-4772-8E79-3D69D8477DE4", None),  # Linux data, as in "container"
 )
+# The real-size variant's ROOT: the "container" layout's 12582912 sectors (6 GiB) in
+# flatcar/scripts build_library/disk_layout.json.
+REAL_SIZE_ROOT_SECTORS = 12_582_912
 # Which tool comes from which Debian package, for the preflight message.
 TOOLS = {"debootstrap": "debootstrap", "chroot": "coreutils", "dpkg-deb": "dpkg",
          "mkfs.ext4": "e2fsprogs", "sgdisk": "gdisk", "gpg": "gpg", "gpgconf": "gpgconf",
          "gpg-agent": "gpg-agent", "bzip2": "bzip2"}
 RECIPE_SOURCES = ("flatcar.py", "gpg.py", "debian.py", "debian_root.py", "cache.py")
+REAL_SIZE_RECIPE_SOURCES = (*RECIPE_SOURCES, "padding.py")
 
 
 @dataclass(frozen=True)
@@ -260,15 +268,21 @@ def finish_root(root: Path, spec: ReleaseSpec) -> tuple[str, str]:
     return kernel_release, read_kernel_version(root)
 
 
-def write_disk_image(root: Path, disk: Path) -> None:
+def write_disk_image(root: Path, disk: Path, *, root_sectors: int | None = None) -> None:
     """A GPT disk laid out like Flatcar's, with root as an ext4 in partition 9.
 
     mkfs.ext4 writes the file system straight at partition 9's offset (-E offset): nothing is
-    mounted or copied. Sizes leave ~10% free plus room for the journal.
+    mounted or copied. Unless root_sectors fixes ROOT's size, sizes leave ~10% free plus room
+    for the journal.
     """
     used, inodes = disk_usage(root)
     fs_bytes = used * 11 // 10 + (48 << 20)
     fs_sectors = -(-fs_bytes // (ALIGN * SECTOR)) * ALIGN
+    if root_sectors is not None:
+        if used + (256 << 20) > root_sectors * SECTOR:  # the journal and inode tables
+            raise RuntimeError(f"the root needs {used >> 20} MiB: more than a ROOT of "
+                               f"{root_sectors * SECTOR >> 20} MiB holds")
+        fs_sectors = root_sectors
     layout, start = [], ALIGN
     for number, label, type_guid, guid in PARTITIONS:
         size = fs_sectors if number == 9 else ALIGN
@@ -375,9 +389,11 @@ def publish(out: Path, images: dict[str, Path], kernel_versions: dict[str, str]
              "other_key_fingerprint": other.fingerprint}, sha512s)
 
 
-def build_image(base: Path, spec: ReleaseSpec, tmp: Path, *, copy: bool) -> dict[str, str]:
-    """spec's compressed image in tmp, from a copy of base (or base itself, when not copy);
-    → its kernel_release, kernel_version and image path."""
+def build_image(base: Path, spec: ReleaseSpec, tmp: Path, *, copy: bool,
+                pad: bool = False) -> dict[str, str]:
+    """spec's compressed image in tmp, from a copy of base (or base itself, when not copy),
+    padded to Flatcar's real size when pad; → its kernel_release, kernel_version and image
+    path."""
     with step(f"the Flatcar test release {spec.version} ({spec.kernel_flavour})"):
         root = tmp / f"root-{spec.version}"
         if copy:
@@ -385,20 +401,26 @@ def build_image(base: Path, spec: ReleaseSpec, tmp: Path, *, copy: bool) -> dict
         else:
             base.rename(root)
         kernel_release, kernel_version = finish_root(root, spec)
+        if pad:
+            with step("padding it to Flatcar's size (~6 GB in ~10^5 files)"):
+                write_padding(root)
         raw = tmp / f"{spec.version}-{IMAGE.removesuffix('.bz2')}"
-        write_disk_image(root, raw)
+        write_disk_image(root, raw, root_sectors=REAL_SIZE_ROOT_SECTORS if pad else None)
         shutil.rmtree(root)
         return {"kernel_release": kernel_release, "kernel_version": kernel_version,
                 "image": str(compress(raw))}
 
 
-def build_into(out: Path) -> None:
+def build_into(out: Path, *, real_size: bool = False) -> None:
+    """The releases in out; when real_size, FIRST's image has Flatcar's real size (the others
+    stay small: the benchmarks prepare FIRST only, and the feed and keys stay whole)."""
     check_build_prerequisites()
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         base = Path(tmp) / "base"
         with step("the Flatcar test releases' shared root (debootstrap, kernel packages)"):
             build_base_root(base)
-        built = {spec.version: build_image(base, spec, Path(tmp), copy=spec != RELEASES[-1])
+        built = {spec.version: build_image(base, spec, Path(tmp), copy=spec != RELEASES[-1],
+                                           pad=real_size and spec == FIRST)
                  for spec in RELEASES}
         kernel_versions = {version: b["kernel_version"] for version, b in built.items()}
         keys, sha512s = publish(out, {v: Path(b["image"]) for v, b in built.items()},
@@ -427,12 +449,21 @@ def load_release(out: Path) -> FlatcarRelease:
         **fields, **releases[VERSION])
 
 
-def recipe() -> bytes:
+def recipe(sources: tuple[str, ...] = RECIPE_SOURCES) -> bytes:
     """What the result depends on: the builders' code (which holds every pin and option)."""
     here = Path(__file__).parent
-    return b"".join((here / name).read_bytes() for name in RECIPE_SOURCES)
+    return b"".join((here / name).read_bytes() for name in sources)
 
 
-def build_flatcar_release() -> FlatcarRelease:
-    """The cached Flatcar test release, built on first use (needs root; a few minutes)."""
+def build_flatcar_release(*, real_size: bool = False) -> FlatcarRelease:
+    """The cached Flatcar test release, built on first use (needs root; a few minutes).
+
+    real_size: the variant whose 3975.2.2 image has Flatcar's real size (~480 MB compressed,
+    a 6 GiB ROOT holding ~6 GB in ~10^5 files), cached apart, for benchmarks only, never for
+    CI's tests: building it takes ~15 min on 2 cores and ~13 GB of free disk on the way.
+    """
+    if real_size:
+        return load_release(build_cached(
+            "flatcar-release-real-size", recipe(REAL_SIZE_RECIPE_SOURCES),
+            functools.partial(build_into, real_size=True)))
     return load_release(build_cached("flatcar-release", recipe(), build_into))
