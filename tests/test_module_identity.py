@@ -31,9 +31,12 @@ pytestmark = pytest.mark.slow
 
 
 def _module_set(built: BuiltBundle, driver: str) -> Path:
-    """The cache folder of the bundle's compiled module set."""
-    for listing in (built.cache / "coreos-gpu/modules").glob("*/modules.json"):
-        if json.loads(listing.read_text())["driver_version"] == driver:
+    """The cache folder of the bundle's compiled module set (the shared cache also holds the
+    VM tests' sets, for the other kernel and flavour)."""
+    for listing in sorted((built.cache / "coreos-gpu/modules").glob("*/modules.json")):
+        found = json.loads(listing.read_text())
+        if (found["driver_version"], found["kernel_release"], found["flavour"]) == (
+                driver, KERNEL, "proprietary"):
             return listing.parent
     raise AssertionError(f"no module set of {driver} in {built.cache}")
 

@@ -101,10 +101,21 @@ def test_the_build_hands_the_setting_to_the_bundle(
 
     def prepare(config: Any, version: str) -> Any:
         containers.append(version)
-        return SimpleNamespace(kernel_release=KERNEL, image_sha256="2" * 64, release=(
+        # Cache entries as the stages leave them: the build holds each while it runs.
+        entry = tmp_path / "cache/coreos-gpu/devcontainers" / ("2" * 64)
+        (entry / "root").mkdir(parents=True, exist_ok=True)
+        (entry / "devroot.json").write_text("{}")
+        return SimpleNamespace(root=entry / "root", kernel_release=KERNEL,
+                               image_sha256="2" * 64, release=(
             SimpleNamespace(os=SimpleNamespace(value="flatcar"),
                             channel=SimpleNamespace(value="stable"), version=version,
                             canonical_image_url="https://example.invalid/image")))
+
+    def build_modules(*args: Any, **kwargs: Any) -> Any:
+        folder = tmp_path / "cache/coreos-gpu/modules" / ("3" * 64)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "modules.json").write_text("{}")
+        return SimpleNamespace(compiled=0, folder=folder)
 
     def assemble(**kwargs: Any) -> Any:
         nodes.append(kwargs["node"])
@@ -113,8 +124,7 @@ def test_the_build_hands_the_setting_to_the_bundle(
     monkeypatch.setattr(build_stage, "read_driver",
                         lambda config: (package, KernelModuleType.PROPRIETARY))
     monkeypatch.setattr(build_stage, "prepare_devcontainer", prepare)
-    monkeypatch.setattr(build_stage, "build_modules",
-                        lambda *args, **kwargs: SimpleNamespace(compiled=0))
+    monkeypatch.setattr(build_stage, "build_modules", build_modules)
     monkeypatch.setattr(build_stage, "assemble_bundle", assemble)
     config = load_config({"persistence": persistence.value, "releases": ["3975.2.2"],
                           "cache_dir": str(tmp_path / "cache")}, None)

@@ -498,6 +498,9 @@ def test_auto_skips_a_podman_that_cannot_start_and_builds(  # type: ignore[no-un
 
     prepared = cli("devcontainer", "prepare", *source)
     assert prepared.code == 0, prepared.stderr
+    # The preparation asks the compiler in the sandbox: it probed podman once too.
+    assert len(_calls(wrapper, "podman")) == 1
+    (wrapper / "podman.calls").unlink()
     built = cli("devcontainer", "run", *source, "--", "sh", "-c", HELLO_MODULE)
     assert built.code == 0, built.stdout + built.stderr
     assert "vermagic=6.1.0-50-amd64 SMP" in built.stdout
