@@ -132,7 +132,6 @@ class RootCopy:
         self._merges: list[tuple[Path, Path]] = []  # (staged copy, where it belongs)
         self._stages = 0
         self.copied: list[str] = []  # real paths copied since the caller last took them
-        dest.mkdir(parents=True, exist_ok=True)
 
     # -- the image's tree --------------------------------------------------------------
 
@@ -574,10 +573,8 @@ def copy_build_root(filesystem: str | Path, dest: Path, *, runtime: Runtime, eng
     """Copy what a module build reads out of the ext4 `filesystem` (a file, or what debugfs
     opens: `DISK?offset=N`) into dest."""
     copy = RootCopy(filesystem, dest)
+    copy.settle(lambda: not isinstance(copy.listing("/"), _Blocked))
     top = copy.listing("/")
-    if isinstance(top, _Blocked):
-        copy.flush()
-        top = copy.listing("/")
     assert not isinstance(top, _Blocked)
     # The top-level folders (empty) and links: /tmp, /proc, /dev are where the sandbox mounts.
     for name, mode in top.items():
