@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -48,6 +50,59 @@ def cli(tmp_path: Path):  # type: ignore[no-untyped-def]
         return run_cli(*argv, cwd=tmp_path, env=env, cache=cache)
 
     return invoke
+
+
+def keygen(folder: Path, name: str = "repo.key") -> Path:
+    done = run_cli("keygen", "--output", folder / name, cwd=folder)
+    assert done.code == 0, done.stderr
+    return folder / name
+
+
+@dataclass(frozen=True)
+class Site:
+    """A sync host's folder: its config file, key pair, cache and a repository folder."""
+
+    folder: Path
+    repo: Path
+    cache: Path
+
+    def sync(self, *argv: str, mirror: str) -> CliResult:
+        return run_cli("sync", "--mirror", mirror, *argv, cwd=self.folder, cache=self.cache,
+                       timeout=2400)
+
+    def plan(self, mirror: str) -> list[dict[str, str]]:
+        done = self.sync("--plan", "--json", mirror=mirror)
+        assert done.code == 0, done.stderr
+        plan = json.loads(done.stdout)
+        assert list(plan) == ["include"]  # GitHub takes any other key as a matrix axis
+        return plan["include"]  # type: ignore[no-any-return]
+
+    def listing(self) -> list[dict[str, object]]:
+        done = run_cli("repository", "list", self.repo, "--key", self.folder / "repo.key.pub",
+                       "--json", cwd=self.folder)
+        assert done.code == 0, done.stderr
+        return json.loads(done.stdout)["bundles"]  # type: ignore[no-any-return]
+
+
+SYNC_DRIVER = "535.261.03"
+
+
+def make_site(folder: Path, flatcar_release, nvidia_run: Path, *,  # type: ignore[no-untyped-def]
+              key_folder: Path | None = None, cache: Path | None = None) -> Site:
+    folder.mkdir(parents=True, exist_ok=True)
+    if key_folder is None:
+        keygen(folder)
+    else:
+        for name in ("repo.key", "repo.key.pub"):
+            shutil.copy2(key_folder / name, folder / name)
+    repo = folder / "repo"
+    # Beta first: its bundle is built (and its kernel compiled) before stable's release.
+    (folder / "coreos-gpu.toml").write_text(
+        f'signing_key_fingerprint = "{flatcar_release.key_fingerprint}"\n'
+        f'driver_url = "{nvidia_run}"\ndriver_version = "{SYNC_DRIVER}"\nruntime = "bwrap"\n'
+        f'repository = "file://{repo}"\nrepository_key = "repo.key.pub"\n'
+        'publish_key = "repo.key"\nsync_channels = ["beta", "stable"]\n')
+    return Site(folder, repo, cache or folder / "cache")
 
 
 @pytest.fixture(scope="session")
@@ -178,10 +233,41 @@ def vm_image():  # type: ignore[no-untyped-def]
 
 
 @dataclass(frozen=True)
+class Synced:
+    site: Site
+    result: CliResult  # of the first `sync --json`, on an empty repository and cache
+
+
+@pytest.fixture(scope="session")
+def synced(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # type: ignore[no-untyped-def]
+           nvidia_run: Path) -> Synced:
+    """The first `coreos-gpu sync` of the test server's three releases into an empty
+    repository with an empty cache: the session's compiles of the proprietary 535 modules
+    for both test kernels (tests/test_sync.py checks it made exactly those two)."""
+    from testinputs.serve import serve_folder
+
+    site = make_site(tmp_path_factory.mktemp("sync"), flatcar_release, nvidia_run)
+    with serve_folder(flatcar_release.server_root) as mirror:
+        return Synced(site, site.sync("--json", mirror=mirror))
+
+
+@dataclass(frozen=True)
 class BuiltBundle:
     archive: Path
     result: CliResult  # of `coreos-gpu build --json`
     cache: Path  # the XDG_CACHE_HOME it was built with, for rebuilds from the same cache
+
+
+def _seed_modules(cache: Path, synced: Synced) -> None:
+    """Hard-link the module sets the first sync compiled into cache (a module set is only
+    ever replaced whole, never written in place), so that no (driver, flavour, kernel)
+    compiles twice in a session."""
+    source = synced.site.cache / "coreos-gpu/modules"
+    target = cache / "coreos-gpu/modules"
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_dir() and not (target / entry.name).exists():
+            shutil.copytree(entry, target / entry.name, symlinks=True, copy_function=os.link)
 
 
 @pytest.fixture(scope="session")
@@ -189,10 +275,12 @@ def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # t
                  nvidia_run: Path, request: pytest.FixtureRequest):
     """`coreos-gpu build` of the test inputs (a real compile: minutes), once per release,
     driver and set of extra flags in a session, into one cache: the build and the VM tests
-    share the bundles, and each (driver, flavour, kernel) compiles once. The release is the
-    first test release unless release names another (say flatcar_release.update.version, the
-    one on the cloud kernel); an extra `--release` in extra would add a kernel to the same
-    bundle instead. The driver is 535.261.03 unless driver is "470.256.02"."""
+    share the bundles, and each (driver, flavour, kernel) compiles once in the session: a
+    proprietary 535 build takes the modules the first sync compiled (the synced fixture).
+    The release is the first test release unless release names another (say
+    flatcar_release.update.version, the one on the cloud kernel); an extra `--release` in
+    extra would add a kernel to the same bundle instead. The driver is 535.261.03 unless
+    driver is "470.256.02"."""
     from testinputs.serve import serve_folder
 
     folder = tmp_path_factory.mktemp("builds")
@@ -205,6 +293,8 @@ def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # t
         run = nvidia_run if driver == "535.261.03" else request.getfixturevalue(
             f"nvidia_run_{driver.split('.')[0]}")
         if key not in built:
+            if driver == SYNC_DRIVER and "open" not in extra:
+                _seed_modules(folder / "cache", request.getfixturevalue("synced"))
             archive = folder / f"nvidia-{len(built)}.tar.gz"
             with serve_folder(flatcar_release.server_root) as mirror:
                 result = run_cli(
@@ -219,3 +309,15 @@ def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # t
         return built[key]
 
     return build
+
+
+# Tests that share the session's compiles (build_bundle, synced): one xdist group, so that
+# with `-n` they all run in one worker, and no worker compiles what another already has.
+COMPILE_FIXTURES = frozenset({"build_bundle", "synced"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist names the groups in the test ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if COMPILE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("compiles"))

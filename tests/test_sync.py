@@ -25,61 +25,11 @@ from coreos_gpu.sync import Target
 from testinputs.flatcar import BETA, FIRST, IMAGE, OLD_VERSION, UPDATE
 from testinputs.serve import serve_folder
 
-from .conftest import CliResult, run_cli
+from .conftest import CliResult, Site, Synced, keygen, make_site, run_cli
 
 DRIVER = "535.261.03"
 ENTRY_KEYS = {"id", "os", "channel", "release", "driver_version", "kernel_module_type",
               "profile", "build_flags", "output"}
-
-
-def _keygen(folder: Path, name: str = "repo.key") -> Path:
-    done = run_cli("keygen", "--output", folder / name, cwd=folder)
-    assert done.code == 0, done.stderr
-    return folder / name
-
-
-@dataclass(frozen=True)
-class Site:
-    """A sync host's folder: its config file, key pair, cache and a repository folder."""
-
-    folder: Path
-    repo: Path
-    cache: Path
-
-    def sync(self, *argv: str, mirror: str) -> CliResult:
-        return run_cli("sync", "--mirror", mirror, *argv, cwd=self.folder, cache=self.cache,
-                       timeout=2400)
-
-    def plan(self, mirror: str) -> list[dict[str, str]]:
-        done = self.sync("--plan", "--json", mirror=mirror)
-        assert done.code == 0, done.stderr
-        plan = json.loads(done.stdout)
-        assert list(plan) == ["include"]  # GitHub takes any other key as a matrix axis
-        return plan["include"]  # type: ignore[no-any-return]
-
-    def listing(self) -> list[dict[str, object]]:
-        done = run_cli("repository", "list", self.repo, "--key", self.folder / "repo.key.pub",
-                       "--json", cwd=self.folder)
-        assert done.code == 0, done.stderr
-        return json.loads(done.stdout)["bundles"]  # type: ignore[no-any-return]
-
-
-def make_site(folder: Path, flatcar_release, nvidia_run: Path, *,  # type: ignore[no-untyped-def]
-              key_folder: Path | None = None, cache: Path | None = None) -> Site:
-    folder.mkdir(parents=True, exist_ok=True)
-    if key_folder is None:
-        _keygen(folder)
-    else:
-        for name in ("repo.key", "repo.key.pub"):
-            shutil.copy2(key_folder / name, folder / name)
-    repo = folder / "repo"
-    # Beta first: its bundle is built (and its kernel compiled) before stable's release.
-    (folder / "coreos-gpu.toml").write_text(
-        f'signing_key_fingerprint = "{flatcar_release.key_fingerprint}"\n'
-        f'driver_url = "{nvidia_run}"\ndriver_version = "{DRIVER}"\nruntime = "bwrap"\n'
-        f'repository = "file://{repo}"\nrepository_key = "repo.key.pub"\n'
-        'publish_key = "repo.key"\nsync_channels = ["beta", "stable"]\n')
-    return Site(folder, repo, cache or folder / "cache")
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -115,8 +65,8 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 def test_bad_sync_settings_are_one_line_and_touch_nothing(tmp_path: Path, toml: str,
                                                           flags: list[str],
                                                           message: str) -> None:
-    _keygen(tmp_path)
-    _keygen(tmp_path, "other.key")
+    keygen(tmp_path)
+    keygen(tmp_path, "other.key")
     repo = tmp_path / "repo"
     (tmp_path / "coreos-gpu.toml").write_text(toml.replace("{repo}", str(repo)))
     # No mirror serves anything: a setting refused late would show as a download error.
@@ -203,20 +153,6 @@ def test_the_plan_lists_every_wanted_bundle_of_an_empty_repository(
 
 
 # --- sync, for real -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Synced:
-    site: Site
-    result: CliResult  # of the first `sync --json`, on an empty repository and cache
-
-
-@pytest.fixture(scope="module")
-def synced(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # type: ignore[no-untyped-def]
-           nvidia_run: Path) -> Synced:
-    site = make_site(tmp_path_factory.mktemp("sync"), flatcar_release, nvidia_run)
-    with serve_folder(flatcar_release.server_root) as mirror:
-        return Synced(site, site.sync("--json", mirror=mirror))
 
 
 def _compiles(result: CliResult) -> list[str]:
