@@ -314,10 +314,26 @@ def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # t
 # Tests that share the session's compiles (build_bundle, synced): one xdist group, so that
 # with `-n` they all run in one worker, and no worker compiles what another already has.
 COMPILE_FIXTURES = frozenset({"build_bundle", "synced"})
+COMPILE_GROUP = "compiles"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist names the groups in the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if COMPILE_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("compiles"))
+            item.add_marker(pytest.mark.xdist_group(COMPILE_GROUP))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under --dist loadgroup, xdist tells its scheduler a test's group by a suffix on the
+    test's id; where it cannot (pytest 9.2, pytest-xdist#1386) the groups are silently
+    spread over the workers and each compiles everything again: stop instead."""
+    if not session.config.getoption("loadgroup", default=False):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") and not item.nodeid.endswith(
+                f"@{COMPILE_GROUP}"):
+            raise pytest.UsageError(
+                f"pytest-xdist did not put {item.nodeid} in its group: this pytest and "
+                "pytest-xdist do not group (see pyproject.toml); run with -n 0")
