@@ -6,10 +6,11 @@
 # What it trusts: nothing from the folder it was extracted into is sourced or run. That
 # folder may belong to whoever ran tar, and may hold other files: only the bundle's own
 # names count (install_nvidia.sh, nvidia.service, startup.sh, MANIFEST.json, SHA256SUMS,
-# node/, payload/). The bundle is copied into a root-owned staging folder under /opt/nvidia,
-# made root:root with the modes node/contents lists, and checked there, where nobody else
-# can change it any more: every file against SHA256SUMS, every link against node/contents,
-# nothing missing and nothing more. Only then is it renamed into place.
+# node/, payload/). The bundle is copied into a root-owned staging folder under /opt/nvidia
+# (moved, when node/fetch.sh extracted it into its own root-only folder there: see
+# fetched_bundle), made root:root with the modes node/contents lists, and checked there,
+# where nobody else can change it any more: every file against SHA256SUMS, every link
+# against node/contents, nothing missing and nothing more. Only then is it renamed into place.
 #
 # --expect-sha256 HEX pins the bundle itself: the sha256 of the copy's SHA256SUMS (which
 # covers every other file, node/contents with its links and modes too) must be HEX, the
@@ -434,10 +435,12 @@ check_tree() {
 }
 
 # check_sums STRIP: every file in the current folder against SHA256SUMS (paths as in
-# check_tree). openssl uses the CPU's SHA instructions (4x coreutils' sha256sum here), a few
-# files per process on every core (one short line each: pipe writes that small never
-# interleave); sha256sum where openssl is missing. Prints the first file that differs, by
-# its path in the archive.
+# check_tree). openssl uses the CPU's SHA instructions (4x coreutils' sha256sum here), one
+# process per core (at most 8: a bundle is a few hundred MiB), the files dealt out largest
+# first to the one with the fewest bytes so far, so that all end about together (dealt in
+# list order, one core was left hashing nvidia.ko alone); one short line per file: pipe writes
+# that small never interleave. sha256sum where openssl is missing. Prints the first file that
+# differs, by its path in the archive.
 check_sums() {
 	# "<sum> <path here> <path in the archive>" per file
 	cs_list=$(awk -v strip="$1" '{
@@ -449,17 +452,30 @@ check_sums() {
 	}
 	if command -v openssl >/dev/null 2>&1; then
 		cs_cores=$(nproc 2>/dev/null || echo 1)
+		[ "$cs_cores" -le 8 ] 2>/dev/null || cs_cores=8
 		cs_hash="openssl dgst -sha256 -r"
 	else
 		cs_cores=1
 		cs_hash=sha256sum
 	fi
+	# "<core> <path here>" per file that is there (stat: a missing one is "unreadable" below)
+	cs_shares=$(printf '%s\n' "$cs_list" | cut -d' ' -f2 | tr '\n' '\0' |
+		xargs -0 stat -c '%s %n' 2>/dev/null | sort -rn | awk -v n="$cs_cores" '{
+			c = 0
+			for (i = 1; i < n; i++) if (bytes[i] < bytes[c]) c = i
+			bytes[c] += $1
+			print c, $2 }')
 	# shellcheck disable=SC2086 # cs_hash is a command and its options
 	{
 		printf '%s\n' "$cs_list"
 		printf '%s\n' '--- hashed'
-		printf '%s\n' "$cs_list" | cut -d' ' -f2 | tr '\n' '\0' |
-			xargs -0 -n 8 -P "$cs_cores" $cs_hash 2>/dev/null
+		cs_core=0
+		while [ "$cs_core" -lt "$cs_cores" ]; do
+			printf '%s\n' "$cs_shares" | awk -v c="$cs_core" '$1 == c { print $2 }' | tr '\n' '\0' |
+				xargs -0 -r $cs_hash 2>/dev/null &
+			cs_core=$((cs_core + 1))
+		done
+		wait
 	} | awk '
 		$0 == "--- hashed" { hashed = 1; next }
 		!hashed { want[$2] = $1; archived[$2] = $3; next }
@@ -691,11 +707,30 @@ write_line() {
 	printf '%s\n' "$1" >"$2"
 }
 
-# land_bundle: the bundle's parts, copied into the staging folder. -P: links stay links; no
-# -p: the copies are root's, not the extracting user's.
+# land_bundle: the bundle's parts, into the staging folder: copied (-P: links stay links; no
+# -p: the copies are root's, not the extracting user's), or, for a bundle fetch.sh extracted
+# (fetched_bundle), moved: one rename each, the payload's folder over the empty staging one.
 land_bundle() {
-	# shellcheck disable=SC2086 # the names are word-split on purpose
-	cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/")
+	if [ "$LAND" = move ]; then
+		# shellcheck disable=SC2086 # the names are word-split on purpose
+		mv -T "$PAYLOAD" "$STAGE" && (cd "$BUNDLE" && mv node $TOP_NAMES "$STAGE/")
+	else
+		# shellcheck disable=SC2086 # the names are word-split on purpose
+		cp -RP "$PAYLOAD/." "$STAGE/" && (cd "$BUNDLE" && cp -RP node $TOP_NAMES "$STAGE/")
+	fi
+}
+
+# fetched_bundle: the extracted bundle lies in a work folder of node/fetch.sh's: directly in
+# $OPT, named .fetch.*, mode 0700 and owned as $OPT is, on its file system. Nobody but root
+# could reach it from the moment the archive, verified against the signed index, was
+# extracted there, and fetch.sh removes it after this run: moving its files saves a copy of
+# every byte, and the staging folder is checked all the same (shape, owner, modes, sums).
+# Any other folder, the extracting user's above all, is copied from.
+fetched_bundle() {
+	fb_parent=${BUNDLE%/*}
+	fb_opt=$(readlink -f "$ROOT$OPT" 2>/dev/null) && [ "${fb_parent%/*}" = "$fb_opt" ] || return 1
+	case ${fb_parent##*/} in .fetch.*) ;; *) return 1 ;; esac
+	[ ! -L "$fb_parent" ] && [ "$(stat -c '%u %a %d' "$fb_parent" 2>/dev/null)" = "$(stat -c '%u 700 %d' "$fb_opt" 2>/dev/null)" ]
 }
 
 # set_modes: the modes the bundle lists, one chmod call per mode (links have no mode of
@@ -955,8 +990,10 @@ elif [ "$DRY" = 1 ]; then
 else
 	STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
 	txn_note tree "$STAGE"
+	LAND=copy
+	! fetched_bundle || LAND=move
 	quietly land_bundle ||
-		die 4 "cannot copy the bundle in $BUNDLE into $STAGE; extract the whole archive again"
+		die 4 "cannot $LAND the bundle in $BUNDLE into $STAGE; extract the whole archive again"
 	# Its shape before anything follows a path in it (chmod would follow a link), then
 	# owner and modes, then the sums.
 	BAD=$(cd "$STAGE" && check_bundle "payload/$DRIVER_VERSION/" structure)
