@@ -337,3 +337,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             raise pytest.UsageError(
                 f"pytest-xdist did not put {item.nodeid} in its group: this pytest and "
                 "pytest-xdist do not group (see pyproject.toml); run with -n 0")
+
+
+# The time each kind of work took, summed over its tests' setup, call and teardown: the
+# compile group runs in one worker, so its sum is that worker's wall time; the README's
+# Test section budgets both.
+GROUP_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    group = "the compile group" if "xdist_group" in report.keywords else "the rest"
+    GROUP_SECONDS[group] = GROUP_SECONDS.get(group, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for group, seconds in sorted(GROUP_SECONDS.items()):
+        terminalreporter.write_line(f"tests: {group}: {seconds / 60:.1f} min of test time")
