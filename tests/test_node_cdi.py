@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -297,11 +298,11 @@ class Podman:
     are tmpfs in a mount namespace of its own (Podman 4.3 reads only /etc/cdi and
     /var/run/cdi, and has no --cdi-spec-dir), so the machine's are neither read nor touched."""
 
-    def __init__(self, folder: Path, specs: Path) -> None:
+    def __init__(self, folder: Path, specs: Path, runroot: Path) -> None:
         self.folder = folder
         self.specs = specs
-        self.base = ["podman", "--root", str(folder / "storage"), "--runroot",
-                     str(folder / "run"), "--tmpdir", str(folder / "tmp"), *PODMAN_FLAGS]
+        self.base = ["podman", "--root", str(folder / "storage"), "--runroot", str(runroot),
+                     "--tmpdir", str(folder / "tmp"), *PODMAN_FLAGS]
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         script = ('mount -t tmpfs tmpfs /run && mkdir /run/cdi && cp "$0"/*.json /run/cdi/ && '
@@ -352,16 +353,20 @@ def podman(tmp_path_factory: pytest.TempPathFactory, bundle: Path) -> Iterator[t
     specs = folder / "cdi"
     specs.mkdir()
     (specs / "nvidia.com-gpu.json").write_text(json.dumps(spec))
-    run = Podman(folder, specs)
-    tar = folder / "image.tar"
-    subprocess.run(["tar", "-C", image_root(folder), "-cf", tar, "."], check=True)
-    imported = run("import", "--change", "ENV=LD_LIBRARY_PATH=/usr/local/nvidia/lib64", str(tar),
-                   "localhost/coreos-gpu-cdi-test:1")
-    assert imported.returncode == 0, imported.stderr
+    # Podman refuses a runroot path longer than 50 characters, which a test's folder under
+    # an xdist worker's base folder is: a short one of its own under /tmp.
+    runroot = Path(tempfile.mkdtemp(prefix="podman-run-"))
+    run = Podman(folder, specs, runroot)
     try:
+        tar = folder / "image.tar"
+        subprocess.run(["tar", "-C", image_root(folder), "-cf", tar, "."], check=True)
+        imported = run("import", "--change", "ENV=LD_LIBRARY_PATH=/usr/local/nvidia/lib64",
+                       str(tar), "localhost/coreos-gpu-cdi-test:1")
+        assert imported.returncode == 0, imported.stderr
         yield run, node
     finally:
         run("rmi", "--all", "--force")
+        shutil.rmtree(runroot, ignore_errors=True)
 
 
 INSIDE = """
