@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from testinputs.nvidia_run import VERSION as DRIVER  # the 535 test driver
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -84,8 +86,6 @@ class Site:
         return json.loads(done.stdout)["bundles"]  # type: ignore[no-any-return]
 
 
-SYNC_DRIVER = "535.261.03"
-
 
 def make_site(folder: Path, flatcar_release, nvidia_run: Path, *,  # type: ignore[no-untyped-def]
               key_folder: Path | None = None, cache: Path | None = None) -> Site:
@@ -99,7 +99,7 @@ def make_site(folder: Path, flatcar_release, nvidia_run: Path, *,  # type: ignor
     # Beta first: its bundle is built (and its kernel compiled) before stable's release.
     (folder / "coreos-gpu.toml").write_text(
         f'signing_key_fingerprint = "{flatcar_release.key_fingerprint}"\n'
-        f'driver_url = "{nvidia_run}"\ndriver_version = "{SYNC_DRIVER}"\nruntime = "bwrap"\n'
+        f'driver_url = "{nvidia_run}"\ndriver_version = "{DRIVER}"\nruntime = "bwrap"\n'
         f'repository = "file://{repo}"\nrepository_key = "repo.key.pub"\n'
         'publish_key = "repo.key"\nsync_channels = ["beta", "stable"]\n')
     return Site(folder, repo, cache or folder / "cache")
@@ -287,13 +287,13 @@ def build_bundle(tmp_path_factory: pytest.TempPathFactory, flatcar_release,  # t
     built: dict[tuple[str, ...], BuiltBundle] = {}
 
     def build(*extra: str, release: str | None = None,
-              driver: str = "535.261.03") -> BuiltBundle:
+              driver: str = DRIVER) -> BuiltBundle:
         release = release or flatcar_release.version
         key = (release, driver, *extra)
-        run = nvidia_run if driver == "535.261.03" else request.getfixturevalue(
+        run = nvidia_run if driver == DRIVER else request.getfixturevalue(
             f"nvidia_run_{driver.split('.')[0]}")
         if key not in built:
-            if driver == SYNC_DRIVER and "open" not in extra:
+            if driver == DRIVER and "open" not in extra:
                 _seed_modules(folder / "cache", request.getfixturevalue("synced"))
             archive = folder / f"nvidia-{len(built)}.tar.gz"
             with serve_folder(flatcar_release.server_root) as mirror:

@@ -25,9 +25,8 @@ from coreos_gpu.sync import Target
 from testinputs.flatcar import BETA, FIRST, IMAGE, OLD_VERSION, UPDATE
 from testinputs.serve import serve_folder
 
-from .conftest import CliResult, Site, Synced, keygen, make_site, run_cli
+from .conftest import DRIVER, CliResult, Site, Synced, keygen, make_site, run_cli
 
-DRIVER = "535.261.03"
 ENTRY_KEYS = {"id", "os", "channel", "release", "driver_version", "kernel_module_type",
               "profile", "build_flags", "output"}
 
