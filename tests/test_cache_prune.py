@@ -25,6 +25,7 @@ import pytest
 
 from coreos_gpu import build as build_module
 from coreos_gpu import cli as cli_module
+from coreos_gpu import cli_build
 from coreos_gpu import prune as prune_module
 from coreos_gpu.build import hold
 from coreos_gpu.bundle import Bundle, _to_cache
@@ -528,7 +529,7 @@ def test_devcontainer_run_holds_its_root_while_the_command_runs(
         return 3
 
     monkeypatch.setattr(build_module, "prepare_devcontainer", prepared)
-    monkeypatch.setattr(cli_module, "run_interactive", run_interactive)
+    monkeypatch.setattr(cli_build, "run_interactive", run_interactive)
     monkeypatch.setenv("XDG_CACHE_HOME", str(site.cache.parent))
     assert cli_module.main(["devcontainer", "run", "--release", "3975.2.2", "--", "true"]) == 3
     assert seen == [True]

@@ -1,16 +1,29 @@
-"""The `coreos-gpu` command as a user runs it: into a pipe that closes early, and the exit codes
-of missing and failing downloads."""
+"""The `coreos-gpu` command as a user runs it: into a pipe that closes early, the exit codes
+of missing and failing downloads, what starting it imports, and the setting flags each verb
+takes."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from coreos_gpu.cli import (
+    PUBLISH_SETTINGS,
+    READ_REPOSITORY_SETTINGS,
+    VerbFunction,
+    build_parser,
+    main,
+)
+from coreos_gpu.config import SETTINGS, SETTINGS_BY_KEY, load_config
 from coreos_gpu.errors import ExitCode
 
 from .conftest import CliResult
@@ -127,3 +140,157 @@ def test_missing_and_failing_downloads_exit_codes(cli, tmp_path: Path, path: str
     assert "Traceback" not in result.stderr
     [error, *_] = result.error_lines
     assert error.startswith("coreos-gpu: error: ") and message in error, error
+
+
+# --- start-up: what building the parser imports --------------------------------------------
+
+# What the verbs use and `--help` must not wait for (rich alone takes longer to import than
+# all that `--help` needs). importlib.metadata: __version__, resolved for --version only.
+HEAVY = ("rich", "httpx", "cryptography", "elftools", "zstandard", "boto3", "botocore", "shtab",
+         "importlib.metadata")
+# What building the parser needs of coreos_gpu: the settings table, render's kinds and
+# defaults, the error type and the output module; no stage.
+PARSER_MODULES = {"coreos_gpu", "coreos_gpu.cli", "coreos_gpu.config", "coreos_gpu.errors",
+                  "coreos_gpu.render_types", "coreos_gpu.ui"}
+_REPORT = """
+import json, sys
+baseline = set(sys.modules)
+{code}
+print(json.dumps({{"modules": sorted(set(sys.modules) - baseline),
+                   "stdlib": sorted(sys.stdlib_module_names)}}))
+"""
+
+
+def _imported(code: str) -> tuple[set[str], set[str]]:
+    """What a fresh interpreter imports to run code: (every module, the third-party top-level
+    packages among them)."""
+    done = subprocess.run([sys.executable, "-c", _REPORT.format(code=code)], capture_output=True,
+                          text=True, check=True)
+    found = json.loads(done.stdout.splitlines()[-1])
+    modules = set(found["modules"])
+    third_party = {m.split(".")[0] for m in modules} - set(found["stdlib"]) - {"coreos_gpu"}
+    return modules, third_party
+
+
+@pytest.mark.parametrize("code", [
+    "from coreos_gpu.cli import build_parser; build_parser()",
+    *(f"""
+from coreos_gpu.cli import main
+try:
+    main({argv!r})
+except SystemExit as e:
+    assert e.code == 0, e.code
+""" for argv in (["--help"], ["build", "--help"], ["publish", "--help"],
+                 ["repository", "verify", "--help"]))],
+    ids=["build_parser", "--help", "build --help", "publish --help", "repository verify --help"])
+def test_building_the_parser_imports_no_third_party_package(code: str) -> None:
+    modules, third_party = _imported(code)
+    assert not [m for m in HEAVY if m in modules]
+    assert not third_party
+    assert {m for m in modules if m.startswith("coreos_gpu")} <= PARSER_MODULES
+
+
+def test_version_is_the_installed_distributions() -> None:
+    done = subprocess.run([*_command(), "--version"], capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"coreos-gpu {importlib.metadata.version('coreos-gpu')}\n"
+    import coreos_gpu
+
+    assert coreos_gpu.__version__ == importlib.metadata.version("coreos-gpu")
+    with pytest.raises(AttributeError):
+        coreos_gpu.no_such_attribute  # noqa: B018
+
+
+def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
+            ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield words, parser
+        return
+    for name, sub in subs[0].choices.items():
+        yield from _leaves(sub, (*words, name))
+
+
+def test_every_verb_names_a_function_that_exists() -> None:
+    """The parser names each verb's function as text (it imports none): each must be there."""
+    leaves = dict(_leaves(build_parser()))
+    assert len(leaves) == 18
+    for words, parser in leaves.items():
+        function = parser.get_default("func")
+        assert isinstance(function, VerbFunction), words
+        module = importlib.import_module(f"coreos_gpu.{function.module}")
+        assert callable(getattr(module, function.name, None)), (words, function)
+
+
+# --- the settings each verb takes -----------------------------------------------------------
+
+def _help(*words: str) -> str:
+    return dict(_leaves(build_parser()))[words].format_help()
+
+
+@pytest.fixture
+def help_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps help to it
+
+
+def _setting_flags(*words: str) -> set[str]:
+    parser = dict(_leaves(build_parser()))[words]
+    return {a.option_strings[0] for a in parser._actions
+            if a.option_strings and a.dest in SETTINGS_BY_KEY}
+
+
+@pytest.mark.usefixtures("help_width")
+@pytest.mark.parametrize(("words", "keys"), [
+    (("publish",), PUBLISH_SETTINGS),
+    (("repository", "refresh"), PUBLISH_SETTINGS),
+    (("repository", "list"), READ_REPOSITORY_SETTINGS),
+    (("repository", "verify"), READ_REPOSITORY_SETTINGS),
+])
+def test_repository_verbs_take_only_their_settings(words: tuple[str, ...],
+                                                   keys: tuple[str, ...]) -> None:
+    assert _setting_flags(*words) == {SETTINGS_BY_KEY[k].flag for k in keys}
+    text = _help(*words)
+    for flag in ("--jobs", "--driver-version", "--release", "--runtime", "--output"):
+        assert flag not in text, (words, flag)
+    # With every setting, each took 116 to 118 lines (at 100 columns), as build still does.
+    assert len(text.splitlines()) <= 30 < 100 < len(_help("build").splitlines())
+
+
+def test_other_verbs_still_take_every_setting() -> None:
+    everything = {s.flag for s in SETTINGS}
+    for words in (("build",), ("sync",), ("config", "show"), ("cache", "prune")):
+        assert _setting_flags(*words) == everything, words
+
+
+@pytest.mark.parametrize(("argv", "unknown"), [
+    (["publish", "x.tar.gz", "--jobs", "4"], "--jobs 4"),
+    (["publish", "x.tar.gz", "--driver-version", "535.261.03"], "--driver-version 535.261.03"),
+    (["repository", "refresh", "--output", "x"], "--output x"),
+    (["repository", "list", "/srv/repo", "--offline"], "--offline"),
+    (["repository", "verify", "/srv/repo", "--key", "k.pub", "--repository", "http://x"],
+     "--repository http://x"),
+])
+def test_another_verbs_setting_is_an_unknown_flag(argv: list[str], unknown: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """As any unknown flag: the error line and the hint, exit 2, before anything is read."""
+    assert main(argv) == ExitCode.CONFIG == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"coreos-gpu: error: unrecognized arguments: {unknown}\n"
+                            "coreos-gpu: hint: see coreos-gpu --help\n")
+    assert captured.out == ""
+
+
+def test_a_verbs_own_settings_come_from_flags_the_rest_from_the_file(tmp_path: Path) -> None:
+    """load_config takes a parsed verb without the other settings' keys: their values come
+    from the config file (shared by every verb) or the defaults."""
+    config_file = tmp_path / "coreos-gpu.toml"
+    config_file.write_text('jobs = 3\npublish_key = "file.key"\n')
+    args = build_parser().parse_args(["publish", "a.tar.gz", "--index-lifetime", "5",
+                                      "--publish-to", "/srv/repo"])
+    assert "jobs" not in vars(args)
+    config = load_config(vars(args), config_file)
+    assert (config.index_lifetime, config.publish_to, config.publish_key, config.jobs) == (
+        5, "/srv/repo", "file.key", 3)
+    assert (config.sources["index_lifetime"], config.sources["publish_key"],
+            config.sources["offline"]) == ("--index-lifetime", str(config_file), "default")

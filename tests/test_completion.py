@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coreos_gpu.cli import build_parser
-from coreos_gpu.completion import SHELLS
+from coreos_gpu.cli import SHELLS, build_parser
 
 from .conftest import run_cli
 

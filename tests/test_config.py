@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from dataclasses import fields
@@ -14,6 +15,7 @@ from coreos_gpu.config import (
     OsName,
     Persistence,
     Profile,
+    add_setting_flags,
     load_config,
 )
 from coreos_gpu.errors import CoreosGpuError, ExitCode
@@ -25,6 +27,20 @@ EXAMPLE = REPO / "examples" / "coreos-gpu.toml"
 
 def test_every_setting_is_a_config_field() -> None:
     assert [s.key for s in SETTINGS] == [f.name for f in fields(BuildConfig) if f.name != "sources"]
+
+
+def test_a_verb_gets_the_flags_of_the_settings_it_names() -> None:
+    parser = argparse.ArgumentParser()
+    add_setting_flags(parser, ("offline", "jobs", "releases"))  # shown in the table's order
+    flags = [a.option_strings for a in parser._actions if a.dest != "help"]
+    assert flags == [["--release"], ["--jobs"], ["--offline", "--no-offline"]]
+    assert vars(parser.parse_args(["--release", "3975.2.2", "--no-offline"])) == {
+        "releases": ["3975.2.2"], "jobs": None, "offline": False}
+    every = argparse.ArgumentParser()
+    add_setting_flags(every)
+    assert len([a for a in every._actions if a.dest != "help"]) == len(SETTINGS)
+    with pytest.raises(ValueError, match="no such setting: job"):
+        add_setting_flags(argparse.ArgumentParser(), ("job",))
 
 
 def test_defaults() -> None:

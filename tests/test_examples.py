@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from coreos_gpu.cli import _plan_entry, build_parser
+from coreos_gpu.cli import build_parser
+from coreos_gpu.cli_build import _plan_entry
 from coreos_gpu.config import Channel, KernelModuleType, OsName, Profile, load_config
 from coreos_gpu.fetch import _dirs as fetch_dirs
 from coreos_gpu.sync import Target

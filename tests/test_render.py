@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from coreos_gpu.errors import ExitCode
 from coreos_gpu.keys import write_key_pair
 from coreos_gpu.node import default_node_files
 from coreos_gpu.provision import DIR, UNIT, render_script, terraform_commands
-from coreos_gpu.render import DEFAULT_IMAGE, BundleSource, RepositorySource
+from coreos_gpu.render_types import DEFAULT_IMAGE, BundleSource, RepositorySource
 
 from .conftest import CliResult
 from .nodetree import SHELLS, make_bundle
@@ -233,6 +234,16 @@ def test_terraform_parses_as_hcl_and_says_exactly_the_commands(
     assert download < check < extract < install  # checked before anything in it runs
     assert inline[extract - 1] == 'sudo mkdir "$work/bundle"'  # into an empty folder
     assert URL in inline[download]
+
+
+def test_provision_never_imports_render() -> None:
+    """render.py calls provision.py, not the other way: the sources both take are
+    render_types'."""
+    code = ("import sys, coreos_gpu.provision; "
+            "print('coreos_gpu.render' in sys.modules, 'coreos_gpu.render_types' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout == "False True\n"
 
 
 def test_hcl_escapes_every_template_and_quote() -> None:

@@ -1,47 +1,49 @@
-"""The `coreos-gpu` command: each verb parses, calls the stages, and renders."""
+"""The `coreos-gpu` command: its parser, and running the verb it names.
+
+Each verb's function (cli_build, cli_cache, cli_render, cli_repository, completion) parses,
+calls the stages, and renders. This module imports none of them: a verb's module, and with it
+the stages and third-party packages it needs, is imported only when that verb runs, so
+`--help`, completion and a mistyped flag answer at once (tests/test_cli.py holds it to that).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from coreos_gpu import __version__, ui
-from coreos_gpu.build import build, hold_devcontainer
-from coreos_gpu.bundle import BundleReport, inspect_bundle
-from coreos_gpu.cli_cache import add_cache_verbs, prune_json
-from coreos_gpu.cli_render import add_render_verb
-from coreos_gpu.cli_repository import add_repository_verbs
-from coreos_gpu.completion import SHELLS, render_completion
-from coreos_gpu.config import (
-    BuildConfig,
-    Profile,
-    add_setting_flags,
-    config_rows,
-    find_config_file,
-    load_config,
-)
-from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontainer
-from coreos_gpu.driver import DriverPackage, fetch_driver
+import coreos_gpu
+from coreos_gpu import ui
+from coreos_gpu.config import SETTINGS_BY_KEY, add_setting_flags
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.manifest import ManifestEntry
-from coreos_gpu.release import list_releases
-from coreos_gpu.sandbox import SandboxSpec, run_interactive
-from coreos_gpu.sync import (
-    Outcome,
-    Target,
-    make_plan,
-    plan_key,
-    publish_location,
-    signing_key,
-    sync,
-)
+from coreos_gpu.render_types import AGENT_SETTINGS, DEFAULT_IMAGE, IGNITION_SPECS, Kind
+from coreos_gpu.render_types import SETTINGS as RENDER_SETTINGS
+
+SHELLS = ("bash", "zsh", "fish")  # what `coreos-gpu completion` writes scripts for
+# The settings a verb reads (config.py declares each): only their flags are the verb's, so
+# another verb's setting is an unknown flag there. A verb given none takes every setting.
+PUBLISH_SETTINGS = ("publish_to", "publish_key", "index_lifetime", "s3_endpoint_url")
+READ_REPOSITORY_SETTINGS = ("cache_dir", "s3_endpoint_url")
+# What each setting means to render (its flag, metavar and check are config.py's).
+_RENDER_SETTING_HELP = {
+    "driver_version": "the driver nodes take from a repository (default: the setting "
+                      "driver_version), or the smoke test expects",
+    "kernel_module_type": "proprietary or open: the module flavour nodes take from a repository "
+                          "(default: the setting, else the driver's: open from 560)",
+    "profile": "compute or full: the profile nodes take from a repository (default: the "
+               "setting profile)",
+    "agents": "what runs the GPU containers (mesos, kubelet, containerd, docker, crio, nomad, "
+              "podman): the provisioning unit runs before their units (default: the bundle "
+              "file's, else the setting agents)",
+    "agent_units": "more units the provisioning unit runs before (default: the bundle file's, "
+                   "else the setting agent_units)",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,279 +52,31 @@ class _Parser(argparse.ArgumentParser):
         raise CoreosGpuError(message, hint=f"see {self.prog} --help", code=ExitCode.CONFIG)
 
 
-def _config(args: argparse.Namespace) -> BuildConfig:
-    return load_config(vars(args), find_config_file(args.config, Path.cwd()))
+class _Version(argparse._VersionAction):
+    """--version, whose number (importlib.metadata, slow to import) is looked up only when
+    asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        self.version = f"coreos-gpu {coreos_gpu.__version__}"
+        super().__call__(parser, namespace, values, option_string)
 
 
-# --- verbs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerbFunction:
+    """A verb's function, by its module (under coreos_gpu) and name, imported when it runs."""
+
+    module: str
+    name: str
+
+    def __call__(self, args: argparse.Namespace) -> int | None:
+        function: Callable[[argparse.Namespace], int | None] = getattr(
+            importlib.import_module(f"coreos_gpu.{self.module}"), self.name)
+        return function(args)
 
 
-def cmd_config_show(args: argparse.Namespace) -> None:
-    rows = config_rows(_config(args))
-    if args.json:
-        ui.print_json({key: {"value": value, "source": source} for key, value, source in rows})
-    else:
-        shown = [(k, _shown_value(v), s) for k, v, s in rows]
-        ui.print_table("effective configuration", ("key", "value", "source"), shown)
-
-
-def _shown_value(value: Any) -> str:
-    if value is None:  # kernel_module_type, unset
-        return "(the driver's default)"
-    return value if isinstance(value, str) and value else json.dumps(value)
-
-
-def cmd_driver_inspect(args: argparse.Namespace) -> None:
-    config = _config(args)
-    with ui.step(f"reading driver package {Path(args.package).name}"):
-        package = fetch_driver(args.package, config.cache_dir, offline=config.offline,
-                               sha256=config.driver_sha256)
-    if args.json:
-        ui.print_json(render_driver_json(package))
-    else:
-        render_driver_text(package)
-
-
-def cmd_releases(args: argparse.Namespace) -> None:
-    config = _config(args)
-    releases = list_releases(config.os, config.channel, mirror=config.mirror,
-                             cache_dir=config.cache_dir, offline=config.offline)
-    if args.json:
-        ui.print_json([{"version": r.version, "kernel": r.kernel,
-                        "release_date": r.release_date} for r in releases])
-    else:
-        ui.print_table(f"{config.os.value} {config.channel.value} releases",
-                       ("version", "kernel", "release date"),
-                       [(r.version, r.kernel or "?", r.release_date) for r in releases])
-
-
-def cmd_devcontainer_prepare(args: argparse.Namespace) -> None:
-    config = _config(args)
-    roots = [prepare_devcontainer(config, version) for version in config.releases]
-    rows = [{"os": d.release.os.value, "version": d.release.version,
-             "kernel_release": d.kernel_release, "build_dir": d.build_dir,
-             "root": str(d.root), "image_sha256": d.image_sha256} for d in roots]
-    if args.json:
-        ui.print_json(rows)
-    else:
-        ui.print_table("developer containers", ("release", "kernel release", "root"),
-                       [(r["version"], r["kernel_release"], r["root"]) for r in rows])
-
-
-def _devroot_sandbox(args: argparse.Namespace, holds: ExitStack) -> tuple[DevRoot, BuildConfig]:
-    """The one configured release's developer container, held (cache prune leaves it alone)
-    until holds closes."""
-    config = _config(args)
-    if len(config.releases) != 1:
-        raise CoreosGpuError("devcontainer shell and run work on one release; "
-                             f"{len(config.releases)} are configured",
-                             hint="pick one with --release", code=ExitCode.CONFIG)
-    return hold_devcontainer(holds, config, config.releases[0]), config
-
-
-def cmd_devcontainer_shell(args: argparse.Namespace) -> int:
-    with ExitStack() as holds:
-        devroot, config = _devroot_sandbox(args, holds)
-        ui.log(f"    shell in {devroot.release.os.value} {devroot.release.version}'s developer "
-               f"container; the kernel tree is {devroot.build_dir}")
-        return run_interactive(SandboxSpec(root=devroot.root), ("/bin/sh", "-l"),
-                               runtime=config.runtime, engine_options=engine_options(config),
-                               image_key=devroot.image_sha256)
-
-
-def cmd_devcontainer_run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise CoreosGpuError("devcontainer run needs a command", hint="coreos-gpu "
-                             "devcontainer run -- make --version", code=ExitCode.CONFIG)
-    with ExitStack() as holds:
-        devroot, config = _devroot_sandbox(args, holds)
-        return run_interactive(SandboxSpec(root=devroot.root), command, runtime=config.runtime,
-                               engine_options=engine_options(config),
-                               image_key=devroot.image_sha256)
-
-
-def cmd_build(args: argparse.Namespace) -> None:
-    config = _config(args)
-    made = build(config)
-    bundle, package = made.bundle, made.package
-    if args.json:
-        ui.print_json({"path": str(bundle.path), "sha256": bundle.sha256, "size": bundle.size,
-                       "manifest": bundle.manifest,
-                       "sandbox": made.sandbox.to_json() if made.sandbox else None})
-    else:
-        ui.print_fields([
-            ("archive", bundle.path), ("sha256", bundle.sha256), ("size", _mib(bundle.size)),
-            ("driver", f"{package.version} ({made.flavour.value} modules, "
-                       f"{config.profile.value} profile)"),
-            ("kernels", ", ".join(m.kernel_release for m in made.module_sets)),
-            ("sandbox", made.sandbox.runtime if made.sandbox else "none needed (all cached)"),
-        ])
-
-
-def cmd_sync(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if args.plan:
-        plan = make_plan(config, plan_key(config))
-        if args.json:
-            # GitHub Actions' matrix takes this object as it is: one job per "include" entry.
-            ui.print_json({"include": [_plan_entry(t) for t in plan.missing]})
-        else:
-            ui.print_fields([("repository", plan.location), ("generation", plan.generation),
-                             ("missing", f"{len(plan.missing)} of {len(plan.wanted)} wanted "
-                                         "bundles")])
-            ui.print_table("missing bundles", ("id", "build flags"),
-                           [(t.id, " ".join(t.build_flags())) for t in plan.missing])
-        return int(ExitCode.OK)
-    # Before the feeds: a wrong key or nowhere to publish stops sync at once.
-    key = signing_key(config)
-    publish_location(config)
-    result = sync(config, make_plan(config, key.public_key()), key)
-    if args.json:
-        ui.print_json({"repository": result.location, "seconds": round(result.seconds, 1),
-                       "refreshed": result.refreshed,
-                       "pruned": prune_json(result.pruned) if result.pruned else None} | {
-            state: [_outcome_json(o) for o in result.of(state)]
-            for state in ("built", "skipped", "failed")})
-    else:
-        ui.print_table(f"sync of {result.location}",
-                       ("release", "driver", "flavour", "profile", "state", "detail"),
-                       [(f"{o.target.channel.value} {o.target.release}", o.target.driver_version,
-                         o.target.flavour.value, o.target.profile.value, o.state,
-                         _outcome_detail(o)) for o in result.outcomes])
-    failed = result.of("failed")
-    if failed:
-        ui.print_error(f"{len(failed)} of {len(failed) + len(result.of('built'))} builds "
-                       f"failed; the first, {failed[0].target.id}: {failed[0].error}",
-                       "the others are published; sync again once it is fixed")
-    return int(result.code)
-
-
-def _plan_entry(target: Target) -> dict[str, Any]:
-    return {"id": target.id, "os": target.os.value, "channel": target.channel.value,
-            "release": target.release, "driver_version": target.driver_version,
-            "kernel_module_type": target.flavour.value, "profile": target.profile.value,
-            "build_flags": " ".join(target.build_flags()),
-            "output": f"nvidia-{target.id}.tar.gz"}
-
-
-def _outcome_json(outcome: Outcome) -> dict[str, Any]:
-    return _plan_entry(outcome.target) | {
-        "seconds": round(outcome.seconds, 1), "sha256": outcome.sha256 or None,
-        "size": outcome.size or None, "compiled": outcome.compiled,
-        "error": outcome.error or None, "code": int(outcome.code) or None}
-
-
-def _outcome_detail(outcome: Outcome) -> str:
-    if outcome.state == "built":
-        compiled = (f"compiled {outcome.compiled} module set(s)" if outcome.compiled
-                    else "modules from the cache")
-        return f"{_mib(outcome.size)}, {compiled}, {outcome.seconds:.0f} s"
-    if outcome.state == "failed":
-        return f"exit {int(outcome.code)}: {outcome.error}"
-    return "in the repository"
-
-
-def cmd_completion(args: argparse.Namespace) -> None:
-    sys.stdout.write(render_completion(build_parser(), args.shell))
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    report = inspect_bundle(args.archive)
-    if args.json:
-        ui.print_json(report.to_json())
-    else:
-        render_bundle_text(report)
-    return int(ExitCode.OK if report.ok else ExitCode.BUNDLE)
-
-
-# --- rendering -----------------------------------------------------------------------------
-
-
-def _by_profile(package: DriverPackage) -> dict[Profile, tuple[ManifestEntry, ...]]:
-    return {p: package.files(p) for p in Profile}
-
-
-def render_driver_json(package: DriverPackage) -> dict[str, Any]:
-    selected = _by_profile(package)
-    members = {p: {id(e) for e in entries} for p, entries in selected.items()}
-    return {
-        "version": package.version,
-        "description": package.description,
-        "source": package.source,
-        "sha256": package.sha256,
-        "extracted_to": str(package.root),
-        "flavours": [f.value for f in package.flavours],
-        "default_flavour": package.default_flavour.value if package.flavours else None,
-        "kernel_modules": list(package.kernel_modules),
-        "profiles": {
-            p.value: {"files": len(entries),
-                      "bytes": sum(package.size_of(e) for e in entries)}
-            for p, entries in selected.items()
-        },
-        "files": [
-            {
-                "file": e.file,
-                "type": e.type,
-                "arch": e.arch.value if e.arch else None,
-                "mode": f"{e.mode:04o}",
-                "size": package.size_of(e),
-                "target": e.target,
-                "profiles": [p.value for p, ids in members.items() if id(e) in ids],
-            }
-            for e in selected[Profile.FULL]
-        ],
-    }
-
-
-def render_driver_text(package: DriverPackage) -> None:
-    ui.print_fields([
-        ("driver version", package.version),
-        ("description", package.description),
-        ("sha256", package.sha256),
-        ("flavours", ", ".join(f"{f.value} ({package.kernel_source_dir(f).name}/)"
-                               for f in package.flavours) or "none"),
-        ("default flavour", f"{package.default_flavour.value} (what NVIDIA's installer picks; "
-                            "--kernel-module-type overrides it)" if package.flavours else "none"),
-        ("kernel modules", " ".join(package.kernel_modules)),
-    ])
-    selected = _by_profile(package)
-    members = {p: {id(e) for e in entries} for p, entries in selected.items()}
-    ui.print_table(
-        "profiles", ("profile", "files", "size"),
-        [(p.value, len(entries), _mib(sum(package.size_of(e) for e in entries)))
-         for p, entries in selected.items()])
-    ui.print_table(
-        "userspace files", ("file", "type", "arch", "size", *(p.value for p in Profile)),
-        [(e.file + (f" -> {e.target}" if e.target else ""), e.type,
-          e.arch.value if e.arch else "", _mib(package.size_of(e)),
-          *("yes" if id(e) in members[p] else "" for p in Profile))
-         for e in selected[Profile.FULL]])
-
-
-def render_bundle_text(report: BundleReport) -> None:
-    ui.print_fields(report.summary())
-    ui.print_table("parts", ("part", "files", "size"),
-                   [(p.part, p.files, _mib(p.size)) for p in report.parts])
-    ui.print_table("kernel modules", ("module", "vermagic", "version", "size"),
-                   [(m.path, m.vermagic, m.version or "none (checked by its link to nvidia.ko)",
-                      _mib(m.size)) for m in report.modules])
-    if report.ok:
-        ui.print_fields([("verification", "OK: every file matches SHA256SUMS and MANIFEST.json, "
-                          "every module its kernel and driver version")])
-    else:
-        ui.print_fields([("verification", f"FAILED: {len(report.problems)} problem(s)")])
-        for problem in report.problems:
-            sys.stdout.write(f"  {problem}\n")
-
-
-def _mib(n: int) -> str:
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
-
-
-# --- parser --------------------------------------------------------------------------------
+# build_parser's verb(): (group, name, help, "module.function", *, settings=None) → its parser
+Verb = Callable[..., argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,62 +89,167 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coreos-gpu", parents=[common],
                      description="NVIDIA GPU drivers for Mesos/DC/OS agents on Flatcar and "
                      "CoreOS Container Linux.")
-    parser.add_argument("--version", action="version", version=f"coreos-gpu {__version__}")
+    parser.add_argument("--version", action=_Version)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    def verb(
-        group: Any, name: str, helptext: str,
-        func: Callable[[argparse.Namespace], int | None]
-    ) -> argparse.ArgumentParser:
+    def verb(group: Any, name: str, helptext: str, function: str, *,
+             settings: Sequence[str] | None = None) -> argparse.ArgumentParser:
+        """A verb that runs function ("module.name"), with the flags of settings (None:
+        every setting)."""
         sub: argparse.ArgumentParser = group.add_parser(
             name, parents=[common], help=helptext, description=helptext)
         sub.add_argument("--json", action="store_true", help="print JSON")
-        add_setting_flags(sub)
-        sub.set_defaults(func=func)
+        add_setting_flags(sub, settings)
+        sub.set_defaults(func=VerbFunction(*function.rsplit(".", 1)))
         return sub
 
     config = verbs.add_parser("config", help="configuration").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     verb(config, "show", "print the effective configuration and where each value came from",
-         cmd_config_show)
+         "cli_build.cmd_config_show")
 
     driver = verbs.add_parser("driver", help="NVIDIA driver packages").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     inspect = verb(driver, "inspect", "show what an NVIDIA .run holds and what each profile "
-                   "takes", cmd_driver_inspect)
+                   "takes", "cli_build.cmd_driver_inspect")
     inspect.add_argument("package", metavar="PATH_OR_URL", help="NVIDIA-Linux-*.run")
     verb(verbs, "build", "compile the NVIDIA modules for each release's kernel and write the "
-         "archive nodes install", cmd_build)
+         "archive nodes install", "cli_build.cmd_build")
     inspect_archive = verb(verbs, "inspect", "show and verify what a coreos-gpu archive holds",
-                           cmd_inspect)
+                           "cli_build.cmd_inspect")
     inspect_archive.add_argument("archive", type=Path, metavar="ARCHIVE",
                                  help="nvidia.tar.gz (or .tar.xz, .tar.zst)")
     sync_verb = verb(verbs, "sync", "build and publish the bundles the followed channels have "
-                     "and the repository lacks", cmd_sync)
+                     "and the repository lacks", "cli_build.cmd_sync")
     sync_verb.add_argument("--plan", action="store_true",
                            help="only print what is missing (with --json: a CI job matrix)")
-    verb(verbs, "releases", "list an OS channel's releases and their kernels", cmd_releases)
-    add_repository_verbs(verbs, verb)  # keygen, publish, repository list/verify
-    add_render_verb(verbs)  # render ignition|butane|terraform|marathon-app|metronome-job
-    add_cache_verbs(verbs, verb)  # cache list|prune
+    verb(verbs, "releases", "list an OS channel's releases and their kernels",
+         "cli_build.cmd_releases")
+    _add_repository_verbs(verbs, verb)  # keygen, publish, repository list|verify|refresh
+    _add_render_verb(verbs)  # render ignition|butane|terraform|marathon-app|...
+    _add_cache_verbs(verbs, verb)  # cache list|prune
 
     devcontainer = verbs.add_parser(
         "devcontainer", help="the OS's developer container, the module build's root"
     ).add_subparsers(dest="action", metavar="ACTION", required=True)
     verb(devcontainer, "prepare", "download, verify and unpack the developer container of "
-         "each configured release", cmd_devcontainer_prepare)
+         "each configured release", "cli_build.cmd_devcontainer_prepare")
     verb(devcontainer, "shell", "open a shell in the developer container (for debugging)",
-         cmd_devcontainer_shell)
+         "cli_build.cmd_devcontainer_shell")
     run = verb(devcontainer, "run", "run a command in the developer container; its exit code "
-               "is coreos-gpu's", cmd_devcontainer_run)
+               "is coreos-gpu's", "cli_build.cmd_devcontainer_run")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the command and its arguments")
     completion = verbs.add_parser("completion", parents=[common], help="print the shell "
                                   "completion script", description="print the completion script "
                                   "for SHELL, generated from this command's own options")
     completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help=", ".join(SHELLS))
-    completion.set_defaults(func=cmd_completion)
+    completion.set_defaults(func=VerbFunction("completion", "cmd_completion"))
     return parser
+
+
+def _add_repository_verbs(verbs: Any, verb: Verb) -> None:
+    # Not through verb(): keygen reads no settings and no config file.
+    helptext = "make a key pair that signs a repository's index"
+    keygen: argparse.ArgumentParser = verbs.add_parser("keygen", help=helptext,
+                                                       description=helptext)
+    keygen.set_defaults(func=VerbFunction("cli_repository", "cmd_keygen"))
+    keygen.add_argument("--json", action="store_true", help="print JSON")
+    keygen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+    keygen.add_argument("--output", type=Path, required=True, metavar="PATH",
+                        help="the private key (mode 0600); the public one goes to PATH.pub")
+    pub = verb(verbs, "publish", "upload bundles to a repository and sign its new index",
+               "cli_repository.cmd_publish", settings=PUBLISH_SETTINGS)
+    pub.add_argument("archives", type=Path, nargs="+", metavar="ARCHIVE",
+                     help="nvidia.tar.gz files made by coreos-gpu build")
+    pub.add_argument("--to", default="", metavar="DEST",
+                     help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: publish_to)")
+    pub.add_argument("--key", default="", metavar="PATH",
+                     help="the private key (coreos-gpu keygen; default: publish_key)")
+
+    repository = verbs.add_parser("repository", help="bundle repositories").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    listing = verb(repository, "list", "list what a repository offers",
+                   "cli_repository.cmd_repository_list", settings=READ_REPOSITORY_SETTINGS)
+    verify = verb(repository, "verify", "check a repository's signature and every bundle's "
+                  "size and sha256", "cli_repository.cmd_repository_verify",
+                  settings=READ_REPOSITORY_SETTINGS)
+    renew = verb(repository, "refresh", "sign the current index again, unchanged, as a new "
+                 "generation valid for index_lifetime days",
+                 "cli_repository.cmd_repository_refresh", settings=PUBLISH_SETTINGS)
+    renew.add_argument("--to", default="", metavar="DEST",
+                       help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: "
+                       "publish_to)")
+    renew.add_argument("--key", default="", metavar="PATH",
+                       help="the private key (default: publish_key)")
+    for sub, required in ((listing, False), (verify, True)):
+        # index.current: repository.POINTER, a name every node reads, so it never changes.
+        sub.add_argument("url", metavar="URL",
+                         help="the folder holding index.current: a path, file://, http(s):// "
+                         "or s3://")
+        sub.add_argument("--key", type=Path, required=required, metavar="PUB.pem",
+                         help="the repository's public key" + (
+                             "" if required else " (checks the signature)"))
+
+
+def _add_render_verb(verbs: Any) -> None:
+    # Not through verb(): its setting flags are build's (--os, --output, --repository mean
+    # other things there).
+    helptext = ("write an Ignition config, Butane config or Terraform provisioner that "
+                "installs a bundle, or a DC/OS or Kubernetes GPU smoke test")
+    sub: argparse.ArgumentParser = verbs.add_parser("render", help=helptext,
+                                                    description=helptext)
+    sub.set_defaults(func=VerbFunction("cli_render", "cmd_render"))
+    sub.add_argument("kind", choices=[k.value for k in Kind], metavar="KIND",
+                     help=", ".join(k.value for k in Kind))
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks")
+    sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                     help="config file (default: ./coreos-gpu.toml if present)")
+    sub.add_argument("--os", default=None, metavar="OS",
+                     help="flatcar or coreos (default: the bundle's, else flatcar)")
+    sub.add_argument("--bundle", type=Path, default=None, metavar="FILE",
+                     help="the nvidia.tar.gz nodes will install: its hashes and manifest")
+    sub.add_argument("--bundle-url", default="", metavar="URL",
+                     help="where nodes download the bundle from (http or https)")
+    sub.add_argument("--bundle-sha256", default="", metavar="HEX",
+                     help="the bundle's sha256, when --bundle is not given")
+    sub.add_argument("--bundle-sha512", default="", metavar="HEX",
+                     help="its sha512 (Ignition spec 2.x checks sha512 only)")
+    sub.add_argument("--repository", default="", metavar="URL",
+                     help="a repository nodes fetch the bundle for their kernel from")
+    sub.add_argument("--repository-key", type=Path, default=None, metavar="PUB.pem",
+                     help="the repository's public key (coreos-gpu keygen)")
+    for key in (*RENDER_SETTINGS, *AGENT_SETTINGS):
+        setting = SETTINGS_BY_KEY[key]
+        sub.add_argument(setting.flag, dest=key, metavar=setting.metavar, default=None,
+                         action="append" if setting.multiple else "store",
+                         help=_RENDER_SETTING_HELP[key])
+    sub.add_argument("--ignition-version", default=None, choices=IGNITION_SPECS,
+                     help="Ignition spec (default: 2.2.0 for coreos, 3.3.0 for flatcar)")
+    sub.add_argument("--image", default=DEFAULT_IMAGE, metavar="IMAGE",
+                     help=f"the smoke test's Docker image (default: {DEFAULT_IMAGE})")
+    sub.add_argument("--id", default="", metavar="ID",
+                     help="the smoke test's app, job or pod id")
+    sub.add_argument("--output", default="", metavar="FILE",
+                     help="write there (atomically) instead of to stdout")
+
+
+def _add_cache_verbs(verbs: Any, verb: Verb) -> None:
+    cache = verbs.add_parser("cache", help="what the build cache holds, and pruning it"
+                             ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    verb(cache, "list", "show what the cache holds: each OS release's image and developer "
+         "container, drivers, module sets, bundles, with sizes and when each was last used",
+         "cli_cache.cmd_cache_list")
+    prune = verb(cache, "prune", "remove from the cache what cache_keep_releases, "
+                 "cache_max_age_days and cache_max_size let go, never what a build holds or "
+                 "the repository lists", "cli_cache.cmd_cache_prune")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="only say what would be removed")
+
+
+# --- running -------------------------------------------------------------------------------
 
 
 def _run(argv: Sequence[str] | None) -> int:

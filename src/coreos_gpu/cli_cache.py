@@ -1,11 +1,10 @@
-"""The cache verbs of the `coreos-gpu` command: `cache list` and `cache prune`. cli.py registers
-them (add_cache_verbs) beside the other verbs; like those, each parses, calls the stage
-(inventory, prune) and renders through ui."""
+"""The cache verbs of the `coreos-gpu` command: `cache list` and `cache prune`. cli.py declares
+their arguments and runs them; like the other verbs, each calls the stage (inventory, prune)
+and renders through ui."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from coreos_gpu.config import find_config_file, load_config
 from coreos_gpu.inventory import CacheEntry, Inventory, Kind, human_size, scan_cache
 from coreos_gpu.prune import Item, PruneResult, in_use, prune_cache
 
-Verb = Callable[[Any, str, str, Callable[[argparse.Namespace], int | None]],
-                argparse.ArgumentParser]
 # How `cache list` groups what it shows, in this order.
 SECTIONS = (
     ("releases", (Kind.RELEASE,)), ("drivers", (Kind.DRIVER,)),
@@ -125,16 +122,3 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
                      ("cache", f"{human_size(result.before)} before, "
                                f"{human_size(result.after)} after"),
                      *(("note", note) for note in result.notes)])
-
-
-def add_cache_verbs(verbs: Any, verb: Verb) -> None:
-    cache = verbs.add_parser("cache", help="what the build cache holds, and pruning it"
-                             ).add_subparsers(dest="action", metavar="ACTION", required=True)
-    verb(cache, "list", "show what the cache holds: each OS release's image and developer "
-         "container, drivers, module sets, bundles, with sizes and when each was last used",
-         cmd_cache_list)
-    prune = verb(cache, "prune", "remove from the cache what cache_keep_releases, "
-                 "cache_max_age_days and cache_max_size let go, never what a build holds or "
-                 "the repository lists", cmd_cache_prune)
-    prune.add_argument("--dry-run", action="store_true",
-                       help="only say what would be removed")

@@ -1,13 +1,13 @@
-"""The repository verbs of the `coreos-gpu` command: keygen, publish, repository list/verify.
+"""The repository verbs of the `coreos-gpu` command: keygen, publish, repository
+list/verify/refresh.
 
-cli.py registers them (add_repository_verbs) beside the other verbs; like those, each one
-parses, calls the stages (keys, publish, repository, stores) and renders through ui.
+cli.py declares their arguments and the settings each takes, and runs them; like the other
+verbs, each calls the stages (keys, publish, repository, stores) and renders through ui.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import fingerprint, load_private_key, load_public_key, write_key_pair
 from coreos_gpu.publish import PublishResult, now_utc, publish, refresh
 from coreos_gpu.repository import (
-    POINTER,
     BundleCheck,
     LoadedIndex,
     check_bundles,
@@ -28,9 +27,6 @@ from coreos_gpu.repository import (
     text_path,
 )
 from coreos_gpu.stores import open_reader, open_store
-
-Verb = Callable[[Any, str, str, Callable[[argparse.Namespace], int | None]],
-                argparse.ArgumentParser]
 
 
 def _config(args: argparse.Namespace) -> BuildConfig:
@@ -170,44 +166,3 @@ def _raise_first(checks: tuple[BundleCheck, ...]) -> None:
     if bad:
         raise CoreosGpuError(f"{len(bad)} of {len(checks)} bundles fail: {bad[0].problem}",
                              code=bad[0].code)
-
-
-def add_repository_verbs(verbs: Any, verb: Verb) -> None:
-    # Not through verb(): its setting flags include build's --output (the archive to write).
-    helptext = "make a key pair that signs a repository's index"
-    keygen: argparse.ArgumentParser = verbs.add_parser("keygen", help=helptext,
-                                                       description=helptext)
-    keygen.set_defaults(func=cmd_keygen)
-    keygen.add_argument("--json", action="store_true", help="print JSON")
-    keygen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks")
-    keygen.add_argument("--output", type=Path, required=True, metavar="PATH",
-                        help="the private key (mode 0600); the public one goes to PATH.pub")
-    pub = verb(verbs, "publish", "upload bundles to a repository and sign its new index",
-               cmd_publish)
-    pub.add_argument("archives", type=Path, nargs="+", metavar="ARCHIVE",
-                     help="nvidia.tar.gz files made by coreos-gpu build")
-    pub.add_argument("--to", default="", metavar="DEST",
-                     help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: publish_to)")
-    pub.add_argument("--key", default="", metavar="PATH",
-                     help="the private key (coreos-gpu keygen; default: publish_key)")
-
-    repository = verbs.add_parser("repository", help="bundle repositories").add_subparsers(
-        dest="action", metavar="ACTION", required=True)
-    listing = verb(repository, "list", "list what a repository offers", cmd_repository_list)
-    verify = verb(repository, "verify", "check a repository's signature and every bundle's "
-                  "size and sha256", cmd_repository_verify)
-    renew = verb(repository, "refresh", "sign the current index again, unchanged, as a new "
-                 "generation valid for index_lifetime days", cmd_repository_refresh)
-    renew.add_argument("--to", default="", metavar="DEST",
-                       help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: "
-                       "publish_to)")
-    renew.add_argument("--key", default="", metavar="PATH",
-                       help="the private key (default: publish_key)")
-    for sub, required in ((listing, False), (verify, True)):
-        sub.add_argument("url", metavar="URL",
-                         help=f"the folder holding {POINTER}: a path, file://, http(s):// "
-                         "or s3://")
-        sub.add_argument("--key", type=Path, required=required, metavar="PUB.pem",
-                         help="the repository's public key" + (
-                             "" if required else " (checks the signature)"))

@@ -2,17 +2,19 @@
 
 shtab writes each shell's script from the parser, so a new verb or setting flag completes
 without anything declared twice. Which values complete as paths follows from the metavar
-each argument already declares.
+each argument already declares. `coreos-gpu completion SHELL` (cmd_completion) prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 
 import shtab
 
-SHELLS = ("bash", "zsh", "fish")
+from coreos_gpu.cli import SHELLS, build_parser
+
 _FILE_METAVARS = frozenset({"FILE", "PATH", "ARCHIVE", "PUB.pem", "URL|PATH", "PATH_OR_URL"})
 _FOLDER_METAVARS = frozenset({"DIR", "DEST"})
 
@@ -38,3 +40,7 @@ def render_completion(parser: argparse.ArgumentParser, shell: str) -> str:
             action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     script: str = shtab.complete(parser, shell=shell)
     return script if script.endswith("\n") else script + "\n"
+
+
+def cmd_completion(args: argparse.Namespace) -> None:
+    sys.stdout.write(render_completion(build_parser(), args.shell))

@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import date
 from enum import StrEnum
@@ -403,9 +403,18 @@ class BuildConfig:
         return Agent.MESOS in self.agents or not self.agents
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None
+                      ) -> None:
+    """The flags of the settings a verb takes: keys (in the table's order), or every one.
+    Another setting's flag is then an unknown argument to that verb, and its value comes
+    from the config file or the default (load_config reads only the flags given)."""
+    unknown = set(keys or ()) - SETTINGS_BY_KEY.keys()
+    if unknown:
+        raise ValueError(f"no such setting: {', '.join(sorted(unknown))}")
     group = parser.add_argument_group("settings (also settable in the config file)")
     for s in SETTINGS:
+        if keys is not None and s.key not in keys:
+            continue
         if s.boolean:
             group.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction,
                                default=None, help=s.help)

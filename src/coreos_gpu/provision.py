@@ -6,7 +6,7 @@ Ignition downloads the bundle itself and checks it against `verification.hash` b
 writes it (sha512, or sha256 from spec 3.1 on); then coreos-gpu-provision.service (oneshot,
 before the agent units, until a stamp file says it is done) runs provision.sh, which checks
 the sha256 again, extracts the bundle into a new, empty, root-owned folder and runs its
-install_nvidia.sh: the README's manual steps. With a repository instead, provision.sh fetches
+install_nvidia.sh: the documented manual steps. With a repository instead, provision.sh fetches
 the bundle for the node's kernel, of the driver, flavour and profile rendered in, after
 checking the index's signature. Both files come from resources/provision/, with the settings
 filled in.
@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from coreos_gpu.config import OsName
 from coreos_gpu.node import default_node_files, inline_sources
-from coreos_gpu.render import BundleSource, RepositorySource
+from coreos_gpu.render_types import BundleSource, RepositorySource
 
 DIR = "/opt/coreos-gpu"  # root's alone (0700): the bundle, provision.sh, the stamp
 UNIT = "coreos-gpu-provision.service"

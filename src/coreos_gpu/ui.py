@@ -7,25 +7,26 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# rich is imported when output first needs it, not with this module: `coreos-gpu --help`,
+# which argparse prints, is then spared its import (some 30 ms, where all of it takes 70).
+
+
+@cache
+def _console(*, stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def log(message: str) -> None:
-    stderr.print(message, markup=False)
+    _console(stderr=True).print(message, markup=False)
 
 
 @contextmanager
@@ -42,16 +43,26 @@ class ByteProgress:
 
     def __init__(self, description: str, total: int | None) -> None:
         self.description = description
-        self.interactive = stderr.is_terminal
+        self.interactive = _console(stderr=True).is_terminal
         self._progress: Progress | None = None
         self._task: Any = None
         self.total = total
 
     def __enter__(self) -> ByteProgress:
         if self.interactive:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True)
+                TransferSpeedColumn(), TimeRemainingColumn(), console=_console(stderr=True),
+                transient=True)
             self._progress.start()
             self._task = self._progress.add_task(self.description, total=self.total)
         else:
@@ -81,7 +92,10 @@ def print_json(data: Any) -> None:
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A rich table on a terminal; plain aligned columns, never wrapped, for pipes and logs."""
     cells = [[str(cell) for cell in row] for row in rows]
+    stdout = _console(stderr=False)
     if stdout.is_terminal:
+        from rich.table import Table
+
         table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
         for column in columns:
             table.add_column(column, overflow="fold")
@@ -102,6 +116,7 @@ def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
 
 
 def print_error(message: str, hint: str = "") -> None:
+    stderr = _console(stderr=True)
     stderr.print(f"coreos-gpu: error: {message}", markup=False)
     if hint:
         stderr.print(f"coreos-gpu: hint: {hint}", markup=False)
