@@ -14,7 +14,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    result = _run("ruff", "check", "src", "testinputs", "tests")
+    result = _run("ruff", "check", "src", "testinputs", "tests", "scripts", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

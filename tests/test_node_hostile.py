@@ -1,7 +1,7 @@
 """A hostile repository (issue 22): one server on 127.0.0.1 that drips, answers 500 or 416,
 gzips what nobody asked it to, lies in Content-Length, closes mid-answer and redirects where
 a node must not follow. Whatever it does, node/fetch.sh ends with one of its documented
-codes (README "Surviving OS updates": 21 bundle, 22 download, 23 signature), within its
+codes (docs/reference/exit-codes.md, fetch.sh: 21 bundle, 22 download, 23 signature), within its
 timeouts, writes no file past its bound (repository.sh's REPO_MAX_* for the index files, the
 signed size for a bundle, each plus the byte that tells it was more) and installs, stages and
 switches nothing. test_node_fetch.py has the servers that stall, send without end and

@@ -276,11 +276,11 @@ def test_a_plan_entry_built_and_published_by_hand_completes_the_repository(
 
 
 
-def test_the_readmes_sync_config_loads(tmp_path: Path) -> None:
-    """README "Keeping up with the channels" shows a minimal sync config: it must stay valid."""
+def test_the_docs_sync_config_loads(tmp_path: Path) -> None:
+    """docs/how-to/sync.md shows a minimal sync config: it must stay valid."""
     from .conftest import REPO
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "how-to" / "sync.md").read_text()
     block = text.split("A minimal sync config:\n\n", 1)[1].split("\n\n", 1)[0]
     config_file = tmp_path / "coreos-gpu.toml"
     config_file.write_text("".join(line[4:] + "\n" for line in block.splitlines()))

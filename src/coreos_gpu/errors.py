@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Distinct exit codes, documented in the README; scripts may rely on them."""
+    """Distinct exit codes, documented in docs/reference/exit-codes.md; scripts may rely on them."""
 
     OK = 0
     FAILED = 1  # a step failed for a reason outside the other classes

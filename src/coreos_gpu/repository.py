@@ -118,7 +118,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Index:
-    generation: int  # one more at every change; a node refuses to go back (README)
+    # one more at every change; a node refuses to go back (docs/reference/repository.md)
+    generation: int
     created: str
     key: str  # fingerprint of the key that signs it (keys.fingerprint)
     entries: tuple[Entry, ...]  # sorted by (os, driver, flavour, profile, published, sha256)

@@ -3,7 +3,7 @@
     feeds (newest releases per channel) x drivers x flavours x profiles → wanted bundles
     wanted, less what the signed index lists → the plan → build.build + publish, one at a time
 
-A bundle holds one release (see README "Keeping up with the channels"), so a wanted bundle is
+A bundle holds one release (see docs/how-to/sync.md), so a wanted bundle is
 one (OS, channel, release, driver, flavour, profile) and the plan needs only the feeds and the
 index: no image is downloaded to know what is missing, and each entry can be a job of its own
 on a CI fleet (`--plan --json`). Releases whose kernel trees are equal share their module set
@@ -135,7 +135,7 @@ def read_location(config: BuildConfig) -> str:
     if not location:
         raise _config_error("sync needs a repository: set repository and repository_key (what "
                             "the nodes read) and publish_to and publish_key (where sync writes)",
-                            hint="see README \"Keeping up with the channels\"")
+                            hint="see man coreos-gpu, or docs/how-to/sync.md")
     return location
 
 
@@ -154,8 +154,8 @@ def signing_key(config: BuildConfig) -> PrivateKey:
     whose nodes trust another key than the index's would be published in vain."""
     if not config.repository or not config.repository_key:
         raise _config_error("sync builds bundles for nodes that fetch from a repository: set "
-                            "repository and repository_key", hint="see README \"Surviving OS "
-                            "updates\"")
+                            "repository and repository_key", hint="see man coreos-gpu, or "
+                            "docs/how-to/os-updates.md")
     if not config.publish_key:
         raise _config_error("sync needs publish_key: the private key that signs the index",
                             hint="coreos-gpu keygen made it; set publish_key or --publish-key")

@@ -577,7 +577,7 @@ CDI_SPEC=/run/cdi/nvidia.com-gpu.json
 # Instead the driver's lib64 and bin go where Mesos's GPU isolator and nvidia-docker 1 put
 # them, /usr/local/nvidia/{lib64,bin}, which NVIDIA's CUDA images (and every image built on
 # them) name in LD_LIBRARY_PATH and PATH; each tool also at /usr/bin, on every image's PATH.
-# Other images add LD_LIBRARY_PATH=/usr/local/nvidia/lib64 themselves (README, "CDI").
+# Other images add LD_LIBRARY_PATH=/usr/local/nvidia/lib64 themselves (docs/reference/node.md, "CDI").
 CDI_LIBS=/usr/local/nvidia/lib64
 CDI_BINS=/usr/local/nvidia/bin
 CDI_SOCKET=/var/run/nvidia-persistenced/socket

@@ -1,7 +1,7 @@
 # shellcheck shell=sh
 # "A && B || C" means C when either fails.
 # shellcheck disable=SC2015
-# Reading a bundle repository (publish.py writes it; README "Publishing"), the node's one way:
+# Reading a bundle repository (publish.py writes it; docs/reference/repository.md), the node's one way:
 # the signed index, then a bundle checked against it. Sourced by node/fetch.sh (which stages
 # bundles for other kernels and OS releases), and copied by `coreos-gpu render` into
 # provision.sh (which installs a node's first bundle), so both read a repository alike. POSIX

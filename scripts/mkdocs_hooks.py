@@ -1,0 +1,97 @@
+"""MkDocs hooks (mkdocs.yml `hooks:`): the parts of the reference that the code defines are
+generated from it at every site build, so they cannot drift from it.
+
+A page asks for one with a line `<!-- generated: NAME -->`:
+- `settings`: every setting, from `coreos_gpu.config.SETTINGS` (key, flag, default, help);
+- `verbs`: every verb's `--help`, from `coreos_gpu.cli.build_parser()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Iterator
+from enum import Enum
+from typing import Any
+
+MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "(the driver's default)"
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{_shown(v)}"' for v in value) + "]`" if value else "`[]`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value == "":
+        return '`""`'
+    return f"`{_shown(value)}`"
+
+
+def _shown(value: Any) -> str:
+    return str(value.value if isinstance(value, Enum) else value)
+
+
+# Defaults that depend on the machine that builds the site: said, not shown as that machine's.
+MACHINE_DEFAULTS = {
+    "cache_dir": "`$XDG_CACHE_HOME/coreos-gpu`, else `~/.cache/coreos-gpu`",
+    "jobs": "the number of CPUs",
+}
+
+
+def settings_table() -> str:
+    from coreos_gpu.config import SETTINGS
+
+    rows = ["| key | flag | default | what it sets |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        flag = f"`{s.flag}`" if s.boolean else f"`{s.flag} {s.metavar}`"
+        if s.multiple:
+            flag += " (repeat)"
+        if s.boolean:
+            flag += f", `--no-{s.flag[2:]}`"
+        meaning = s.help.replace("|", "\\|")
+        default = MACHINE_DEFAULTS.get(s.key) or _shown_default(s.default())
+        rows.append(f"| `{s.key}` | {flag} | {default} | {meaning} |")
+    return "\n".join(rows)
+
+
+def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...]
+            ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield words, parser
+        return
+    for name, sub in subs[0].choices.items():
+        yield from _leaves(sub, (*words, name))
+
+
+def verbs_reference() -> str:
+    from coreos_gpu.cli import build_parser
+
+    # argparse wraps help to the terminal's width: a fixed one, so every build is the same
+    os.environ["COLUMNS"] = "100"
+    parts = []
+    for words, parser in _leaves(build_parser(), ()):
+        parts.append(f"### `coreos-gpu {' '.join(words)}`\n\n```text\n"
+                     f"{parser.format_help().rstrip()}\n```")
+    return "\n\n".join(parts)
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "settings": settings_table,
+    "verbs": verbs_reference,
+}
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in GENERATORS:
+            raise ValueError(f"{page.file.src_path}: no generator for {name!r}")
+        return GENERATORS[name]()
+
+    return MARKER.sub(replace, markdown)
