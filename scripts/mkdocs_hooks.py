@@ -43,10 +43,21 @@ MACHINE_DEFAULTS = {
 }
 
 
+def _verb_list(verbs: list[str], table: dict[str, Any]) -> str:
+    """The verbs that take a setting (cli.VERB_SETTINGS), or "all but …" where that is shorter.
+    Taking is declaring: render's and keygen's own --os or --output only share a name."""
+    others = [v for v in table if v not in verbs]
+    if len(others) < len(verbs):
+        return "all but " + ", ".join(others) if others else "all"
+    return ", ".join(verbs)
+
+
 def settings_table() -> str:
+    from coreos_gpu.cli import VERB_SETTINGS
     from coreos_gpu.config import SETTINGS
 
-    rows = ["| key | flag | default | what it sets |", "| --- | --- | --- | --- |"]
+    rows = ["| key | flag | default | verbs | what it sets |",
+            "| --- | --- | --- | --- | --- |"]
     for s in SETTINGS:
         flag = f"`{s.flag}`" if s.boolean else f"`{s.flag} {s.metavar}`"
         if s.multiple:
@@ -55,7 +66,9 @@ def settings_table() -> str:
             flag += f", `--no-{s.flag[2:]}`"
         meaning = s.help.replace("|", "\\|")
         default = MACHINE_DEFAULTS.get(s.key) or _shown_default(s.default())
-        rows.append(f"| `{s.key}` | {flag} | {default} | {meaning} |")
+        verbs = [v for v, keys in VERB_SETTINGS.items() if s.key in keys]
+        rows.append(f"| `{s.key}` | {flag} | {default} | {_verb_list(verbs, VERB_SETTINGS)} "
+                    f"| {meaning} |")
     return "\n".join(rows)
 
 

@@ -1,6 +1,6 @@
 """The `coreos-gpu` command as a user runs it: into a pipe that closes early, the exit codes
 of missing and failing downloads, what starting it imports, and the setting flags each verb
-takes."""
+takes: those it declares (cli.VERB_SETTINGS), which are those its code reads."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,17 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from coreos_gpu.cli import (
-    PUBLISH_SETTINGS,
-    READ_REPOSITORY_SETTINGS,
-    VerbFunction,
-    build_parser,
-    main,
-)
+from coreos_gpu.cli import VERB_SETTINGS, VerbFunction, build_parser, main
 from coreos_gpu.config import SETTINGS, SETTINGS_BY_KEY, load_config
 from coreos_gpu.errors import ExitCode
 
 from .conftest import CliResult
+from .setting_reads import PACKAGE, SettingReads
 from .test_fetch import Statuses, handler_with, served
 
 FEED_PATH = "www.flatcar.org/releases-json/releases-stable.json"
@@ -234,42 +231,78 @@ def help_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "100")  # argparse wraps help to it
 
 
-def _setting_flags(*words: str) -> set[str]:
-    parser = dict(_leaves(build_parser()))[words]
+# A verb's own flags that share a setting's name and mean something of their own there.
+OWN_FLAGS = {"render": {"--os", "--output", "--repository", "--repository-key"},
+             "keygen": {"--output"}}
+# What each verb needs besides, so that the unknown flag is the one thing wrong.
+POSITIONALS = {"driver inspect": ["NVIDIA-Linux-x86_64-580.82.07.run"],
+               "inspect": ["x.tar.gz"], "publish": ["x.tar.gz"],
+               "repository list": ["/srv/repo"],
+               "repository verify": ["/srv/repo", "--key", "k.pub"],
+               "render": ["ignition"], "keygen": ["--output", "k"], "completion": ["bash"]}
+VERBS = sorted(" ".join(words) for words, _ in _leaves(build_parser()))
+
+
+def _setting_flags(verb: str) -> set[str]:
+    parser = dict(_leaves(build_parser()))[tuple(verb.split())]
     return {a.option_strings[0] for a in parser._actions
-            if a.option_strings and a.dest in SETTINGS_BY_KEY}
+            if a.option_strings and a.dest in SETTINGS_BY_KEY} - OWN_FLAGS.get(verb, set())
+
+
+def _declared_flags(verb: str) -> set[str]:
+    return {SETTINGS_BY_KEY[key].flag for key in VERB_SETTINGS[verb]}
+
+
+def test_every_verb_declares_its_settings() -> None:
+    assert sorted(VERB_SETTINGS) == VERBS
 
 
 @pytest.mark.usefixtures("help_width")
-@pytest.mark.parametrize(("words", "keys"), [
-    (("publish",), PUBLISH_SETTINGS),
-    (("repository", "refresh"), PUBLISH_SETTINGS),
-    (("repository", "list"), READ_REPOSITORY_SETTINGS),
-    (("repository", "verify"), READ_REPOSITORY_SETTINGS),
-])
-def test_repository_verbs_take_only_their_settings(words: tuple[str, ...],
-                                                   keys: tuple[str, ...]) -> None:
-    assert _setting_flags(*words) == {SETTINGS_BY_KEY[k].flag for k in keys}
-    text = _help(*words)
-    for flag in ("--jobs", "--driver-version", "--release", "--runtime", "--output"):
-        assert flag not in text, (words, flag)
-    # With every setting, each took 116 to 118 lines (at 100 columns), as build still does.
-    assert len(text.splitlines()) <= 30 < 100 < len(_help("build").splitlines())
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_verbs_help_shows_exactly_its_settings(verb: str) -> None:
+    assert _setting_flags(verb) == _declared_flags(verb)
+    text = _help(*verb.split())
+    shown = {s.flag for s in SETTINGS if re.search(rf"(?<![\w-]){s.flag}(?![\w-])", text)}
+    assert shown - OWN_FLAGS.get(verb, set()) == _declared_flags(verb)
 
 
-def test_other_verbs_still_take_every_setting() -> None:
-    everything = {s.flag for s in SETTINGS}
-    for words in (("build",), ("sync",), ("config", "show"), ("cache", "prune")):
-        assert _setting_flags(*words) == everything, words
+@pytest.mark.usefixtures("help_width")
+def test_a_verb_with_few_settings_has_a_short_help() -> None:
+    # With every setting, each took 116 to 118 lines (at 100 columns), as config show does.
+    assert len(_help("publish").splitlines()) <= 30 < 100 < len(
+        _help("config", "show").splitlines())
+    assert "settings (also settable" not in _help("inspect")  # no empty section
+
+
+@pytest.mark.parametrize("verb", [v for v in VERBS if v != "config show"])  # takes them all
+def test_each_verb_refuses_a_setting_it_does_not_take(verb: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    setting = next(s for s in SETTINGS if s.flag not in _declared_flags(verb)
+                   and s.flag not in OWN_FLAGS.get(verb, set()))
+    given = [setting.flag] if setting.boolean else [setting.flag, "1"]
+    argv = [*verb.split(), *POSITIONALS.get(verb, []), *given]
+    assert main(argv) == ExitCode.CONFIG, argv
+    # devcontainer run's command takes what follows (argparse.REMAINDER): the value too.
+    unknown = setting.flag if verb == "devcontainer run" else " ".join(given)
+    assert capsys.readouterr().err == (f"coreos-gpu: error: unrecognized arguments: {unknown}\n"
+                                       "coreos-gpu: hint: see coreos-gpu --help\n")
 
 
 @pytest.mark.parametrize(("argv", "unknown"), [
+    (["inspect", "x.tar.gz", "--jobs", "4"], "--jobs 4"),  # issue 28's acceptance
+    (["inspect", "--jobs", "4"], "--jobs"),  # "4" is then the archive
     (["publish", "x.tar.gz", "--jobs", "4"], "--jobs 4"),
     (["publish", "x.tar.gz", "--driver-version", "535.261.03"], "--driver-version 535.261.03"),
     (["repository", "refresh", "--output", "x"], "--output x"),
     (["repository", "list", "/srv/repo", "--offline"], "--offline"),
     (["repository", "verify", "/srv/repo", "--key", "k.pub", "--repository", "http://x"],
      "--repository http://x"),
+    # sync builds the releases its plan names, each into a file of its own
+    (["sync", "--release", "3975.2.2"], "--release 3975.2.2"),
+    (["sync", "--output", "x.tar.gz"], "--output x.tar.gz"),
+    (["build", "--sync-latest", "3"], "--sync-latest 3"),
+    (["cache", "list", "--cache-keep-releases", "1"], "--cache-keep-releases 1"),
+    (["releases", "--release", "3975.2.2"], "--release 3975.2.2"),
 ])
 def test_another_verbs_setting_is_an_unknown_flag(argv: list[str], unknown: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -279,6 +312,75 @@ def test_another_verbs_setting_is_an_unknown_flag(argv: list[str], unknown: str,
     assert captured.err == (f"coreos-gpu: error: unrecognized arguments: {unknown}\n"
                             "coreos-gpu: hint: see coreos-gpu --help\n")
     assert captured.out == ""
+
+
+def test_inspect_refuses_jobs_as_a_user_runs_it(tmp_path: Path) -> None:
+    done = subprocess.run([*_command(), "inspect", "x.tar.gz", "--jobs", "4"], cwd=tmp_path,
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("coreos-gpu: error: unrecognized arguments: --jobs 4\n"
+                           "coreos-gpu: hint: see coreos-gpu --help\n")
+
+
+@pytest.fixture(scope="module")
+def setting_reads() -> SettingReads:
+    return SettingReads()
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_verb_declares_the_settings_its_code_reads(verb: str,
+                                                     setting_reads: SettingReads) -> None:
+    """What the verb's function reads of its config, followed into every stage it passes the
+    config to (tests/setting_reads.py), is what it declares: a setting read but not declared
+    would take no flag, and one declared but never read a flag that does nothing."""
+    function = dict(_leaves(build_parser()))[tuple(verb.split())].get_default("func")
+    assert setting_reads.verb_reads(function.module, function.name) == set(VERB_SETTINGS[verb])
+
+
+_DEVCONTAINER_VERBS = ("build", "devcontainer prepare", "devcontainer shell", "devcontainer run")
+
+
+@pytest.mark.parametrize(("file", "old", "new", "found"), [
+    # A read deep in a stage, reached by the config passed down: every verb that calls it
+    # (sync declares sync_since).
+    ("devcontainer.py", "run_args=config.podman_run_options",
+     "run_args=config.podman_run_options + (config.sync_since,)",
+     dict.fromkeys(_DEVCONTAINER_VERBS, "sync_since")),
+    # A read through a classmethod (prune's Policy.of); sync, which prunes, declares jobs.
+    ("prune.py", "return cls(config.cache_keep_releases,",
+     "return cls(config.jobs + config.cache_keep_releases,", {"cache prune": "jobs"}),
+    # sync's builds take the plan's release: without that, the user's releases are read.
+    ("sync.py", "releases=(target.release,),", "", {"sync": "releases"}),
+    # A config passed where the analysis cannot follow is an error, not a guess.
+    ("cli_cache.py", "scan_cache(config.cache_dir)", "scan_cache(config.cache_dir, config)",
+     {"cache list": "passed to coreos_gpu.inventory.scan_cache"}),
+    ("build.py", "    trust = load_trust(", "    ui.log(str(config))\n    trust = load_trust(",
+     {"build": "passed to builtins.str", "sync": "passed to builtins.str"}),
+    ("cli_build.py", "devroot, config = _devroot_sandbox(args, holds)\n        ui.log(",
+     "pair = _devroot_sandbox(args, holds)\n        devroot, config = pair\n        ui.log(",
+     {"devcontainer shell": "a tuple not unpacked"}),
+])
+def test_the_guard_finds_a_setting_read_but_not_declared(tmp_path: Path, file: str, old: str,
+                                                         new: str, found: dict[str, str]) -> None:
+    """The guard above, on a copy of the package with one line changed."""
+    package = tmp_path / "coreos_gpu"
+    shutil.copytree(PACKAGE, package)
+    source = package / file
+    assert old in source.read_text()
+    source.write_text(source.read_text().replace(old, new, 1))
+    changed = SettingReads(package)
+    failing = {}
+    for words, parser in _leaves(build_parser()):
+        verb, function = " ".join(words), parser.get_default("func")
+        try:
+            extra = changed.verb_reads(function.module, function.name) - set(VERB_SETTINGS[verb])
+        except AssertionError as e:
+            extra = {str(e)}
+        if extra:
+            failing[verb] = " ".join(sorted(extra))
+    assert failing.keys() == found.keys()
+    for verb, what in found.items():
+        assert what in failing[verb], verb
 
 
 def test_a_verbs_own_settings_come_from_flags_the_rest_from_the_file(tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ def test_a_verb_gets_the_flags_of_the_settings_it_names() -> None:
     assert len([a for a in every._actions if a.dest != "help"]) == len(SETTINGS)
     with pytest.raises(ValueError, match="no such setting: job"):
         add_setting_flags(argparse.ArgumentParser(), ("job",))
+    none = argparse.ArgumentParser()
+    add_setting_flags(none, ())  # a verb that reads no setting (inspect)
+    assert [a.dest for a in none._actions] == ["help"]
+    assert "settings" not in none.format_help()  # argparse leaves out an empty section
 
 
 def test_defaults() -> None:

@@ -26,10 +26,53 @@ from coreos_gpu.render_types import AGENT_SETTINGS, DEFAULT_IMAGE, IGNITION_SPEC
 from coreos_gpu.render_types import SETTINGS as RENDER_SETTINGS
 
 SHELLS = ("bash", "zsh", "fish")  # what `coreos-gpu completion` writes scripts for
-# The settings a verb reads (config.py declares each): only their flags are the verb's, so
-# another verb's setting is an unknown flag there. A verb given none takes every setting.
+# The settings each verb reads (config.py declares each; tests/test_cli.py finds what each
+# verb's code reads and holds this table to it): only their flags are the verb's, so another
+# setting's flag is an unknown argument there, and its value comes from the config file.
+# The developer container: its release (devcontainer.prepare_devcontainer) and the sandbox
+# that unpacks it (engine_options).
+DEVCONTAINER_SETTINGS = ("os", "channel", "releases", "board", "mirror", "signing_key",
+                         "signing_key_fingerprint", "cache_dir", "offline", "runtime",
+                         "podman_options", "podman_run_options")
+# build.py: the driver (read_driver), the developer containers, the compile and the bundle.
+BUILD_SETTINGS = (*DEVCONTAINER_SETTINGS, "driver_version", "driver_url", "driver_sha256",
+                  "kernel_module_type", "profile", "agents", "agent_units",
+                  "on_driver_failure", "persistence", "repository", "repository_key",
+                  "output", "compression", "jobs")
 PUBLISH_SETTINGS = ("publish_to", "publish_key", "index_lifetime", "s3_endpoint_url")
 READ_REPOSITORY_SETTINGS = ("cache_dir", "s3_endpoint_url")
+# prune.py: its policy, and the repository whose bundles' releases and drivers it keeps.
+PRUNE_SETTINGS = ("cache_dir", "cache_keep_releases", "cache_max_age_days", "cache_max_size",
+                  "repository", "repository_key", "publish_to", "s3_endpoint_url")
+# sync builds each bundle as build does, but for the release and into the file its plan
+# names (sync.target_config), so releases and output are no settings of it.
+SYNC_SETTINGS = tuple(key for key in dict.fromkeys((
+    *BUILD_SETTINGS, *PUBLISH_SETTINGS, *PRUNE_SETTINGS, "sync_channels", "sync_latest",
+    "sync_since", "sync_drivers", "sync_flavours", "sync_profiles", "sync_prune"))
+    if key not in ("releases", "output"))
+VERB_SETTINGS: dict[str, tuple[str, ...]] = {
+    # Every setting: it prints each one's value and where it came from, so a flag given to
+    # it shows what a build or sync given that flag would take.
+    "config show": tuple(SETTINGS_BY_KEY),
+    "driver inspect": ("driver_sha256", "cache_dir", "offline"),
+    "build": BUILD_SETTINGS,
+    "inspect": (),  # the archive alone
+    "sync": SYNC_SETTINGS,
+    "releases": ("os", "channel", "mirror", "cache_dir", "offline"),
+    "keygen": (),
+    "publish": PUBLISH_SETTINGS,
+    "repository list": READ_REPOSITORY_SETTINGS,
+    "repository verify": READ_REPOSITORY_SETTINGS,
+    "repository refresh": PUBLISH_SETTINGS,
+    # Those that pin the bundle a repository node takes, and its agents (render_types).
+    "render": (*RENDER_SETTINGS, *AGENT_SETTINGS),
+    "cache list": ("cache_dir",),
+    "cache prune": PRUNE_SETTINGS,
+    "devcontainer prepare": DEVCONTAINER_SETTINGS,
+    "devcontainer shell": DEVCONTAINER_SETTINGS,
+    "devcontainer run": DEVCONTAINER_SETTINGS,
+    "completion": (),
+}
 # What each setting means to render (its flag, metavar and check are config.py's).
 _RENDER_SETTING_HELP = {
     "driver_version": "the driver nodes take from a repository (default: the setting "
@@ -75,7 +118,7 @@ class VerbFunction:
         return function(args)
 
 
-# build_parser's verb(): (group, name, help, "module.function", *, settings=None) → its parser
+# build_parser's verb(): (group, name, help, "module.function") → its parser
 Verb = Callable[..., argparse.ArgumentParser]
 
 
@@ -92,14 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    def verb(group: Any, name: str, helptext: str, function: str, *,
-             settings: Sequence[str] | None = None) -> argparse.ArgumentParser:
-        """A verb that runs function ("module.name"), with the flags of settings (None:
-        every setting)."""
+    def verb(group: Any, name: str, helptext: str, function: str) -> argparse.ArgumentParser:
+        """A verb that runs function ("module.name"), with the flags of its settings
+        (VERB_SETTINGS)."""
         sub: argparse.ArgumentParser = group.add_parser(
             name, parents=[common], help=helptext, description=helptext)
         sub.add_argument("--json", action="store_true", help="print JSON")
-        add_setting_flags(sub, settings)
+        add_setting_flags(sub, VERB_SETTINGS[sub.prog.removeprefix(f"{parser.prog} ")])
         sub.set_defaults(func=VerbFunction(*function.rsplit(".", 1)))
         return sub
 
@@ -160,7 +202,7 @@ def _add_repository_verbs(verbs: Any, verb: Verb) -> None:
     keygen.add_argument("--output", type=Path, required=True, metavar="PATH",
                         help="the private key (mode 0600); the public one goes to PATH.pub")
     pub = verb(verbs, "publish", "upload bundles to a repository and sign its new index",
-               "cli_repository.cmd_publish", settings=PUBLISH_SETTINGS)
+               "cli_repository.cmd_publish")
     pub.add_argument("archives", type=Path, nargs="+", metavar="ARCHIVE",
                      help="nvidia.tar.gz files made by coreos-gpu build")
     pub.add_argument("--to", default="", metavar="DEST",
@@ -171,13 +213,12 @@ def _add_repository_verbs(verbs: Any, verb: Verb) -> None:
     repository = verbs.add_parser("repository", help="bundle repositories").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     listing = verb(repository, "list", "list what a repository offers",
-                   "cli_repository.cmd_repository_list", settings=READ_REPOSITORY_SETTINGS)
+                   "cli_repository.cmd_repository_list")
     verify = verb(repository, "verify", "check a repository's signature and every bundle's "
-                  "size and sha256", "cli_repository.cmd_repository_verify",
-                  settings=READ_REPOSITORY_SETTINGS)
+                  "size and sha256", "cli_repository.cmd_repository_verify")
     renew = verb(repository, "refresh", "sign the current index again, unchanged, as a new "
                  "generation valid for index_lifetime days",
-                 "cli_repository.cmd_repository_refresh", settings=PUBLISH_SETTINGS)
+                 "cli_repository.cmd_repository_refresh")
     renew.add_argument("--to", default="", metavar="DEST",
                        help="a folder, file://PATH or s3://BUCKET[/PREFIX] (default: "
                        "publish_to)")
@@ -221,7 +262,7 @@ def _add_render_verb(verbs: Any) -> None:
                      help="a repository nodes fetch the bundle for their kernel from")
     sub.add_argument("--repository-key", type=Path, default=None, metavar="PUB.pem",
                      help="the repository's public key (coreos-gpu keygen)")
-    for key in (*RENDER_SETTINGS, *AGENT_SETTINGS):
+    for key in VERB_SETTINGS["render"]:
         setting = SETTINGS_BY_KEY[key]
         sub.add_argument(setting.flag, dest=key, metavar=setting.metavar, default=None,
                          action="append" if setting.multiple else "store",
