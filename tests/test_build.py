@@ -16,6 +16,7 @@ from coreos_gpu.cache import link_tree
 from coreos_gpu.errors import ExitCode
 
 from .conftest import CliResult, Mirror, run_cli
+from .test_bundle import dangling_links, extract
 
 KERNEL = "6.1.0-50-amd64"
 VERSION = "535.261.03"
@@ -151,3 +152,23 @@ def test_driver_version_must_match_the_run(cli, nvidia_run: Path, tmp_path: Path
     assert result.code == ExitCode.CONFIG, result.stderr
     assert result.error_lines[0].endswith("driver.run is driver 535.261.03, not driver_version "
                                           "580.82.07")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", [VERSION, "470.256.02"])
+def test_every_link_of_a_full_bundle_resolves(build_bundle, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                              driver: str) -> None:
+    """Issue 31's acceptance, for 535 and the second driver generation: `build --profile
+    full` then `inspect` exits 0, and every symlink of the extracted payload ends at a file
+    inside it. No compile of its own: the module sets are the session's (the profile is not
+    part of a module set's key), seeded from the first sync for 535, shared with the other
+    470 builds of build_bundle's cache for 470."""
+    built = build_bundle("--profile", "full", driver=driver)
+    assert json.loads(built.result.stdout)["manifest"]["profile"] == "full"
+    inspected = run_cli("inspect", built.archive, "--json", cwd=tmp_path, cache=built.cache)
+    assert inspected.code == 0, inspected.stdout + inspected.stderr
+    root = extract(built.archive, tmp_path / "extracted")
+    links = [p for p in (root / "payload" / driver).rglob("*") if p.is_symlink()]
+    assert any(p.parent.name == "lib32" for p in links)  # full: the 32-bit links too
+    assert len(links) == len([p for p in root.rglob("*") if p.is_symlink()])
+    assert dangling_links(root) == []

@@ -26,6 +26,7 @@ from coreos_gpu.bundle import (
     NodeSettings,
     ReleaseInputs,
     assemble_bundle,
+    check_links,
     default_node_files,
     inspect_bundle,
 )
@@ -35,7 +36,7 @@ from coreos_gpu.driver import DriverPackage, read_package
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import write_key_pair
 from coreos_gpu.layout import part_of, payload_path
-from coreos_gpu.manifest import parse_entry
+from coreos_gpu.manifest import FILE_TYPES, parse_entry
 from coreos_gpu.modules import KernelModule, ModuleSet
 from coreos_gpu.repository import load_trust
 
@@ -204,8 +205,24 @@ def rewrite(source: Path, dest: Path,
          f"lib64/vdpau/libvdpau_nvidia.so.{VERSION}"),
         (f"libnvidia-tls.so.{VERSION} 0755 TLS_LIB NATIVE tls MODULE:opengl",
          f"lib64/tls/libnvidia-tls.so.{VERSION}"),
-        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../libnvidia-allocator.so.1 "
-         "MODULE:opengl", "lib64/gbm/nvidia-drm_gbm.so"),
+        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE libnvidia-allocator.so.1 "
+         "MODULE:nvalloc", "lib64/gbm/nvidia-drm_gbm.so"),
+        # nvidia-installer's set_destinations: the GBM folder whatever the arch; VGX, GRID
+        # and FLEXERA in the 64-bit library folder; systemd unit links below /etc.
+        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK COMPAT32 libnvidia-allocator.so.1 "
+         "MODULE:nvalloc", "lib64/gbm/nvidia-drm_gbm.so"),
+        (f"libnvidia-vgxcfg.so.{VERSION} 0755 VGX_LIB MODULE:vgpu",
+         f"lib64/libnvidia-vgxcfg.so.{VERSION}"),
+        ("libFlxCore64.so.1 0000 FLEXERA_LIB_SYMLINK / libFlxCore64.so.2021.02.0 MODULE:vgpu",
+         "lib64/libFlxCore64.so.1"),
+        (f"libnvidia-grid.so.{VERSION} 0755 GRID_LIB grid MODULE:vgpu",
+         f"lib64/grid/libnvidia-grid.so.{VERSION}"),
+        ("nvidia-suspend.service 0000 SYSTEMD_UNIT_SYMLINK systemd-suspend.service.requires "
+         "MODULE:powermanagement",
+         "etc/systemd/system/systemd-suspend.service.requires/nvidia-suspend.service"),
+        ("systemd/system/nvidia-suspend.service 0644 SYSTEMD_UNIT MODULE:powermanagement",
+         "lib/systemd/system/nvidia-suspend.service"),
+        ("nvidia-installer 0755 INSTALLER_BINARY MODULE:installer", "bin/nvidia-installer"),
         ("nvidia-smi 0755 UTILITY_BINARY MODULE:nvml", "bin/nvidia-smi"),
         ("nvidia-modprobe 4755 NVIDIA_MODPROBE bin MODULE:installer", "bin/nvidia-modprobe"),
         ("nvidia-modprobe 0755 NVIDIA_MODPROBE /usr/bin MODULE:installer",
@@ -251,6 +268,135 @@ def test_compute_layout(bundle: Bundle) -> None:
     assert found[f"{P}/lib64/libcuda.so"].mode == 0o777
     for m in found.values():
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "root", "root")
+
+
+# --- links: placed and aimed the way nvidia-installer does it --------------------------------
+
+# One link of every link type the manifest format has (manifest.FILE_TYPES: 535's manifest.c,
+# plus NVIFR of 470 and TLS of 390), each with what it names, in the field layout of its type
+# in nvidia-installer's manifest.c (arch, path, target); the GBM line as 580's manifest spells
+# it, the other names NVIDIA's where known. ENTRIES has the CUDA and UTILITY_LIB links.
+EVERY_LINK = f"""\
+libnvidia-allocator.so.{VERSION} 0755 OPENGL_LIB NATIVE MODULE:nvalloc
+libnvidia-allocator.so.1 0000 OPENGL_SYMLINK NATIVE libnvidia-allocator.so.{VERSION} MODULE:nvalloc
+nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE libnvidia-allocator.so.1 MODULE:nvalloc
+libnvidia-opencl.so.{VERSION} 0755 OPENCL_LIB NATIVE / MODULE:opencl
+libnvidia-opencl.so.1 0000 OPENCL_LIB_SYMLINK NATIVE / libnvidia-opencl.so.{VERSION} MODULE:opencl
+libOpenCL.so.1.0.0 0755 OPENCL_WRAPPER_LIB NATIVE / MODULE:opencl
+libOpenCL.so.1 0000 OPENCL_WRAPPER_SYMLINK NATIVE / libOpenCL.so.1.0.0 MODULE:opencl
+tls/libnvidia-tls.so.{VERSION} 0755 TLS_LIB NATIVE tls MODULE:opengl
+tls/libnvidia-tls.so.1 0000 TLS_SYMLINK NATIVE tls libnvidia-tls.so.{VERSION} MODULE:opengl
+nvidia-installer 0755 INSTALLER_BINARY MODULE:installer
+nvidia-uninstall 0000 UTILITY_BIN_SYMLINK nvidia-installer MODULE:installer
+nvidia-debugdump 0755 UTILITY_BINARY MODULE:nvml
+nvidia-dbgdump 0000 UTILITY_BIN_SYMLINK nvidia-debugdump MODULE:nvml
+libglxserver_nvidia.so.{VERSION} 0755 GLX_MODULE_SHARED_LIB extensions/ MODULE:x
+libglxserver_nvidia.so 0000 GLX_MODULE_SYMLINK extensions/ libglxserver_nvidia.so.{VERSION} MODULE:x
+libvdpau_nvidia.so.1 0000 VDPAU_SYMLINK NATIVE vdpau libvdpau_nvidia.so.{VERSION} MODULE:vdpau
+libvdpau_nvidia.so 0000 VDPAU_SYMLINK NATIVE / vdpau/libvdpau_nvidia.so.1 MODULE:vdpau
+libnvcuvid.so.{VERSION} 0755 NVCUVID_LIB NATIVE MODULE:nvcuvid
+libnvcuvid.so.1 0000 NVCUVID_LIB_SYMLINK NATIVE libnvcuvid.so.{VERSION} MODULE:nvcuvid
+libnvidia-encode.so.{VERSION} 0755 ENCODEAPI_LIB NATIVE MODULE:enc
+libnvidia-encode.so.1 0000 ENCODEAPI_LIB_SYMLINK NATIVE libnvidia-encode.so.{VERSION} MODULE:enc
+libnvidia-vgxcfg.so.{VERSION} 0755 VGX_LIB MODULE:vgpu
+libnvidia-vgxcfg.so.1 0000 VGX_LIB_SYMLINK libnvidia-vgxcfg.so.{VERSION} MODULE:vgpu
+libnvidia-grid.so.{VERSION} 0755 GRID_LIB / MODULE:vgpu
+libnvidia-grid.so.1 0000 GRID_LIB_SYMLINK / libnvidia-grid.so.{VERSION} MODULE:vgpu
+libFlxCore64.so.2021.02.0 0755 FLEXERA_LIB / MODULE:vgpu
+libFlxCore64.so.1 0000 FLEXERA_LIB_SYMLINK / libFlxCore64.so.2021.02.0 MODULE:vgpu
+libGL.so.1.7.0 0755 GLVND_LIB NATIVE MODULE:opengl
+libGL.so.1 0000 GLVND_SYMLINK NATIVE libGL.so.1.7.0 MODULE:opengl
+libGLX_nvidia.so.{VERSION} 0755 GLX_CLIENT_LIB NATIVE MODULE:opengl
+libGLX_nvidia.so.0 0000 GLX_CLIENT_SYMLINK NATIVE libGLX_nvidia.so.{VERSION} MODULE:opengl
+libEGL_nvidia.so.{VERSION} 0755 EGL_CLIENT_LIB NATIVE MODULE:opengl
+libEGL_nvidia.so.0 0000 EGL_CLIENT_SYMLINK NATIVE libEGL_nvidia.so.{VERSION} MODULE:opengl
+libnvidia-ifr.so.{VERSION} 0755 NVIFR_LIB NATIVE MODULE:nvfbc
+libnvidia-ifr.so.1 0000 NVIFR_LIB_SYMLINK NATIVE libnvidia-ifr.so.{VERSION} MODULE:nvfbc
+systemd/system/nvidia-suspend.service 0644 SYSTEMD_UNIT MODULE:pm
+nvidia-suspend.service 0000 SYSTEMD_UNIT_SYMLINK systemd-suspend.service.requires MODULE:pm
+"""
+
+
+def dangling_links(root: Path) -> list[str]:
+    """The symlinks below root (an extracted bundle) that do not end at a file inside its
+    payload folder, each as "link -> target"; [] when every one resolves."""
+    bad = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            try:
+                end = path.resolve(strict=True)
+                end.relative_to((root / "payload").resolve())
+                assert end.is_file()
+            except (OSError, ValueError, AssertionError):
+                bad.append(f"{path.relative_to(root)} -> {os.readlink(path)}")
+    return bad
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    with open_archive(archive) as opened:
+        opened.tar.extractall(dest, filter="data")
+    return dest
+
+
+def test_every_link_type_resolves_in_every_profile(ko_dir: Path, tmp_path: Path) -> None:
+    package = make_package(tmp_path / "driver", extra=EVERY_LINK)
+    link_types = {e.type for e in package.manifest.entries if e.is_symlink}
+    assert link_types == {t for t, info in FILE_TYPES.items() if info.is_symlink}
+    for profile in Profile:
+        bundle = assemble(package, [module_set(ko_dir, KERNEL)],
+                          tmp_path / f"{profile.value}.tar.gz", profile=profile)
+        root = extract(bundle.path, tmp_path / profile.value)
+        assert dangling_links(root) == [], profile
+        assert inspect_bundle(bundle.path).problems == (), profile
+    links = {n: m.linkname for n, m in members(tmp_path / "full.tar.gz").items() if m.issym()}
+    # The GBM backend link sits in <libdir>/gbm and names the library in <libdir>.
+    assert links[f"{P}/lib64/gbm/nvidia-drm_gbm.so"] == "../libnvidia-allocator.so.1"
+    unit = "nvidia-suspend.service"
+    assert links[f"{P}/etc/systemd/system/systemd-suspend.service.requires/{unit}"] == \
+        f"../../../../lib/systemd/system/{unit}"
+    assert links[f"{P}/lib64/libnvidia-vgxcfg.so.1"] == f"libnvidia-vgxcfg.so.{VERSION}"
+    assert links[f"{P}/lib64/libvdpau_nvidia.so"] == "vdpau/libvdpau_nvidia.so.1"
+    assert links[f"{P}/lib64/xorg/modules/extensions/libglxserver_nvidia.so"] == \
+        f"libglxserver_nvidia.so.{VERSION}"
+    # Every type ships in full but the link to nvidia-installer, which no profile ships.
+    shipped = {e.type for e in package.files(Profile.FULL) if e.is_symlink}
+    assert shipped == link_types
+    assert f"{P}/bin/nvidia-uninstall" not in links and f"{P}/bin/nvidia-dbgdump" in links
+
+
+def test_a_link_to_nothing_in_the_bundle_is_refused_before_writing() -> None:
+    """The build's own last check, for a link the layout would get wrong."""
+    lib, gbm = f"{P}/lib64/libnvidia-allocator.so.1", f"{P}/lib64/gbm/nvidia-drm_gbm.so"
+    with pytest.raises(CoreosGpuError) as info:
+        check_links([(lib, None), (gbm, "libnvidia-allocator.so.1")])
+    assert info.value.code is ExitCode.BUNDLE
+    assert info.value.message == f"{gbm}: a symlink to libnvidia-allocator.so.1, which is " \
+        "not in the bundle"
+    check_links([(lib, None), (gbm, "../libnvidia-allocator.so.1")])
+
+
+def test_inspect_refuses_the_dangling_gbm_link_of_issue_31(
+        ko_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli) -> None:  # type: ignore[no-untyped-def]
+    """A bundle whole in every other way (sums, MANIFEST.json, node/contents agree), written
+    the way the build did before links were aimed as nvidia-installer aims them: the GBM
+    link kept the manifest's bare target in lib64/gbm/, the systemd unit link the manifest's
+    word. inspect names each, one line each, and nothing else."""
+    package = make_package(tmp_path / "driver", extra=EVERY_LINK)
+    monkeypatch.setattr("coreos_gpu.bundle.link_target", lambda entry, version: entry.target)
+    monkeypatch.setattr("coreos_gpu.bundle.check_links", lambda members: None)
+    bundle = assemble(package, [module_set(ko_dir, KERNEL)], tmp_path / "old.tar.gz",
+                      profile=Profile.FULL)
+    link = f"{P}/lib64/gbm/nvidia-drm_gbm.so"
+    unit = f"{P}/etc/systemd/system/systemd-suspend.service.requires/nvidia-suspend.service"
+    problems = (
+        # The manifest's word, which nvidia-installer replaces: here, the link itself.
+        f"{unit}: a symlink to nvidia-suspend.service, which leads back to it (a symlink "
+        "loop)",
+        f"{link}: a symlink to libnvidia-allocator.so.1, which is not in the archive")
+    assert inspect_bundle(bundle.path).problems == problems
+    result = cli("inspect", bundle.path, "--json")
+    assert result.code == ExitCode.BUNDLE == 12
+    assert tuple(json.loads(result.stdout)["problems"]) == problems
 
 
 def test_full_profile_adds_32bit_libs_subpaths_and_docs(
@@ -633,6 +779,63 @@ def test_inspect_finds_a_module_of_another_driver(bundle: Bundle, ko_dir: Path,
                   lambda m, data: other if m.name == name else data)
     problems = inspect_bundle(bad).problems
     assert f"{name}: nvidia.ko is version 550.163.01, not driver {VERSION}" in problems
+
+
+def _edit_contents(edit: Callable[[str], str]) -> Callable[[tarfile.TarInfo, bytes], bytes]:
+    return lambda m, data: edit(data.decode()).encode() if m.name == "node/contents" else data
+
+
+SMI = f"{P}/bin/nvidia-smi"
+
+
+@pytest.mark.parametrize(
+    ("edit", "problems"),
+    [
+        (lambda text: text.replace(f"0755 file {SMI}\n", f"0666 file {SMI}\n"),
+         [f"node/contents: {SMI}: mode 0666 is not a safe file mode (group or world could "
+          "write it)", f"{SMI}: node/contents says mode 0666, the bundle has 0755"]),
+        (lambda text: text.replace(f"0755 file {SMI}\n", ""),
+         [f"{SMI}: not in node/contents"]),
+        (lambda text: text + f"0777 link {P}/lib64/x ../../../README\n",
+         [f"node/contents: {P}/lib64/x: links to ../../../README, outside {P}/",
+          f"{P}/lib64/x: in node/contents, not in the bundle"]),
+        (lambda text: text.replace(f"link {P}/lib64/libcuda.so libcuda.so.1",
+                                   f"link {P}/lib64/libcuda.so /usr/lib/libcuda.so.1"),
+         [f"node/contents: {P}/lib64/libcuda.so: links to the absolute path "
+          "/usr/lib/libcuda.so.1", f"{P}/lib64/libcuda.so: node/contents says a link to "
+          "/usr/lib/libcuda.so.1, the bundle has a link to libcuda.so.1"]),
+        (lambda text: text + "0644 file payload/1.2.3/x\n0644 file README\n"
+                             f"0644 file {P}/node/x\n0644 file {P}/lib64/libcuda.so/x\n",
+         [f"node/contents: payload/1.2.3/x: outside {P}",
+          "node/contents: README: not part of a coreos-gpu bundle",
+          f"node/contents: {P}/node/x: would land on the driver folder's own node",
+          f"node/contents: {P}/lib64/libcuda.so/x: lies beneath the link {P}/lib64/libcuda.so",
+          *(f"{path}: in node/contents, not in the bundle" for path in (
+              "payload/1.2.3/x", "README", f"{P}/node/x", f"{P}/lib64/libcuda.so/x"))]),
+        (lambda text: "0644 file\n" + text, ["node/contents line 1 is malformed"]),
+        # CRLF: awk, as the node reads it, keeps the \r in the path: another path.
+        (lambda text: text.replace(f"{SMI}\n", f"{SMI}\r\n"),
+         [f"{SMI}: not in node/contents", f"{SMI}\r: in node/contents, not in the bundle"]),
+    ],
+    ids=["writable-mode", "missing-line", "hostile-link", "absolute-link", "outside-parts",
+         "malformed", "crlf"],
+)
+def test_inspect_checks_node_contents_as_the_node_does(
+        bundle: Bundle, tmp_path: Path, edit: Callable[[str], str], problems: list[str]) -> None:
+    """node/contents is what install_nvidia.sh trusts: inspect applies the node's own rules
+    to it, and holds it against MANIFEST.json (issue 28)."""
+    found = inspect_bundle(rewrite(bundle.path, tmp_path / "bad.tar.gz",
+                                   _edit_contents(edit))).problems
+    assert set(problems) <= set(found), found
+    # Beside those, only the sums and MANIFEST.json catch the edit, of node/contents itself.
+    assert all(p.startswith(("node/contents: sha256 ", "node/contents: size "))
+               for p in set(found) - set(problems)), found
+
+
+def test_inspect_needs_node_contents(bundle: Bundle, tmp_path: Path) -> None:
+    bad = rewrite(bundle.path, tmp_path / "bad.tar.gz",
+                  lambda m, data: None if m.name == "node/contents" else data)
+    assert "node/contents is missing" in inspect_bundle(bad).problems
 
 
 def test_inspect_finds_missing_metadata(bundle: Bundle, tmp_path: Path) -> None:

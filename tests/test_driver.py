@@ -228,10 +228,11 @@ def test_symlinks_come_from_the_manifest_not_the_package(tmp_path: Path) -> None
          "symlink 32/libcuda.so.1's target '../../../x' leaves the package"),
         ("nvidia-smi.link 0000 UTILITY_BIN_SYMLINK ../../bin/sh MODULE:nvml",
          "symlink nvidia-smi.link's target '../../bin/sh' leaves the package"),
-        # From <libdir>/gbm/, one .. stays in the package and two leave it.
-        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../../../x.so MODULE:opengl",
-         "symlink nvidia-drm_gbm.so's target '../../../x.so' leaves the package (seen from its "
-         "install folder lib64/gbm/)"),
+        # A GBM backend link sits in <libdir>/gbm/, but nvidia-installer resolves its target
+        # against <libdir> (files.c set_destinations): there, two .. leave the package.
+        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../../x.so MODULE:nvalloc",
+         "symlink nvidia-drm_gbm.so's target '../../x.so' leaves the package (seen from "
+         "lib64/, where nvidia-installer resolves it)"),
         ("libnvidia-ml.so.1 0000 UTILITY_LIB_SYMLINK NATIVE /etc/shadow MODULE:nvml",
          "symlink libnvidia-ml.so.1 has the absolute target '/etc/shadow'"),
     ],
@@ -244,13 +245,55 @@ def test_symlink_target_outside_the_package_is_a_manifest_error(tmp_path: Path, 
     assert info.value.message.startswith(f"X.run: .manifest: malformed entry on line 10: {why}")
 
 
+# The GBM backend (495 on) in NVIDIA's field layout; the GBM line as 580's manifest spells
+# it: its target is a bare library name, of <libdir>.
+ALLOCATOR = (f"libnvidia-allocator.so.{VERSION} 0755 OPENGL_LIB NATIVE MODULE:nvalloc\n"
+             f"libnvidia-allocator.so.1 0000 OPENGL_SYMLINK NATIVE libnvidia-allocator.so.{VERSION}"
+             " MODULE:nvalloc\n"
+             "nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE libnvidia-allocator.so.1 "
+             "MODULE:nvalloc\n")
+
+
 def test_links_that_stay_inside_are_kept(tmp_path: Path) -> None:
-    package = _package(tmp_path, LIB + (
-        "nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../libnvidia-allocator.so.1 "
-        "MODULE:opengl\n"
-        "32/libcuda.so 0000 CUDA_SYMLINK COMPAT32 / libcuda.so.1 MODULE:compute\n"))
-    assert [e.target for e in package.manifest.entries[1:]] == [
-        "../libnvidia-allocator.so.1", "libcuda.so.1"]
+    package = _package(tmp_path, LIB + ALLOCATOR + (
+        f"32/libcuda.so.{VERSION} 0755 CUDA_LIB COMPAT32 / MODULE:compute\n"
+        f"32/libcuda.so.1 0000 CUDA_SYMLINK COMPAT32 / libcuda.so.{VERSION} MODULE:compute\n"))
+    assert [e.target for e in package.manifest.entries if e.is_symlink] == [
+        f"libnvidia-allocator.so.{VERSION}", "libnvidia-allocator.so.1",
+        f"libcuda.so.{VERSION}"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "why"),
+    [
+        # The GBM link of 495 and later alone: nothing in <libdir> by that name.
+        (ALLOCATOR.splitlines()[2], "it would point at lib64/libnvidia-allocator.so.1"),
+        # A target in the link's folder, not in the one of the file it names.
+        (f"libvdpau_nvidia.so.{VERSION} 0755 VDPAU_LIB NATIVE vdpau/ MODULE:vdpau\n"
+         f"libvdpau_nvidia.so.1 0000 VDPAU_SYMLINK NATIVE / libvdpau_nvidia.so.{VERSION} "
+         "MODULE:vdpau", f"it would point at lib64/libvdpau_nvidia.so.{VERSION}"),
+    ],
+)
+def test_link_to_nothing_in_the_package_is_left_out(tmp_path: Path, lines: str,
+                                                   why: str) -> None:
+    """nvidia-installer would make such a link and leave it dangling; refusing the whole
+    driver for it would serve no one, so no profile ships it (and inspect would refuse an
+    archive that did). why: where the link would point."""
+    package = _package(tmp_path, LIB + lines + "\n")
+    links = [e for e in package.manifest.entries if e.is_symlink]
+    assert links, why
+    for profile in Profile:
+        assert not [e for e in package.files(profile) if e.is_symlink], (profile, why)
+
+
+def test_link_of_a_type_newer_than_the_table_is_not_checked_for_its_target(
+        tmp_path: Path) -> None:
+    """Where nvidia-installer puts a type it had not yet when this was written is a guess:
+    such a link is read, and select_files drops it if it would dangle."""
+    package = _package(tmp_path, LIB + "libfoo.so.1 0000 SHINY_NEW_SYMLINK NATIVE libfoo.so.2 "
+                                       "MODULE:x\n")
+    assert package.manifest.entries[1].target == "libfoo.so.2"
+    assert [e.file for e in package.files(Profile.FULL)] == [f"libnvidia-ml.so.{VERSION}"]
 
 
 def test_file_entry_that_is_a_symlink_in_the_package_is_refused(tmp_path: Path) -> None:

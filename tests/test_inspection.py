@@ -65,12 +65,39 @@ def _link_problems(path: Path) -> list[str]:
           "etc/cron.d: beneath the symlink etc, so extracting it would write where the link "
           "points"]),
         ([("empty", "")], []),  # a file, not a link
-        ([(f"{P}/lib64/libcuda.so", "libcuda.so.1"), (f"{P}/lib64/gbm/nvidia-drm_gbm.so",
-                                                      "../libnvidia-allocator.so.1"),
-          (f"{P}/lib64/x", "../../../README")], []),  # all inside
+        ([(f"{P}/lib64/libcuda.so", "libcuda.so.1"), (f"{P}/lib64/libcuda.so.1", ""),
+          (f"{P}/lib64/gbm/nvidia-drm_gbm.so", "../libnvidia-allocator.so.1"),
+          (f"{P}/lib64/libnvidia-allocator.so.1", ""), (f"{P}/lib", "lib64"),
+          ("node/x", "../README"), ("README", "")], []),  # all inside, all there
+        # Inside the folder the archive is extracted to, but out of the driver folder: this
+        # case was accepted until issue 28 ("inspect checks what the node checks") picked the
+        # rule of install_nvidia.sh, which refuses it: the node installs payload/<version>/
+        # alone, under another name, so the link would name nothing of the bundle there.
+        ([(f"{P}/lib64/x", "../../../README"), ("README", "")],
+         [f"{P}/lib64/x: a symlink to ../../../README, which steps out of {P}/, the folder "
+          "the node installs"]),
+        # Out and back in by the folder's name: not the same name on the node, so out too.
+        ([(f"{P}/lib64/x", "../../535.261.03/lib64/y"), (f"{P}/lib64/y", "")],
+         [f"{P}/lib64/x: a symlink to ../../535.261.03/lib64/y, which steps out of {P}/, the "
+          "folder the node installs"]),
+        ([("node/a", "../../node/b"), ("node/b", "")],
+         ["node/a: a symlink to ../../node/b, which leaves the folder it is extracted to"]),
+
+        # Inside, but nothing there: the GBM link as the issue's build wrote it.
+        ([(f"{P}/lib64/libnvidia-allocator.so.1", ""),
+          (f"{P}/lib64/gbm/nvidia-drm_gbm.so", "libnvidia-allocator.so.1")],
+         [f"{P}/lib64/gbm/nvidia-drm_gbm.so: a symlink to libnvidia-allocator.so.1, which is "
+          "not in the archive"]),
+        # A chain that ends nowhere names its last link only; a loop names each.
+        ([(f"{P}/lib64/libcuda.so", "libcuda.so.1"), (f"{P}/lib64/libcuda.so.1", "libcuda.so.5")],
+         [f"{P}/lib64/libcuda.so.1: a symlink to libcuda.so.5, which is not in the archive"]),
+        ([("a", "b"), ("b", "a")],
+         ["a: a symlink to b, which leads back to it (a symlink loop)",
+          "b: a symlink to a, which leads back to it (a symlink loop)"]),
     ],
     ids=["absolute", "dotdot", "parent", "down-then-out", "file-beneath-link",
-         "folder-beneath-link", "no-links", "links-inside"],
+         "folder-beneath-link", "no-links", "links-inside", "out-of-the-driver-folder",
+         "out-and-back-in", "out-of-the-bundle", "dangling", "dangling-chain", "loop"],
 )
 def test_hostile_links_are_problems(tmp_path: Path, members: list[tuple[str, str]],
                                     problems: list[str]) -> None:
@@ -83,6 +110,16 @@ def test_inspect_exits_12_on_a_hostile_link(cli, tmp_path: Path) -> None:  # typ
     assert result.code == 12
     assert "lib/x.so: beneath the symlink lib, so extracting it would write where the link " \
         "points" in result.stdout
+
+
+def test_inspect_exits_12_naming_a_dangling_link_on_one_line(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    link = f"{P}/lib64/gbm/nvidia-drm_gbm.so"
+    archive = _archive(tmp_path / "nvidia.tar.gz", [
+        (f"{P}/lib64/libnvidia-allocator.so.1", ""), (link, "libnvidia-allocator.so.1")])
+    result = cli("inspect", archive)
+    assert result.code == 12
+    assert [line for line in result.stdout.splitlines() if link in line] == [
+        f"  {link}: a symlink to libnvidia-allocator.so.1, which is not in the archive"]
 
 
 def test_inspect_shows_the_contents_sha256(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

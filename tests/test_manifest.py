@@ -187,18 +187,25 @@ def test_lines_end_at_carriage_returns_too() -> None:
         ("libnvidia-tls.so.340.108 0755 TLS_LIB NATIVE CLASSIC tls MODULE:opengl",
          ManifestEntry("libnvidia-tls.so.340.108", 0o755, "TLS_LIB", 1, Arch.NATIVE, "tls",
                        module="opengl", tags=("CLASSIC",))),
-        # A link's target is relative to where it is installed: nvidia-installer puts GBM
-        # backend links in <libdir>/gbm/.
-        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE ../libnvidia-allocator.so.1 "
-         "MODULE:opengl",
+        # NVIDIA's line (580's, verbatim): the target is a bare library name, which
+        # nvidia-installer resolves against <libdir>, not <libdir>/gbm/ (layout.py).
+        ("nvidia-drm_gbm.so 0000 GBM_BACKEND_LIB_SYMLINK NATIVE libnvidia-allocator.so.1 "
+         "MODULE:nvalloc",
          ManifestEntry("nvidia-drm_gbm.so", 0, "GBM_BACKEND_LIB_SYMLINK", 1, Arch.NATIVE,
-                       target="../libnvidia-allocator.so.1", module="opengl")),
-        # SYSTEMD_UNIT_SYMLINK has a path, then its target (manifest.c).
-        ("nvidia-suspend.service 0000 SYSTEMD_UNIT_SYMLINK lib/systemd/system/systemd-suspend."
-         "service.requires ../nvidia-suspend.service MODULE:powermanagement",
+                       target="libnvidia-allocator.so.1", module="nvalloc")),
+        # SYSTEMD_UNIT_SYMLINK has a path (below /etc/systemd/system), then a word
+        # nvidia-installer reads as its target and replaces by the unit of the link's name
+        # (files.c set_destinations); without one, the MODULE: tag is that word there.
+        ("nvidia-suspend.service 0000 SYSTEMD_UNIT_SYMLINK systemd-suspend.service.requires "
+         "nvidia-suspend.service MODULE:powermanagement",
          ManifestEntry("nvidia-suspend.service", 0, "SYSTEMD_UNIT_SYMLINK", 1,
-                       path="lib/systemd/system/systemd-suspend.service.requires",
-                       target="../nvidia-suspend.service", module="powermanagement")),
+                       path="systemd-suspend.service.requires",
+                       target="nvidia-suspend.service", module="powermanagement")),
+        ("nvidia-resume.service 0000 SYSTEMD_UNIT_SYMLINK systemd-suspend.service.requires "
+         "MODULE:powermanagement",
+         ManifestEntry("nvidia-resume.service", 0, "SYSTEMD_UNIT_SYMLINK", 1,
+                       path="systemd-suspend.service.requires",
+                       target="nvidia-resume.service", module="powermanagement")),
         # A link type newer than the table still carries its target, as its last field.
         ("libfoo.so.1 0000 SHINY_NEW_SYMLINK NATIVE some/where libfoo.so.2 MODULE:x",
          ManifestEntry("libfoo.so.1", 0, "SHINY_NEW_SYMLINK", 1, Arch.NATIVE,

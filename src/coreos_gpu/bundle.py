@@ -29,6 +29,8 @@ from coreos_gpu.layout import (
     MANIFEST_NAME,
     SUMS_NAME,
     ReleaseInputs,
+    link_resolves_to,
+    link_target,
     module_path,
     payload_dir,
     payload_path,
@@ -81,9 +83,9 @@ def _userspace_members(package: DriverPackage, profile: Profile) -> list[_Member
     for entry in package.files(profile):
         path = f"{payload_dir(package.version)}/{payload_path(entry, package.version)}"
         if entry.is_symlink:
-            # The manifest names every link's target (NVIDIA's packages hold no links).
-            assert entry.target is not None, entry.file
-            members.append(_Member(path, 0o777, target=entry.target))
+            # The manifest names every link's target (NVIDIA's packages hold no links);
+            # layout says what it points at from where the link goes.
+            members.append(_Member(path, 0o777, target=link_target(entry, package.version)))
         else:
             members.append(_Member(path, entry.mode & 0o7777, source=package.root / entry.file))
     return members
@@ -181,6 +183,18 @@ def _sorted_with_folders(members: list[_Member]) -> list[_Member]:
     return sorted(by_path.values(), key=lambda m: PurePosixPath(m.path).parts)
 
 
+def check_links(members: Sequence[tuple[str, str | None]]) -> None:
+    """Every link among the (path, link target or None) members, folders included, must name
+    another member, as inspect checks it: a link that resolves to nothing would dangle on
+    the node. The build's last check before writing."""
+    paths = {path for path, _ in members}
+    for path, target in members:
+        if target is not None and link_resolves_to(path, target) not in paths:
+            raise _bad(f"{path}: a symlink to {target}, which is not in the bundle",
+                       hint="this is a coreos-gpu bug: please report it with the driver "
+                       "version and profile")
+
+
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))
 
@@ -254,6 +268,7 @@ def assemble_bundle(*, package: DriverPackage, module_sets: Sequence[ModuleSet],
               + _node_members(node, node_files, package, module_sets, profile, releases[0].os,
                              tool_version))
     members = _sorted_with_folders([*listed, _contents_member(listed)])
+    check_links([(m.path, m.target) for m in members])
     key = _bundle_key(members, module_sets, profile, compression, releases, node,
                       tool_version, package)
     if cache_dir is not None and (hit := _from_cache(cache_dir / "bundles", key, output)):

@@ -8,7 +8,6 @@ come from the manifest alone.
 
 from __future__ import annotations
 
-import posixpath
 import re
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from coreos_gpu.cache import content_digest, locked
 from coreos_gpu.config import KernelModuleType, Profile
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.fetch import fetch, forget
-from coreos_gpu.layout import payload_path
+from coreos_gpu.layout import link_base, link_destination, payload_path
 from coreos_gpu.manifest import Arch, Manifest, ManifestEntry, entry_error, parse_manifest
 from coreos_gpu.run import run
 
@@ -91,19 +90,20 @@ def _in_compute(entry: ManifestEntry) -> bool:
             and not _DESKTOP_LIB.match(entry.name))
 
 
-def _links_to_selected(
-    links: list[ManifestEntry], selected: list[ManifestEntry]
-) -> list[ManifestEntry]:
-    """Symlinks whose chain of targets ends at a selected file (libcuda.so → .so.1 → .so.N)."""
-    by_name = {e.name: e for e in selected}
+def _links_to_selected(links: list[ManifestEntry], selected: list[ManifestEntry],
+                       version: str) -> list[ManifestEntry]:
+    """Links whose chain of targets ends at a selected file (libcuda.so → .so.1 → .so.N),
+    followed where nvidia-installer would resolve them (layout.link_destination): a link
+    to nothing the bundle holds would dangle on the node."""
+    shipped = {payload_path(e, version) for e in selected}
     pending = list(links)
     kept: list[ManifestEntry] = []
     progress = True
     while progress:
         progress = False
         for link in list(pending):
-            if link.target is not None and Path(link.target).name in by_name:
-                by_name[link.name] = link
+            if link_destination(link, version) in shipped:
+                shipped.add(payload_path(link, version))
                 kept.append(link)
                 pending.remove(link)
                 progress = True
@@ -111,14 +111,18 @@ def _links_to_selected(
 
 
 def select_files(manifest: Manifest, profile: Profile) -> tuple[ManifestEntry, ...]:
-    """The manifest entries a profile ships, in manifest order."""
+    """The manifest entries a profile ships, in manifest order. A link ships only when what
+    it points at does: in full, that drops links to what no profile ships (nvidia-uninstall
+    → nvidia-installer)."""
     userspace = [e for e in manifest.entries if e.type not in _NOT_USERSPACE]
     if profile is Profile.FULL:
-        return tuple(userspace)
-    files = [e for e in userspace if _in_compute(e)]
-    links = [e for e in userspace
-             if e.type in _COMPUTE_LINKS and e.arch is Arch.NATIVE]
-    chosen = {id(e) for e in files + _links_to_selected(links, files)}
+        files = [e for e in userspace if not e.is_symlink]
+        links = [e for e in userspace if e.is_symlink]
+    else:
+        files = [e for e in userspace if _in_compute(e)]
+        links = [e for e in userspace
+                 if e.type in _COMPUTE_LINKS and e.arch is Arch.NATIVE]
+    chosen = {id(e) for e in files + _links_to_selected(links, files, manifest.version)}
     return tuple(e for e in userspace if id(e) in chosen)
 
 
@@ -184,22 +188,25 @@ def _detect_flavours(root: Path, manifest: Manifest) -> tuple[KernelModuleType, 
 
 
 def check_link_target(entry: ManifestEntry, version: str, source: str) -> None:
-    """A symlink entry's target must stay in the package, seen from where the link goes.
-
-    Targets are relative to the link's install folder, not to its line's file name:
-    nvidia-installer puts GBM backend links in <libdir>/gbm/ with targets ../lib…."""
-    assert entry.target is not None  # parse_entry gives every symlink its target
-    folder = PurePosixPath(payload_path(entry, version)).parent
-    resolved = posixpath.normpath(folder / entry.target)
+    """A symlink entry's target must stay in the package, seen from where nvidia-installer
+    puts the link and resolves its target (layout.link_destination: GBM backend links sit
+    in <libdir>/gbm/ and name a library in <libdir>). A target that stays inside but names
+    nothing of the package is no error of the driver's: nvidia-installer would make that link
+    dangle, and select_files leaves it out, so no bundle carries it."""
+    resolved = link_destination(entry, version)
     if resolved == ".." or resolved.startswith("../"):
+        folder = link_base(entry, version)
+        seen = (f"its install folder {folder}/"
+                if folder == str(PurePosixPath(payload_path(entry, version)).parent)
+                else f"{folder}/, where nvidia-installer resolves it")
         raise entry_error(source, entry.line, f"symlink {entry.file}'s target "
                                               f"{entry.target!r} leaves the package (seen from "
-                                              f"its install folder {folder}/)")
+                                              f"{seen})")
 
 
 def read_package(root: Path, *, sha256: str, source: str) -> DriverPackage:
     """Parse the extracted package's .manifest; every file it lists must be there, as a file,
-    and every symlink's target must stay inside the package."""
+    and every symlink must point at something of the package (check_link_target)."""
     manifest_path = root / MANIFEST_NAME
     try:
         text = manifest_path.read_text(encoding="utf-8", errors="strict")

@@ -1,10 +1,12 @@
 """`coreos-gpu inspect`: what a bundle holds, and whether it is whole.
 
 One streaming pass over the archive hashes every member and reads each .ko's modinfo; then
-the members are checked against SHA256SUMS and MANIFEST.json, every module against the
-kernel folder it sits in and the driver version, and every symlink for where extracting the
-archive would make it point (or write through it). Nothing is extracted but one .ko at a time,
-to a temporary folder, because pyelftools reads ELF files by seeking.
+the members are checked against SHA256SUMS, MANIFEST.json and node/contents (by the node's
+own rules, layout.contents_problems), every module against the kernel folder it sits in and
+the driver version, and every symlink for where extracting the archive, and installing its
+driver folder, would make it point (or write through it), and for whether anything is there.
+Nothing is extracted but one .ko at a time, to a temporary folder, because pyelftools reads
+ELF files by seeking.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import tarfile
 import tempfile
 from contextlib import nullcontext
@@ -24,6 +27,7 @@ from coreos_gpu.config import Compression
 from coreos_gpu.errors import CoreosGpuError
 from coreos_gpu.keys import fingerprint_of_pem
 from coreos_gpu.layout import (
+    CONTENTS_NAME,
     FORMAT,
     MACHINE,
     MANIFEST_NAME,
@@ -32,6 +36,10 @@ from coreos_gpu.layout import (
     SUM_LINE,
     SUMS_NAME,
     ReleaseInputs,
+    contents_problems,
+    link_leaves,
+    link_resolves_to,
+    parse_contents,
     part_of,
 )
 from coreos_gpu.modinfo import ModuleIdentity, identity_problem, read_identity, vermagic_release
@@ -40,7 +48,7 @@ _TEXT_LIMIT = 64 << 20  # MANIFEST.json and SHA256SUMS are read into memory: a b
 _PART_ORDER = ("libraries", "binaries", "firmware", "modules", "node files", "other",
                "metadata")
 _METADATA = (MANIFEST_NAME, SUMS_NAME)
-_KEPT = (*_METADATA, REPOSITORY_KEY_NAME)  # small files read into memory
+_KEPT = (*_METADATA, REPOSITORY_KEY_NAME, CONTENTS_NAME)  # small files read into memory
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,7 @@ def _scan_archive(path: Path) -> tuple[Compression, str, int, _Scan]:
                 scan.problems.append(f"{name}: neither a file, a folder nor a symlink")
         digest = archive.finish()
     _check_beneath_links(scan)
+    _check_link_targets(scan)
     return archive.compression, digest.sha256, digest.size, scan
 
 
@@ -213,11 +222,49 @@ def _check_link(name: str, target: str, scan: _Scan) -> None:
     elif target.startswith("/"):
         scan.problems.append(f"{name}: a symlink to the absolute path {target}, outside the "
                              "folder it is extracted to")
-    else:
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-        if resolved == ".." or resolved.startswith("../"):
-            scan.problems.append(f"{name}: a symlink to {target}, which leaves the folder it is "
-                                 "extracted to")
+    elif link_resolves_to(name, target) is None:
+        scan.problems.append(f"{name}: a symlink to {target}, which leaves the folder it is "
+                             "extracted to")
+    elif (left := _leaves(name, target)) is not None:
+        # install_nvidia.sh's rule, which issue 28 picked over the folder the archive is
+        # extracted to: the node installs payload/<version>/ alone, as a folder of another
+        # name, so a hop above it names no file of the bundle there. (Above the top, both
+        # rules are one: a target cannot climb back into a folder whose name it lacks.)
+        scan.problems.append(f"{name}: a symlink to {target}, which steps out of {left}, the "
+                             "folder the node installs")
+
+
+def _leaves(name: str, target: str) -> str | None:
+    """layout.link_leaves for an archive member, of whichever payload folder it sits in."""
+    path = posixpath.normpath(name)
+    parts = path.split("/")
+    version = parts[1] if parts[0] == PAYLOAD and len(parts) > 2 else ""
+    return link_leaves(path, target, version)
+
+
+def _check_link_targets(scan: _Scan) -> None:
+    """A link must point at a member of the archive (a file, a folder or another link), and
+    a chain of links must end at one that is no link: else it dangles once extracted."""
+    names = {posixpath.normpath(n) for n in scan.names}
+    present = names | {str(p) for n in names for p in PurePosixPath(n).parents[:-1]}
+    links = {posixpath.normpath(n): seen.target for n, seen in scan.members.items()
+             if seen.kind == "symlink" and seen.target}
+    for name, seen in scan.members.items():
+        where = link_resolves_to(name, seen.target) if seen.kind == "symlink" else None
+        if where is None:
+            continue  # a file, or a link _check_link refused
+        if where not in present:
+            scan.problems.append(f"{name}: a symlink to {seen.target}, which is not in the "
+                                 "archive")
+            continue
+        followed = {posixpath.normpath(name)}
+        while where is not None and where in links:
+            if where in followed:
+                scan.problems.append(f"{name}: a symlink to {seen.target}, which leads back "
+                                     "to it (a symlink loop)")
+                break
+            followed.add(where)
+            where = link_resolves_to(where, links[where])
 
 
 def _check_beneath_links(scan: _Scan) -> None:
@@ -233,6 +280,48 @@ def _check_beneath_links(scan: _Scan) -> None:
         if above is not None:
             scan.problems.append(f"{name}: beneath the symlink {above}, so extracting it would "
                                  "write where the link points")
+
+
+def _check_contents(scan: _Scan, listed: dict[str, Any], driver_version: str) -> None:
+    """node/contents, the list install_nvidia.sh trusts, passes the node's own check
+    (layout.contents_problems) and says what MANIFEST.json's list (listed) says of every
+    member: kind, file mode, link target; of MANIFEST.json and SHA256SUMS, what the archive
+    holds. A member missing from or extra in the archive is named by the MANIFEST.json check;
+    without a usable MANIFEST.json, node/contents is held against the archive itself."""
+    text = scan.texts.get(CONTENTS_NAME)
+    if text is None:
+        scan.problems.append(f"{CONTENTS_NAME} is missing")
+        return
+    entries, problems = parse_contents(text.decode("utf-8", "replace"))
+    scan.problems.extend(problems)
+    version = driver_version or next(
+        (p.split("/")[1] for p in entries if p.startswith(f"{PAYLOAD}/") and p.count("/") > 1),
+        "")
+    scan.problems.extend(f"{CONTENTS_NAME}: {p}" for p in contents_problems(entries, version))
+    described = {path: seen for path, entry in listed.items()
+                 if (seen := _expected(entry)) is not None} if listed else dict(scan.members)
+    described.update({n: scan.members[n] for n in _METADATA if n in scan.members})
+    for path in sorted(set(entries) | set(described)):
+        line, seen = entries.get(path), described.get(path)
+        if line is None:
+            scan.problems.append(f"{path}: not in {CONTENTS_NAME}")
+        elif seen is None:
+            scan.problems.append(f"{path}: in {CONTENTS_NAME}, not in the bundle")
+        elif (line.kind, line.target) != (_KINDS.get(seen.kind, seen.kind), seen.target):
+            scan.problems.append(
+                f"{path}: {CONTENTS_NAME} says {_kind(line.kind, line.target)}, the bundle "
+                f"has {_kind(_KINDS.get(seen.kind, seen.kind), seen.target)}")
+        elif line.kind == "file" and _OCTAL.fullmatch(line.mode) and int(line.mode, 8) != seen.mode:
+            scan.problems.append(f"{path}: {CONTENTS_NAME} says mode {line.mode}, the bundle "
+                                 f"has {seen.mode:04o}")
+
+
+_KINDS = {"symlink": "link"}  # MANIFEST.json's word → node/contents'
+_OCTAL = re.compile(r"[0-7]+")  # any other mode is contents_problems' to name
+
+
+def _kind(kind: str, target: str) -> str:
+    return f"a link to {target}" if kind == "link" else f"a {kind}"
 
 
 def _check_sums(scan: _Scan) -> None:
@@ -304,10 +393,11 @@ def _listed_files(manifest: dict[str, Any], scan: _Scan) -> dict[str, Any]:
     return listed
 
 
-def _check_manifest_files(manifest: dict[str, Any], scan: _Scan) -> None:
+def _check_manifest_files(manifest: dict[str, Any], scan: _Scan) -> dict[str, Any]:
+    """MANIFEST.json's files against the archive; MANIFEST.json's files by path."""
     listed = _listed_files(manifest, scan)
     if not manifest:
-        return
+        return listed
     for name, entry in sorted(listed.items()):
         seen, expected = scan.members.get(name), _expected(entry)
         if seen is None:
@@ -324,6 +414,7 @@ def _check_manifest_files(manifest: dict[str, Any], scan: _Scan) -> None:
                     scan.problems.append(f"{name}: {what} is {got}, {MANIFEST_NAME} says {want}")
     for name in sorted(set(scan.members) - set(listed) - set(_METADATA)):
         scan.problems.append(f"{name}: in the archive, not in {MANIFEST_NAME}")
+    return listed
 
 
 def _check_modules(scan: _Scan, driver_version: str,
@@ -435,8 +526,9 @@ def inspect_bundle(path: Path) -> BundleReport:
     compression, sha256, size, scan = _scan(path)
     _check_sums(scan)
     manifest = _load_manifest(scan)
-    _check_manifest_files(manifest, scan)
+    listed = _check_manifest_files(manifest, scan)
     driver_version = _text(manifest, "driver_version")
+    _check_contents(scan, listed, driver_version)
     kernels = _texts(manifest, "kernel_releases")
     releases = _releases(manifest, scan)
     modules = _check_modules(scan, driver_version, kernels)

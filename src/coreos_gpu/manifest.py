@@ -128,6 +128,7 @@ _VERSION = re.compile(r"\d+\.\d+([.-]\d+)?")
 _MODULE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 _INHERIT = "INHERIT_PATH_DEPTH:"
 _MODULE_TAG = "MODULE:"
+_UNIT_LINK = "SYSTEMD_UNIT_SYMLINK"
 # Drivers of the 390 era tag GLX/EGL client files GLVND or NON_GLVND; TLS libs CLASSIC/NEW.
 _FLAG_TAGS = frozenset({"GLVND", "NON_GLVND", "CLASSIC", "NEW"})
 
@@ -250,7 +251,11 @@ def parse_entry(text: str, line: int, source: str = ".manifest") -> ManifestEntr
         _check_relative(path.lstrip("/") or ".", "install path", source, line)
 
     target = None
-    if _is_symlink_type(type_name, mode):
+    if type_name == _UNIT_LINK and not rest:
+        # nvidia-installer reads a word here, but replaces it with the unit of the link's own
+        # name (files.c set_destinations), so the word may be the MODULE: tag it ignores.
+        target = PurePosixPath(file).name
+    elif _is_symlink_type(type_name, mode):
         if not rest:
             raise entry_error(source, line, f"symlink {file} lacks its target")
         # The target follows the path; of a type this parser does not know it is the last
