@@ -1,6 +1,6 @@
-"""Helpers for the repository tests: small real bundles, a node's own check of the index
-(sh + awk + openssl, nothing else), an S3 server (moto's) on 127.0.0.1, and publishers that
-race each other in separate processes."""
+"""Helpers for the repository tests: small real bundles, the node's own check of the index
+(node/repository.sh: sh, awk and openssl), an S3 server (moto's) on 127.0.0.1, and publishers
+that race each other in separate processes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,22 +70,33 @@ def make_bundles(folder: Path, ko_dir: Path) -> Bundles:
 
 # --- what a node runs ------------------------------------------------------------------------
 
-# Exactly what a node can do with its repository's public key: read the pointer with sh,
-# check the signature with openssl, and pick a bundle for a kernel with awk. POSIX sh only.
+REPOSITORY_SH = REPO / "src/coreos_gpu/resources/node/repository.sh"
+# What a node runs on its repository (fetch.sh and provision.sh source node/repository.sh):
+# read index.current, check the index's signature with the repository's public key (openssl),
+# its format, generation and expiry, then pick the bundle for a kernel. No copy of the node's
+# reader: the node's own, with nothing remembered (REPO_CHECK_ONLY, a ROOT of its own).
 NODE_CHECK = r"""
-set -eu
-repo=$1 key=$2 kernel=$3
-read -r magic format sha < "$repo/index.current"
-[ "$magic" = coreos-gpu-repository ] && [ "$format" = 1 ]
-openssl dgst -sha256 -verify "$key" -signature "$repo/index/$sha.txt.sig" "$repo/index/$sha.txt"
-awk -v k="$kernel" 'NR == 1 && $0 != "coreos-gpu-index 1" { exit 3 }
-                    $1 == "bundle" && $7 == k { print $8, $9, $10 }' "$repo/index/$sha.txt"
+say() { printf '%s\n' "$*" >&2; }
+die() { code=$1; shift; printf '%s\n' "$*" >&2; exit "$code"; }
+. "$1"
+ROOT=$2/root REPO_CHECK_ONLY=1
+repo_index "file://$3" "$4" "$2" 60
+line=$(repo_pick "$2/index.txt" kernel "$5" "" "" "" "$6") && [ -n "$line" ] ||
+	die 24 "no $6 bundle for kernel $5"
+printf '%s\n' "$line"
 """
 
 
-def node_check(repo: Path, key: Path, kernel: str = KERNEL) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", "-c", NODE_CHECK, "node-check", str(repo), str(key), kernel],
-                          capture_output=True, text=True, check=False, timeout=60)
+def node_check(repo: Path, key: Path, kernel: str = KERNEL,
+               os_name: str = "flatcar") -> subprocess.CompletedProcess[str]:
+    """node/repository.sh on a folder repository: "PATH SHA256 SIZE KERNEL" of the bundle a
+    node of that OS takes for the kernel (exit 0), or its refusal: die's code (23 a signature
+    or an index it does not accept, 24 no bundle, 28, 29), the message on stderr."""
+    with tempfile.TemporaryDirectory() as work:
+        return subprocess.run(
+            ["sh", "-c", NODE_CHECK, "node-check", str(REPOSITORY_SH), work, str(repo),
+             str(key), kernel, os_name], capture_output=True, text=True, check=False,
+            timeout=60)
 
 
 def current_text(repo: Path) -> Path:

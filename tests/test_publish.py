@@ -25,7 +25,7 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import PrivateKey, fingerprint, load_private_key, sign, write_key_pair
 from coreos_gpu.publish import now_utc
 from coreos_gpu.publish import publish as publish_archives
-from coreos_gpu.repository import Index, render_text
+from coreos_gpu.repository import Index, json_path, parse_text, render_text
 from coreos_gpu.stores import Conflict, FolderStore, S3Store
 
 from .conftest import CliResult, run_cli
@@ -76,9 +76,8 @@ def test_publish_to_a_folder_writes_the_layout(cli: Cli, tmp_path: Path, key: Pa
     magic, version, sha = pointer.split()
     assert (magic, version, pointer.endswith("\n")) == ("coreos-gpu-repository", "1", True)
     files = {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()}
-    text, = (line for line in current_text(repo).read_text().splitlines()
-             if line.startswith("json "))
-    json_name = text.split()[1]
+    text = parse_text(current_text(repo).read_bytes(), str(repo))
+    json_name = json_path(text.json_sha256)
     paths = {b["path"] for b in shown["bundles"]}
     assert files == {"index.current", ".lock", f"index/{sha}.txt", f"index/{sha}.txt.sig",
                      json_name, *paths}
@@ -87,13 +86,13 @@ def test_publish_to_a_folder_writes_the_layout(cli: Cli, tmp_path: Path, key: Pa
     for bundle in shown["bundles"]:
         assert bundle["path"] == f"bundles/{bundle['sha256']}/nvidia.tar.gz"
         assert (repo / bundle["path"]).read_bytes() == Path(bundle["archive"]).read_bytes()
-    lines = [line.split() for line in current_text(repo).read_text().splitlines()
-             if line.startswith("bundle ")]
+    lines = text.bundles
     # one line per (bundle, kernel): amd64 has one kernel, both has two
-    assert sorted(line[6] for line in lines) == sorted([KERNEL, KERNEL, CLOUD])
-    assert {tuple(line[1:6]) for line in lines if line[6] == CLOUD} == {
-        (VERSION, "proprietary", "compute", "flatcar", "4081.2.0")}
-    assert ("3975.2.2,3975.2.3" in {line[5] for line in lines})
+    assert sorted(line.kernel_release for line in lines) == sorted([KERNEL, KERNEL, CLOUD])
+    assert {(line.driver_version, line.flavour, line.profile, line.os, line.releases)
+            for line in lines if line.kernel_release == CLOUD} == {
+        (VERSION, "proprietary", "compute", "flatcar", ("4081.2.0",))}
+    assert (("3975.2.2", "3975.2.3") in {line.releases for line in lines})
     assert cli("repository", "verify", repo, "--key", pub(key)).code == 0
 
 
@@ -123,7 +122,9 @@ def test_publishing_more_keeps_what_is_there(cli: Cli, tmp_path: Path, key: Path
     assert len(second["bundles"]) == 2
     assert first["bundles"][0] in second["bundles"]  # its time unchanged
     check = node_check(tmp_path / "repo", pub(key), CLOUD)
-    assert check.returncode == 0 and len(check.stdout.splitlines()) == 2, check
+    assert check.returncode == 0 and check.stdout.split()[3] == CLOUD, check
+    text = parse_text(current_text(tmp_path / "repo").read_bytes(), "repo")
+    assert [line.kernel_release for line in text.bundles].count(CLOUD) == 1
 
 
 def test_an_archive_that_fails_inspect_stops_before_anything_is_written(

@@ -356,6 +356,7 @@ def test_a_repository_pins_driver_flavour_and_profile(cli: Cli, pub: Path, tmp_p
 
 def _line(driver: str, flavour: str, profile: str, sha: str, published: str, *,
           kernel: str = "K", os: str = "flatcar", path: str = "") -> str:
+    sha *= 32  # a well-formed sha256 (64 hex digits) from a short name: "a1" and on
     return (f"bundle {driver} {flavour} {profile} {os} 3975.2.2,3975.2.3 {kernel} "
             f"{path or f'bundles/{sha}/nvidia.tar.gz'} {sha} 1 {published}")
 
@@ -408,7 +409,8 @@ def test_repo_pick_never_chooses_by_the_order_of_the_index(tmp_path: Path, shell
     calls = "".join(f'printf "%s\\n" "$(repo_pick "$1" {shlex.join(args)} flatcar)"\n'
                     for args, _ in PICKS)
     (tmp_path / "pick.sh").write_text(f'. "${{0%/*}}/repository.sh"\n{calls}')
-    expected = [f"bundles/{sha}/nvidia.tar.gz {sha} 1 K" if sha else "" for _, sha in PICKS]
+    expected = [f"bundles/{sha * 32}/nvidia.tar.gz {sha * 32} 1 K" if sha else ""
+                for _, sha in PICKS]
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     for order in (PICK_INDEX, PICK_INDEX[::-1]):
         (tmp_path / "index.txt").write_text("coreos-gpu-index 1\n" + "\n".join(order) + "\n")

@@ -46,7 +46,7 @@ from coreos_gpu.repository import (
 from coreos_gpu.stores import FolderStore
 
 from .conftest import CliResult, Mirror
-from .repotools import Bundles, current_text, make_bundles, node_check
+from .repotools import REPOSITORY_SH, Bundles, current_text, make_bundles, node_check
 from .test_bundle import CLOUD, KERNEL, VERSION
 
 Cli = Callable[..., CliResult]
@@ -214,19 +214,23 @@ def test_an_index_from_before_expiry_reads_and_is_called_expired() -> None:
     assert "expired at 2025-02-22T08:30:00Z" in expiry_problem(INDEX, "2025-02-22T08:30:01Z")
 
 
-@pytest.mark.parametrize(("kernel", "expected"), [
-    (KERNEL, f"bundles/{SHA_A}/nvidia.tar.gz {SHA_A} 1234"),
-    (CLOUD, f"bundles/{SHA_A}/nvidia.tar.gz {SHA_A} 1234"),
-    ("4.19.106-coreos", f"bundles/{SHA_B}/nvidia.tar.zst {SHA_B} 99"),
-    ("6.6.0-other", ""),
+@pytest.mark.parametrize(("kernel", "os_name", "expected"), [
+    (KERNEL, "flatcar", f"bundles/{SHA_A}/nvidia.tar.gz {SHA_A} 1234"),
+    (CLOUD, "flatcar", f"bundles/{SHA_A}/nvidia.tar.gz {SHA_A} 1234"),
+    ("4.19.106-coreos", "coreos", f"bundles/{SHA_B}/nvidia.tar.zst {SHA_B} 99"),
+    ("6.6.0-other", "flatcar", ""),
 ])
-def test_a_node_finds_its_kernel_with_awk(tmp_path: Path, kernel: str, expected: str) -> None:
+def test_a_node_finds_its_kernel_with_awk(tmp_path: Path, kernel: str, os_name: str,
+                                          expected: str) -> None:
+    """The node's own reader (node/repository.sh: repo_check, repo_pick) on the text index."""
     index = tmp_path / "index.txt"
     index.write_bytes(render_text(INDEX, "d" * 64))
-    found = subprocess.run(["awk", "-v", f"k={kernel}", '$1 == "bundle" && $7 == k '
-                            "{ print $8, $9, $10 }", index],
-                           capture_output=True, text=True, check=True).stdout
-    assert found.strip() == expected
+    found = subprocess.run(
+        ["sh", "-c", '. "$1"; repo_check "$2" && repo_pick "$2" kernel "$3" "" "" "" "$4"',
+         "node", REPOSITORY_SH, index, kernel, os_name],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    assert found[0] == f"7 {'c' * 64} {INDEX.expires}"
+    assert " ".join(found[1:]) == (f"{expected} {kernel}" if expected else "")
 
 
 def test_the_json_index_carries_the_same_and_reads_back() -> None:
@@ -261,14 +265,15 @@ def test_a_node_checks_the_published_index_with_openssl(cli: Cli, tmp_path: Path
     repo = tmp_path / "repo"
     publish(cli, repo, key, bundles.amd64, bundles.cloud)
     check = node_check(repo, pub(key))
+    # 0: openssl verified the signature (repo_index), and the node took a bundle
     assert check.returncode == 0, check.stderr
-    assert check.stdout.startswith("Verified OK\n")
-    path, sha, size = check.stdout.splitlines()[1].split()
+    path, sha, size, kernel = check.stdout.split()
+    assert kernel == KERNEL
     bundle = repo / path
     assert hashlib.sha256(bundle.read_bytes()).hexdigest() == sha
     assert bundle.stat().st_size == int(size)
     assert bundle.read_bytes() == bundles.amd64.read_bytes()
-    assert node_check(repo, pub(key), CLOUD).stdout.splitlines()[1].split()[0] != path
+    assert node_check(repo, pub(key), CLOUD).stdout.split()[0] != path
 
 
 def test_a_tampered_index_fails_openssl_and_verify(cli: Cli, tmp_path: Path, key: Path,
@@ -281,7 +286,7 @@ def test_a_tampered_index_fails_openssl_and_verify(cli: Cli, tmp_path: Path, key
     # Another bundle for the node's kernel, as an attacker who can write the folder would add.
     text.write_text(text.read_text().replace(" 3975.2.2,", " 3975.2.9,"))
     check = node_check(repo, pub(key))
-    assert check.returncode != 0 and "Verification failure" in check.stdout + check.stderr
+    assert check.returncode == 23 and "Verification failure" in check.stdout + check.stderr
     line = error(cli("repository", "verify", repo, "--key", pub(key)), ExitCode.SIGNATURE)
     assert "does not match its signature" in line
 
@@ -291,7 +296,7 @@ def test_a_signature_by_another_key_fails_openssl_and_verify(
     repo = tmp_path / "repo"
     publish(cli, repo, key, bundles.amd64)
     other = write_key_pair(tmp_path / "other.key")
-    assert node_check(repo, other.public).returncode != 0
+    assert node_check(repo, other.public).returncode == 23
     line = error(cli("repository", "verify", repo, "--key", other.public), ExitCode.SIGNATURE)
     assert "signed by another key" in line
     assert fingerprint(load_public_key(pub(key))) in line

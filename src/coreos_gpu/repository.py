@@ -40,10 +40,18 @@ TEXT_MAGIC = "coreos-gpu-index"
 # A bundle keeps the suffix of its compression: a node's tar is told which it is.
 BUNDLE_NAMES = {"gzip": "nvidia.tar.gz", "xz": "nvidia.tar.xz", "zstd": "nvidia.tar.zst"}
 # What a field of the text index may hold: no whitespace (fields are split on it), no comma
-# (the releases field is a comma list), nothing a shell would need quoted.
-_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]*")
+# (the releases field is a comma list), nothing a shell would need quoted. Each pattern is
+# node/repository.sh's REPO_AWK's too (spec/index-text.json holds the cases both agree on).
+_T = r"[A-Za-z0-9][A-Za-z0-9._+~:@-]*"
+# A generation or size: what a node's shell and awk compare exactly (no leading zero, which
+# $((...)) reads as octal; at most 15 digits, which awk's doubles hold exactly).
+_N = r"(?:0|[1-9][0-9]{0,14})"
+_TIME_RE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z"
+_TOKEN = re.compile(_T, re.ASCII)
+_NUMBER = re.compile(_N, re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+_TIME = re.compile(_TIME_RE, re.ASCII)
+_KEY = re.compile(r"sha256:[0-9a-f]{64}")  # keys.fingerprint
 NONE = "-"  # an empty releases field
 
 
@@ -178,8 +186,11 @@ def _entry_problem(entry: Entry) -> str:
             return f"{what} is {value!r}, which cannot be a field of the index"
     if not entry.kernel_releases:
         return "no kernel releases"
-    if not _SHA256.fullmatch(entry.sha256) or entry.size < 0 or not _TIME.fullmatch(
-            entry.published):
+    if stray := [r.version for r in entry.releases
+                 if r.kernel_release not in entry.kernel_releases]:
+        return f"release {stray[0]} runs a kernel the bundle has no modules for"
+    if not (_SHA256.fullmatch(entry.sha256) and _NUMBER.fullmatch(str(entry.size))
+            and _TIME.fullmatch(entry.published)):
         return "a malformed sha256, size or time"
     if entry.path not in {f"bundles/{entry.sha256}/{n}" for n in BUNDLE_NAMES.values()}:
         return f"its path {entry.path!r} is not bundles/<sha256>/nvidia.tar.*"
@@ -210,30 +221,72 @@ def render_json(index: Index) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
+def _typed(item: Any, name: str, kind: type) -> Any:
+    """item[name], which must be of JSON's type `kind`: "7" is no generation, true no size."""
+    value = item[name]
+    if type(value) is not kind:
+        raise ValueError(f"{name} is {value!r}, not {kind.__name__}")
+    return value
+
+
+def _texts(item: Any, name: str) -> tuple[str, ...]:
+    return tuple(_typed({name: v}, name, str) for v in _typed(item, name, list))
+
+
 def _entry_from_json(item: Any) -> Entry:
-    releases = tuple(Release(str(r["channel"]), str(r["version"]), str(r["kernel_release"]))
-                     for r in item["releases"])
+    releases = tuple(Release(_typed(r, "channel", str), _typed(r, "version", str),
+                             _typed(r, "kernel_release", str))
+                     for r in _typed(item, "releases", list))
     entry = Entry(
-        sha256=str(item["sha256"]), path=str(item["path"]), size=int(item["size"]),
-        published=str(item["published"]),
-        os=str(item["os"]), driver_version=str(item["driver_version"]),
-        flavour=str(item["flavour"]), profile=str(item["profile"]),
-        kernel_releases=tuple(str(k) for k in item["kernel_releases"]), releases=releases,
-        tool_version=str(item["tool_version"]))
+        sha256=_typed(item, "sha256", str), path=_typed(item, "path", str),
+        size=_typed(item, "size", int), published=_typed(item, "published", str),
+        os=_typed(item, "os", str), driver_version=_typed(item, "driver_version", str),
+        flavour=_typed(item, "flavour", str), profile=_typed(item, "profile", str),
+        kernel_releases=_texts(item, "kernel_releases"), releases=releases,
+        tool_version=_typed(item, "tool_version", str))
     if problem := _entry_problem(entry):
         raise ValueError(f"bundle {entry.sha256}: {problem}")
     return entry
 
 
+def _header_problem(generation: int, created: str, key: str, expires: str) -> str:
+    """What both forms hold about the index itself, checked alike; expires "" is an index
+    from before indexes expired (it reads, and expiry_problem calls it expired)."""
+    if not _NUMBER.fullmatch(str(generation)):
+        return f"generation {generation} is not a number of at most 15 digits"
+    if not _TIME.fullmatch(created) or not (expires == "" or _TIME.fullmatch(expires)):
+        return f"created {created!r} or expires {expires!r} is not a UTC time"
+    if not _KEY.fullmatch(key):
+        return f"key {key!r} is not sha256:<64 lower-case hex digits>"
+    return ""
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON readers differ on a repeated name (the first, the last, an error): refused.
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a name given twice in one object: {names}")
+    return dict(pairs)
+
+
 def parse_json(data: bytes, location: str) -> Index:
+    """The JSON index (spec/index-json.json holds its cases). Names this reader does not know
+    are skipped, as a later coreos-gpu may add some."""
     try:
-        doc = json.loads(data)
-        if doc.get("format") != FORMAT:
-            raise _bad(location, f"index.json has format {doc.get('format')!r}, this "
-                       f"coreos-gpu reads {FORMAT}")
-        return Index(int(doc["generation"]), str(doc["created"]), str(doc["key"]),
-                     tuple(_entry_from_json(item) for item in doc["bundles"]),
-                     str(doc.get("expires", "")))
+        doc = json.loads(data, object_pairs_hook=_object_once)
+        if type(doc) is not dict or type(doc.get("format")) is not int or (
+                doc["format"] != FORMAT):
+            given = doc.get("format") if type(doc) is dict else doc
+            raise _bad(location, f"index.json has format {given!r}, this coreos-gpu reads "
+                       f"{FORMAT}")
+        index = Index(_typed(doc, "generation", int), _typed(doc, "created", str),
+                      _typed(doc, "key", str),
+                      tuple(_entry_from_json(item) for item in _typed(doc, "bundles", list)),
+                      _typed(doc, "expires", str) if "expires" in doc else "")
+        if problem := _header_problem(index.generation, index.created, index.key,
+                                      index.expires):
+            raise ValueError(problem)
+        return index
     except CoreosGpuError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -241,65 +294,128 @@ def parse_json(data: bytes, location: str) -> Index:
 
 
 # --- the line-based form, for nodes ---------------------------------------------------------
+# docs/reference/repository.md "The line-based index"; node/repository.sh's repo_check reads it
+# by the same rules, and spec/index-text.json holds the cases both readers are tested on.
+
+TEXT_FIRST_LINE = f"{TEXT_MAGIC} {FORMAT}"
 
 
-def render_bundle_lines(entries: Sequence[Entry]) -> str:
-    """One line per (bundle, kernel release); fields are split by whitespace:
+@dataclass(frozen=True)
+class BundleLine:
+    """One bundle line of the text index, a bundle for one kernel release: the one place its
+    11 fields are laid out (render and parse), single spaces between them:
     bundle DRIVER FLAVOUR PROFILE OS RELEASES KERNEL PATH SHA256 SIZE PUBLISHED"""
-    return "".join(
-        f"bundle {e.driver_version} {e.flavour} {e.profile} {e.os} "
-        f"{','.join(e.releases_of(k)) or NONE} {k} {e.path} {e.sha256} {e.size} "
-        f"{e.published}\n"
-        for e in entries for k in e.kernel_releases)
+
+    driver_version: str
+    flavour: str
+    profile: str
+    os: str
+    releases: tuple[str, ...]  # the OS releases that run this kernel; written "-" if none
+    kernel_release: str
+    path: str
+    sha256: str
+    size: int
+    published: str
+
+    def render(self) -> str:
+        return (f"bundle {self.driver_version} {self.flavour} {self.profile} {self.os} "
+                f"{','.join(self.releases) or NONE} {self.kernel_release} {self.path} "
+                f"{self.sha256} {self.size} {self.published}\n")
+
+
+# Exactly 11 fields: a later format adds records, not fields (a format 1 node reads by
+# position). The path is the sha256's own: bundles/<the line's sha256>/nvidia.tar.*.
+_BUNDLE_LINE = re.compile(
+    rf"bundle ({_T}) ({_T}) ({_T}) ({_T}) ({NONE}|{_T}(?:,{_T})*) ({_T}) "
+    rf"(bundles/([0-9a-f]{{64}})/nvidia\.tar\.(?:gz|xz|zst)) (\8) ({_N}) ({_TIME_RE})",
+    re.ASCII)
+# The header records a reader knows, each at most once (readers differ on which of two
+# counts), each exactly this; other records are skipped: a later format may add some.
+_RECORDS = {
+    "generation": re.compile(rf"generation ({_N})", re.ASCII),
+    "created": re.compile(rf"created ({_TIME_RE})", re.ASCII),
+    "expires": re.compile(rf"expires ({_TIME_RE})", re.ASCII),
+    "key": re.compile(r"key (sha256:[0-9a-f]{64})"),
+    "json": re.compile(r"json index/([0-9a-f]{64})\.json (\1)"),
+}
+_REQUIRED = ("generation", "created", "key", "json")  # expires: see expiry_problem
+
+
+def bundle_lines_of(entries: Sequence[Entry]) -> tuple[BundleLine, ...]:
+    """One line per (bundle, kernel release)."""
+    return tuple(BundleLine(e.driver_version, e.flavour, e.profile, e.os, e.releases_of(k), k,
+                            e.path, e.sha256, e.size, e.published)
+                 for e in entries for k in e.kernel_releases)
 
 
 def render_text(index: Index, json_sha256: str) -> bytes:
     # A record a reader does not know is skipped (format 1 readers before `expires` read
-    # this index too); a node reads generation, expires and key with awk.
-    return (f"{TEXT_MAGIC} {FORMAT}\n"
+    # this index too).
+    return (f"{TEXT_FIRST_LINE}\n"
             f"generation {index.generation}\n"
             f"created {index.created}\n"
             + (f"expires {index.expires}\n" if index.expires else "")
             + f"key {index.key}\n"
             f"json {json_path(json_sha256)} {json_sha256}\n"
-            + render_bundle_lines(index.entries)).encode()
+            + "".join(line.render() for line in bundle_lines_of(index.entries))).encode()
 
 
 @dataclass(frozen=True)
 class TextIndex:
-    """What the text index says about itself and the JSON; its bundle lines as they are."""
+    """What the text index says about itself and the JSON, and its bundle lines."""
 
     generation: int
     created: str
     key: str
     json_sha256: str
-    bundle_lines: str
-    expires: str
+    bundles: tuple[BundleLine, ...]
+    expires: str  # "" where it has no expires record
+
+
+def _parse_bundle_line(line: str) -> BundleLine | None:
+    match = _BUNDLE_LINE.fullmatch(line)
+    if match is None:
+        return None
+    driver, flavour, profile, os, releases, kernel, path, _, sha, size, published = (
+        match.groups())
+    return BundleLine(driver, flavour, profile, os,
+                      () if releases == NONE else tuple(releases.split(",")), kernel, path,
+                      sha, int(size), published)
 
 
 def parse_text(data: bytes, location: str) -> TextIndex:
-    try:
-        lines = data.decode("ascii").splitlines(keepends=True)
-    except UnicodeDecodeError as e:
-        raise _bad(location, "its index is not text") from e
-    if not lines or lines[0].split() != [TEXT_MAGIC, str(FORMAT)]:
-        raise _bad(location, f"its index does not start with '{TEXT_MAGIC} {FORMAT}'")
-    header: dict[str, list[str]] = {}
+    """Lines end in LF (the last one's is optional); a line's record is what comes before its
+    first space or tab. Refused: a first line other than 'coreos-gpu-index 1', a known
+    record (or bundle line) not exactly as written, one given twice, one of generation,
+    created, key and json missing; a NUL byte anywhere (busybox awk ends a line there)."""
+    text = data.decode("latin-1")  # bytes as they are: any byte is a character
+    if "\0" in text:
+        raise _bad(location, "its index holds a NUL byte")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if not lines or lines[0] != TEXT_FIRST_LINE:
+        raise _bad(location, f"its index does not start with the line '{TEXT_FIRST_LINE}'")
+    header: dict[str, str] = {}
     bundles = []
-    for line in lines[1:]:
-        fields = line.split()
-        if fields[:1] == ["bundle"]:
-            bundles.append(line)
-        elif fields:
-            header.setdefault(fields[0], fields[1:])  # other records: for later formats
-    try:
-        (generation,), (created,), (key,) = (header["generation"], header["created"],
-                                             header["key"])
-        _, json_sha256 = header["json"]
-        (expires,) = header.get("expires", [""])
-        return TextIndex(int(generation), created, key, json_sha256, "".join(bundles), expires)
-    except (KeyError, ValueError) as e:
-        raise _bad(location, "its index lacks a generation, created, key or json line") from e
+    for number, line in enumerate(lines[1:], 2):
+        name = re.split(r"[ \t]", line, maxsplit=1)[0]
+        if name == "bundle":
+            bundle = _parse_bundle_line(line)
+            if bundle is None:
+                raise _bad(location, f"line {number} of its index: a malformed bundle line "
+                           "(docs/reference/repository.md)")
+            bundles.append(bundle)
+        elif name in _RECORDS:
+            match = _RECORDS[name].fullmatch(line)
+            if match is None or name in header:
+                raise _bad(location, f"line {number} of its index: a malformed or second "
+                           f"{name} record")
+            header[name] = match.group(1)
+    if missing := [name for name in _REQUIRED if name not in header]:
+        raise _bad(location, f"its index has no {' or '.join(missing)} record")
+    return TextIndex(int(header["generation"]), header["created"], header["key"],
+                     header["json"], tuple(bundles), header.get("expires", ""))
 
 
 # --- the pointer ---------------------------------------------------------------------------
@@ -371,7 +487,7 @@ def load_index_at(reader: Reader, key: PublicKey | None, pointer: bytes) -> Load
                              "signed index gives for it: it was tampered with or damaged",
                              code=ExitCode.DIGEST)
     index = parse_json(data, reader.location)
-    if (render_bundle_lines(index.entries) != parsed.bundle_lines
+    if (bundle_lines_of(index.entries) != parsed.bundles
             or (index.generation, index.created, index.key, index.expires)
             != (parsed.generation, parsed.created, parsed.key, parsed.expires)):
         raise _bad(reader.location, f"{name} and {json_name} list different bundles")

@@ -345,15 +345,19 @@ index)
 	trap 'rm -rf "$WORK"' EXIT
 	REPO_CHECK_ONLY=1 # checked against the generation remembered, and not remembered
 	fetch_index
-	awk -v d="$DRIVER_VERSION" -v f="$FLAVOUR" -v p="$PROFILE" -v os="$OS" -v k="$(uname -r)" '
-		$1 == "generation" { generation = $2 }
-		$1 == "expires" { expires = $2 }
-		$1 == "bundle" && $2 == d && $3 == f && $4 == p && $5 == os {
-			if (!($7 in seen)) { seen[$7] = 1; kernels = kernels " " $7; n++ }
-			if ($7 == k) here = 1
-		}
-		END { printf "generation %s (valid until %s), signed by this bundle'\''s key; bundles of this driver for %d kernel(s):%s; %s\n",
-			generation, expires, n, kernels, here ? "one for the running kernel " k : "none for the running kernel " k }' "$WORK/index.txt" ;;
+	read -r ix_gen _ ix_exp <<EOF
+$(repo_check "$WORK/index.txt")
+EOF
+	ix_running=$(uname -r)
+	ix_count=0
+	ix_kernels=
+	ix_here="none for the running kernel $ix_running"
+	for ix_kernel in $(repo_kernels "$WORK/index.txt" "$DRIVER_VERSION" "$FLAVOUR" "$PROFILE" "$OS"); do
+		ix_count=$((ix_count + 1))
+		ix_kernels="$ix_kernels $ix_kernel"
+		[ "$ix_kernel" != "$ix_running" ] || ix_here="one for the running kernel $ix_running"
+	done
+	printf '%s\n' "generation $ix_gen (valid until $ix_exp), signed by this bundle's key; bundles of this driver for $ix_count kernel(s):$ix_kernels; $ix_here" ;;
 update) stage_update ;;
 retry)
 	retry

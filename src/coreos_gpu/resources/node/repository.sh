@@ -103,8 +103,8 @@ repo_index() {
 	done
 	ri_err=$(openssl dgst -sha256 -verify "$2" -signature "$3/$ri_sha.txt.sig" "$3/$ri_sha.txt" 2>&1) ||
 		die 23 "$ri_url/index/$ri_sha.txt does not match its signature by the key in $2 (another key signed it, or it was changed): $(printf '%s' "$ri_err" | head -n 1); nothing was installed"
-	[ "$(repo_sha256 "$3/$ri_sha.txt")" = "$ri_sha" ] && [ "$(head -n 1 "$3/$ri_sha.txt")" = "coreos-gpu-index 1" ] ||
-		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs) or not of format 1"
+	[ "$(repo_sha256 "$3/$ri_sha.txt")" = "$ri_sha" ] ||
+		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs)"
 	mv "$3/$ri_sha.txt" "$3/index.txt"
 	repo_fresh "$ri_url" "$3/index.txt"
 }
@@ -117,23 +117,12 @@ REPO_STATE=/var/lib/coreos-gpu
 # one past its expiry (the node's clock against the expiry it was signed with); then
 # remembers its generation. Only called on an index whose signature was checked.
 repo_fresh() {
-	# The first valid generation, key and expires records, in one read ("-": none); it stops
-	# once it has all three (headers come first, bundle lines after).
-	rf_head=$(awk '
-		g == "" && $1 == "generation" && $2 ~ /^[0-9]+$/ && length($2) < 16 { g = $2 }
-		k == "" && $1 == "key" && $2 ~ /^sha256:[0-9a-f]+$/ && length($2) == 71 { k = substr($2, 8) }
-		e == "" && $1 == "expires" && $2 ~ /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z$/ { e = $2 }
-		g != "" && k != "" && e != "" { exit }
-		END { print (g == "" ? "-" : g), (k == "" ? "-" : k), (e == "" ? "-" : e) }' "$2")
+	rf_head=$(repo_check "$2") ||
+		die 23 "$1's signed index is not a coreos-gpu index of format 1: $rf_head; nothing was installed"
 	read -r rf_gen rf_key rf_exp <<-EOF
 	$rf_head
 	EOF
-	[ "$rf_gen" != - ] || rf_gen=
-	[ "$rf_key" != - ] || rf_key=
-	[ "$rf_exp" != - ] || rf_exp=
-	[ -n "$rf_gen" ] && [ -n "$rf_key" ] ||
-		die 23 "$1's signed index has no generation or key line: it is not of this format"
-	[ -n "$rf_exp" ] ||
+	[ "$rf_exp" != - ] ||
 		die 29 "$1's index (generation $rf_gen) has no expiry: it was signed before indexes expired, or replayed from then; the publisher runs coreos-gpu repository refresh; nothing was installed"
 	rf_now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 	awk -v now="$rf_now" -v until="$rf_exp" 'BEGIN { exit !(now > until) }' &&
@@ -157,6 +146,76 @@ repo_fresh() {
 	return 0
 }
 
+# The line-based index, format 1 (docs/reference/repository.md "The line-based index"):
+# repository.py's parse_text reads it by the same rules, and spec/index-text.json holds the
+# cases both readers are tested on. Every awk here that reads it starts with REPO_AWK, so its
+# layout is written once: bundle() is true for the current line when it is a well-formed
+# bundle line (exactly 11 fields, single spaces), and sets b_driver … b_published;
+# mine(d, f, p, os) is true when that bundle is one this node can install for driver d,
+# flavour f, profile p ("" matches any) and OS os. Whole-line patterns rather than awk's
+# fields: busybox awk splits fields at a CR too. Run with LC_ALL=C: bytes, ASCII ranges.
+# shellcheck disable=SC2016 # awk's $, not the shell's
+REPO_AWK='
+BEGIN {
+	R_TOKEN = "[A-Za-z0-9][A-Za-z0-9._+~:@-]*"
+	R_NUMBER = "(0|[1-9][0-9]*)"
+	R_TIME = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z"
+	R_BUNDLE = "^bundle " R_TOKEN " " R_TOKEN " " R_TOKEN " " R_TOKEN " (-|" R_TOKEN "(," R_TOKEN ")*) "
+	R_BUNDLE = R_BUNDLE R_TOKEN " bundles/[0-9a-f]+/nvidia[.]tar[.](gz|xz|zst) [0-9a-f]+ " R_NUMBER " " R_TIME "$"
+}
+function bundle(  x) {
+	if ($0 !~ R_BUNDLE) return 0
+	split($0, x, " ")
+	# The path names the sha256: bundles/<sha256>/nvidia.tar.*. Numbers: at most 15 digits.
+	if (length(x[9]) != 64 || substr(x[8], 9, 65) != (x[9] "/") || length(x[10]) > 15) return 0
+	b_driver = "" x[2]; b_flavour = "" x[3]; b_profile = "" x[4]; b_os = "" x[5]
+	b_releases = "" x[6]; b_kernel = "" x[7]; b_path = "" x[8]; b_sha256 = "" x[9]
+	b_size = "" x[10]; b_published = "" x[11]
+	return 1
+}
+function mine(d, f, p, os) {
+	return b_os == os && (d == "" || b_driver == d) && (f == "" || b_flavour == f) &&
+		(p == "" || b_profile == p) && b_driver ~ /^[0-9]+([.][0-9]+)*$/ &&
+		b_flavour ~ /^(proprietary|open)$/ && b_profile ~ /^(compute|full)$/
+}
+'
+
+# repo_check INDEX: "GENERATION KEY EXPIRES" of a well-formed index (KEY the fingerprint's
+# hex, EXPIRES - where it has none), else the first thing wrong with it, and fails. Refused:
+# a NUL byte (busybox awk cuts lines there), a first line other than "coreos-gpu-index 1", a
+# known record (generation, created, expires, key, json, bundle: what comes before a line's
+# first space or tab) not exactly as written or given twice, no generation, created, key or
+# json record. Other records are skipped (a later format's). Lines end in LF, the last one's
+# optional.
+repo_check() {
+	[ "$(tr -d '\000' <"$1" | wc -c | tr -d ' ')" = "$(wc -c <"$1" | tr -d ' ')" ] ||
+		{ printf 'it holds a NUL byte\n'; return 1; }
+	LC_ALL=C awk "$REPO_AWK"'
+		function refuse(why) { print "line " NR ": " why; bad = 1; exit 1 }
+		NR == 1 { if ($0 != "coreos-gpu-index 1") refuse("not \"coreos-gpu-index 1\""); next }
+		{ r = $0; sub(/[ \t].*/, "", r) }
+		r == "bundle" { if (!bundle()) refuse("a malformed bundle line"); next }
+		r != "generation" && r != "created" && r != "expires" && r != "key" && r != "json" { next }
+		(r in seen) { refuse("a second " r " record") }
+		{ seen[r] = 1; v = substr($0, length(r) + 2) }
+		r == "generation" && ($0 !~ "^generation " R_NUMBER "$" || length(v) > 15) ||
+		r == "created" && $0 !~ "^created " R_TIME "$" ||
+		r == "expires" && $0 !~ "^expires " R_TIME "$" ||
+		r == "key" && ($0 !~ /^key sha256:[0-9a-f]+$/ || length(v) != 71) ||
+		r == "json" && ($0 !~ /^json index\/[0-9a-f]+[.]json [0-9a-f]+$/ || length(v) != 140 ||
+			substr(v, 7, 64) != substr(v, 77, 64)) { refuse("a malformed " r " record") }
+		r == "generation" { g = v }
+		r == "key" { k = substr(v, 8) }
+		r == "expires" { e = v }
+		END {
+			if (bad) exit 1
+			if (NR == 0) { print "it is empty"; exit 1 }
+			split("generation created key json", need, " ")
+			for (i = 1; i <= 4; i++) if (!(need[i] in seen)) { print "it has no " need[i] " record"; exit 1 }
+			print g, k, (e == "" ? "-" : e)
+		}' "$1"
+}
+
 # repo_pick INDEX kernel|release WANT DRIVER FLAVOUR PROFILE OS: the bundle for that kernel
 # release (or OS release) as "PATH SHA256 SIZE KERNEL". An empty DRIVER, FLAVOUR or PROFILE
 # matches any. The choice never depends on the order of the index's lines (the order bundles
@@ -164,12 +223,11 @@ repo_fresh() {
 # highest driver (compared field by field as numbers), then proprietary before open, then
 # compute before full; among rebuilds of one driver, flavour and profile, the newest
 # PUBLISHED, and of those the greatest SHA256 (both signed). A line this node could not
-# install (an unknown flavour or profile, a malformed version, path, sha256 or size) is never
-# picked. Bundle lines: bundle DRIVER FLAVOUR PROFILE OS RELEASES KERNEL PATH SHA256 SIZE
-# PUBLISHED, RELEASES a comma list or -. ("" v) compares as text what awk would compare as
-# numbers (580.82 = 580.820).
+# install (an unknown flavour or profile, a driver version not all numbers; mine()) or not
+# well-formed (bundle(); repo_check refuses the whole index for that) is never picked.
+# ("" v) compares as text what awk would compare as numbers (580.82 = 580.820).
 repo_pick() {
-	awk -v by="$2" -v want="$3" -v d="$4" -v f="$5" -v p="$6" -v os="$7" '
+	LC_ALL=C awk -v by="$2" -v want="$3" -v d="$4" -v f="$5" -v p="$6" -v os="$7" "$REPO_AWK"'
 		function vercmp(a, b, x, y, nx, ny, i) {
 			nx = split(a, x, ".")
 			ny = split(b, y, ".")
@@ -182,24 +240,29 @@ repo_pick() {
 			return ((("" a) > ("" b)) ? 1 : -1)
 		}
 		function better(c) {
-			c = vercmp($2, bd)
+			c = vercmp(b_driver, bd)
 			if (c != 0) return (c > 0)
-			if ($3 != bf) return ($3 == "proprietary")
-			if ($4 != bp) return ($4 == "compute")
-			if (("" $11) != bt) return (("" $11) > bt)
-			return (("" $9) > bs)
+			if (b_flavour != bf) return (b_flavour == "proprietary")
+			if (b_profile != bp) return (b_profile == "compute")
+			if (b_published != bt) return (b_published > bt)
+			return (b_sha256 > bs)
 		}
-		$1 != "bundle" || NF < 11 || $5 != os { next }
-		(d != "" && ("" $2) != d) || (f != "" && $3 != f) || (p != "" && $4 != p) { next }
-		by == "kernel" && $7 != want { next }
-		by == "release" && index("," $6 ",", "," want ",") == 0 { next }
-		$2 !~ /^[0-9]+(\.[0-9]+)*$/ || $3 !~ /^(proprietary|open)$/ || $4 !~ /^(compute|full)$/ { next }
-		$8 !~ /^bundles\/[0-9a-f]+\/nvidia\.tar\.(gz|xz|zst)$/ || $9 !~ /^[0-9a-f]+$/ || $10 !~ /^[0-9]+$/ { next }
+		!bundle() || !mine(d, f, p, os) { next }
+		by == "kernel" && b_kernel != want { next }
+		by == "release" && (b_releases == "-" || index("," b_releases ",", "," want ",") == 0) { next }
 		line == "" || better() {
-			bd = "" $2; bf = $3; bp = $4; bt = "" $11; bs = "" $9
-			line = $8 " " $9 " " $10 " " $7
+			bd = b_driver; bf = b_flavour; bp = b_profile; bt = b_published; bs = b_sha256
+			line = b_path " " b_sha256 " " b_size " " b_kernel
 		}
 		END { if (line != "") print line }' "$1"
+}
+
+# repo_kernels INDEX DRIVER FLAVOUR PROFILE OS: each kernel release repo_pick finds a bundle
+# for, one a line, in the order of the index (fetch.sh --index).
+# shellcheck disable=SC2317 # unused where render inlines this file into provision.sh
+repo_kernels() {
+	LC_ALL=C awk -v d="$2" -v f="$3" -v p="$4" -v os="$5" "$REPO_AWK"'
+		bundle() && mine(d, f, p, os) && !(b_kernel in seen) { seen[b_kernel] = 1; print b_kernel }' "$1"
 }
 
 # repo_bundle URL PATH SHA256 SIZE FILE SECONDS: the bundle, checked against the index.
