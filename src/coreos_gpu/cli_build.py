@@ -16,7 +16,7 @@ from coreos_gpu import ui
 from coreos_gpu.build import build, hold_devcontainer
 from coreos_gpu.bundle import BundleReport, inspect_bundle
 from coreos_gpu.cli_cache import prune_json
-from coreos_gpu.config import BuildConfig, Profile, config_rows, find_config_file, load_config
+from coreos_gpu.config import BuildConfig, Profile, config_of, config_rows
 from coreos_gpu.devcontainer import DevRoot, engine_options, prepare_devcontainer
 from coreos_gpu.driver import DriverPackage, fetch_driver
 from coreos_gpu.errors import CoreosGpuError, ExitCode
@@ -33,16 +33,11 @@ from coreos_gpu.sync import (
     sync,
 )
 
-
-def _config(args: argparse.Namespace) -> BuildConfig:
-    return load_config(vars(args), find_config_file(args.config, Path.cwd()))
-
-
 # --- verbs -------------------------------------------------------------------------------
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
-    rows = config_rows(_config(args))
+    rows = config_rows(config_of(args))
     if args.json:
         ui.print_json({key: {"value": value, "source": source} for key, value, source in rows})
     else:
@@ -57,7 +52,7 @@ def _shown_value(value: Any) -> str:
 
 
 def cmd_driver_inspect(args: argparse.Namespace) -> None:
-    config = _config(args)
+    config = config_of(args)
     with ui.step(f"reading driver package {Path(args.package).name}"):
         package = fetch_driver(args.package, config.cache_dir, offline=config.offline,
                                sha256=config.driver_sha256)
@@ -68,7 +63,7 @@ def cmd_driver_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_releases(args: argparse.Namespace) -> None:
-    config = _config(args)
+    config = config_of(args)
     releases = list_releases(config.os, config.channel, mirror=config.mirror,
                              cache_dir=config.cache_dir, offline=config.offline)
     if args.json:
@@ -81,7 +76,7 @@ def cmd_releases(args: argparse.Namespace) -> None:
 
 
 def cmd_devcontainer_prepare(args: argparse.Namespace) -> None:
-    config = _config(args)
+    config = config_of(args)
     roots = [prepare_devcontainer(config, version) for version in config.releases]
     rows = [{"os": d.release.os.value, "version": d.release.version,
              "kernel_release": d.kernel_release, "build_dir": d.build_dir,
@@ -96,7 +91,7 @@ def cmd_devcontainer_prepare(args: argparse.Namespace) -> None:
 def _devroot_sandbox(args: argparse.Namespace, holds: ExitStack) -> tuple[DevRoot, BuildConfig]:
     """The one configured release's developer container, held (cache prune leaves it alone)
     until holds closes."""
-    config = _config(args)
+    config = config_of(args)
     if len(config.releases) != 1:
         raise CoreosGpuError("devcontainer shell and run work on one release; "
                              f"{len(config.releases)} are configured",
@@ -127,7 +122,7 @@ def cmd_devcontainer_run(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    config = _config(args)
+    config = config_of(args)
     made = build(config)
     bundle, package = made.bundle, made.package
     if args.json:
@@ -145,7 +140,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     if args.plan:
         plan = make_plan(config, plan_key(config))
         if args.json:

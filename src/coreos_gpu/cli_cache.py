@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from coreos_gpu import ui
-from coreos_gpu.config import find_config_file, load_config
+from coreos_gpu.config import config_of
 from coreos_gpu.inventory import CacheEntry, Inventory, Kind, human_size, scan_cache
 from coreos_gpu.prune import Item, PruneResult, in_use, prune_cache
 
@@ -75,7 +74,7 @@ def render_list(inventory: Inventory) -> None:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> None:
-    config = load_config(vars(args), find_config_file(args.config, Path.cwd()))
+    config = config_of(args)
     inventory = scan_cache(config.cache_dir)
     if args.json:
         ui.print_json({"cache_dir": str(inventory.cache_dir), "total": inventory.total,
@@ -101,7 +100,7 @@ def prune_json(result: PruneResult) -> dict[str, Any]:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> None:
-    config = load_config(vars(args), find_config_file(args.config, Path.cwd()))
+    config = config_of(args)
     result = prune_cache(config, dry_run=args.dry_run)
     if args.json:
         ui.print_json(prune_json(result))

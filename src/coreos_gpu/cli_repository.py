@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coreos_gpu import ui
-from coreos_gpu.config import BuildConfig, find_config_file, load_config
+from coreos_gpu.config import BuildConfig, config_of
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.keys import fingerprint, load_private_key, load_public_key, write_key_pair
 from coreos_gpu.publish import PublishResult, now_utc, publish, refresh
@@ -29,12 +29,8 @@ from coreos_gpu.repository import (
 from coreos_gpu.stores import open_reader, open_store
 
 
-def _config(args: argparse.Namespace) -> BuildConfig:
-    return load_config(vars(args), find_config_file(args.config, Path.cwd()))
-
-
 def _reader(args: argparse.Namespace) -> Any:
-    config = _config(args)
+    config = config_of(args)
     return open_reader(args.url, cache_dir=config.cache_dir,
                        s3_endpoint_url=config.s3_endpoint_url)
 
@@ -66,7 +62,7 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
-    config = _config(args)
+    config = config_of(args)
     to, key_path = publish_target(config, args.to, args.key)
     key = load_private_key(key_path)  # a bad key fails before anything is read or written
     store = open_store(to, s3_endpoint_url=config.s3_endpoint_url)
@@ -90,7 +86,7 @@ def lifetime(config: BuildConfig) -> timedelta:
 
 
 def cmd_repository_refresh(args: argparse.Namespace) -> None:
-    config = _config(args)
+    config = config_of(args)
     to, key_path = publish_target(config, args.to, args.key)
     key = load_private_key(key_path)
     store = open_store(to, s3_endpoint_url=config.s3_endpoint_url)

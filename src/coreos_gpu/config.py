@@ -455,6 +455,11 @@ def find_config_file(explicit: Path | None, cwd: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def config_of(args: argparse.Namespace) -> BuildConfig:
+    """A verb's settings: its flags over ./coreos-gpu.toml (or --config FILE) over defaults."""
+    return load_config(vars(args), find_config_file(args.config, Path.cwd()))
+
+
 def load_config(flags: Mapping[str, Any], config_file: Path | None) -> BuildConfig:
     """Merge defaults, the config file and flags (in rising precedence) into a BuildConfig."""
     file_values = read_config_file(config_file) if config_file is not None else {}
