@@ -8,10 +8,9 @@ A page asks for one with a line `<!-- generated: NAME -->`:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -72,23 +71,13 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...]
-            ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield words, parser
-        return
-    for name, sub in subs[0].choices.items():
-        yield from _leaves(sub, (*words, name))
-
-
 def verbs_reference() -> str:
-    from coreos_gpu.cli import build_parser
+    from coreos_gpu.cli import build_parser, verb_parsers
 
     # argparse wraps help to the terminal's width: a fixed one, so every build is the same
     os.environ["COLUMNS"] = "100"
     parts = []
-    for words, parser in _leaves(build_parser(), ()):
+    for words, parser in verb_parsers(build_parser()):
         parts.append(f"### `coreos-gpu {' '.join(words)}`\n\n```text\n"
                      f"{parser.format_help().rstrip()}\n```")
     return "\n\n".join(parts)

@@ -4,7 +4,6 @@ takes: those it declares (cli.VERB_SETTINGS), which are those its code reads."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import json
@@ -13,12 +12,11 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from coreos_gpu.cli import VERB_SETTINGS, VerbFunction, build_parser, main
+from coreos_gpu.cli import VERB_SETTINGS, VerbFunction, build_parser, main, verb_parsers
 from coreos_gpu.config import SETTINGS, SETTINGS_BY_KEY, load_config
 from coreos_gpu.errors import ExitCode
 
@@ -199,19 +197,9 @@ def test_version_is_the_installed_distributions() -> None:
         coreos_gpu.no_such_attribute  # noqa: B018
 
 
-def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
-            ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield words, parser
-        return
-    for name, sub in subs[0].choices.items():
-        yield from _leaves(sub, (*words, name))
-
-
 def test_every_verb_names_a_function_that_exists() -> None:
     """The parser names each verb's function as text (it imports none): each must be there."""
-    leaves = dict(_leaves(build_parser()))
+    leaves = dict(verb_parsers(build_parser()))
     assert len(leaves) == 18
     for words, parser in leaves.items():
         function = parser.get_default("func")
@@ -223,7 +211,7 @@ def test_every_verb_names_a_function_that_exists() -> None:
 # --- the settings each verb takes -----------------------------------------------------------
 
 def _help(*words: str) -> str:
-    return dict(_leaves(build_parser()))[words].format_help()
+    return dict(verb_parsers(build_parser()))[words].format_help()
 
 
 @pytest.fixture
@@ -240,11 +228,11 @@ POSITIONALS = {"driver inspect": ["NVIDIA-Linux-x86_64-580.82.07.run"],
                "repository list": ["/srv/repo"],
                "repository verify": ["/srv/repo", "--key", "k.pub"],
                "render": ["ignition"], "keygen": ["--output", "k"], "completion": ["bash"]}
-VERBS = sorted(" ".join(words) for words, _ in _leaves(build_parser()))
+VERBS = sorted(" ".join(words) for words, _ in verb_parsers(build_parser()))
 
 
 def _setting_flags(verb: str) -> set[str]:
-    parser = dict(_leaves(build_parser()))[tuple(verb.split())]
+    parser = dict(verb_parsers(build_parser()))[tuple(verb.split())]
     return {a.option_strings[0] for a in parser._actions
             if a.option_strings and a.dest in SETTINGS_BY_KEY} - OWN_FLAGS.get(verb, set())
 
@@ -333,7 +321,7 @@ def test_a_verb_declares_the_settings_its_code_reads(verb: str,
     """What the verb's function reads of its config, followed into every stage it passes the
     config to (tests/setting_reads.py), is what it declares: a setting read but not declared
     would take no flag, and one declared but never read a flag that does nothing."""
-    function = dict(_leaves(build_parser()))[tuple(verb.split())].get_default("func")
+    function = dict(verb_parsers(build_parser()))[tuple(verb.split())].get_default("func")
     assert setting_reads.verb_reads(function.module, function.name) == set(VERB_SETTINGS[verb])
 
 
@@ -370,7 +358,7 @@ def test_the_guard_finds_a_setting_read_but_not_declared(tmp_path: Path, file: s
     source.write_text(source.read_text().replace(old, new, 1))
     changed = SettingReads(package)
     failing = {}
-    for words, parser in _leaves(build_parser()):
+    for words, parser in verb_parsers(build_parser()):
         verb, function = " ".join(words), parser.get_default("func")
         try:
             extra = changed.verb_reads(function.module, function.name) - set(VERB_SETTINGS[verb])

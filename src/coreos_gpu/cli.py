@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -120,6 +120,18 @@ class VerbFunction:
 
 # build_parser's verb(): (group, name, help, "module.function") → its parser
 Verb = Callable[..., argparse.ArgumentParser]
+
+
+def verb_parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Each verb that runs (("repository", "list"), its parser), in the parser's order: the
+    docs' reference and the tests walk the verbs with it."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield words, parser
+        return
+    for name, sub in subs[0].choices.items():
+        yield from verb_parsers(sub, (*words, name))
 
 
 def build_parser() -> argparse.ArgumentParser:
