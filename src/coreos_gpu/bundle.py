@@ -29,6 +29,7 @@ from coreos_gpu.layout import (
     MANIFEST_NAME,
     SUMS_NAME,
     ReleaseInputs,
+    dangling_links,
     link_resolves_to,
     link_target,
     module_path,
@@ -185,14 +186,21 @@ def _sorted_with_folders(members: list[_Member]) -> list[_Member]:
 
 def check_links(members: Sequence[tuple[str, str | None]]) -> None:
     """Every link among the (path, link target or None) members, folders included, must name
-    another member, as inspect checks it: a link that resolves to nothing would dangle on
-    the node. The build's last check before writing."""
-    paths = {path for path, _ in members}
-    for path, target in members:
-        if target is not None and link_resolves_to(path, target) not in paths:
-            raise _bad(f"{path}: a symlink to {target}, which is not in the bundle",
-                       hint="this is a coreos-gpu bug: please report it with the driver "
-                       "version and profile")
+    another member, as inspect checks it (layout.dangling_links): a link that resolves to
+    nothing would dangle on the node. The build's last check before writing."""
+    links = {path: target for path, target in members if target is not None}
+    # A target that leaves the bundle names nothing in it either (inspect says so apart).
+    why = {path: "missing" for path, target in links.items()
+           if link_resolves_to(path, target) is None}
+    why.update((path, reason) for path, _, reason in
+               dangling_links((path for path, _ in members), links))
+    for path, target in links.items():  # the first, in the bundle's order
+        if path in why:
+            raise _bad(f"{path}: a symlink to {target}, " + (
+                "which is not in the bundle" if why[path] == "missing"
+                else "which leads back to it (a symlink loop)"),
+                hint="this is a coreos-gpu bug: please report it with the driver version "
+                "and profile")
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:

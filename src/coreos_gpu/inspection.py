@@ -37,6 +37,7 @@ from coreos_gpu.layout import (
     SUMS_NAME,
     ReleaseInputs,
     contents_problems,
+    dangling_links,
     link_leaves,
     link_resolves_to,
     parse_contents,
@@ -245,26 +246,12 @@ def _leaves(name: str, target: str) -> str | None:
 def _check_link_targets(scan: _Scan) -> None:
     """A link must point at a member of the archive (a file, a folder or another link), and
     a chain of links must end at one that is no link: else it dangles once extracted."""
-    names = {posixpath.normpath(n) for n in scan.names}
-    present = names | {str(p) for n in names for p in PurePosixPath(n).parents[:-1]}
-    links = {posixpath.normpath(n): seen.target for n, seen in scan.members.items()
+    links = {name: seen.target for name, seen in scan.members.items()
              if seen.kind == "symlink" and seen.target}
-    for name, seen in scan.members.items():
-        where = link_resolves_to(name, seen.target) if seen.kind == "symlink" else None
-        if where is None:
-            continue  # a file, or a link _check_link refused
-        if where not in present:
-            scan.problems.append(f"{name}: a symlink to {seen.target}, which is not in the "
-                                 "archive")
-            continue
-        followed = {posixpath.normpath(name)}
-        while where is not None and where in links:
-            if where in followed:
-                scan.problems.append(f"{name}: a symlink to {seen.target}, which leads back "
-                                     "to it (a symlink loop)")
-                break
-            followed.add(where)
-            where = link_resolves_to(where, links[where])
+    for name, target, why in dangling_links(scan.names, links):
+        scan.problems.append(f"{name}: a symlink to {target}, " + (
+            "which is not in the archive" if why == "missing"
+            else "which leads back to it (a symlink loop)"))
 
 
 def _check_beneath_links(scan: _Scan) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -186,6 +186,35 @@ def link_resolves_to(name: str, target: str) -> str | None:
         return None
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
     return None if resolved == ".." or resolved.startswith("../") else resolved
+
+
+def dangling_links(names: Iterable[str], links: Mapping[str, str]
+                   ) -> list[tuple[str, str, str]]:
+    """(link, target, why) for each of links (an archive's link members and their targets;
+    names: all its members, folders too) that would dangle once extracted: it points at no
+    member (why "missing"), or a chain of links from it leads back to it ("loop"). A link
+    whose target leaves the folder the archive is extracted to is not here: link_resolves_to
+    gives None for it, and whoever checks links refuses it on its own. The build's last
+    check and inspect's."""
+    normal = {posixpath.normpath(n) for n in names}
+    present = normal | {str(p) for n in normal for p in PurePosixPath(n).parents[:-1]}
+    chain = {posixpath.normpath(n): t for n, t in links.items()}
+    dangling = []
+    for name, target in links.items():
+        where = link_resolves_to(name, target)
+        if where is None:
+            continue
+        if where not in present:
+            dangling.append((name, target, "missing"))
+            continue
+        followed = {posixpath.normpath(name)}
+        while where is not None and where in chain:
+            if where in followed:
+                dangling.append((name, target, "loop"))
+                break
+            followed.add(where)
+            where = link_resolves_to(where, chain[where])
+    return dangling
 
 
 _PARTS = {"lib64": "libraries", "lib32": "libraries", "bin": "binaries",
