@@ -2,7 +2,9 @@
 
 - coreos-gpu(1) from the argument parser (`coreos_gpu.cli.build_parser`), with argparse-manpage;
 - coreos-gpu-node(8) from the node programs' own `--help` text, run under sh;
-- both pages' EXIT STATUS from the tables of docs/reference/exit-codes.md.
+- both pages' EXIT STATUS from the one table of exit codes (coreos_gpu.errors reads
+  src/coreos_gpu/resources/exit-codes.toml, which docs/reference/exit-codes.md's tables come
+  from too), with the paragraphs that follow a table on that page.
 
     python scripts/manpages.py
 
@@ -29,6 +31,7 @@ from argparse_manpage.manpage import Manpage  # type: ignore[import-untyped]
 from coreos_gpu import __version__
 from coreos_gpu.cli import build_parser
 from coreos_gpu.config import SETTINGS
+from coreos_gpu.exit_codes import exit_code_rows
 
 REPO = Path(__file__).resolve().parent.parent
 MAN_DIR = REPO / "man"
@@ -123,30 +126,26 @@ def header(name: str, section: int, manual: str) -> str:
     return f'.TH {escape(name.upper())} {section} "" "{source}" "{manual}"'
 
 
-# --- docs/reference/exit-codes.md --------------------------------------------------------
+# --- exit codes --------------------------------------------------------------------------
 
 
 def read_exit_codes(program: str, markdown: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """The rows of the table under the `## \\`PROGRAM\\`` heading, and the paragraphs after it."""
+    """The program's (code, meaning) rows, from the one table of exit codes, and the
+    paragraphs after its table on docs/reference/exit-codes.md (in the `## \\`PROGRAM\\``
+    section, after the line that asks the MkDocs hook for the table)."""
     lines = iter(markdown.splitlines())
     for line in lines:
         if re.match(rf"## `{re.escape(program)}`( |$)", line):
             break
     else:
         raise SystemExit(f"{EXIT_CODES}: no '## `{program}`' heading")
-    rows: list[tuple[str, str]] = []
-    after: list[str] = []
-    for line in _until_heading(lines):
-        if line.startswith("|"):
-            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-            if len(cells) == 2 and not set(cells[0]) <= set(":- "):
-                rows.append((cells[0], cells[1]))
-        elif rows:
-            after.append(line)
-    if len(rows) < 2:  # the header row, then at least one code
-        raise SystemExit(f"{EXIT_CODES}: no exit code table under '## `{program}`'")
+    marker = f"<!-- generated: exit-codes {program} -->"
+    section = list(_until_heading(lines))
+    if marker not in section:
+        raise SystemExit(f"{EXIT_CODES}: no '{marker}' under '## `{program}`'")
+    after = section[section.index(marker) + 1:]
     paragraphs = [" ".join(p.split()) for p in "\n".join(after).split("\n\n") if p.strip()]
-    return rows[1:], paragraphs
+    return exit_code_rows(program), paragraphs
 
 
 def _until_heading(lines: Iterator[str]) -> Iterator[str]:

@@ -1,9 +1,11 @@
 """MkDocs hooks (mkdocs.yml `hooks:`): the parts of the reference that the code defines are
 generated from it at every site build, so they cannot drift from it.
 
-A page asks for one with a line `<!-- generated: NAME -->`:
+A page asks for one with a line `<!-- generated: NAME -->`, or `<!-- generated: NAME ARG -->`:
 - `settings`: every setting, from `coreos_gpu.config.SETTINGS` (key, flag, default, help);
-- `verbs`: every verb's `--help`, from `coreos_gpu.cli.build_parser()`.
+- `verbs`: every verb's `--help`, from `coreos_gpu.cli.build_parser()`;
+- `exit-codes PROGRAM`: the program's exit codes, from the one table of them
+  (src/coreos_gpu/resources/exit-codes.toml, which `coreos_gpu.errors` reads).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
+MARKER = re.compile(r"^<!-- generated: ([a-z-]+)(?: (\S+))? -->$", re.MULTILINE)
 
 
 def _shown_default(value: Any) -> str:
@@ -83,17 +85,24 @@ def verbs_reference() -> str:
     return "\n\n".join(parts)
 
 
-GENERATORS: dict[str, Callable[[], str]] = {
+def exit_code_table(program: str) -> str:
+    from coreos_gpu.exit_codes import markdown_exit_codes
+
+    return markdown_exit_codes(program)
+
+
+GENERATORS: dict[str, Callable[..., str]] = {
     "settings": settings_table,
     "verbs": verbs_reference,
+    "exit-codes": exit_code_table,  # takes the program, as the page's heading names it
 }
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     def replace(match: re.Match[str]) -> str:
-        name = match.group(1)
+        name, arg = match.groups()
         if name not in GENERATORS:
             raise ValueError(f"{page.file.src_path}: no generator for {name!r}")
-        return GENERATORS[name]()
+        return GENERATORS[name](*(arg,) if arg else ())
 
     return MARKER.sub(replace, markdown)

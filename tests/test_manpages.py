@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,11 @@ def test_man_finds_the_pages_pip_installs(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=120)
     wheel, = (tmp_path / "dist").glob("coreos_gpu-*.whl")
+    # The one table of exit codes (coreos_gpu.errors reads it at import) and the node's
+    # constants made from it are package data.
+    packed = zipfile.ZipFile(wheel).namelist()
+    assert {"coreos_gpu/resources/exit-codes.toml",
+            "coreos_gpu/resources/node/exit-codes.sh"} <= set(packed)
     subprocess.run([*pip, "--python", str(venv / "bin/python"), "install", "--quiet",
                     "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
 

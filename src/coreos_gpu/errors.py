@@ -1,36 +1,70 @@
-"""The one error type for problems the user can fix, and the exit codes it maps to."""
+"""The one error type for problems the user can fix, the exit codes it maps to, and the one
+table of every program's exit codes that they come from."""
 
 from __future__ import annotations
 
+import tomllib
 from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+# Every program's exit codes, name, number and meaning, in one table that the node's
+# exit-codes.sh (scripts/exit_codes.py), the docs and the man pages are made from too. Found
+# beside this file rather than through importlib.resources, whose import alone would add 4 ms
+# to `coreos-gpu --help` (bench/cli_startup.py); the wheel installs the package as files.
+EXIT_CODE_TABLE = Path(__file__).parent / "resources" / "exit-codes.toml"
+
+
+# The table lists coreos-gpu's own codes first, and this line ends them: ExitCode, made at
+# every start, parses only what is above it (tomllib takes 0.5 ms for that, 1.8 ms for all).
+_NODE_PART = "\n# --- the node's programs"
+
+
+def load_exit_codes(*, build_side_only: bool = False) -> list[dict[str, Any]]:
+    """The table's rows as TOML gives them, in its order; build_side_only: coreos-gpu's."""
+    text = EXIT_CODE_TABLE.read_text(encoding="utf-8")
+    if build_side_only:
+        text = text.partition(_NODE_PART)[0]
+    rows: list[dict[str, Any]] = tomllib.loads(text)["code"]
+    return rows
+
+
+_NUMBERS = {row["name"]: row["number"] for row in load_exit_codes(build_side_only=True)}
+
+
+def _number(name: str) -> int:
+    """coreos-gpu's code of this name in the table (tests/test_exit_codes.py checks that the
+    table and ExitCode hold the same)."""
+    if name not in _NUMBERS:
+        raise KeyError(f"{EXIT_CODE_TABLE}: no code {name!r} of coreos-gpu above the line "
+                       f"{_NODE_PART.strip()!r}")
+    number: int = _NUMBERS[name]
+    return number
 
 
 class ExitCode(IntEnum):
-    """Distinct exit codes, documented in docs/reference/exit-codes.md; scripts may rely on them."""
+    """coreos-gpu's distinct exit codes, from resources/exit-codes.toml (what each means is
+    there, and in docs/reference/exit-codes.md); scripts may rely on them."""
 
-    OK = 0
-    FAILED = 1  # a step failed for a reason outside the other classes
-    CONFIG = 2  # bad configuration, flag or command line
-    DRIVER = 3  # the NVIDIA .run or its .manifest is unusable
-    TOOL = 4  # a tool this verb needs is missing
-    COMMAND = 5  # an external command failed
-    DOWNLOAD = 6  # a download failed (HTTP error, network) or offline and not cached
-    DIGEST = 7  # a download does not match its published checksum
-    SIGNATURE = 8  # a signature does not verify, or the signing key is not the pinned one
-    UNVERIFIABLE = 9  # the checksum or signature to verify a download with is missing
-    INCOMPLETE = 10  # a download stopped short of its announced size, even after resuming
-    IMAGE = 11  # the developer container image or its kernel build tree is unusable
-    BUNDLE = 12  # a bundle cannot be assembled from its inputs, or fails inspection
-    MODULES = 13  # the module build produced no or wrong kernel modules
-    # A bundle repository cannot be reached, read or written (folder not writable, S3 bucket
-    # missing or access denied), or a URL holds no repository (or a broken one).
-    REPOSITORY = 14
-    KEY = 15  # a key file is not a usable key (not PEM, wrong kind), or keygen would overwrite
-    INTERNAL = 70  # a bug in coreos-gpu (EX_SOFTWARE)
-    INTERRUPTED = 130
-    # stdout was closed before all was written (`coreos-gpu releases | head -1`): 128 + SIGPIPE,
-    # what any Unix tool that dies of the signal reports, so `set -o pipefail` sees it alike.
-    BROKEN_PIPE = 141
+    OK = _number("OK")
+    FAILED = _number("FAILED")
+    CONFIG = _number("CONFIG")
+    DRIVER = _number("DRIVER")
+    TOOL = _number("TOOL")
+    COMMAND = _number("COMMAND")
+    DOWNLOAD = _number("DOWNLOAD")
+    DIGEST = _number("DIGEST")
+    SIGNATURE = _number("SIGNATURE")
+    UNVERIFIABLE = _number("UNVERIFIABLE")
+    INCOMPLETE = _number("INCOMPLETE")
+    IMAGE = _number("IMAGE")
+    BUNDLE = _number("BUNDLE")
+    MODULES = _number("MODULES")
+    REPOSITORY = _number("REPOSITORY")
+    KEY = _number("KEY")
+    INTERNAL = _number("INTERNAL")
+    INTERRUPTED = _number("INTERRUPTED")
+    BROKEN_PIPE = _number("BROKEN_PIPE")
 
 
 class CoreosGpuError(Exception):
