@@ -254,3 +254,6 @@ def test_build_in_a_root_without_cc_or_gcc(flatcar_release, nvidia_run_470: Path
     assert {"nvidia", "nvidia-uvm", "nvidia-modeset"} <= {m.name for m in built.modules}
     assert all(m.vermagic.startswith(f"{KERNEL} ") for m in built.modules)
     assert " CC=gcc-12 " in (built.folder / "build.log").read_text().splitlines()[0]
+    # The compile says which sandbox it took (the build reports it: build.Build.sandbox).
+    assert built.compiled and built.sandbox is not None
+    assert built.sandbox.runtime is Runtime.BWRAP

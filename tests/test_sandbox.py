@@ -27,13 +27,13 @@ from coreos_gpu.sandbox import (
     Tmpfs,
     check_runtime,
     choose_runtime,
-    chosen_runtime,
     image_name,
     run_in_sandbox,
     sandbox_argv,
 )
 
 from .conftest import REPO, CliResult, make_busybox_root, run_cli
+from .test_run import processes_with
 
 # What podman needs on this machine kind (DESIGN "Recipes"): no CAP_SYS_RESOURCE, hybrid cgroups.
 PODMAN_GLOBAL = ("--storage-driver", "vfs", "--cgroup-manager=cgroupfs",
@@ -235,14 +235,14 @@ def test_auto_takes_the_first_runtime_that_passes_its_probe(
         {"runtime": "podman", "ok": False, "reason": podman.reason},
         {"runtime": "docker", "ok": False, "reason": docker.reason},
         {"runtime": "bwrap", "ok": True, "reason": ""}]}
-    assert chosen_runtime() == choice
 
-    # Once per run: every later sandbox uses the choice without probing again.
+    # Once per run: every later sandbox uses the choice without probing again, and says so.
     engine_calls = _calls(tools, "podman") + _calls(tools, "docker")
     for n in range(2):
-        run_in_sandbox(SandboxSpec(root), ["make"], runtime=Runtime.AUTO,
-                       log_file=tmp_path / f"{n}.log", what="x", engine_options=options,
-                       image_key="k")
+        taken = run_in_sandbox(SandboxSpec(root), ["make"], runtime=Runtime.AUTO,
+                               log_file=tmp_path / f"{n}.log", what="x",
+                               engine_options=options, image_key="k")
+        assert taken == choice
     assert _calls(tools, "podman") + _calls(tools, "docker") == engine_calls
     assert [c.endswith("-- sh -c :") for c in _calls(tools, "bwrap")] == [True, False, False]
     assert capsys.readouterr().err == ""
@@ -275,6 +275,24 @@ def test_an_explicit_runtime_is_never_replaced(tmp_path: Path,
     with pytest.raises(CoreosGpuError) as e:
         choose_runtime(Runtime.PODMAN, root, image_key="k")
     assert e.value.hint.startswith("no other installed sandbox passes it either; or: ")
+
+
+def test_each_root_is_probed_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The probe runs in the root: a root without a working sh fails it, whatever another
+    # root did, and each root's answer is kept for that root only.
+    tools, good, bad = tmp_path / "bin", tmp_path / "good", tmp_path / "bad"
+    for folder in (tools, good, bad):
+        folder.mkdir()
+    monkeypatch.setenv("PATH", str(tools))
+    _recording_tool(tools, "bwrap", f'case "$*" in *" {bad} / "*) echo "no sh" >&2; exit 1;; '
+                    "esac")
+    assert choose_runtime(Runtime.BWRAP, good).runtime is Runtime.BWRAP
+    with pytest.raises(CoreosGpuError, match="no sh") as e:
+        choose_runtime(Runtime.BWRAP, bad)
+    assert e.value.message.startswith(f"the bwrap sandbox cannot run a command in {bad}: ")
+    assert choose_runtime(Runtime.BWRAP, good).runtime is Runtime.BWRAP
+    probed = _calls(tools, "bwrap")
+    assert len(probed) == 2 and f" {good} / " in probed[0] and f" {bad} / " in probed[1]
 
 
 @pytest.mark.parametrize(("failure", "settings"), [
@@ -401,17 +419,6 @@ def test_failure_shows_tail_and_keeps_full_log(backend: Runtime, devroot: Path,
     assert [str(n) for n in range(1, 5001)] == [x for x in lines if x.isdigit()]
 
 
-def _processes_with(text: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().decode(errors="replace"):
-                found.append(cmdline.parent.name)
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.parametrize("backend", REAL, indirect=True)
 def test_timeout_stops_everything(backend: Runtime, devroot: Path, tmp_path: Path) -> None:
     seconds = str(40000 + uuid.uuid4().int % 9999)  # a sleep no one else runs
@@ -421,10 +428,10 @@ def test_timeout_stops_everything(backend: Runtime, devroot: Path, tmp_path: Pat
              tmp_path / "log", timeout=1)
     assert time.monotonic() - start < 20
     for _ in range(50):
-        if not _processes_with(f"sleep\0{seconds}"):
+        if not processes_with(f"sleep\0{seconds}"):
             break
         time.sleep(0.1)
-    assert _processes_with(f"sleep\0{seconds}") == []
+    assert processes_with(f"sleep\0{seconds}") == []
 
 
 @pytest.mark.parametrize("backend", REAL, indirect=True)

@@ -37,7 +37,7 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.modules import ModuleSet, build_modules
 from coreos_gpu.release import mirrored
 from coreos_gpu.repository import load_trust
-from coreos_gpu.sandbox import RuntimeChoice, chosen_runtime
+from coreos_gpu.sandbox import RuntimeChoice
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ def _build(config: BuildConfig, holds: ExitStack) -> Build:
                               persistence=config.persistence, mesos_path=config.mesos_path),
             tool_version=__version__,
             cache_dir=config.cache_dir)
-    return Build(bundle, package, flavour, tuple(module_sets), compiled,
-                 chosen_runtime() if compiled else None)
+    # Each compile returns the sandbox it took; all ask for config.runtime in like roots.
+    sandbox = next((m.sandbox for m in reversed(module_sets) if m.sandbox), None)
+    return Build(bundle, package, flavour, tuple(module_sets), compiled, sandbox)
 

@@ -19,7 +19,6 @@ import json
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from coreos_gpu.cache import content_digest, locked, write_atomically
 from coreos_gpu.config import BuildConfig, OsName, Runtime
 from coreos_gpu.errors import KernelTreeNotPrepared
 from coreos_gpu.release import SCHEMES, OsRelease, mirrored, resolve_release
-from coreos_gpu.run import check_tools, run
+from coreos_gpu.run import check_tools, run, run_reading
 from coreos_gpu.sandbox import Bind, EngineOptions, SandboxSpec, run_in_sandbox
 from coreos_gpu.verify import Published, fetch_verified
 
@@ -63,16 +62,10 @@ def _decompressed(image: Path) -> Iterator[IO[bytes]]:
         with bz2.open(image, "rb") as stream:
             yield stream
         return
-    proc = subprocess.Popen([tool, "-dc", str(image)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    with contextlib.suppress(OSError):  # a bigger pipe: fewer wake-ups for 6 GB
-        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
-    try:
-        yield proc.stdout
-    finally:
-        proc.kill()
-        proc.wait()
+    with run_reading([tool, "-dc", image]) as stream:
+        with contextlib.suppress(OSError):  # a bigger pipe: fewer wake-ups for 6 GB
+            fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
+        yield stream
 
 
 def _read_exactly(stream: IO[bytes], n: int) -> bytes:

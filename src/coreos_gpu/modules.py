@@ -30,7 +30,14 @@ from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.kconfig import read_kconfig, wanted_compiler
 from coreos_gpu.modinfo import identity_problem, read_identity, vermagic_release
 from coreos_gpu.run import tail
-from coreos_gpu.sandbox import DEFAULT_ENV, Bind, EngineOptions, SandboxSpec, run_in_sandbox
+from coreos_gpu.sandbox import (
+    DEFAULT_ENV,
+    Bind,
+    EngineOptions,
+    RuntimeChoice,
+    SandboxSpec,
+    run_in_sandbox,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class ModuleSet:
     folder: Path  # the cache entry: the .ko files, build.log, modules.json
     key: str  # sha256 over every input of the build
     compiled: bool = field(default=False, compare=False)  # by this run, not from the cache
+    # The sandbox that compiled it (by this run); None: from the cache.
+    sandbox: RuntimeChoice | None = field(default=None, compare=False)
 
 
 # Part of every cache key: bump it when the build commands below change.
@@ -296,7 +305,7 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
             with ui.step(what):
                 if toolchain.cc:
                     ui.log(f"    with {' '.join(toolchain.make_args())}, as the kernel was built")
-                run_in_sandbox(
+                sandbox = run_in_sandbox(
                     spec, ["make", "-C", SOURCES_IN_SANDBOX, *toolchain.make_args(),
                            f"SYSSRC={_kernel_source(devroot)}", f"SYSOUT={devroot.build_dir}",
                            f"-j{jobs}", "modules"],
@@ -333,4 +342,4 @@ def build_modules(package: DriverPackage, devroot: DevRoot, flavour: KernelModul
             out.rename(entry)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return replace(_load(entry), compiled=True)
+    return replace(_load(entry), compiled=True, sandbox=sandbox)

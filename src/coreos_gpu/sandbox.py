@@ -2,7 +2,8 @@
 
 Callers describe the sandbox once (`SandboxSpec`: root, binds, tmpfs, workdir, env); each
 backend translates it into its own command line. Every sandbox gets /proc, a minimal /dev,
-an empty tmpfs on /tmp, no network, and only the environment the spec gives.
+an empty tmpfs on /tmp, no network, and only the environment the spec gives. Which backend
+works here is probed in the root; run.run() starts the process, given a `Sandbox`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -28,7 +26,7 @@ from typing import BinaryIO
 from coreos_gpu import ui
 from coreos_gpu.config import Runtime
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.run import TAIL_LINES, run
+from coreos_gpu.run import Progress, run
 
 # The host's environment (locale, proxies, CC, MAKEFLAGS...) must not change a module build;
 # LC_ALL=C also keeps gcc's messages in the log in English.
@@ -42,7 +40,6 @@ TOOLS: Mapping[Runtime, Mapping[str, str]] = {  # tool -> Debian package
     Runtime.PODMAN: {"podman": "podman"}, Runtime.DOCKER: {"docker": "docker.io", "tar": "tar"},
     Runtime.BWRAP: {"bwrap": "bubblewrap"}, Runtime.NSPAWN: {"systemd-nspawn": "systemd-container"},
     Runtime.CHROOT: {"unshare": "util-linux", "mount": "mount", "chroot": "coreutils"}}
-Progress = Callable[[str], None]
 
 
 def _check_path(path: str | Path, what: str) -> None:
@@ -229,11 +226,8 @@ def check_runtime(runtime: Runtime) -> None:
                              hint="run as root, or use --runtime bwrap or podman")
 
 
-# --- which sandbox works here -----------------------------------------------------------
+# --- running in it (run.run takes a Sandbox) ---------------------------------------------
 
-# What a probe runs in the root: a sandbox that cannot start this cannot run the build.
-PROBE_COMMAND = ("sh", "-c", ":")
-PROBE_TIMEOUT = 60
 # podman and docker exit 125 (their own error) or 126 (the OCI runtime's) when they may not
 # set the container's rlimits or use the host's cgroups: inside containers, on hybrid cgroup
 # hosts, without CAP_SYS_RESOURCE. Their extra options fix that; the reproduce line does not.
@@ -247,6 +241,80 @@ ENGINE_SETTINGS_HINT = (
 
 def _engine_limits(runtime: Runtime, code: int, tail: str) -> bool:
     return runtime in ENGINES and code in (125, 126) and bool(_LIMITS_ERROR.search(tail))
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A concrete sandbox for one command: what run.run() takes to run argv in it."""
+
+    runtime: Runtime  # never auto
+    spec: SandboxSpec
+    options: EngineOptions = EngineOptions()
+    image: str = ""  # docker's image of the root (_import_root)
+    # An engine's container is named: killing its client would leave it running.
+    name: str = field(default_factory=lambda: f"coreos-gpu-{os.getpid()}-{os.urandom(4).hex()}")
+
+    def command(self, argv: Sequence[str], *, terminal: bool) -> list[str]:
+        spec, engine = self.spec, self.runtime in ENGINES
+        if terminal:
+            # TERM: the one host variable a shell needs.
+            if "TERM" in os.environ and "TERM" not in spec.env:
+                spec = dataclasses.replace(spec, env={**spec.env, "TERM": os.environ["TERM"]})
+            return sandbox_argv(spec, argv, runtime=self.runtime, engine_options=self.options,
+                                image=self.image, interactive=True, tty=sys.stdin.isatty())
+        if engine:
+            # An engine carries stdout and stderr over separate streams, which reorders them:
+            # a compiler error would land thousands of lines before the end of the log.
+            argv = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
+        return sandbox_argv(spec, argv, runtime=self.runtime, engine_options=self.options,
+                            image=self.image, name=self.name if engine else "")
+
+    def stop(self, pid: int) -> bool:
+        if self.runtime in ENGINES:
+            with contextlib.suppress(CoreosGpuError):  # already gone
+                run([self.runtime, *self.options.global_args, "kill", self.name], timeout=60)
+            return True
+        if self.runtime is Runtime.NSPAWN:  # SIGKILLed it leaves its container running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            return True
+        return False  # bwrap and unshare go with their process group
+
+    def advice(self, code: int, output: str) -> str:
+        return ENGINE_SETTINGS_HINT if _engine_limits(self.runtime, code, output) else ""
+
+
+def _import_root(spec: SandboxSpec, image_key: str, opts: EngineOptions,
+                 log: BinaryIO | None) -> str:
+    """docker has no --rootfs: import the root as an image, once per key; return its name."""
+    image = image_name(image_key)
+    with contextlib.suppress(CoreosGpuError):
+        run(["docker", *opts.global_args, "image", "inspect", image])
+        return image
+    # Numeric owners: names would map through the host's /etc/passwd. /tmp is a tmpfs anyway.
+    tar = ["tar", "--numeric-owner", "--exclude=./tmp/*", "-C", str(spec.root.absolute()),
+           "-cf", "-", "."]
+    done = run(["docker", *opts.global_args, "import", "-", image], log=log,
+               terminal=log is None, feed=tar, check=False)
+    if done.returncode != 0:
+        raise CoreosGpuError(f"importing {spec.root} as docker image {image} failed with exit "
+                             f"code {done.returncode}\n{done.stdout}", code=ExitCode.COMMAND)
+    return image
+
+
+def open_sandbox(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions, image_key: str,
+                 log: BinaryIO | None) -> Sandbox:
+    """The concrete runtime's Sandbox for spec (docker's needs its image: log gets its
+    import's output; None: the terminal does)."""
+    image = _import_root(spec, image_key, opts, log) if runtime is Runtime.DOCKER else ""
+    return Sandbox(runtime, spec, opts, image)
+
+
+# --- which sandbox works here -----------------------------------------------------------
+
+# What a probe runs in the root: a sandbox that cannot start this cannot run the build.
+PROBE_COMMAND = ("sh", "-c", ":")
+PROBE_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -274,10 +342,16 @@ class RuntimeChoice:
                 "probes": [p.to_json() for p in self.probes]}
 
 
-# A probe starts a container: each runtime is probed once per run (per engine options), and
-# the choice is made once. This cache is the one state the sandbox keeps across calls.
-_PROBES: dict[tuple[Runtime, EngineOptions], Probe] = {}
-_CHOICES: dict[tuple[Runtime, EngineOptions], RuntimeChoice] = {}
+# A probe starts a container: each runtime is probed once per process for what its answer
+# depends on: the root it runs in, the engine options, docker's image of the root, and the
+# host's PATH and user (check_runtime). The choice is made once for the same.
+_Key = tuple[Runtime, Path, EngineOptions, str, str, int]
+_PROBES: dict[_Key, Probe] = {}
+_CHOICES: dict[_Key, RuntimeChoice] = {}
+
+
+def _key(runtime: Runtime, root: Path, opts: EngineOptions, image_key: str) -> _Key:
+    return runtime, root.absolute(), opts, image_key, os.environ.get("PATH", ""), os.geteuid()
 
 
 def _last_line(text: str) -> str:
@@ -289,27 +363,27 @@ def _probe(runtime: Runtime, root: Path, opts: EngineOptions, image_key: str) ->
     try:
         check_runtime(runtime)
         with tempfile.TemporaryFile() as log:
-            code, tail, expired, _ = _run_batch(runtime, SandboxSpec(root=root), PROBE_COMMAND,
-                                                log=log, opts=opts, image_key=image_key,
-                                                timeout=PROBE_TIMEOUT)
+            sandbox = open_sandbox(runtime, SandboxSpec(root=root), opts, image_key, log)
+            done = run(PROBE_COMMAND, sandbox=sandbox, log=log, timeout=PROBE_TIMEOUT,
+                       check=False)
     except CoreosGpuError as e:  # not installed, not allowed, or docker cannot import the root
         return Probe(runtime, ok=False, reason=_last_line(e.message))
-    if code == 0 and not expired:
+    if done.returncode == 0 and not done.timed_out:
         return Probe(runtime, ok=True)
     command = shlex.join(PROBE_COMMAND)
-    if expired:
+    if done.timed_out:
         return Probe(runtime, ok=False, reason=f"{command} did not finish within "
                      f"{PROBE_TIMEOUT} s")
-    settings = " (podman_options / podman_run_options)" if _engine_limits(runtime, code,
-                                                                           tail) else ""
-    return Probe(runtime, ok=False, reason=f"{command} in the root failed with exit code {code}: "
-                 f"{_last_line(tail)}{settings}")
+    settings = (" (podman_options / podman_run_options)"
+                if _engine_limits(runtime, done.returncode, done.stdout) else "")
+    return Probe(runtime, ok=False, reason=f"{command} in the root failed with exit code "
+                 f"{done.returncode}: {_last_line(done.stdout)}{settings}")
 
 
 def probe_runtime(runtime: Runtime, root: Path, opts: EngineOptions = EngineOptions(),
                   image_key: str = "") -> Probe:
     """Whether runtime runs a trivial command in root, as the build will run it (cached)."""
-    key = (runtime, opts)
+    key = _key(runtime, root, opts, image_key)
     if key not in _PROBES:
         _PROBES[key] = _probe(runtime, root, opts, image_key)
     return _PROBES[key]
@@ -320,7 +394,7 @@ def choose_runtime(requested: Runtime, root: Path, opts: EngineOptions = EngineO
     """The sandbox to use in root: for auto, the first in DETECTION_ORDER that passes its
     probe; otherwise the one requested, which is never replaced: if it fails its probe, the
     error names the installed ones that pass."""
-    key = (requested, opts)
+    key = _key(requested, root, opts, image_key)
     if key in _CHOICES:
         return _CHOICES[key]
     if requested is Runtime.AUTO:
@@ -360,70 +434,6 @@ def _unusable(probe: Probe, root: Path, opts: EngineOptions, image_key: str) -> 
                           f"{probe.reason}", hint=hint, code=ExitCode.COMMAND)
 
 
-def chosen_runtime() -> RuntimeChoice | None:
-    """The sandbox this run took last (for the build's output); None if none ran."""
-    return next(reversed(_CHOICES.values()), None)
-
-
-def _execute(argv: Sequence[str], *, log: BinaryIO | None, feed: Sequence[str] = (),
-             progress: Progress | None = None, timeout: float | None = None,
-             on_stop: Callable[[int], None] | None = None) -> tuple[int, str, bool]:
-    """Run argv (stdin from `feed`'s output, if given); return (exit code, tail, timed out).
-
-    With a log, output goes into it line by line and the command runs in its own session, so
-    a timeout or Ctrl-C can stop its whole tree. Without one, it has our terminal.
-    """
-    batch = log is not None
-    producer = subprocess.Popen(feed, stdout=subprocess.PIPE, stderr=log,
-                                stdin=subprocess.DEVNULL) if feed else None
-    proc = subprocess.Popen(
-        argv, stdin=producer.stdout if producer else subprocess.DEVNULL if batch else None,
-        stdout=subprocess.PIPE if batch else None, stderr=subprocess.STDOUT if batch else None,
-        start_new_session=batch)
-    if producer and producer.stdout:
-        producer.stdout.close()  # the consumer has it now; tar gets SIGPIPE if that dies
-    expired = threading.Event()
-
-    def stop() -> None:
-        # on_stop asks the sandbox to stop (its client then needs a moment to clean up);
-        # SIGKILL to the group is the last resort, and all that bwrap and unshare need.
-        if on_stop:
-            with contextlib.suppress(ProcessLookupError):
-                on_stop(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-                return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def expire() -> None:
-        expired.set()
-        stop()
-
-    timer = threading.Timer(timeout or 0, expire)
-    lines: deque[str] = deque(maxlen=TAIL_LINES)
-    try:
-        if timeout and batch:
-            timer.start()
-        for raw in proc.stdout or ():
-            if log is not None:
-                log.write(raw)
-                log.flush()  # someone may be following the log of a long build
-            lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-            if progress:
-                progress(lines[-1])
-        code = proc.wait()
-    except BaseException:
-        if batch:
-            stop()
-        raise
-    finally:
-        timer.cancel()
-    if producer and producer.wait() != 0 and code == 0:
-        code = producer.returncode
-    return code, "\n".join(lines), expired.is_set()
-
-
 def _check_mount_points(runtime: Runtime, spec: SandboxSpec) -> None:
     # chroot resolves mount points on the host: a symlink in the root (often absolute) would
     # put the mount, and mkdir -p, outside the root.
@@ -434,104 +444,46 @@ def _check_mount_points(runtime: Runtime, spec: SandboxSpec) -> None:
                                  hint="choose another --runtime", code=ExitCode.CONFIG)
 
 
-def _resolve(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions, image_key: str) -> Runtime:
+def _resolve(runtime: Runtime, spec: SandboxSpec, opts: EngineOptions,
+             image_key: str) -> RuntimeChoice:
     if not spec.root.is_dir():
         raise CoreosGpuError(f"root folder {spec.root} does not exist")
     if runtime is not Runtime.AUTO:  # what the user asked for is refused before it is probed
         check_runtime(runtime)
         _check_mount_points(runtime, spec)
-    chosen = choose_runtime(runtime, spec.root, opts, image_key).runtime
-    _check_mount_points(chosen, spec)
-    return chosen
+    choice = choose_runtime(runtime, spec.root, opts, image_key)
+    _check_mount_points(choice.runtime, spec)
+    return choice
 
 
-def _import_root(spec: SandboxSpec, image_key: str, opts: EngineOptions,
-                 log: BinaryIO | None) -> str:
-    """docker has no --rootfs: import the root as an image, once per key; return its name."""
-    image = image_name(image_key)
-    with contextlib.suppress(CoreosGpuError):
-        run(["docker", *opts.global_args, "image", "inspect", image])
-        return image
-    # Numeric owners: names would map through the host's /etc/passwd. /tmp is a tmpfs anyway.
-    tar = ["tar", "--numeric-owner", "--exclude=./tmp/*", "-C", str(spec.root.absolute()),
-           "-cf", "-", "."]
-    code, tail, _ = _execute(["docker", *opts.global_args, "import", "-", image], log=log,
-                             feed=tar)
-    if code != 0:
-        raise CoreosGpuError(f"importing {spec.root} as docker image {image} failed with exit "
-                             f"code {code}\n{tail}", code=ExitCode.COMMAND)
-    return image
-
-
-def _run_batch(runtime: Runtime, spec: SandboxSpec, argv: Sequence[str], *, log: BinaryIO,
-               opts: EngineOptions, image_key: str, timeout: float | None,
-               progress: Progress | None = None) -> tuple[int, str, bool, list[str]]:
-    """Run argv in the sandbox, output into log; return (exit code, tail, timed out, argv)."""
-    docker = runtime is Runtime.DOCKER
-    image = _import_root(spec, image_key, opts, log) if docker else ""
-    engine = runtime in ENGINES
-    name = f"coreos-gpu-{os.getpid()}-{os.urandom(4).hex()}" if engine else ""
-    if engine:
-        # An engine carries stdout and stderr over separate streams, which reorders them:
-        # a compiler error would land thousands of lines before the end of the log.
-        argv = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
-    args = sandbox_argv(spec, argv, runtime=runtime, engine_options=opts, image=image,
-                        name=name)
-
-    def stop_sandbox(pid: int) -> None:
-        if engine:  # killing the client would leave the container running
-            with contextlib.suppress(CoreosGpuError):  # already gone
-                run([runtime, *opts.global_args, "kill", name], timeout=60)
-        else:  # a SIGKILLed nspawn leaves its container running; on SIGTERM it kills it
-            os.killpg(pid, signal.SIGTERM)
-
-    log.write(f"$ {shlex.join(args)}\n".encode())
-    stoppable = engine or runtime is Runtime.NSPAWN
-    code, tail, expired = _execute(args, log=log, progress=progress, timeout=timeout,
-                                   on_stop=stop_sandbox if stoppable else None)
-    return code, tail, expired, args
-
+# --- the two ways callers run a command in a sandbox ------------------------------------
 
 def run_in_sandbox(spec: SandboxSpec, argv: Sequence[str], *, runtime: Runtime, log_file: Path,
                    what: str, engine_options: EngineOptions = EngineOptions(),
                    image_key: str = "", timeout: float | None = None,
-                   progress: Progress | None = None) -> None:
-    """Run argv in the sandbox, its whole output going to log_file (and each line to progress).
+                   progress: Progress | None = None) -> RuntimeChoice:
+    """Run argv in the sandbox, its whole output going to log_file (and each line to progress);
+    return the sandbox it took (for auto: as probed once for this root and these options).
 
     `what` names the step in the error ("building nvidia.ko for 6.1.0-50-amd64").
     """
-    runtime = _resolve(runtime, spec, engine_options, image_key)
+    choice = _resolve(runtime, spec, engine_options, image_key)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("wb") as log:
-        code, tail, expired, args = _run_batch(runtime, spec, argv, log=log,
-                                               opts=engine_options, image_key=image_key,
-                                               timeout=timeout, progress=progress)
-    if code == 0 and not expired:
-        return
-    status = (f"did not finish within {timeout:.0f} s" if expired
-              else f"was killed by {signal.Signals(-code).name}" if code < 0
-              else f"failed with exit code {code}")
-    hint = f"to reproduce: {shlex.join(args)}"
-    if _engine_limits(runtime, code, tail):
-        hint = f"{ENGINE_SETTINGS_HINT}; {hint}"
-    raise CoreosGpuError(f"{what} {status} (sandbox: {runtime})\n{tail}\nfull log: {log_file}",
-                         hint=hint, code=ExitCode.COMMAND)
+        sandbox = open_sandbox(choice.runtime, spec, engine_options, image_key, log)
+        run(argv, sandbox=sandbox, log=log, what=what, timeout=timeout, progress=progress)
+    return choice
 
 
 def run_interactive(spec: SandboxSpec, argv: Sequence[str] = ("/bin/sh",), *,
                     runtime: Runtime, engine_options: EngineOptions = EngineOptions(),
                     image_key: str = "") -> int:
     """Run argv in the same sandbox with our terminal (`devcontainer shell`, --debug-shell)."""
-    runtime = _resolve(runtime, spec, engine_options, image_key)
-    docker = runtime is Runtime.DOCKER
-    image = _import_root(spec, image_key, engine_options, None) if docker else ""
-    if "TERM" in os.environ and "TERM" not in spec.env:  # the one host variable a shell needs
-        spec = dataclasses.replace(spec, env={**spec.env, "TERM": os.environ["TERM"]})
-    args = sandbox_argv(spec, argv, runtime=runtime, engine_options=engine_options, image=image,
-                        interactive=True, tty=sys.stdin.isatty())
+    choice = _resolve(runtime, spec, engine_options, image_key)
+    sandbox = open_sandbox(choice.runtime, spec, engine_options, image_key, None)
     # Ctrl-C belongs to the program in the sandbox (a shell ignores it), not to us.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return _execute(args, log=None)[0]
+        return run(argv, sandbox=sandbox, terminal=True, check=False).returncode
     finally:
         signal.signal(signal.SIGINT, previous)
