@@ -4,6 +4,7 @@ takes: those it declares (cli.VERB_SETTINGS), which are those its code reads."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
 import json
@@ -12,10 +13,14 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from coreos_gpu import results, ui
 from coreos_gpu.cli import VERB_SETTINGS, VerbFunction, build_parser, main, verb_parsers
 from coreos_gpu.config import SETTINGS, SETTINGS_BY_KEY, load_config
 from coreos_gpu.errors import ExitCode
@@ -229,6 +234,93 @@ POSITIONALS = {"driver inspect": ["NVIDIA-Linux-x86_64-580.82.07.run"],
                "repository verify": ["/srv/repo", "--key", "k.pub"],
                "render": ["ignition"], "keygen": ["--output", "k"], "completion": ["bash"]}
 VERBS = sorted(" ".join(words) for words, _ in verb_parsers(build_parser()))
+
+
+# --- results: what a verb returns, and the one renderer that prints it ---------------------
+
+# The verbs whose output is a command's own (an interactive shell): they return its exit code.
+_STREAMING_VERBS = {"devcontainer shell", "devcontainer run"}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_verb_returns_a_result(verb: str) -> None:
+    function = dict(verb_parsers(build_parser()))[tuple(verb.split())].get_default("func")
+    module = importlib.import_module(f"coreos_gpu.{function.module}")
+    returned = typing.get_type_hints(getattr(module, function.name))["return"]
+    if verb in _STREAMING_VERBS:
+        assert returned is int
+        return
+    for result in typing.get_args(returned) or (returned,):
+        assert issubclass(result, results.Result), (verb, result)
+
+
+def _printing(tree: ast.AST) -> list[str]:
+    """What in a module's code writes output or picks JSON or text itself: print(), sys.stdout
+    or sys.stderr, ui's own writers, args.json."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == "print":
+            found.append("print")
+        elif isinstance(node, ast.Attribute) and (
+                node.attr in ("stdout", "stderr", "json", "print_error")
+                or node.attr.startswith("_print")):
+            found.append(f"{ast.unparse(node)} (line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize("module", sorted({f.module for f in (
+    p.get_default("func") for _, p in verb_parsers(build_parser()))}))
+def test_verbs_print_only_through_the_renderer(module: str) -> None:
+    """No verb's module prints or branches on --json: cli.py renders what the verb returns
+    (ui.render_result), so text, JSON and stderr follow one set of rules."""
+    source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+    assert _printing(ast.parse(source)) == []
+
+
+def test_the_guard_finds_a_verb_that_prints() -> None:
+    printing = ast.parse("def cmd_x(args):\n    if args.json:\n        sys.stdout.write('')\n"
+                         "    ui._print_json({})\n")
+    assert sorted(_printing(printing)) == ["args.json (line 2)", "sys.stdout (line 3)",
+                                           "ui._print_json (line 4)"]
+
+
+@dataclass(frozen=True)
+class _Shown(results.Result):
+    failed: bool
+
+    def to_json(self) -> object:
+        return {"b": [1, None], "a": "x"}
+
+    def to_text(self) -> Iterator[results.Block]:
+        yield results.Fields([("key", "value"), ("longer key", 2)])
+        yield results.Table("things", ("name", "size"), [("one", 1), ("three", 333)])
+        yield results.Text("verbatim\nlines\n")
+
+    def messages(self) -> Iterator[results.Log | results.Error]:
+        yield results.Log("next: this")
+        if self.failed:
+            yield results.Error("it failed", "fix it")
+
+    @property
+    def code(self) -> int:
+        return int(ExitCode.BUNDLE if self.failed else ExitCode.OK)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("failed", [False, True], ids=["ok", "failed"])
+def test_the_renderer_prints_a_result(capsys: pytest.CaptureFixture[str], as_json: bool,
+                                      failed: bool) -> None:
+    """Text on a pipe: aligned fields, a titled table, text as it is; or the JSON, in the
+    result's key order. Then the messages on stderr, in either form; the exit code is the
+    result's."""
+    assert ui.render_result(_Shown(failed), as_json=as_json) == (ExitCode.BUNDLE if failed else 0)
+    out, err = capsys.readouterr()
+    assert out == ('{\n  "b": [\n    1,\n    null\n  ],\n  "a": "x"\n}\n' if as_json else
+                   "key         value\nlonger key  2\n"
+                   "things:\nname   size\none    1\nthree  333\n"
+                   "verbatim\nlines\n")
+    assert err == "next: this\n" + (
+        "coreos-gpu: error: it failed\ncoreos-gpu: hint: fix it\n" if failed else "")
 
 
 def _setting_flags(verb: str) -> set[str]:

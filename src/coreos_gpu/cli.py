@@ -1,8 +1,9 @@
 """The `coreos-gpu` command: its parser, and running the verb it names.
 
-Each verb's function (cli_build, cli_cache, cli_render, cli_repository, completion) parses,
-calls the stages, and renders. This module imports none of them: a verb's module, and with it
-the stages and third-party packages it needs, is imported only when that verb runs, so
+Each verb's function (cli_build, cli_cache, cli_render, cli_repository, completion) calls the
+stages and returns a results.Result, which _run prints once, as text or as JSON (--json), with
+ui.render_result. This module imports none of them: a verb's module, and with it the stages
+and third-party packages it needs, is imported only when that verb runs, so
 `--help`, completion and a mistyped flag answer at once (tests/test_cli.py holds it to that).
 """
 
@@ -16,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import coreos_gpu
 from coreos_gpu import ui
@@ -24,6 +25,9 @@ from coreos_gpu.config import SETTINGS_BY_KEY, add_setting_flags
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 from coreos_gpu.render_types import AGENT_SETTINGS, DEFAULT_IMAGE, IGNITION_SPECS, Kind
 from coreos_gpu.render_types import SETTINGS as RENDER_SETTINGS
+
+if TYPE_CHECKING:
+    from coreos_gpu.results import Result
 
 SHELLS = ("bash", "zsh", "fish")  # what `coreos-gpu completion` writes scripts for
 # The settings each verb reads (config.py declares each; tests/test_cli.py finds what each
@@ -112,8 +116,8 @@ class VerbFunction:
     module: str
     name: str
 
-    def __call__(self, args: argparse.Namespace) -> int | None:
-        function: Callable[[argparse.Namespace], int | None] = getattr(
+    def __call__(self, args: argparse.Namespace) -> Result | int:
+        function: Callable[[argparse.Namespace], Result | int] = getattr(
             importlib.import_module(f"coreos_gpu.{self.module}"), self.name)
         return function(args)
 
@@ -310,7 +314,10 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.config = getattr(args, "config", None)
-        return int(args.func(args) or ExitCode.OK)
+        result = args.func(args)
+        if isinstance(result, int):  # an interactive command's own exit code (devcontainer shell)
+            return result
+        return ui.render_result(result, as_json=getattr(args, "json", False))
     except CoreosGpuError as e:
         if debug:
             traceback.print_exc()

@@ -8,12 +8,12 @@ each argument already declares. `coreos-gpu completion SHELL` (cmd_completion) p
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 
 import shtab
 
 from coreos_gpu.cli import SHELLS, build_parser
+from coreos_gpu.results import TextResult
 
 _FILE_METAVARS = frozenset({"FILE", "PATH", "ARCHIVE", "PUB.pem", "URL|PATH", "PATH_OR_URL"})
 _FOLDER_METAVARS = frozenset({"DIR", "DEST"})
@@ -42,5 +42,5 @@ def render_completion(parser: argparse.ArgumentParser, shell: str) -> str:
     return script if script.endswith("\n") else script + "\n"
 
 
-def cmd_completion(args: argparse.Namespace) -> None:
-    sys.stdout.write(render_completion(build_parser(), args.shell))
+def cmd_completion(args: argparse.Namespace) -> TextResult:
+    return TextResult(render_completion(build_parser(), args.shell))

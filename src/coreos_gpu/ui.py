@@ -1,4 +1,8 @@
-"""All terminal output: step lines with timings on stderr, results on stdout."""
+"""All terminal output: step lines with timings on stderr, results on stdout.
+
+A verb returns a results.Result; render_result prints it, as JSON (--json) or as text, and
+nothing else prints a result (pipx's result.py and render_result do the same).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
+
+    from coreos_gpu.results import Result
 
 # rich is imported when output first needs it, not with this module: `coreos-gpu --help`,
 # which argparse prints, is then spared its import (some 30 ms, where all of it takes 70).
@@ -79,17 +85,40 @@ class ByteProgress:
             self._progress.stop()
 
 
+def render_result(result: Result, *, as_json: bool) -> int:
+    """Print result: its JSON or its text on stdout, then its messages on stderr. Returns its
+    exit code."""
+    from coreos_gpu.results import Fields, Log, Table  # with the verb, not with --help
+
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        for block in result.to_text():
+            if isinstance(block, Fields):
+                _print_fields(block.pairs)
+            elif isinstance(block, Table):
+                _print_table(block.title, block.columns, block.rows)
+            else:
+                sys.stdout.writelines(block.text.splitlines(keepends=True))
+    for message in result.messages():
+        if isinstance(message, Log):
+            log(message.message)
+        else:
+            print_error(message.message, message.hint)
+    return int(result.code)
+
+
 # Results go out in pieces, never in one large write: with stdout unbuffered
 # (PYTHONUNBUFFERED), CPython takes a large write that a leaving reader (`| head -1`) cut
 # short as done, and the rest is lost without an error.
 
 
-def print_json(data: Any) -> None:
+def _print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A rich table on a terminal; plain aligned columns, never wrapped, for pipes and logs."""
     cells = [[str(cell) for cell in row] for row in rows]
     stdout = _console(stderr=False)
@@ -110,7 +139,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         for row in [list(columns), *cells])
 
 
-def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
+def _print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in pairs)
     sys.stdout.write("".join(f"{key:<{width}}  {value}\n" for key, value in pairs))
 
