@@ -19,8 +19,8 @@ from coreos_gpu.bundle import NodeSettings, assemble_bundle
 from coreos_gpu.config import Compression, Profile
 from coreos_gpu.layout import ReleaseInputs
 
+from .bundletools import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, make_package, module_set
 from .conftest import REPO
-from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, make_package, module_set
 
 OTHER_RELEASE = ReleaseInputs(  # a second release on KERNEL: the index lists both
     os="flatcar", channel="stable", version="3975.2.3", kernel_release=KERNEL,
@@ -78,6 +78,7 @@ REPOSITORY_SH = REPO / "src/coreos_gpu/resources/node/repository.sh"
 NODE_CHECK = r"""
 say() { printf '%s\n' "$*" >&2; }
 die() { code=$1; shift; printf '%s\n' "$*" >&2; exit "$code"; }
+. "${1%/*}/sha256.sh"  # sha256_of, which fetch.sh and provision.sh have from it too
 . "$1"
 ROOT=$2/root REPO_CHECK_ONLY=1
 repo_index "file://$3" "$4" "$2" 60

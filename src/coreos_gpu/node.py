@@ -5,9 +5,10 @@ files the scripts read: `node/bundle.env` (read by lib.sh's bundle_value, never 
 `node/module-deps` (each module's kernel dependencies, from its .modinfo at build time: no
 modinfo on the node), and the units and agent drop-in rendered from `resources/templates/`.
 The scripts themselves (`resources/node/`) are carried as they are, except that a line that
-sources a sibling and ends in `# coreos-gpu: inline` is replaced by that file:
-install_nvidia.sh runs from a folder anyone may have written to, so it must not source
-anything from it before it has checked it.
+sources a sibling and ends in `# coreos-gpu: inline` is replaced by that file (recursively:
+inline_sources): install_nvidia.sh runs from a folder anyone may have written to, so it must
+not source anything from it before it has checked it; and so each script can be split into
+parts by job, every file small, and still ship as one.
 """
 
 from __future__ import annotations
@@ -135,16 +136,41 @@ _REPOSITORY_UNITS = "repository/"
 _PERSISTENCED_UNIT = "nvidia-persistenced.service"
 # `. "…/node/lib.sh" # coreos-gpu: inline`
 _INLINE = re.compile(r'^\. "[^"]*/(?P<name>[\w.-]+)" # coreos-gpu: inline$', re.MULTILINE)
+_INLINE_MARK = "# coreos-gpu: inline"
 
 
-def inline_sources(data: bytes, folder: Traversable) -> bytes:
-    """A script with each of its `# coreos-gpu: inline` source lines replaced by the file."""
-    if b"# coreos-gpu: inline" not in data:
+class InlineError(ValueError):
+    """The package's node scripts do not join up: a part that is missing, or that inlines
+    itself (directly or through another part). A bug of the package, found at render time."""
+
+
+def inline_sources(data: bytes, folder: Traversable, *, name: str | None = None) -> bytes:
+    """A script with each of its `# coreos-gpu: inline` source lines replaced by the file,
+    recursively (a part may inline another). Each part is copied in once per script: a later
+    line naming it again is left out, since all it holds (functions, constants) is defined by
+    then; the scripts inline a part before the code that needs it. name: the script's own
+    name, so that a part inlining it back is a cycle too."""
+    if _INLINE_MARK.encode() not in data:
         return data
-    def include(m: re.Match[str]) -> str:
-        text = (folder / m.group("name")).read_text()
-        return f"# --- node/{m.group('name')}, copied in by coreos-gpu ---\n{text.rstrip()}\n# ---"
-    return _INLINE.sub(include, data.decode()).encode()
+    copied: set[str] = set()
+
+    def expand(text: str, chain: tuple[str, ...]) -> str:
+        def include(m: re.Match[str]) -> str:
+            part = m.group("name")
+            if part in chain:
+                raise InlineError(f"node/{' inlines '.join((*chain, part))}: a cycle")
+            if part in copied:
+                return f"# node/{part}: copied in above"
+            source = folder / part
+            if not source.is_file():
+                raise InlineError(f"{f'node/{chain[-1]}' if chain else 'a script'} inlines "
+                                  f"node/{part}, which is missing")
+            copied.add(part)
+            body = expand(source.read_text(), (*chain, part)).rstrip()
+            return f"# --- node/{part}, copied in by coreos-gpu ---\n{body}\n# ---"
+        return _INLINE.sub(include, text)
+
+    return expand(data.decode(), (name,) if name else ()).encode()
 
 
 def _render(template: str, values: dict[str, str]) -> bytes:
@@ -168,7 +194,8 @@ def render_node_files(settings: NodeSettings, *, driver_version: str, flavour: s
     """Every node file of a bundle. scripts: the folder of node scripts carried as they are
     (the package's resources/node by default)."""
     folder = default_node_files() if scripts is None else scripts
-    carried = ([_file(name, inline_sources(r.read_bytes(), folder)) for name, r in _walk(folder)]
+    carried = ([_file(name, inline_sources(r.read_bytes(), folder, name=name))
+                for name, r in _walk(folder)]
                if folder.is_dir() else [])
     values = {"DRIVER_VERSION": driver_version,
               "AGENT_UNITS": " ".join(settings.agent_units),

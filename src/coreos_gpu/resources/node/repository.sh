@@ -5,7 +5,7 @@
 # the signed index, then a bundle checked against it. Sourced by node/fetch.sh (which stages
 # bundles for other kernels and OS releases), and copied by `coreos-gpu render` into
 # provision.sh (which installs a node's first bundle), so both read a repository alike. POSIX
-# sh; the caller defines say and die. Exit codes, the same for both:
+# sh; the caller defines say and die, and sha256_of (node/sha256.sh). Exit codes, the same for both:
 #   21 the bundle does not match the sha256 or size the index gives
 #   22 the repository cannot be reached, a download failed or timed out, or no repository
 #   23 the index is not signed by the key given, or is not the index index.current names
@@ -15,17 +15,6 @@
 #   29 the index has expired, or has no expiry: the repository was not refreshed
 # The caller defines ROOT (the tree acted on, "" for /) and may set REPO_CHECK_ONLY=1 to
 # check an index's generation without remembering it (fetch.sh --index: changes nothing).
-
-# repo_sha256 FILE: its sha256; openssl's uses the CPU's SHA instructions (a 100 MiB bundle
-# in a tenth of a second, against sha256sum's half second), sha256sum where it is missing.
-repo_sha256() {
-	if command -v openssl >/dev/null 2>&1; then
-		rs_sum=$(openssl dgst -sha256 -r <"$1") || return 1
-	else
-		rs_sum=$(sha256sum <"$1") || return 1
-	fi
-	printf '%s\n' "${rs_sum%% *}"
-}
 
 # The most an index file may be: a server that sends more (an endless answer, junk appended)
 # is cut off there, before it fills the node's disk (on Flatcar /opt shares ROOT with /var).
@@ -103,7 +92,7 @@ repo_index() {
 	done
 	ri_err=$(openssl dgst -sha256 -verify "$2" -signature "$3/$ri_sha.txt.sig" "$3/$ri_sha.txt" 2>&1) ||
 		die 23 "$ri_url/index/$ri_sha.txt does not match its signature by the key in $2 (another key signed it, or it was changed): $(printf '%s' "$ri_err" | head -n 1); nothing was installed"
-	[ "$(repo_sha256 "$3/$ri_sha.txt")" = "$ri_sha" ] ||
+	[ "$(sha256_of "$3/$ri_sha.txt")" = "$ri_sha" ] ||
 		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs)"
 	mv "$3/$ri_sha.txt" "$3/index.txt"
 	repo_fresh "$ri_url" "$3/index.txt"
@@ -280,6 +269,6 @@ repo_bundle() {
 	# way (gzip uninvited): a failed download either way.
 	[ "${rb_got:-0}" -ge "$4" ] ||
 		die 22 "cannot download $1/$2: $rb_got of the $4 bytes the signed index gives arrived (the transfer stopped, or the server changed them: compressed them uninvited?); nothing was installed"
-	[ "$rb_got" = "$4" ] && [ "$(repo_sha256 "$5")" = "$3" ] ||
+	[ "$rb_got" = "$4" ] && [ "$(sha256_of "$5")" = "$3" ] ||
 		die 21 "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
 }

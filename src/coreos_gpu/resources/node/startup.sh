@@ -49,16 +49,14 @@ usage: startup.sh [--root DIR] [--check] [--force-load]
 EOF
 }
 
+# shellcheck source=options.sh
+. "${0%/*}/options.sh" # coreos-gpu: inline
 ROOT=
 DRY=0  # --check: lib.sh's act only says what it would run
 FORCE=${NVIDIA_FORCE_LOAD:-0}
 while [ $# -gt 0 ]; do
 	case $1 in
-	--root)
-		[ $# -ge 2 ] || { usage >&2; exit 2; }
-		ROOT=$2
-		shift ;;
-	--root=*) ROOT=${1#--root=} ;;
+	--root | --root=*) option_value "$@"; ROOT=$VALUE; shift "$SHIFT" ;;
 	--check) DRY=1 ;;
 	--force-load) FORCE=1 ;;
 	-h | --help) usage; exit 0 ;;
@@ -219,89 +217,9 @@ if [ -d "$HERE/firmware" ]; then
 	fi
 fi
 
-# --- modules ----------------------------------------------------------------------------
-# Kernel modules each of ours needs, found by `modinfo -F depends` at build time.
-depends_of() {
-	awk -v k="$KERNEL" -v m="$1" '$1 == k && $2 == m && $3 != "-" { gsub(",", " ", $3); print $3 }' \
-		"$HERE/node/module-deps" 2>/dev/null
-}
-
-# The kernel's reason, from insmod's message, as our exit code and one line.
-load_failed() {
-	lf_name=$1
-	lf_error=$2
-	lf_kernel=
-	[ -n "$ROOT" ] || lf_kernel=$(dmesg 2>/dev/null | grep -E 'NVRM|nvidia' | tail -n 2 | tr '\n' ' ')
-	case $lf_error in
-	*"Invalid module format"* | *"Exec format error"*)
-		die 4 "kernel mismatch: the running kernel $KERNEL refused $lf_name.ko from $MODULES as built for another kernel (Invalid module format) ${lf_kernel}; build a bundle for kernel $KERNEL and install it" ;;
-	*"No such device"*)
-		die 8 "the kernel accepted $lf_name.ko, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
-	# A signed module whose key the kernel does not trust: EKEYREJECTED where signatures are
-	# enforced, EPERM from lockdown (kernel/module/signing.c).
-	*"Key was rejected by service"*)
-		die 4 "the kernel refused the signature of $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES" ;;
-	*"Operation not permitted"*)
-		[ -z "$LOCKDOWN" ] ||
-			die 4 "the kernel ($LOCKDOWN) refused $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES"
-		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
-	*)
-		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
-	esac
-}
-
-# insmod reads no modprobe.d: each module's options (options nvidia NVreg_…=…, options
-# nvidia-drm modeset=1) come from modprobe's own view of its configuration, read once.
-if [ -n "$ROOT" ]; then
-	OPTIONS=$(modprobe -c -C "$ROOT/etc/modprobe.d" 2>/dev/null | grep '^options ')
-else
-	OPTIONS=$(modprobe -c 2>/dev/null | grep '^options ')
-fi
-options_of() {
-	printf '%s\n' "$OPTIONS" | awk -v m="$(printf '%s' "$1" | tr - _)" '
-		{ name = $2; gsub("-", "_", name) }
-		name == m { for (i = 3; i <= NF; i++) printf "%s%s", (found++ ? " " : ""), $i }'
-}
-
-# IPMI lets the driver talk to the board's management controller; absent on many kernels.
-for dep in ipmi_msghandler ipmi_devintf; do
-	module_loaded "$dep" || act modprobe -q "$dep" 2>/dev/null || true
-done
-for name in $WANTED; do
-	[ -r "$MODULES/$name.ko" ] || die 3 "$MODULES/$name.ko is missing: the installation is incomplete; run install_nvidia.sh again"
-	if module_loaded "$name"; then
-		say "$name is loaded already"
-		continue
-	fi
-	for dep in $(depends_of "$name"); do
-		# Ours (nvidia-modeset needs nvidia) come in LOAD_ORDER; the kernel's by modprobe.
-		[ -e "$MODULES/$(printf '%s' "$dep" | tr _ -).ko" ] && continue
-		module_loaded "$dep" && continue
-		# Go on without it: insmod then says what is wrong. A module built for another
-		# kernel gets "Invalid module format" (a kernel mismatch, not a missing dependency),
-		# one that needs the dependency "Unknown symbol".
-		act modprobe "$dep" 2>/dev/null || {
-			warn "cannot load the kernel module $dep, which $name needs (modprobe $dep failed)"
-			MISSING_DEPS="${MISSING_DEPS:-}${MISSING_DEPS:+, }$dep"
-		}
-	done
-	OPTS=$(options_of "$name")
-	if [ "$DRY" = 1 ]; then
-		say "would run: insmod $MODULES/$name.ko${OPTS:+ $OPTS}"
-		continue
-	fi
-	# /lib/modules is read-only on these OSes: insmod by full path, not modprobe. The
-	# options are split into words as modprobe would pass them (insmod joins them again;
-	# the kernel reads quotes in them), with globbing off.
-	# shellcheck disable=SC2086
-	if ! ERROR=$(set -f; insmod "$MODULES/$name.ko" $OPTS 2>&1); then
-		case $ERROR in
-		*"File exists"*) say "$name was loaded meanwhile" ;;
-		*) load_failed "$name" "$ERROR" ;;
-		esac
-	fi
-	say "loaded $name${OPTS:+ ($OPTS)}"
-done
+# --- modules (startup-modules.sh) ------------------------------------------------------
+# shellcheck source=startup-modules.sh
+. "${0%/*}/startup-modules.sh" # coreos-gpu: inline
 
 # --- device nodes -----------------------------------------------------------------------
 MINORS=$(gpu_minors)

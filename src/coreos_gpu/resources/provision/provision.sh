@@ -73,13 +73,11 @@ fi
 umask 077
 [ -d "$HERE" ] || mkdir -p "$HERE" || die 1 "cannot make $HERE"
 
-sha256_of() {
-	sum=$(sha256sum <"$1") || return 1
-	printf '%s\n' "${sum%% *}"
-}
-
 # Reading the repository: node/repository.sh, copied in here by `coreos-gpu render` (the
-# line below is what it replaces), the same code a node's fetch.sh runs after an OS update.
+# lines below are what it replaces), the same code a node's fetch.sh runs after an OS update,
+# with the node's one sha256 helper.
+# shellcheck source=../node/sha256.sh
+. "${0%/*}/../node/sha256.sh" # coreos-gpu: inline
 # shellcheck source=../node/repository.sh
 . "${0%/*}/../node/repository.sh" # coreos-gpu: inline
 
