@@ -22,8 +22,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
-from importlib.resources import as_file, files
 from pathlib import Path
 
 from argparse_manpage.manpage import Manpage  # type: ignore[import-untyped]
@@ -32,6 +32,7 @@ from coreos_gpu import __version__
 from coreos_gpu.cli import build_parser
 from coreos_gpu.config import SETTINGS
 from coreos_gpu.exit_codes import exit_code_rows
+from coreos_gpu.node import default_node_files, inline_sources
 
 REPO = Path(__file__).resolve().parent.parent
 MAN_DIR = REPO / "man"
@@ -368,10 +369,14 @@ def read_usage(script: Path) -> tuple[str, list[tuple[str, str]]]:
 
 
 def render_node(markdown: str) -> str:
-    node = files("coreos_gpu") / "resources" / "node"
+    node = default_node_files()
     usages = {}
-    for script, _, _ in NODE_PROGRAMS:
-        with as_file(node / script) as path:
+    with tempfile.TemporaryDirectory() as folder:
+        for script, _, _ in NODE_PROGRAMS:
+            # As a bundle ships it: its parts joined (install_nvidia.sh reads its options with
+            # options.sh's helper, copied in by the build).
+            path = Path(folder) / Path(script).name
+            path.write_bytes(inline_sources((node / script).read_bytes(), node, name=script))
             usages[script] = read_usage(path)
     names = ", ".join(script for script, _, _ in NODE_PROGRAMS)
     out = [
