@@ -136,3 +136,74 @@ def test_inspect_shows_the_contents_sha256(cli, tmp_path: Path) -> None:  # type
     none = _archive(tmp_path / "none.tar.gz", [("x", "")])
     assert inspect_bundle(none).contents_sha256 == ""
     assert json.loads(cli("inspect", none, "--json").stdout)["contents_sha256"] is None
+
+
+def _files_archive(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+_ENV = ("DRIVER_VERSION=535.261.03\nFLAVOUR=proprietary\nPROFILE=compute\nOS=flatcar\n"
+        "ARCH=x86_64\nKERNEL_RELEASES=6.1.0-50-amd64\nAGENT_UNITS=a.service\n"
+        "ON_DRIVER_FAILURE=wait\nPERSISTENCE=off\nREPOSITORY_URL=''\n"
+        "REPOSITORY_KEY_FINGERPRINT=''\n")
+_MANIFEST = {"format": 1, "tool_version": "0.1.0", "os": "flatcar", "driver_version": "535.261.03",
+             "flavour": "proprietary", "profile": "compute",
+             "kernel_releases": ["6.1.0-50-amd64"], "releases": [], "agent_units": ["a.service"],
+             "on_driver_failure": "wait", "repository": None, "files": []}
+
+
+# bundle.env's values that MANIFEST.json states, in the order inspect compares them.
+_CRLF = [(k, v, v) for k, v in (("DRIVER_VERSION", "535.261.03"), ("FLAVOUR", "proprietary"),
+                                 ("PROFILE", "compute"), ("OS", "flatcar"),
+                                 ("KERNEL_RELEASES", "6.1.0-50-amd64"),
+                                 ("AGENT_UNITS", "a.service"), ("ON_DRIVER_FAILURE", "wait"),
+                                 ("ARCH", "x86_64"))] + [
+    ("REPOSITORY_URL", "''", ""), ("REPOSITORY_KEY_FINGERPRINT", "''", "")]
+
+
+@pytest.mark.parametrize(("env", "manifest", "problems"), [
+    (_ENV, {}, []),
+    # The node acts on bundle.env; inspect shows MANIFEST.json: they must say the same.
+    (_ENV.replace("OS=flatcar", "OS=coreos"), {},
+     ["node/bundle.env: OS is 'coreos', MANIFEST.json says 'flatcar'"]),
+    (_ENV, {"kernel_releases": ["6.1.0-50-amd64", "6.6.54-flatcar"]},
+     ["node/bundle.env: KERNEL_RELEASES is '6.1.0-50-amd64', MANIFEST.json says "
+      "'6.1.0-50-amd64 6.6.54-flatcar'"]),
+    (_ENV, {"arch": "aarch64"},
+     ["node/bundle.env: ARCH is 'x86_64', MANIFEST.json says 'aarch64'"]),
+    # What check_settings refuses on the node, inspect refuses.
+    (_ENV.replace("AGENT_UNITS=a.service", "AGENT_UNITS=../x.service"),
+     {"agent_units": ["../x.service"]},
+     ["node/bundle.env: AGENT_UNITS=../x.service is not a valid value"]),
+    # Read as the node reads it: the \r stays in each value.
+    (_ENV.replace("\n", "\r\n"), {},
+     ["node/bundle.env: DRIVER_VERSION=535.261.03\r is not a valid value",
+      *(f"node/bundle.env: {key} is {value + chr(13)!r}, MANIFEST.json says {want!r}"
+        for key, value, want in _CRLF)]),
+    (None, {}, ["node/bundle.env is missing"]),
+], ids=["agrees", "os", "kernels", "arch", "hostile-unit", "crlf", "missing"])
+def test_inspect_reads_bundle_env_as_the_node_does(
+        tmp_path: Path, env: str | None, manifest: dict[str, object], problems: list[str]) -> None:
+    files = {"MANIFEST.json": json.dumps({**_MANIFEST, **manifest}).encode()}
+    if env is not None:
+        files["node/bundle.env"] = env.encode()
+    # A hand-made archive has other problems (no SHA256SUMS, node/contents...).
+    found = [p for p in inspect_bundle(_files_archive(tmp_path / "b.tar.gz", files)).problems
+             if "bundle.env" in p and not p.startswith("node/bundle.env: in the archive")]
+    assert found == problems
+
+
+def test_inspect_reads_sha256sums_as_the_node_does(tmp_path: Path) -> None:
+    """A CRLF line names another path on the node (its awk keeps the \r): inspect, which
+    read it as the writer meant it, refuses it too (spec/sha256sums.json)."""
+    data = b"#!/bin/sh\n"
+    sums = f"{hashlib.sha256(data).hexdigest()}  install_nvidia.sh\r\n".encode()
+    report = inspect_bundle(_files_archive(tmp_path / "b.tar.gz", {
+        "install_nvidia.sh": data, "SHA256SUMS": sums}))
+    assert "SHA256SUMS line 1: 'install_nvidia.sh\\r' has white space in it" in report.problems
+    assert "install_nvidia.sh: in the archive, not in SHA256SUMS" in report.problems

@@ -31,9 +31,9 @@ from coreos_gpu.layout import (
     FORMAT,
     MACHINE,
     MANIFEST_NAME,
+    NODE,
     PAYLOAD,
     REPOSITORY_KEY_NAME,
-    SUM_LINE,
     SUMS_NAME,
     ReleaseInputs,
     contents_problems,
@@ -42,14 +42,17 @@ from coreos_gpu.layout import (
     link_resolves_to,
     parse_contents,
     part_of,
+    sums_problems,
 )
 from coreos_gpu.modinfo import ModuleIdentity, identity_problem, read_identity, vermagic_release
+from coreos_gpu.node import read_bundle_env, settings_problem
 
 _TEXT_LIMIT = 64 << 20  # MANIFEST.json and SHA256SUMS are read into memory: a bound
 _PART_ORDER = ("libraries", "binaries", "firmware", "modules", "node files", "other",
                "metadata")
 _METADATA = (MANIFEST_NAME, SUMS_NAME)
-_KEPT = (*_METADATA, REPOSITORY_KEY_NAME, CONTENTS_NAME)  # small files read into memory
+_BUNDLE_ENV = f"{NODE}/bundle.env"  # node.render_bundle_env's; what every node script reads
+_KEPT = (*_METADATA, REPOSITORY_KEY_NAME, CONTENTS_NAME, _BUNDLE_ENV)  # read into memory
 
 
 @dataclass(frozen=True)
@@ -312,86 +315,155 @@ def _kind(kind: str, target: str) -> str:
 
 
 def _check_sums(scan: _Scan) -> None:
+    """SHA256SUMS by the node's rules (layout.sums_problems), against the archive's files."""
     text = scan.texts.get(SUMS_NAME)
     if text is None:
         scan.problems.append(f"{SUMS_NAME} is missing")
         return
-    listed: set[str] = set()
-    for number, line in enumerate(text.decode("utf-8", "replace").splitlines(), start=1):
-        match = SUM_LINE.fullmatch(line)
-        if match is None:
-            scan.problems.append(f"{SUMS_NAME} line {number} is not '<sha256>  <path>'")
-            continue
-        expected, name = match.groups()
-        listed.add(name)
-        seen = scan.members.get(name)
-        if seen is None or seen.kind != "file":
-            scan.problems.append(f"{name}: listed in {SUMS_NAME}, missing from the archive")
-        elif seen.sha256 != expected:
-            scan.problems.append(f"{name}: sha256 {seen.sha256} does not match {SUMS_NAME} "
-                                 f"({expected})")
-    for name, seen in sorted(scan.members.items()):
-        if seen.kind == "file" and name != SUMS_NAME and name not in listed:
-            scan.problems.append(f"{name}: in the archive, not in {SUMS_NAME}")
+    files = {name: seen.sha256 for name, seen in scan.members.items() if seen.kind == "file"}
+    scan.problems.extend(sums_problems(text.decode("utf-8", "replace"), files))
 
 
-def _load_manifest(scan: _Scan) -> dict[str, Any]:
-    text = scan.texts.get(MANIFEST_NAME)
+# MANIFEST.json's fields and their JSON types. Required: those of the first format-1 bundle
+# that inspect reads; optional: those added since (arch, on_driver_failure, repository), and
+# two that no reader uses. Unknown fields are skipped: a later coreos-gpu may add some (as in
+# the repository's index). Nodes do not read it (sh reads no JSON): the build side alone does.
+_STRINGS = ("tool_version", "os", "driver_version", "flavour", "profile")
+_STRING_LISTS = ("kernel_releases", "agent_units")
+_OPTIONAL: dict[str, tuple[type, ...]] = {"arch": (str,), "on_driver_failure": (str,),
+                                          "repository": (dict, type(None)), "inputs": (list,),
+                                          "modules": (dict,)}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MODE = re.compile(r"[0-7]{3,4}")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: Python's json keeps the last of a key given twice, other
+    readers the first or neither; the writer gives each once, so a key twice is refused."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json reads NaN and Infinity; JSON has neither
+
+
+def read_manifest(data: bytes | None) -> tuple[dict[str, Any], list[str]]:
+    """MANIFEST.json's fields ({} when it is no JSON object), and its problems: not UTF-8
+    JSON, a key twice, another format, a field missing or of another type, and a malformed
+    file entry (file_entry_problem)."""
     try:
-        manifest = json.loads(text) if text is not None else None
+        manifest = json.loads(data.decode(), object_pairs_hook=_no_duplicates,
+                              parse_constant=_no_constant) if data is not None else None
+    except _DuplicateKey as e:
+        return {}, [f"{MANIFEST_NAME} gives the key {e} twice"]
     except ValueError:  # UnicodeDecodeError is one
         manifest = None
     if not isinstance(manifest, dict):
-        scan.problems.append(f"{MANIFEST_NAME} is missing or not a JSON object")
-        return {}
-    if manifest.get("format") != FORMAT:
-        scan.problems.append(f"{MANIFEST_NAME} has format {manifest.get('format')!r}; this "
-                             f"coreos-gpu reads format {FORMAT}")
+        return {}, [f"{MANIFEST_NAME} is missing or not a JSON object"]
+    problems = []
+    if type(manifest.get("format")) is not int or manifest["format"] != FORMAT:
+        problems.append(f"{MANIFEST_NAME} has format {manifest.get('format')!r}; this "
+                        f"coreos-gpu reads format {FORMAT}")
+    for key in _STRINGS:
+        if not isinstance(manifest.get(key), str):
+            problems.append(f"{MANIFEST_NAME}: {key} is missing or not a string")
+    for key in _STRING_LISTS:
+        value = manifest.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{MANIFEST_NAME}: {key} is missing or not a list of strings")
+    if not isinstance(manifest.get("releases"), list):
+        problems.append(f"{MANIFEST_NAME}: releases is missing or not a list")
+    for key, types in _OPTIONAL.items():
+        if key in manifest and not isinstance(manifest[key], types):
+            problems.append(f"{MANIFEST_NAME}: {key} is not a {types[0].__name__}")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        problems.append(f"{MANIFEST_NAME} lacks its list of files")
+        return manifest, problems
+    paths: set[str] = set()
+    for entry in files:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(path, str):
+            problems.append(f"{MANIFEST_NAME}: a file entry without a path: {entry!r:.80}")
+            continue
+        if path in paths:
+            problems.append(f"{path}: listed twice in {MANIFEST_NAME}")
+        paths.add(path)
+        if (problem := file_entry_problem(path, entry)) is not None:
+            problems.append(problem)
+    return manifest, problems
+
+
+def file_entry_problem(path: str, entry: dict[str, Any]) -> str | None:
+    """What is wrong with one of MANIFEST.json's file entries: a path that is not plain and
+    relative, a type other than file or symlink, a mode that is not octal digits, a file
+    without its lower-case sha256 and whole size, a symlink without its target or to one
+    outside the bundle (by the node's rule, layout.link_leaves)."""
+    if not path or path.startswith("/") or "//" in path or path.endswith("/") or \
+            any(part in (".", "..") for part in path.split("/")):
+        return f"{path}: not a plain relative path in {MANIFEST_NAME}"
+    if _expected(entry) is None:
+        return f"{path}: its {MANIFEST_NAME} entry is malformed"
+    target = entry.get("target", "")
+    if entry["type"] == "symlink" and (target.startswith("/") or _leaves(path, target)
+                                       is not None):
+        return f"{path}: {MANIFEST_NAME} links it to {target}, outside the bundle"
+    return None
+
+
+def _load_manifest(scan: _Scan) -> dict[str, Any]:
+    manifest, problems = read_manifest(scan.texts.get(MANIFEST_NAME))
+    scan.problems.extend(problems)
     return manifest
 
 
 def _expected(entry: Any) -> _Seen | None:
+    """A well-formed file entry of MANIFEST.json as the archive should have it: each field
+    of its one JSON type."""
     if not isinstance(entry, dict):
         return None
-    try:
-        return _Seen(str(entry.get("type")), int(str(entry.get("mode")), 8),
-                     str(entry.get("sha256", "")), int(entry.get("size", 0)),
-                     str(entry.get("target", "")))
-    except (TypeError, ValueError):
+    kind, mode = entry.get("type"), entry.get("mode")
+    if not isinstance(mode, str) or not _MODE.fullmatch(mode):
         return None
+    if kind == "file":
+        sha256, size = entry.get("sha256"), entry.get("size")
+        if isinstance(sha256, str) and _SHA256.fullmatch(sha256) and type(size) is int \
+                and size >= 0 and "target" not in entry:
+            return _Seen("file", int(mode, 8), sha256, size)
+    elif kind == "symlink":
+        target = entry.get("target")
+        if isinstance(target, str) and target and "sha256" not in entry and "size" not in entry:
+            return _Seen("symlink", int(mode, 8), target=target)
+    return None
 
 
-def _listed_files(manifest: dict[str, Any], scan: _Scan) -> dict[str, Any]:
-    """MANIFEST.json's files by path."""
+def _listed_files(manifest: dict[str, Any]) -> dict[str, Any]:
+    """MANIFEST.json's files by path (read_manifest names what is wrong with them)."""
     files = manifest.get("files")
-    if not isinstance(files, list):
-        if manifest:
-            scan.problems.append(f"{MANIFEST_NAME} lacks its list of files")
-        return {}
     listed: dict[str, Any] = {}
-    for entry in files:
-        path = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(path, str):
-            scan.problems.append(f"{MANIFEST_NAME}: a file entry without a path: {entry!r:.80}")
-            continue
-        if path in listed:
-            scan.problems.append(f"{path}: listed twice in {MANIFEST_NAME}")
-        listed[path] = entry
+    for entry in files if isinstance(files, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            listed[entry["path"]] = entry
     return listed
 
 
 def _check_manifest_files(manifest: dict[str, Any], scan: _Scan) -> dict[str, Any]:
     """MANIFEST.json's files against the archive; MANIFEST.json's files by path."""
-    listed = _listed_files(manifest, scan)
+    listed = _listed_files(manifest)
     if not manifest:
         return listed
     for name, entry in sorted(listed.items()):
         seen, expected = scan.members.get(name), _expected(entry)
         if seen is None:
             scan.problems.append(f"{name}: listed in {MANIFEST_NAME}, missing from the archive")
-        elif expected is None:
-            scan.problems.append(f"{name}: its {MANIFEST_NAME} entry is malformed")
-        else:
+        elif expected is not None:  # read_manifest names a malformed one
             for what, want, got in (("type", expected.kind, seen.kind),
                                     ("mode", f"{expected.mode:04o}", f"{seen.mode:04o}"),
                                     ("sha256", expected.sha256, seen.sha256),
@@ -402,6 +474,37 @@ def _check_manifest_files(manifest: dict[str, Any], scan: _Scan) -> dict[str, An
     for name in sorted(set(scan.members) - set(listed) - set(_METADATA)):
         scan.problems.append(f"{name}: in the archive, not in {MANIFEST_NAME}")
     return listed
+
+
+def _check_bundle_env(scan: _Scan, manifest: dict[str, Any], arch: str) -> None:
+    """node/bundle.env, read as the node reads it (node.read_bundle_env), passes the node's
+    check_settings (node.settings_problem) and says what MANIFEST.json says of what both
+    state: the node acts on bundle.env, inspect and `repository` show MANIFEST.json."""
+    text = scan.texts.get(_BUNDLE_ENV)
+    if text is None:
+        scan.problems.append(f"{_BUNDLE_ENV} is missing")
+        return
+    values = read_bundle_env(text.decode("utf-8", "replace"))
+    driver_version = _text(manifest, "driver_version") or values.get("DRIVER_VERSION", "")
+    if (problem := settings_problem(values, driver_version)) is not None:
+        scan.problems.append(problem)
+    if not manifest:
+        return
+    stated = {"DRIVER_VERSION": "driver_version", "FLAVOUR": "flavour", "PROFILE": "profile",
+              "OS": "os", "KERNEL_RELEASES": "kernel_releases", "AGENT_UNITS": "agent_units",
+              "ON_DRIVER_FAILURE": "on_driver_failure"}
+    wanted = {key: " ".join(_texts(manifest, field)) if field in _STRING_LISTS else
+              _text(manifest, field) for key, field in stated.items() if field in manifest}
+    wanted["ARCH"] = arch
+    repository = manifest.get("repository")
+    if isinstance(repository, dict) or "repository" in manifest:
+        named = repository if isinstance(repository, dict) else {}
+        wanted["REPOSITORY_URL"] = str(named.get("url", ""))
+        wanted["REPOSITORY_KEY_FINGERPRINT"] = str(named.get("key_fingerprint", ""))
+    for key, want in wanted.items():
+        if values.get(key, "") != want:
+            scan.problems.append(f"{_BUNDLE_ENV}: {key} is {values.get(key, '')!r}, "
+                                 f"{MANIFEST_NAME} says {want!r}")
 
 
 def _check_modules(scan: _Scan, driver_version: str,
@@ -520,6 +623,8 @@ def inspect_bundle(path: Path) -> BundleReport:
     releases = _releases(manifest, scan)
     modules = _check_modules(scan, driver_version, kernels)
     url, key_fingerprint = _repository(manifest, scan)
+    arch = _arch(manifest, scan)
+    _check_bundle_env(scan, manifest, arch)
     for release in releases:
         if release.kernel_release not in kernels:
             scan.problems.append(f"release {release.version} runs kernel "
@@ -528,7 +633,7 @@ def inspect_bundle(path: Path) -> BundleReport:
         path=path, compression=compression, size=size, sha256=sha256,
         contents_sha256=sums.sha256 if (sums := scan.members.get(SUMS_NAME)) else "",
         tool_version=_text(manifest, "tool_version"), os=_text(manifest, "os"),
-        arch=_arch(manifest, scan),
+        arch=arch,
         driver_version=driver_version, flavour=_text(manifest, "flavour"),
         profile=_text(manifest, "profile"), releases=releases, kernel_releases=kernels,
         agent_units=_texts(manifest, "agent_units"),

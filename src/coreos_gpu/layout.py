@@ -258,6 +258,57 @@ def render_sums(sums: Mapping[str, str]) -> bytes:
     return "".join(f"{sums[path]}  {path}\n" for path in sorted(sums)).encode()
 
 
+# --- SHA256SUMS as the node reads it --------------------------------------------------------
+# install_nvidia.sh's check_sums takes each line's path as the rest of the line after
+# "<hex> " and a space or "*", and then passes it around as one blank-separated field (cut
+# -d' ', stat's "%s %n", awk's $2): so lines end at \n only (a \r stays in the path, another
+# path), and a path with white space in it names another file there. sha256sum escapes a name
+# with a \n or \ in it by a leading "\" on the line, which no line of the writer has.
+# spec/sha256sums.json runs these rules through both readers.
+
+
+def parse_sums(text: str) -> tuple[dict[str, str], list[str]]:
+    """SHA256SUMS' sums by path, and its problems: a malformed line, a path that is not
+    plain and relative or has white space in it, a path listed twice. A last line without a
+    newline is a line."""
+    sums: dict[str, str] = {}
+    problems = []
+    lines = text.split("\n")
+    for number, line in enumerate(lines[:-1] if lines[-1] == "" else lines, start=1):
+        match = SUM_LINE.fullmatch(line)
+        if match is None:
+            problems.append(f"{SUMS_NAME} line {number} is not '<sha256>  <path>'")
+            continue
+        expected, name = match.groups()
+        if any(c.isspace() for c in name):
+            problems.append(f"{SUMS_NAME} line {number}: {name!r} has white space in it")
+        elif name.startswith("/") or _DOT_PART.search(name) or "//" in name:
+            problems.append(f"{SUMS_NAME} line {number}: {name} is not a plain relative path")
+        elif name in sums:
+            problems.append(f"{name}: listed twice in {SUMS_NAME}")
+        else:
+            sums[name] = expected
+    if not text:  # the node's check_sums: "could not be read"
+        problems.append(f"{SUMS_NAME} lists nothing")
+    return sums, problems
+
+
+def sums_problems(text: str, files: Mapping[str, str]) -> list[str]:
+    """What SHA256SUMS' text says against files (every regular file of the bundle but
+    SHA256SUMS itself, with its sha256): its own problems (parse_sums), a listed file that is
+    missing or differs, a file it does not list."""
+    sums, problems = parse_sums(text)
+    for name, expected in sums.items():
+        found = files.get(name)
+        if found is None:
+            problems.append(f"{name}: listed in {SUMS_NAME}, missing from the archive")
+        elif found != expected:
+            problems.append(f"{name}: sha256 {found} does not match {SUMS_NAME} ({expected})")
+    problems.extend(f"{name}: in the archive, not in {SUMS_NAME}"
+                    for name in sorted(files) if name != SUMS_NAME and name not in sums)
+    return problems
+
+
 # --- node/contents as the node reads it ----------------------------------------------------
 # install_nvidia.sh's check_contents (an awk program) is what the node trusts; these are its
 # rules, for inspect (which checks what the node checks) and for spec/contents.json, whose

@@ -117,6 +117,77 @@ def render_bundle_env(settings: NodeSettings, *, driver_version: str, flavour: s
             + "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items()))
 
 
+# --- node/bundle.env as the node reads it ---------------------------------------------------
+# lib.sh's BUNDLE_ENV_AWK, which every node script reads bundle.env with (never sourcing it),
+# and install_nvidia.sh's check_settings, which refuses a bundle whose values are not in the
+# build's grammar: their rules, for inspect (which checks what the node checks) and for
+# spec/bundle-env.json, whose vectors run through both. shlex would read more (double quotes,
+# backslashes, several quoted pieces): the node reads each value as the writer quotes it, and
+# anything else as it stands, which check_settings then refuses for the keys that count.
+_SHLEX_ESCAPED_QUOTE = "'\"'\"'"  # shlex.quote's ' inside '…'
+# check_settings' keys, in its order: the first bad one is the one it names.
+SETTINGS_KEYS = ("DRIVER_VERSION", "FLAVOUR", "PROFILE", "OS", "ARCH", "KERNEL_RELEASES",
+                 "AGENT_UNITS", "ON_DRIVER_FAILURE", "PERSISTENCE", "REPOSITORY_URL",
+                 "REPOSITORY_KEY_FINGERPRINT")
+_CHOICES = {"FLAVOUR": ("proprietary", "open"), "PROFILE": ("compute", "full"),
+            "OS": ("flatcar", "coreos"), "ARCH": ("x86_64", "aarch64"),
+            "ON_DRIVER_FAILURE": ("start-without-gpus", "wait"),
+            "PERSISTENCE": ("daemon", "legacy", "off")}
+_KERNEL_RELEASE = re.compile(r"[A-Za-z0-9._+~-]+")
+_AGENT_UNIT = re.compile(r"[A-Za-z0-9@_.:\\-]+[.]service")  # config.UNIT
+_REPOSITORY_URL = re.compile(r"(https?|file)://[^ \t]+")
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+_AWK_BLANKS = re.compile(r"[ \t\n]+")  # awk's split(v, w, " "): runs of blanks
+
+
+def read_bundle_env(text: str) -> dict[str, str]:
+    """bundle.env's values by key, as BUNDLE_ENV_AWK reads them: a line's key is all before
+    its first "=" (a line without one, or starting with one, is skipped: the comment), the
+    first line of a key counts, and a value in '…' loses them and has each '"'"' made a '.
+    Lines end at \n only; a last line without a newline is a line."""
+    values: dict[str, str] = {}
+    lines = text.split("\n")
+    for line in lines[:-1] if lines[-1] == "" else lines:
+        key, eq, value = line.partition("=")
+        if not eq or not key or key in values:
+            continue
+        if len(value) > 1 and value[0] == value[-1] == "'":
+            value = value[1:-1].replace(_SHLEX_ESCAPED_QUOTE, "'")
+        values[key] = value
+    return values
+
+
+def _words(value: str, pattern: re.Pattern[str]) -> bool:
+    if value == "" or value.startswith(" ") or value.endswith(" ") or "  " in value:
+        return False
+    return all(pattern.fullmatch(w) for w in _AWK_BLANKS.split(value) if w)
+
+
+def _valid_setting(key: str, value: str, driver_version: str) -> bool:
+    if key == "DRIVER_VERSION":
+        return value == driver_version
+    if key in _CHOICES:
+        return value in _CHOICES[key]
+    if key == "KERNEL_RELEASES":
+        return _words(value, _KERNEL_RELEASE)
+    if key == "AGENT_UNITS":
+        return _words(value, _AGENT_UNIT)
+    if key == "REPOSITORY_URL":
+        return value == "" or _REPOSITORY_URL.fullmatch(value) is not None
+    return value == "" or _FINGERPRINT.fullmatch(value) is not None
+
+
+def settings_problem(values: dict[str, str], driver_version: str) -> str | None:
+    """What install_nvidia.sh's check_settings says of bundle.env's values (read_bundle_env)
+    in a bundle of driver_version, in its words: the first value outside the build's grammar
+    (a missing key is ""); None when it passes."""
+    for key in SETTINGS_KEYS:
+        value = values.get(key, "")
+        if not _valid_setting(key, value, driver_version):
+            return f"node/bundle.env: {key}={value} is not a valid value"
+    return None
+
+
 def render_module_deps(module_sets: Sequence[ModuleSet]) -> str:
     """One "<kernel release> <module> <dep,dep|->" line per module."""
     return "".join(f"{s.kernel_release} {m.name} {','.join(m.depends) or '-'}\n"

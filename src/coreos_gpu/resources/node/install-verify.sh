@@ -112,12 +112,18 @@ check_tree() {
 # that small never interleave. sha256sum where openssl is missing. Prints the first file that
 # differs, by its path in the archive. (sha256.sh: openssl, else sha256sum)
 check_sums() {
-	# "<sum> <path here> <path in the archive>" per file
+	# "<sum> <path here> <path in the archive>" per file. A line is 64 lower-case hex digits,
+	# a space, a space or *, and a plain relative path without white space, each path once
+	# (as layout.parse_sums reads it; spec/sha256sums.json): a path the archive cannot hold
+	# (../x, ./x, a//b) would hash a file other than the one it names.
 	cs_list=$(awk -v strip="$1" '{
 		sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); archived = $0
+		if (length(sum) != 64 || sum ~ /[^0-9a-f]/ || $0 == "" || $0 ~ /[ \t\r]/ ||
+			$0 ~ /^\/|\/\/|(^|\/)\.\.?(\/|$)/ || $0 == "SHA256SUMS" || (archived in listed)) exit 1
+		listed[archived] = 1
 		if (strip != "" && index($0, strip) == 1) $0 = substr($0, length(strip) + 1)
 		print sum, $0, archived }' SHA256SUMS) && [ -n "$cs_list" ] || {
-		printf 'SHA256SUMS could not be read'
+		printf 'SHA256SUMS could not be read, or a line of it is malformed'
 		return 0
 	}
 	[ -n "${SHA256_TOOL:-}" ] || sha256_command
@@ -145,7 +151,18 @@ check_sums() {
 			cs_core=$((cs_core + 1))
 		done
 		wait
-	} | awk '
+	} | awk -v strip="$1" '
+		# Every file node/contents lists (check_tree holds the tree to it) must be listed here
+		# too, or it would go unchecked, and --expect-sha256 pins SHA256SUMS alone.
+		BEGIN {
+			while ((getline line < "node/contents") > 0) {
+				if (split(line, entry, " ") < 3 || entry[2] != "file" || entry[3] == "SHA256SUMS")
+					continue
+				path = entry[3]
+				if (strip != "" && index(path, strip) == 1) path = substr(path, length(strip) + 1)
+				contents[path] = entry[3]
+			}
+		}
 		$0 == "--- hashed" { hashed = 1; next }
 		!hashed { want[$2] = $1; archived[$2] = $3; next }
 		{ sum = $1; sub(/^[0-9a-f]+ [ *]/, ""); seen[$0] = 1
@@ -153,6 +170,7 @@ check_sums() {
 		END {
 			if (done) exit
 			for (f in want) if (!(f in seen)) { print archived[f] ": unreadable"; exit }
+			for (f in contents) if (!(f in want)) { print contents[f] ": not in SHA256SUMS"; exit }
 			print "OK"
 		}'
 }
