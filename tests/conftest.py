@@ -11,10 +11,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from coreos_gpu.keys import write_key_pair
 from testinputs.nvidia_run import VERSION as DRIVER  # the 535 test driver
+
+if TYPE_CHECKING:  # imported where used: both import REPO from here
+    from .nodetree import NodeBundles
+    from .repotools import Bundles
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,6 +64,49 @@ def keygen(folder: Path, name: str = "repo.key") -> Path:
     done = run_cli("keygen", "--output", folder / name, cwd=folder)
     assert done.code == 0, done.stderr
     return folder / name
+
+
+# --- small real bundles of the synthetic test driver (tests/bundletools.py), no compile --------
+
+@pytest.fixture(scope="session")
+def ko_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where make_ko compiles the fake .ko files: once a session, for every test."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to make ELF kernel modules")
+    return tmp_path_factory.mktemp("ko")
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    """A new repository key pair: the private key (the public one beside it, key + ".pub")."""
+    return write_key_pair(tmp_path / "keys" / "repo.key").private
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory, ko_dir: Path) -> Bundles:
+    """The repository and publish tests' archives (repotools.Bundles); a node test module
+    that wants several bundles defines its own bundles from node_bundles."""
+    from .repotools import make_bundles
+
+    return make_bundles(tmp_path_factory.mktemp("repo-bundles"), ko_dir)
+
+
+@pytest.fixture(scope="module")
+def node_bundles(tmp_path_factory: pytest.TempPathFactory, ko_dir: Path,
+                 request: pytest.FixtureRequest) -> NodeBundles:
+    """Real bundles with the real node scripts, extracted (nodetree.make_bundle), for one
+    test module: one folder and one repository key pair for the module's bundles."""
+    from .nodetree import NodeBundles
+
+    folder = tmp_path_factory.mktemp(request.module.__name__.rpartition(".test_")[2])
+    return NodeBundles(folder, ko_dir, write_key_pair(folder / "keys" / "repo.key"))
+
+
+@pytest.fixture(scope="module")
+def bundle(node_bundles: NodeBundles) -> Path:
+    """A node test module's bundle: the test driver for KERNEL with the defaults, extracted
+    (its archive beside it: bundle.parent / "nvidia.tar.gz"). test_bundle.py has its own."""
+    return node_bundles.make("b")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import subprocess
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from coreos_gpu.bundle import NodeSettings, assemble_bundle
 from coreos_gpu.cache import sha256_of
@@ -26,6 +27,7 @@ from coreos_gpu.config import (
     Persistence,
     Profile,
 )
+from coreos_gpu.keys import KeyPair
 from coreos_gpu.layout import (
     CONTENTS_NAME,
     SUMS_NAME,
@@ -33,9 +35,9 @@ from coreos_gpu.layout import (
     render_contents,
     render_sums,
 )
-from coreos_gpu.repository import RepositoryTrust
+from coreos_gpu.repository import RepositoryTrust, load_trust
 
-from .test_bundle import (
+from .bundletools import (
     CLOUD,
     CLOUD_RELEASE,
     KERNEL,
@@ -47,6 +49,7 @@ from .test_bundle import (
 )
 
 SHELLS = ("bash", "dash", "busybox sh")
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 UVM_MAJOR = 508
 # /proc/devices with the decoys a sloppy parser trips on: nvidia-uvm-tools-like names and
 # a block device of the same name.
@@ -235,6 +238,28 @@ def make_bundle(folder: Path, ko_dir: Path, *, tool_version: str = "0.1.0",
     with tarfile.open(bundle.path) as tar:  # the tools the real archive carries
         assert "payload/535.261.03/bin/nvidia-smi" in tar.getnames()
     return extracted
+
+
+@dataclass(frozen=True)
+class NodeBundles:
+    """make_bundle for one test module (conftest's node_bundles fixture): each bundle in a
+    folder of its own, the .ko files compiled once a session, and a repository key pair a
+    bundle may trust at UNREACHABLE: a test that fetches serves its own repository and points
+    the node at it (NVIDIA_REPOSITORY_URL, as /etc/default/nvidia would)."""
+
+    folder: Path
+    ko_dir: Path
+    keys: KeyPair
+
+    @property
+    def trust(self) -> RepositoryTrust:
+        trust = load_trust(UNREACHABLE, str(self.keys.public))
+        assert trust is not None
+        return trust
+
+    def make(self, name: str, **settings: Any) -> Path:
+        """make_bundle in folder/name (the archive: folder/name/nvidia.tar.gz)."""
+        return make_bundle(self.folder / name, self.ko_dir, **settings)
 
 
 BUNDLE_PARTS = ("install_nvidia.sh", "nvidia.service", "startup.sh", "MANIFEST.json", SUMS_NAME,

@@ -79,6 +79,7 @@ NODE_CHECK = r"""
 say() { printf '%s\n' "$*" >&2; }
 die() { code=$1; shift; printf '%s\n' "$*" >&2; exit "$code"; }
 . "${1%/*}/sha256.sh"  # sha256_of, which fetch.sh and provision.sh have from it too
+. "${1%/*}/exit-codes.sh"  # the REPO_* codes it dies with, likewise
 . "$1"
 ROOT=$2/root REPO_CHECK_ONLY=1
 repo_index "file://$3" "$4" "$2" 60

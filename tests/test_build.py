@@ -15,8 +15,8 @@ import pytest
 from coreos_gpu.cache import link_tree
 from coreos_gpu.errors import ExitCode
 
+from .bundletools import dangling_links, extract
 from .conftest import CliResult, Mirror, run_cli
-from .test_bundle import dangling_links, extract
 
 KERNEL = "6.1.0-50-amd64"
 VERSION = "535.261.03"

@@ -50,7 +50,7 @@ def test_the_fast_symbol_table_reads_what_pyelftools_reads(tmp_path: Path) -> No
 
     from coreos_gpu.modinfo import _symbol_table
 
-    from .test_bundle import KERNEL, make_ko
+    from .bundletools import KERNEL, make_ko
 
     module = make_ko(tmp_path, "nvidia-uvm", KERNEL)
     with module.open("rb") as f:

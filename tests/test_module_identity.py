@@ -20,8 +20,8 @@ from coreos_gpu.inspection import inspect_bundle
 from coreos_gpu.modules import check_modules, check_written
 from testinputs.nvidia_run import write_run
 
+from .bundletools import rewrite
 from .conftest import BuiltBundle, Mirror, run_cli
-from .test_bundle import rewrite
 
 KERNEL = "6.1.0-50-amd64"
 R470, R535 = "470.256.02", "535.261.03"

@@ -21,7 +21,7 @@ from jsonschema import Draft7Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-from .nodetree import EIGHT_GPUS, SHELLS, UVM_MAJOR, Node, make_bundle
+from .nodetree import EIGHT_GPUS, SHELLS, UVM_MAJOR, Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
 
@@ -34,14 +34,6 @@ AFTER_0_5_0 = {"annotations", "intelRdt", "additionalGids", "netDevices"}
 # SPEC.md: a kind is vendor.com/class; a device name alphanumerics with - _ . between.
 KIND = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?/[a-zA-Z0-9]([a-zA-Z0-9_.-]*[a-zA-Z0-9])?$")
 NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]*[a-zA-Z0-9])?$")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("cdi")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return make_bundle(folder / "b", ko_dir)
 
 
 def uuid_of(minor: int) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from .nodetree import CGROUP_V1_MOUNTS, CGROUP_V2_MOUNTS, SHELLS, Node, make_bundle
-from .test_bundle import CLOUD
+from .bundletools import CLOUD
+from .nodetree import CGROUP_V1_MOUNTS, CGROUP_V2_MOUNTS, SHELLS, Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
 CHECKS = ["gpus", "modules", "sysext", "lockdown", "flatcar-recipe", "device-nodes", "libraries",
@@ -20,14 +20,6 @@ CHECKS = ["gpus", "modules", "sysext", "lockdown", "flatcar-recipe", "device-nod
 AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
 MISSING_TOOLS = ("nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
                  "nvidia-cuda-mps-server")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("doctor")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return make_bundle(folder / "b", ko_dir)
 
 
 def set_unit(node: Node, unit: str, **properties: str) -> None:

@@ -14,18 +14,10 @@ import pytest
 
 from coreos_gpu.inspection import inspect_bundle
 
-from .nodetree import SHELLS, Node, make_bundle, reseal, snapshot
-from .test_bundle import VERSION
+from .bundletools import VERSION
+from .nodetree import SHELLS, Node, reseal, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("expect")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return make_bundle(folder / "a", ko_dir)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from coreos_gpu.keys import write_key_pair
-from coreos_gpu.repository import load_trust
-
-from .nodetree import Node, make_bundle, snapshot
-from .test_bundle import CLOUD, CLOUD_RELEASE, VERSION
-from .test_node_fetch import UNREACHABLE, Repository, node_with, publish_to
+from .bundletools import CLOUD, CLOUD_RELEASE, VERSION
+from .nodetree import Node, NodeBundles, snapshot
+from .test_node_fetch import Repository, node_with, publish_to
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")]
@@ -64,12 +61,8 @@ exit "$rc"
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("faults")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return make_bundle(folder / "old", ko_dir), make_bundle(folder / "new", ko_dir,
-                                                            tool_version="0.2.0")
+def bundles(node_bundles: NodeBundles) -> tuple[Path, Path]:
+    return node_bundles.make("old"), node_bundles.make("new", tool_version="0.2.0")
 
 
 def bundle_name(bundle: Path) -> str:
@@ -252,17 +245,11 @@ class Fetched:
 
 
 @pytest.fixture(scope="module")
-def fetched(tmp_path_factory: pytest.TempPathFactory) -> Fetched:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to make ELF kernel modules")
-    folder = tmp_path_factory.mktemp("fetch-faults")
-    ko = folder / "ko"
-    ko.mkdir()
-    keys = write_key_pair(folder / "keys" / "repo.key")
-    trust = load_trust(UNREACHABLE, str(keys.public))  # each test serves its own
-    return Fetched(a=make_bundle(folder / "a", ko, repository=trust),
-                   b=make_bundle(folder / "b", ko, kernels=(CLOUD,), repository=trust),
-                   key=keys.private)
+def fetched(node_bundles: NodeBundles) -> Fetched:
+    trust = node_bundles.trust  # each test serves its own
+    return Fetched(a=node_bundles.make("a", repository=trust),
+                   b=node_bundles.make("b", kernels=(CLOUD,), repository=trust),
+                   key=node_bundles.keys.private)
 
 
 @pytest.fixture

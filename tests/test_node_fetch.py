@@ -30,11 +30,10 @@ from coreos_gpu.publish import publish
 from coreos_gpu.repository import load_trust
 from coreos_gpu.stores import FolderStore
 
-from .nodetree import SHELLS, Node, Result, make_bundle, snapshot
-from .test_bundle import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, VERSION
+from .bundletools import CLOUD, CLOUD_RELEASE, KERNEL, RELEASE, VERSION
+from .nodetree import SHELLS, UNREACHABLE, Node, NodeBundles, Result, make_bundle, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 BUS = "0000:00:1e.0"
 
 
@@ -54,25 +53,16 @@ def archive(bundle: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to make ELF kernel modules")
-    folder = tmp_path_factory.mktemp("fetch")
-    ko = folder / "ko"
-    ko.mkdir()
-    keys = write_key_pair(folder / "keys" / "repo.key")
-    other = write_key_pair(folder / "other" / "repo.key")
-    # The URL baked in is never served: each test points the node at its own server with
-    # NVIDIA_REPOSITORY_URL, as /etc/default/nvidia would.
-    trust = load_trust(UNREACHABLE, str(keys.public))
+def made(node_bundles: NodeBundles) -> Made:
+    make, trust = node_bundles.make, node_bundles.trust  # at UNREACHABLE: never served
     return Made(
-        a=make_bundle(folder / "a", ko, repository=trust),
-        b=make_bundle(folder / "b", ko, kernels=(CLOUD,), repository=trust),
-        a_later=make_bundle(folder / "a2", ko, repository=trust, tool_version="0.2.0"),
-        a_third=make_bundle(folder / "a3", ko, repository=trust, tool_version="0.3.0"),
-        open_b=make_bundle(folder / "ob", ko, kernels=(CLOUD,), repository=trust,
-                           flavour=KernelModuleType.OPEN),
-        key=keys.private, other_key=other.private)
+        a=make("a", repository=trust),
+        b=make("b", kernels=(CLOUD,), repository=trust),
+        a_later=make("a2", repository=trust, tool_version="0.2.0"),
+        a_third=make("a3", repository=trust, tool_version="0.3.0"),
+        open_b=make("ob", kernels=(CLOUD,), repository=trust, flavour=KernelModuleType.OPEN),
+        key=node_bundles.keys.private,
+        other_key=write_key_pair(node_bundles.folder / "other" / "repo.key").private)
 
 
 def publish_to(repo: Path, key: Path, *bundles: Path) -> None:

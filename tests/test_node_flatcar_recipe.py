@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .nodetree import SHELLS, Node, Result, make_bundle, snapshot
-from .test_bundle import KERNEL
+from .bundletools import KERNEL
+from .nodetree import SHELLS, Node, Result, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 THEIRS = "535.247.01"  # coreos-overlay's nvidia-drivers-service-535.247.01 (nvidia-metadata)
@@ -44,13 +44,6 @@ WantedBy=multi-user.target
 # The tools setup-nvidia copies into /opt/bin (copy_nvidia_build_artifacts), as files.
 TOOLS = ("nvidia-debugdump", "nvidia-cuda-mps-control", "nvidia-xconfig", "nvidia-modprobe",
          "nvidia-smi", "nvidia-cuda-mps-server", "nvidia-persistenced", "nvidia-settings")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("flatcar-recipe")
-    (folder / "ko").mkdir()
-    return make_bundle(folder / "a", folder / "ko")
 
 
 def write(root: Path, path: str, text: str) -> None:

@@ -20,8 +20,8 @@ from coreos_gpu.publish import publish, refresh
 from coreos_gpu.repository import POINTER, Index, load_index
 from coreos_gpu.stores import FolderStore
 
+from .bundletools import CLOUD
 from .nodetree import SHELLS, snapshot
-from .test_bundle import CLOUD
 from .test_node_fetch import Made, archive, made, node_with, one_error, refused, without_locks
 
 __all__ = ["made"]  # the module's bundles, shared with test_node_fetch

@@ -31,12 +31,9 @@ from typing import Any
 
 import pytest
 
-from coreos_gpu.keys import write_key_pair
-from coreos_gpu.repository import load_trust
-
-from .nodetree import SHELLS, Node, make_bundle, snapshot
-from .test_bundle import CLOUD
-from .test_node_fetch import UNREACHABLE, Repository, node_with, publish_to, without_locks
+from .bundletools import CLOUD
+from .nodetree import SHELLS, Node, NodeBundles, snapshot
+from .test_node_fetch import Repository, node_with, publish_to, without_locks
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 
@@ -142,15 +139,12 @@ class Published:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
-    folder = tmp_path_factory.mktemp("hostile")
-    (folder / "ko").mkdir()
-    keys = write_key_pair(folder / "keys" / "repo.key")
-    trust = load_trust(UNREACHABLE, str(keys.public))
-    a = make_bundle(folder / "a", folder / "ko", repository=trust)
-    b = make_bundle(folder / "b", folder / "ko", kernels=(CLOUD,), repository=trust)
+def published(node_bundles: NodeBundles) -> Published:
+    folder, trust = node_bundles.folder, node_bundles.trust
+    a = node_bundles.make("a", repository=trust)
+    b = node_bundles.make("b", kernels=(CLOUD,), repository=trust)
     root = folder / "repository"
-    publish_to(root, keys.private, a, b)
+    publish_to(root, node_bundles.keys.private, a, b)
     sha = (root / "index.current").read_text().split()[2]
     [(path, size)] = [(f[7], int(f[9])) for f in map(str.split, (
         root / f"index/{sha}.txt").read_text().splitlines()) if f[0] == "bundle" and f[6] == CLOUD]

@@ -19,8 +19,8 @@ from coreos_gpu.config import DriverFailurePolicy
 from coreos_gpu.keys import write_key_pair
 from coreos_gpu.repository import load_trust
 
-from .nodetree import SHELLS, Node, Result, make_bundle, reseal, snapshot
-from .test_bundle import CLOUD, KERNEL, VERSION
+from .bundletools import CLOUD, KERNEL, VERSION
+from .nodetree import SHELLS, Node, NodeBundles, Result, make_bundle, reseal, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 AGENTS = ("dcos-mesos-slave.service", "dcos-mesos-slave-public.service")
@@ -28,17 +28,15 @@ TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-doctor", "nvidia-uninstall")
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bundles(node_bundles: NodeBundles) -> dict[str, Path]:
     """Three bundles of one driver with three bundle ids, and a "wait" one."""
-    folder = tmp_path_factory.mktemp("install")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
+    make = node_bundles.make
     return {
-        "a": make_bundle(folder / "a", ko_dir),
-        "b": make_bundle(folder / "b", ko_dir, tool_version="0.2.0", kernels=(KERNEL, CLOUD)),
-        "c": make_bundle(folder / "c", ko_dir, tool_version="0.3.0"),
-        "wait": make_bundle(folder / "wait", ko_dir, tool_version="0.4.0",
-                            policy=DriverFailurePolicy.WAIT, agent_units=("my-agent.service",)),
+        "a": make("a"),
+        "b": make("b", tool_version="0.2.0", kernels=(KERNEL, CLOUD)),
+        "c": make("c", tool_version="0.3.0"),
+        "wait": make("wait", tool_version="0.4.0", policy=DriverFailurePolicy.WAIT,
+                     agent_units=("my-agent.service",)),
     }
 
 

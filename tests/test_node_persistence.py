@@ -26,9 +26,9 @@ from coreos_gpu import build as build_stage
 from coreos_gpu.config import KernelModuleType, Persistence, load_config
 from coreos_gpu.errors import CoreosGpuError, ExitCode
 
-from .nodetree import SHELLS, Node, Result, make_bundle, reseal, snapshot
+from .bundletools import KERNEL, PERSISTENCED, VERSION, make_package
+from .nodetree import SHELLS, Node, NodeBundles, Result, reseal, snapshot
 from .test_build_refusals import _tiny_run
-from .test_bundle import KERNEL, PERSISTENCED, VERSION, make_package
 from .test_node_install import on_the_running_system
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
@@ -40,12 +40,9 @@ DAEMON, LEGACY, OFF = Persistence.DAEMON, Persistence.LEGACY, Persistence.OFF
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[Persistence, Path]:
+def bundles(node_bundles: NodeBundles) -> dict[Persistence, Path]:
     """One driver, a bundle for each setting (daemon's package has nvidia-persistenced)."""
-    folder = tmp_path_factory.mktemp("persistence")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return {p: make_bundle(folder / p.value, ko_dir, persistence=p) for p in Persistence}
+    return {p: node_bundles.make(p.value, persistence=p) for p in Persistence}
 
 
 def unit_link(node: Node) -> Path:

@@ -10,24 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from coreos_gpu.keys import write_key_pair
-from coreos_gpu.repository import load_trust
+from coreos_gpu.node import default_node_files, inline_sources
 
-from .nodetree import SHELLS, Node, make_bundle, snapshot
-from .test_bundle import CLOUD
+from .bundletools import CLOUD
+from .nodetree import SHELLS, Node, NodeBundles, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def bundles(node_bundles: NodeBundles) -> tuple[Path, Path]:
     """One driver with a repository (never reached): for KERNEL, and for CLOUD."""
-    folder = tmp_path_factory.mktemp("refusals")
-    (folder / "ko").mkdir()
-    keys = write_key_pair(folder / "keys/repo.key")
-    trust = load_trust("http://127.0.0.1:9/repo", str(keys.public))
-    return (make_bundle(folder / "a", folder / "ko", repository=trust),
-            make_bundle(folder / "b", folder / "ko", kernels=(CLOUD,), repository=trust))
+    trust = node_bundles.trust
+    return (node_bundles.make("a", repository=trust),
+            node_bundles.make("b", kernels=(CLOUD,), repository=trust))
 
 
 @pytest.fixture
@@ -171,7 +167,10 @@ def test_bundle_env_values_are_read_as_the_build_wrote_them_never_run(
     env = tmp_path / "bundle.env"
     env.write_text("# Written by coreos-gpu\n" + "".join(
         f"K{n}={shlex.quote(v)}\n" for n, v in enumerate(values)))
-    lib = Path(__file__).resolve().parents[1] / "src/coreos_gpu/resources/node/lib.sh"
+    # lib.sh as a bundle carries it: its themes copied in by the build (node.py).
+    lib = tmp_path / "lib.sh"
+    lib.write_bytes(inline_sources((default_node_files() / "lib.sh").read_bytes(),
+                                   default_node_files(), name="lib.sh"))
     script = f'. "{lib}"\n' + "".join(
         f'bundle_value K{n} "{env}"; echo "|"\n' for n in range(len(values)))
     out = subprocess.run([*shell.split(), "-c", script], capture_output=True, text=True,

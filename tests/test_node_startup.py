@@ -8,18 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from .bundletools import CLOUD, KERNEL, VERSION
 from .nodetree import EIGHT_GPUS, SHELLS, UVM_MAJOR, Node, make_bundle
-from .test_bundle import CLOUD, KERNEL, VERSION
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("startup")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return make_bundle(folder / "b", ko_dir)
 
 
 def installed(tmp_path: Path, bundle: Path, *, shell: str = "sh") -> Node:

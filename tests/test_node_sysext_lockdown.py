@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from .nodetree import SHELLS, Node, Result, make_bundle, reseal, snapshot
-from .test_bundle import KERNEL, VERSION
+from .bundletools import KERNEL, VERSION
+from .nodetree import SHELLS, Node, Result, reseal, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
 GPU = "0000:00:1e.0"
@@ -32,13 +32,6 @@ LOCKDOWN = "sys/kernel/security/lockdown"
 SECURE_BOOT = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 # scripts/sign-file appends the signature, then this (MODULE_SIG_STRING).
 MAGIC = b"~Module signature appended~\n"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sysext-lockdown")
-    (folder / "ko").mkdir()
-    return make_bundle(folder / "a", folder / "ko")
 
 
 def write(root: Path, path: str, text: str | bytes) -> None:

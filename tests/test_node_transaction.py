@@ -23,11 +23,9 @@ from pathlib import Path
 import pytest
 
 from coreos_gpu.config import KernelModuleType
-from coreos_gpu.keys import write_key_pair
-from coreos_gpu.repository import load_trust
 
-from .nodetree import SHELLS, Node, Result, make_bundle, snapshot
-from .test_bundle import CLOUD, KERNEL
+from .bundletools import CLOUD, KERNEL
+from .nodetree import SHELLS, Node, NodeBundles, Result, snapshot
 from .test_node_faults import COMMANDS, bundle_name
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
@@ -53,18 +51,14 @@ class Bundles:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
-    folder = tmp_path_factory.mktemp("transaction")
-    ko = folder / "ko"
-    ko.mkdir()
-    keys = write_key_pair(folder / "keys/repo.key")
-    trust = load_trust("http://127.0.0.1:9/repo", str(keys.public))  # never reached
+def bundles(node_bundles: NodeBundles) -> Bundles:
+    make = node_bundles.make
     return Bundles(
-        old=make_bundle(folder / "old", ko),
-        new=make_bundle(folder / "new", ko, tool_version="0.2.0", repository=trust),
-        cloud=make_bundle(folder / "cloud", ko, tool_version="0.3.0", kernels=(CLOUD,)),
-        cloud_open=make_bundle(folder / "cloud-open", ko, tool_version="0.3.0",
-                               kernels=(CLOUD,), flavour=KernelModuleType.OPEN))
+        old=make("old"),
+        new=make("new", tool_version="0.2.0", repository=node_bundles.trust),  # never reached
+        cloud=make("cloud", tool_version="0.3.0", kernels=(CLOUD,)),
+        cloud_open=make("cloud-open", tool_version="0.3.0", kernels=(CLOUD,),
+                        flavour=KernelModuleType.OPEN))
 
 
 def with_driver(folder: Path, bundle: Path | None, shell: str = "sh") -> Node:

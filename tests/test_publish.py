@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -28,33 +27,19 @@ from coreos_gpu.publish import publish as publish_archives
 from coreos_gpu.repository import Index, json_path, parse_text, render_text
 from coreos_gpu.stores import Conflict, FolderStore, S3Store
 
+from .bundletools import CLOUD, KERNEL, VERSION
 from .conftest import CliResult, run_cli
 from .repotools import (
     Bundles,
     aws_env,
     current_text,
-    make_bundles,
     node_check,
     s3_client,
     start_racer,
 )
-from .test_bundle import CLOUD, KERNEL, VERSION
 from .test_repository import error, pub
 
 Cli = Callable[..., CliResult]
-
-
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to make ELF kernel modules")
-    base = tmp_path_factory.mktemp("publish-bundles")
-    return make_bundles(base / "bundles", base / "ko")
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    return write_key_pair(tmp_path / "keys" / "repo.key").private
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -36,8 +36,9 @@ from coreos_gpu.node import default_node_files
 from coreos_gpu.provision import DIR, UNIT, render_script, terraform_commands
 from coreos_gpu.render_types import DEFAULT_IMAGE, BundleSource, RepositorySource
 
+from .bundletools import KERNEL, VERSION
 from .conftest import CliResult
-from .nodetree import SHELLS, make_bundle
+from .nodetree import SHELLS, NodeBundles
 from .render_tools import (
     butane_to_ignition,
     decode_data_url,
@@ -46,7 +47,6 @@ from .render_tools import (
     schema_problems,
     unit_setting,
 )
-from .test_bundle import KERNEL, VERSION
 
 Cli = Callable[..., CliResult]
 URL = "https://gpu.example.com/bundles/nvidia.tar.gz"
@@ -57,14 +57,11 @@ REPO_URL = "https://gpu.example.com/repo"
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def archive(node_bundles: NodeBundles) -> Path:
     """A real bundle (real node scripts), for agent units "my-agent.service"."""
-    folder = tmp_path_factory.mktemp("render")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    make_bundle(folder / "b", ko_dir, agent_units=("my-agent.service",),
-                policy=DriverFailurePolicy.WAIT)
-    return folder / "b" / "nvidia.tar.gz"
+    extracted = node_bundles.make("b", agent_units=("my-agent.service",),
+                                  policy=DriverFailurePolicy.WAIT)
+    return extracted.parent / "nvidia.tar.gz"
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ from coreos_gpu.publish import publish
 from coreos_gpu.repository import load_trust
 from coreos_gpu.stores import open_store
 
+from .bundletools import CLOUD, VERSION
 from .conftest import CliResult, Mirror
 from .nodetree import Node, Result, make_bundle, snapshot
 from .render_tools import HashMismatch, ignite, remote_exec_inline, unit_setting
-from .test_bundle import CLOUD, VERSION
 from .test_node_install import STARTS, on_the_running_system
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the install tests run as root")
@@ -42,12 +42,9 @@ EXTRAS = {"opt/coreos-gpu", "opt/coreos-gpu/provision.sh", "opt/coreos-gpu/provi
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def extracted(bundle: Path) -> Path:
     """A real bundle extracted with tar, as the manual steps do; the archive beside it."""
-    folder = tmp_path_factory.mktemp("render-node")
-    ko_dir = folder / "ko"
-    ko_dir.mkdir()
-    return make_bundle(folder / "b", ko_dir)
+    return bundle
 
 
 def archive_of(extracted: Path) -> Path:

@@ -45,25 +45,12 @@ from coreos_gpu.repository import (
 )
 from coreos_gpu.stores import FolderStore
 
+from .bundletools import CLOUD, KERNEL, VERSION
 from .conftest import CliResult, Mirror
-from .repotools import REPOSITORY_SH, Bundles, current_text, make_bundles, node_check
-from .test_bundle import CLOUD, KERNEL, VERSION
+from .repotools import REPOSITORY_SH, Bundles, current_text, node_check
 
 Cli = Callable[..., CliResult]
 SHA_A, SHA_B = "a" * 64, "b" * 64
-
-
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to make ELF kernel modules")
-    base = tmp_path_factory.mktemp("repo-bundles")
-    return make_bundles(base / "bundles", base / "ko")
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    return write_key_pair(tmp_path / "keys" / "repo.key").private
 
 
 def pub(key: Path) -> Path:
