@@ -39,7 +39,10 @@ def render_sh() -> str:
         "# (src/coreos_gpu/resources/exit-codes.toml, which the docs and the man pages come from",
         f"# too): do not edit, change the table and run `{REGENERATE}`.",
         "# Constants only, the same in every script that sources it: die \"$INSTALL_CORRUPT\" ….",
+        "# One { } group, so that shellcheck's directive, which a script's parts lose once copied",
+        "# into its middle, covers every assignment wherever it stands.",
         "# shellcheck disable=SC2034  # each script uses only some",
+        "{",
     ]
     for code in exit_code_table():
         programs = [p for p in code.programs if p in NODE_PROGRAMS]
@@ -60,7 +63,7 @@ def render_sh() -> str:
             out += [f"{code.name}_FIRST={code.first}", f"{code.name}_LAST={code.last}"]
             if code.offset:
                 out.append(f"{code.name}_OFFSET={code.offset}")
-    return "\n".join(out) + "\n"
+    return "\n".join([*out, "}"]) + "\n"
 
 
 def main() -> int:

@@ -159,6 +159,35 @@ def test_no_node_script_has_a_variable_of_a_constant_s_name() -> None:
         assert not clash, f"{script.name} assigns {clash}"
 
 
+
+# A code written as a number where a script exits or passes one on: `die 4 …`, `exit 3`,
+# `need_tools 7 …`, `lock_install 6` (exit 0, exit 1 and return are not program codes: awk's
+# exit 1, a function's status).
+LITERAL_CODE = re.compile(r"\b(?:die|need_tools|lock_install) [0-9]+\b"
+                          r"|\bexit (?:[2-9]|[1-9][0-9]+)\b")
+
+
+def literal_codes(text: str) -> list[str]:
+    """The lines of a script (comments left out) that give an exit code as a number."""
+    return [line.strip() for line in text.splitlines()
+            if not line.lstrip().startswith("#") and LITERAL_CODE.search(line)]
+
+
+def test_the_node_scripts_exit_with_the_constants() -> None:
+    """Every code a node script exits with is one of exit-codes.sh's names, so that the table
+    is the one place a code is defined; a number in its place is found (and the check finds one:
+    the second half)."""
+    folders = (NODE, REPO / "src/coreos_gpu/resources/provision")
+    scripts = [p for folder in folders for p in sorted(folder.iterdir())
+               if p.name != "exit-codes.sh" and p.is_file()
+               and (p.suffix == ".sh" or p.read_bytes().startswith(b"#!/bin/sh"))]
+    assert len(scripts) >= 10
+    for script in scripts:
+        assert not literal_codes(script.read_text(encoding="utf-8")), script.name
+    assert literal_codes('\tdie 4 "corrupt"\n# die 4 in a comment\n') == ['die 4 "corrupt"']
+    assert literal_codes("[ -z \"$B\" ] || exit 3\nexit 1\n") == ['[ -z "$B" ] || exit 3']
+
+
 # --- docs/reference/exit-codes.md --------------------------------------------------------
 
 

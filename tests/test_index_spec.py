@@ -89,7 +89,9 @@ def test_the_node_text_reader_agrees(shell: str, tmp_path: Path,
     otherwise reads the generation, key and expiry parse_text reads; repo_pick takes only
     bundles parse_text read, and the case's."""
     # Each case: "<n>\t<GENERATION KEY EXPIRES, or REFUSED code>", each pick "<n>.<j>\t<line>".
-    script = [f'. "{REPOSITORY_SH}"', "say() { :; }", 'die() { echo "REFUSED $1"; exit 0; }',
+    # The codes it dies with come from exit-codes.sh, as fetch.sh and provision.sh have them.
+    script = [f'. "{REPOSITORY_SH.parent / "exit-codes.sh"}"', f'. "{REPOSITORY_SH}"',
+              "say() { :; }", 'die() { echo "REFUSED $1"; exit 0; }',
               f'ROOT="{tmp_path}/root" REPO_CHECK_ONLY=1']
     for n, case in enumerate(TEXT):
         (tmp_path / f"{n}").write_bytes(case["text"].encode())

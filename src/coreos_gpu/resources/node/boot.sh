@@ -33,25 +33,25 @@ if [ -z "$PROBLEM" ] && [ -n "$CURRENT" ]; then
 	exec "$ROOT$OPT/$CURRENT/startup.sh" "$@"
 fi
 [ -n "$PROBLEM" ] ||
-	die 3 "no driver is installed ($OPT/current is missing); extract a bundle and run its install_nvidia.sh"
+	die "$STARTUP_INCOMPLETE" "no driver is installed ($OPT/current is missing); extract a bundle and run its install_nvidia.sh"
 PREVIOUS=$(readlink "$ROOT$OPT/previous" 2>/dev/null || true)
 bootable "$PREVIOUS" ||
-	die 3 "$PROBLEM, and there is no whole previous driver to fall back to; extract a bundle and run its install_nvidia.sh"
+	die "$STARTUP_INCOMPLETE" "$PROBLEM, and there is no whole previous driver to fall back to; extract a bundle and run its install_nvidia.sh"
 if [ "$DRY" = 1 ]; then
 	warn "$PROBLEM: would point it at the previous driver, $PREVIOUS, and start that"
 else
 	warn "$PROBLEM: pointing it at the previous driver, $PREVIOUS, and starting that"
-	lock_install 3
+	lock_install "$STARTUP_INCOMPLETE"
 	# Looked at again under the lock: an install may have repaired it meanwhile.
 	if [ -n "$(current_problem)" ]; then
 		# A folder or file in its place (an earlier tool's?) is kept, out of the way.
 		if [ ! -L "$ROOT$OPT/current" ] && [ -e "$ROOT$OPT/current" ]; then
 			mv -T "$ROOT$OPT/current" "$ROOT$OPT/current.not-a-link.$$" ||
-				die 3 "cannot move $OPT/current out of the way; move it out of $OPT and run me again"
+				die "$STARTUP_INCOMPLETE" "cannot move $OPT/current out of the way; move it out of $OPT and run me again"
 			say "moved $OPT/current to $OPT/current.not-a-link.$$"
 		fi
 		replace_link "$PREVIOUS" "$ROOT$OPT/current" ||
-			die 3 "cannot point $OPT/current at $PREVIOUS; run install_nvidia.sh from a bundle"
+			die "$STARTUP_INCOMPLETE" "cannot point $OPT/current at $PREVIOUS; run install_nvidia.sh from a bundle"
 		# The ld.so cache names the libraries through current: the same paths, now there.
 		run_ldconfig || warn "ldconfig failed; run it by hand"
 	fi

@@ -2,7 +2,10 @@
 # (src/coreos_gpu/resources/exit-codes.toml, which the docs and the man pages come from
 # too): do not edit, change the table and run `python scripts/exit_codes.py`.
 # Constants only, the same in every script that sources it: die "$INSTALL_CORRUPT" ….
+# One { } group, so that shellcheck's directive, which a script's parts lose once copied
+# into its middle, covers every assignment wherever it stands.
 # shellcheck disable=SC2034  # each script uses only some
+{
 
 # install_nvidia.sh: installed (and started, unless --no-start; a repository's watcher or retry
 #   timer, or the persistence daemon, that would not start is a warning), or uninstalled; or
@@ -162,3 +165,4 @@ FETCH_INTERRUPTED=130
 # node/fetch.sh: stopped by SIGTERM (systemctl stop, a unit's timeout); its temporary folder is
 #   removed
 FETCH_TERMINATED=143
+}

@@ -23,12 +23,12 @@ unfixable_failure() {
 	[ "$(systemctl show -p Result --value nvidia.service 2>/dev/null)" = exit-code ] || return 0
 	uf_code=$(systemctl show -p ExecMainStatus --value nvidia.service 2>/dev/null)
 	case $uf_code in
-	2) uf_what="bad command line (not the ExecStart install_nvidia.sh wrote)"; uf_do="install the bundle again (install_nvidia.sh)" ;;
-	4) uf_what="kernel $(uname -r) does not take the modules: none for it, built for another, or unsigned where it loads only signed ones (Secure Boot)"; uf_do="journalctl -u nvidia.service says which: install a bundle built for kernel $(uname -r), or one with modules it trusts" ;;
-	5) uf_what="a module failed to load"; uf_do="journalctl -u nvidia.service and dmesg say why; fix it, then systemctl restart nvidia.service" ;;
-	6) uf_what="device nodes could not be made"; uf_do="journalctl -u nvidia.service says which; fix it, then systemctl restart nvidia.service" ;;
-	8) uf_what="the driver found no usable GPU"; uf_do="check that driver $DRIVER_VERSION ($FLAVOUR modules) supports the GPU, then systemctl restart nvidia.service" ;;
-	9) uf_what="another NVIDIA driver version is loaded, or Flatcar's NVIDIA sysext is enabled"; uf_do="reboot to load $DRIVER_VERSION, or disable the sysext as journalctl -u nvidia.service says" ;;
+	"$USAGE") uf_what="bad command line (not the ExecStart install_nvidia.sh wrote)"; uf_do="install the bundle again (install_nvidia.sh)" ;;
+	"$STARTUP_KERNEL_REFUSED") uf_what="kernel $(uname -r) does not take the modules: none for it, built for another, or unsigned where it loads only signed ones (Secure Boot)"; uf_do="journalctl -u nvidia.service says which: install a bundle built for kernel $(uname -r), or one with modules it trusts" ;;
+	"$STARTUP_LOAD_FAILED") uf_what="a module failed to load"; uf_do="journalctl -u nvidia.service and dmesg say why; fix it, then systemctl restart nvidia.service" ;;
+	"$STARTUP_NO_DEVICE_NODES") uf_what="device nodes could not be made"; uf_do="journalctl -u nvidia.service says which; fix it, then systemctl restart nvidia.service" ;;
+	"$STARTUP_NO_GPU") uf_what="the driver found no usable GPU"; uf_do="check that driver $DRIVER_VERSION ($FLAVOUR modules) supports the GPU, then systemctl restart nvidia.service" ;;
+	"$STARTUP_OTHER_DRIVER") uf_what="another NVIDIA driver version is loaded, or Flatcar's NVIDIA sysext is enabled"; uf_do="reboot to load $DRIVER_VERSION, or disable the sysext as journalctl -u nvidia.service says" ;;
 	*) return 0 ;;
 	esac
 	printf '%s\n' "nvidia.service failed (startup.sh exit $uf_code: $uf_what) and no retry can fix that: not starting it again until it runs again or $OPT/current changes; $uf_do (nvidia-doctor checks the node)"

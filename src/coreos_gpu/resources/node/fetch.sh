@@ -21,23 +21,9 @@
 # off. The key cannot be overridden. Downloads are bounded: NVIDIA_FETCH_TIMEOUT seconds for
 # the bundle (default 180), a tenth of it (at least 10) for each index file.
 #
-# Exit codes (21-25 as provision.sh's, which fetches a node's first bundle the same way):
-#   0   staged, or nothing to do (already installed or staged; no update waiting)
-#   2   bad command line
-#   3   no repository configured, or this installation is incomplete
-#   6   another fetch.sh kept the lock for 15 minutes
-#   7   a command it needs is missing (curl or wget, openssl, tar)
-#   21  the bundle downloaded does not match the sha256 or size the index gives
-#   22  the repository cannot be reached, a download failed or timed out, or the URL holds
-#       no coreos-gpu repository
-#   23  the index is not signed by this bundle's key (or is not the index index.current names)
-#   24  the repository has no bundle for this kernel (or release), driver, flavour and profile
-#   25  the bundle downloaded cannot be extracted, lacks what the index promises (an
-#       executable install_nvidia.sh, modules for its kernel), or did not install (install_nvidia.sh's
-#       message says why)
-#   26  not enough free space for the download
-#   28  the index is older than one this node accepted before (a replayed or rolled-back copy)
-#   29  the index has expired (the repository was not refreshed, or the clock is wrong)
+# Exit codes: node/exit-codes.sh's FETCH_*, REPO_* (provision.sh's too, which fetches a
+# node's first bundle the same way) and the shared ones; made, as is
+# docs/reference/exit-codes.md, from coreos-gpu's one table of them.
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -67,16 +53,16 @@ while [ $# -gt 0 ]; do
 	--kernel | --kernel=*) option_value "$@"; MODE=kernel; KERNEL=$VALUE; shift "$SHIFT" ;;
 	--update | --watch | --retry | --index) MODE=${1#--} ;;
 	-h | --help) usage; exit 0 ;;
-	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
+	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit "$USAGE" ;;
 	esac
 	shift
 done
-[ -n "$MODE" ] || { usage >&2; exit 2; }
+[ -n "$MODE" ] || { usage >&2; exit "$USAGE"; }
 
 HERE=$(dirname "$(dirname "$(readlink -f "$0")")")  # the driver folder: this is node/fetch.sh
 [ -r "$HERE/node/lib.sh" ] && [ -r "$HERE/node/repository.sh" ] && [ -r "$HERE/node/bundle.env" ] || {
 	printf '%s: error: %s/node/lib.sh, repository.sh or bundle.env is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
-	exit 3
+	exit "$FETCH_NO_REPOSITORY"
 }
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/node/lib.sh"
@@ -84,7 +70,7 @@ HERE=$(dirname "$(dirname "$(readlink -f "$0")")")  # the driver folder: this is
 . "$HERE/node/repository.sh"
 ROOT=$(parse_root "$ROOT")
 case $KERNEL in
-*[!A-Za-z0-9._+~-]*) die 2 "--kernel $KERNEL is not a kernel release (e.g. 6.6.54-flatcar)" ;;
+*[!A-Za-z0-9._+~-]*) die "$USAGE" "--kernel $KERNEL is not a kernel release (e.g. 6.6.54-flatcar)" ;;
 esac
 DRIVER_VERSION=$(bundle_value DRIVER_VERSION "$HERE/node/bundle.env")
 FLAVOUR=$(bundle_value FLAVOUR "$HERE/node/bundle.env")
@@ -93,7 +79,7 @@ OS=$(bundle_value OS "$HERE/node/bundle.env")
 KEY=$HERE/node/repository.pub
 URL=$(repository_url "$HERE")
 TIMEOUT=${NVIDIA_FETCH_TIMEOUT:-180}
-case $TIMEOUT in "" | *[!0-9]* | 0) die 2 "NVIDIA_FETCH_TIMEOUT=$TIMEOUT is not a number of seconds" ;; esac
+case $TIMEOUT in "" | *[!0-9]* | 0) die "$USAGE" "NVIDIA_FETCH_TIMEOUT=$TIMEOUT is not a number of seconds" ;; esac
 INDEX_TIMEOUT=$((TIMEOUT / 10))
 [ "$INDEX_TIMEOUT" -ge 10 ] || INDEX_TIMEOUT=10
 [ "$INDEX_TIMEOUT" -le "$TIMEOUT" ] || INDEX_TIMEOUT=$TIMEOUT
@@ -114,7 +100,7 @@ extract_bundle() {
 	*.xz) eb_err=$(tar -xJf "$1" --no-same-owner -C "$2" 2>&1) ;;
 	*.zst) eb_err=$({ zstd -dc "$1" | tar -xf - --no-same-owner -C "$2"; } 2>&1) ;;
 	*) eb_err=$(tar -xzf "$1" --no-same-owner -C "$2" 2>&1) ;;
-	esac || die 25 "cannot extract $1: $(first_reason "$eb_err")"
+	esac || die "$REPO_BAD_BUNDLE" "cannot extract $1: $(first_reason "$eb_err")"
 }
 
 # first_reason TEXT: the line of tar's (or gzip's) complaint that names the problem (a
@@ -152,7 +138,7 @@ stage_bundle() {
 	fetch_index
 	CHOSEN=$(repo_pick "$WORK/index.txt" "$sb_by" "$sb_want" "$DRIVER_VERSION" "$FLAVOUR" "$PROFILE" "$OS")
 	[ -n "$CHOSEN" ] ||
-		die 24 "$URL has no bundle for $sb_what, driver $DRIVER_VERSION, ${FLAVOUR} modules, profile $PROFILE, $OS: build and publish one (coreos-gpu build … && coreos-gpu publish …); nothing was installed"
+		die "$REPO_NO_BUNDLE" "$URL has no bundle for $sb_what, driver $DRIVER_VERSION, ${FLAVOUR} modules, profile $PROFILE, $OS: build and publish one (coreos-gpu build … && coreos-gpu publish …); nothing was installed"
 	read -r sb_path sb_sha sb_size sb_kernel <<EOF
 $CHOSEN
 EOF
@@ -161,9 +147,9 @@ EOF
 		# Another release with the same kernel: the installed folder serves it (staged
 		# for it, unless it is the one in use).
 		if [ "$sb_by" = release ] && [ "$sb_installed" != "$(readlink "$ROOT$OPT/current")" ]; then
-			lock_install 6
+			lock_install "$LOCKED"
 			clear_leftovers_in_opt
-			record_staged "$sb_installed" "$sb_want" || die 1 "cannot write $ROOT$STAGED"
+			record_staged "$sb_installed" "$sb_want" || die "$STEP_FAILED" "cannot write $ROOT$STAGED"
 			exec 9<&-
 		fi
 		say "driver $DRIVER_VERSION for kernel $sb_kernel ($sb_what) is installed already ($OPT/$sb_installed)"
@@ -171,33 +157,33 @@ EOF
 	fi
 	sb_free=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 	[ $(( ${sb_free:-0} * 1024 )) -gt $((sb_size * 4)) ] ||
-		die 26 "not enough space in $ROOT$OPT to fetch the driver for $sb_what: $((sb_size * 4 / 1048576)) MiB needed (the archive and its extracted copy), $((${sb_free:-0} / 1024)) MiB free"
+		die "$FETCH_NO_SPACE" "not enough space in $ROOT$OPT to fetch the driver for $sb_what: $((sb_size * 4 / 1048576)) MiB needed (the archive and its extracted copy), $((${sb_free:-0} / 1024)) MiB free"
 	say "fetching the driver for $sb_what: $URL/$sb_path ($((sb_size / 1048576)) MiB)"
 	sb_archive=$WORK/${sb_path##*/}
 	repo_bundle "$URL" "$sb_path" "$sb_sha" "$sb_size" "$sb_archive" "$TIMEOUT"
-	mkdir "$WORK/bundle" || die 1 "cannot create $WORK/bundle"
+	mkdir "$WORK/bundle" || die "$STEP_FAILED" "cannot create $WORK/bundle"
 	extract_bundle "$sb_archive" "$WORK/bundle"
 	rm -f "$sb_archive"
 	# Signed, but still to be checked for what the index promises: a bundle to run, with
 	# modules for the kernel it is listed for (else the boot into it would fail once more).
 	[ -f "$WORK/bundle/install_nvidia.sh" ] && [ -x "$WORK/bundle/install_nvidia.sh" ] ||
-		die 25 "the bundle from $URL/$sb_path has no executable install_nvidia.sh: it is not a coreos-gpu bundle; nothing was installed"
+		die "$REPO_BAD_BUNDLE" "the bundle from $URL/$sb_path has no executable install_nvidia.sh: it is not a coreos-gpu bundle; nothing was installed"
 	[ -d "$WORK/bundle/payload/$DRIVER_VERSION/modules/$sb_kernel" ] ||
-		die 25 "the bundle from $URL/$sb_path has no modules for kernel $sb_kernel, which the signed index lists it for: publish the right bundle for it; nothing was installed"
+		die "$REPO_BAD_BUNDLE" "the bundle from $URL/$sb_path has no modules for kernel $sb_kernel, which the signed index lists it for: publish the right bundle for it; nothing was installed"
 	set --
 	[ -z "$ROOT" ] || set -- --root "$ROOT"
 	[ "$sb_by" = kernel ] || set -- "$@" --release "$sb_want"
 	"$WORK/bundle/install_nvidia.sh" "$@" --stage
 	sb_rc=$?
 	[ "$sb_rc" = 0 ] ||
-		die 25 "the driver fetched for $sb_what did not install (install_nvidia.sh --stage exit $sb_rc, see above)"
+		die "$REPO_BAD_BUNDLE" "the driver fetched for $sb_what did not install (install_nvidia.sh --stage exit $sb_rc, see above)"
 }
 
 # lock_fetch: one fetch at a time (boot, the watcher, the timer); clears what a killed one
 # left. install_nvidia.sh has its own lock, taken by the install this runs.
 lock_fetch() {
 	[ -z "${WORK:-}" ] || return 0
-	[ -d "$ROOT$OPT" ] || die 3 "$ROOT$OPT is missing: install a driver first"
+	[ -d "$ROOT$OPT" ] || die "$FETCH_NO_REPOSITORY" "$ROOT$OPT is missing: install a driver first"
 	lock_file 8 "$ROOT$OPT/.fetch.lock" 900 6 "another fetch.sh kept $ROOT$OPT/.fetch.lock for 15 minutes"
 	for lf_left in "$ROOT$OPT"/.fetch.*; do
 		[ "$lf_left" = "$ROOT$OPT/.fetch.lock" ] || ! [ -e "$lf_left" ] || rm -rf "$lf_left"
@@ -206,10 +192,10 @@ lock_fetch() {
 	# that finds its driver staged already runs no install that would clear it.
 	# A busy or unopenable lock: leave it to the next install.
 	(lock_file 9 "$ROOT$OPT/.lock" 0 "" "" && clear_leftovers_in_opt) || :
-	WORK=$(mktemp -d "$ROOT$OPT/.fetch.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
+	WORK=$(mktemp -d "$ROOT$OPT/.fetch.XXXXXX") || die "$STEP_FAILED" "cannot create a folder in $ROOT$OPT"
 	trap 'rm -rf "$WORK"' EXIT
-	trap 'exit 143' TERM
-	trap 'exit 130' INT
+	trap 'exit "$FETCH_TERMINATED"' TERM
+	trap 'exit "$FETCH_INTERRUPTED"' INT
 }
 
 # --- update-engine ------------------------------------------------------------------------
@@ -238,14 +224,14 @@ os_release_of_node() {
 . "${0%/*}/fetch-retry.sh" # coreos-gpu: inline
 
 # --- main -----------------------------------------------------------------------------------
-need_tools 7 openssl tar sha256sum flock mktemp awk sed df timeout
+need_tools "$MISSING_COMMAND" openssl tar sha256sum flock mktemp awk sed df timeout
 repository_set || [ "$MODE" = retry ] ||
-	die 3 "no bundle repository is configured: the bundle in $HERE was built without --repository (or /etc/default/nvidia says NVIDIA_REPOSITORY_URL=none)"
-case $URL in http://* | https://*) command -v curl >/dev/null 2>&1 || need_tools 7 wget ;; esac
+	die "$FETCH_NO_REPOSITORY" "no bundle repository is configured: the bundle in $HERE was built without --repository (or /etc/default/nvidia says NVIDIA_REPOSITORY_URL=none)"
+case $URL in http://* | https://*) command -v curl >/dev/null 2>&1 || need_tools "$MISSING_COMMAND" wget ;; esac
 case $MODE in
 kernel) stage_bundle kernel "$KERNEL" ;;
 index)
-	WORK=$(mktemp -d) || die 1 "cannot create a temporary folder"
+	WORK=$(mktemp -d) || die "$STEP_FAILED" "cannot create a temporary folder"
 	trap 'rm -rf "$WORK"' EXIT
 	REPO_CHECK_ONLY=1 # checked against the generation remembered, and not remembered
 	fetch_index
@@ -276,5 +262,5 @@ watch)
 	update_engine_client -watch_for_updates 2>&1 | while read -r line; do
 		case $line in *UPDATE_STATUS_UPDATED_NEED_REBOOT*) (stage_update) ;; esac
 	done
-	die 1 "update_engine_client -watch_for_updates ended" ;;
+	die "$STEP_FAILED" "update_engine_client -watch_for_updates ended" ;;
 esac

@@ -61,27 +61,27 @@ systemctl_root() {
 # current and falls back to previous), the agents' drop-ins and the doctor are files of their
 # own: a broken `current` cannot take them with it.
 put_boot_files() {
-	put_copy "$FROM/node/boot.sh" "$ROOT$OPT/startup.sh" 0755 || die 1 "cannot write $OPT/startup.sh"
+	put_copy "$FROM/node/boot.sh" "$ROOT$OPT/startup.sh" 0755 || die "$STEP_FAILED" "cannot write $OPT/startup.sh"
 	put_copy "$FROM/node/nvidia-doctor" "$ROOT$OPT/nvidia-doctor" 0755 ||
-		die 1 "cannot write $OPT/nvidia-doctor"
-	make_dir "$ROOT/etc/ld.so.conf.d" && put_file "$LDCONF_TEXT" "$LDCONF" || die 1 "cannot write $LDCONF"
+		die "$STEP_FAILED" "cannot write $OPT/nvidia-doctor"
+	make_dir "$ROOT/etc/ld.so.conf.d" && put_file "$LDCONF_TEXT" "$LDCONF" || die "$STEP_FAILED" "cannot write $LDCONF"
 	make_dir "$UNITS" && put_copy "$FROM/nvidia.service" "$UNITS/nvidia.service" 0644 ||
-		die 1 "cannot write $UNITS/nvidia.service"
+		die "$STEP_FAILED" "cannot write $UNITS/nvidia.service"
 	# The bundle's units come and go with its settings (repository, persistence).
 	for unit in $BUNDLE_UNITS; do
 		if [ -f "$FROM/node/$unit" ]; then
-			put_link "$OPT/current/node/$unit" "$UNITS/$unit" || die 1 "cannot link $UNITS/$unit"
+			put_link "$OPT/current/node/$unit" "$UNITS/$unit" || die "$STEP_FAILED" "cannot link $UNITS/$unit"
 		elif [ -L "$UNITS/$unit" ] && ours "$UNITS/$unit"; then
 			disable "$unit"
-			put_away "$UNITS/$unit" || die 1 "cannot remove $UNITS/$unit"
+			put_away "$UNITS/$unit" || die "$STEP_FAILED" "cannot remove $UNITS/$unit"
 		fi
 	done
 	for unit in $AGENT_UNITS; do
 		make_dir "$UNITS/$unit.d" &&
 			put_copy "$FROM/node/agent-dropin.conf" "$UNITS/$unit.d/$DROPIN_NAME" 0644 ||
-			die 1 "cannot add the drop-in for $unit"
+			die "$STEP_FAILED" "cannot add the drop-in for $unit"
 	done
-	make_dir "$ROOT/opt/bin" || die 1 "cannot create /opt/bin"
+	make_dir "$ROOT/opt/bin" || die "$STEP_FAILED" "cannot create /opt/bin"
 	# /opt/bin links, for humans: the driver's tools, the doctor, and nvidia-uninstall (the
 	# driver folder's copy of this script, which outlives the extracted bundle in /tmp).
 	TOOLS=
@@ -98,6 +98,6 @@ put_boot_files() {
 				continue
 			fi ;;
 		esac
-		put_link "$OPT/${entry#*:}" "$ROOT/opt/bin/$tool" || die 1 "cannot link /opt/bin/$tool"
+		put_link "$OPT/${entry#*:}" "$ROOT/opt/bin/$tool" || die "$STEP_FAILED" "cannot link /opt/bin/$tool"
 	done
 }

@@ -40,7 +40,7 @@ lock() {
 # lock_prepare: $OPT, where the lock file lives, before each try (an --uninstall that held the
 # lock may have removed it).
 lock_prepare() {
-	make_opt || die 1 "cannot create $OPT under ${ROOT:-/}"
+	make_opt || die "$STEP_FAILED" "cannot create $OPT under ${ROOT:-/}"
 }
 
 # A run that was killed leaves temporary names behind: clear them under the lock.
@@ -104,38 +104,38 @@ land_driver() {
 		say "would install driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
 		FROM=$BUNDLE
 		BAD=$(check_settings "$FROM/node/bundle.env")
-		[ -z "$BAD" ] || die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
+		[ -z "$BAD" ] || die "$INSTALL_CORRUPT" "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 		check_expected "$BUNDLE" "the extracted bundle in $BUNDLE"
 	else
-		STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die 1 "cannot create a folder in $ROOT$OPT"
+		STAGE=$(mktemp -d "$ROOT$OPT/.stage.XXXXXX") || die "$STEP_FAILED" "cannot create a folder in $ROOT$OPT"
 		txn_note tree "$STAGE"
 		LAND=copy
 		! fetched_bundle || LAND=move
 		quietly land_bundle ||
-			die 4 "cannot $LAND the bundle in $BUNDLE into $STAGE; extract the whole archive again"
+			die "$INSTALL_CORRUPT" "cannot $LAND the bundle in $BUNDLE into $STAGE; extract the whole archive again"
 		# Its shape before anything follows a path in it (chmod would follow a link), then
 		# owner and modes, then the sums.
 		BAD=$(cd "$STAGE" && check_bundle "payload/$DRIVER_VERSION/" structure)
 		[ -z "$BAD" ] ||
-			die 4 "the bundle in $BUNDLE changed after it was extracted: $BAD; download and extract it again, where only root can write"
-		quietly chown -R -h 0:0 "$STAGE" || die 1 "cannot make $STAGE root's"
-		quietly set_modes || die 1 "cannot set the modes of the files in $STAGE"
+			die "$INSTALL_CORRUPT" "the bundle in $BUNDLE changed after it was extracted: $BAD; download and extract it again, where only root can write"
+		quietly chown -R -h 0:0 "$STAGE" || die "$STEP_FAILED" "cannot make $STAGE root's"
+		quietly set_modes || die "$STEP_FAILED" "cannot set the modes of the files in $STAGE"
 		BAD=$(cd "$STAGE" && verdict "$(check_tree "payload/$DRIVER_VERSION/" modes)" "the files' modes")
-		[ -z "$BAD" ] || die 1 "cannot set the modes of the files in $STAGE: $BAD"
+		[ -z "$BAD" ] || die "$STEP_FAILED" "cannot set the modes of the files in $STAGE: $BAD"
 		BAD=$(cd "$STAGE" && verdict "$(check_sums "payload/$DRIVER_VERSION/")" "the bundle's sums")
 		[ -z "$BAD" ] ||
-			die 4 "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
+			die "$INSTALL_CORRUPT" "the bundle in $BUNDLE is corrupt: $BAD (in its root-owned copy); download and extract it again"
 		# The sums passed, so this one SHA256SUMS speaks for the whole copy.
 		check_expected "$STAGE" "the extracted bundle in $BUNDLE"
 		BAD=$(check_settings "$STAGE/node/bundle.env")
 		[ -z "$BAD" ] ||
-			die 4 "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
+			die "$INSTALL_CORRUPT" "the bundle in $BUNDLE is unsafe: $BAD; rebuild it with coreos-gpu build"
 		# The soname links (libnvidia-ml.so.1 -> …) are ldconfig's to make, in the new folder
 		# before it goes live; the cache itself is refreshed once current points there.
-		[ ! -d "$STAGE/lib64" ] || quietly ldconfig -n "$STAGE/lib64" || die 1 "ldconfig -n $STAGE/lib64 failed"
-		quietly chmod 0755 "$STAGE" && quietly sync -f "$STAGE" || die 1 "cannot write $STAGE to disk"
+		[ ! -d "$STAGE/lib64" ] || quietly ldconfig -n "$STAGE/lib64" || die "$STEP_FAILED" "ldconfig -n $STAGE/lib64 failed"
+		quietly chmod 0755 "$STAGE" && quietly sync -f "$STAGE" || die "$STEP_FAILED" "cannot write $STAGE to disk"
 		txn_note tree "$DEST"
-		quietly mv -T "$STAGE" "$DEST" || die 1 "cannot rename $STAGE to $DEST"
+		quietly mv -T "$STAGE" "$DEST" || die "$STEP_FAILED" "cannot rename $STAGE to $DEST"
 		say "installed driver $DRIVER_VERSION ($ID) into $OPT/$NAME"
 		FROM=$DEST
 	fi
@@ -152,7 +152,7 @@ stage_driver() {
 			say "would record $OPT/$NAME in $STAGED as staged for release $STAGE_RELEASE"
 		else
 			txn_save "$ROOT$STAGED"
-			record_staged "$NAME" "$STAGE_RELEASE" || die 1 "cannot write $ROOT$STAGED"
+			record_staged "$NAME" "$STAGE_RELEASE" || die "$STEP_FAILED" "cannot write $ROOT$STAGED"
 			say "staged driver $DRIVER_VERSION ($ID) for kernel $KERNEL_RELEASES in $OPT/$NAME; $OPT/current stays $CURRENT until the node boots that kernel"
 		fi
 		txn_commit

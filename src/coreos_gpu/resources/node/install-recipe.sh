@@ -29,7 +29,7 @@ stop_recipe() {
 	fi
 	say "stopping $sr_what"
 	RECIPE_STOPPED=1
-	quietly systemctl stop nvidia.service || die 1 "cannot stop Flatcar's nvidia.service (setup-nvidia)"
+	quietly systemctl stop nvidia.service || die "$STEP_FAILED" "cannot stop Flatcar's nvidia.service (setup-nvidia)"
 }
 
 # take_over_recipe: setup-nvidia's `current` link and /opt/bin tools go (the switch and the
@@ -39,11 +39,11 @@ take_over_recipe() {
 	tr_what=
 	if [ -n "$RECIPE_CURRENT" ]; then
 		tr_what=" $OPT/current"
-		put_away "$ROOT$OPT/current" || die 1 "cannot remove Flatcar's $OPT/current (setup-nvidia's)"
+		put_away "$ROOT$OPT/current" || die "$STEP_FAILED" "cannot remove Flatcar's $OPT/current (setup-nvidia's)"
 	fi
 	for tr_tool in $RECIPE_TOOLS; do
 		tr_what="$tr_what /opt/bin/$tr_tool"
-		put_away "$ROOT/opt/bin/$tr_tool" || die 1 "cannot remove Flatcar's /opt/bin/$tr_tool (setup-nvidia's)"
+		put_away "$ROOT/opt/bin/$tr_tool" || die "$STEP_FAILED" "cannot remove Flatcar's /opt/bin/$tr_tool (setup-nvidia's)"
 	done
 	tr_line=
 	[ ! -f "$LDCONF" ] || read -r tr_line <"$LDCONF" || true

@@ -39,12 +39,13 @@ start_driver() {
 	UNIT_STARTED=1
 	[ "$STARTED" != 0 ] || systemctl_root start nvidia.service || UNIT_STARTED=0
 	start_bundle_units
-	# startup.sh's own code shows through: 10 + its 3..9 (any other: 11).
+	# startup.sh's own code shows through: INSTALL_NOT_STARTED_OFFSET + its 3..9 (STARTUP_*;
+	# any other: INSTALL_NOT_STARTED_FIRST), and its REPO_* (21-29) as they are.
 	case $STARTED in
 	0) ;;
-	[3-9]) die $((10 + STARTED)) "installed driver $DRIVER_VERSION, but it did not start (startup.sh exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
+	[3-9]) die $((INSTALL_NOT_STARTED_OFFSET + STARTED)) "installed driver $DRIVER_VERSION, but it did not start (startup.sh exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
 	2[1-9]) die "$STARTED" "installed driver $DRIVER_VERSION, but it has no modules for this kernel and none could be fetched (startup.sh exit $STARTED): see above" ;;
-	*) die 11 "installed driver $DRIVER_VERSION, but startup.sh failed (exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
+	*) die "$INSTALL_NOT_STARTED_FIRST" "installed driver $DRIVER_VERSION, but startup.sh failed (exit $STARTED): see above, fix it, then: systemctl restart nvidia.service" ;;
 	esac
-	[ "$UNIT_STARTED" = 1 ] || die 20 "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"
+	[ "$UNIT_STARTED" = 1 ] || die "$INSTALL_SERVICE_FAILED" "installed driver $DRIVER_VERSION and startup.sh loaded it, but systemctl start nvidia.service failed: journalctl -u nvidia.service"
 }

@@ -44,7 +44,7 @@ txn_begin() {
 	[ "$DRY" = 0 ] || return 0
 	UNDO=$(mktemp -d "$ROOT$OPT/.undo.XXXXXX" 2>/dev/null) || {
 		UNDO=
-		die 1 "cannot create a folder in $ROOT$OPT for the journal; check that it is writable and has space"
+		die "$STEP_FAILED" "cannot create a folder in $ROOT$OPT for the journal; check that it is writable and has space"
 	}
 }
 
@@ -52,7 +52,7 @@ txn_begin() {
 # PATH; made: a folder to rmdir; tree: a folder to remove whole; units: see txn_units).
 txn_note() {
 	UNDO_N=$((UNDO_N + 1))
-	printf '%s %s\n' "$1" "$2" >"$UNDO/$UNDO_N.what" || die 1 "cannot write the journal in $UNDO"
+	printf '%s %s\n' "$1" "$2" >"$UNDO/$UNDO_N.what" || die "$STEP_FAILED" "cannot write the journal in $UNDO"
 }
 
 # txn_save PATH...: before each PATH (a file or a link) changes; the first save of a path is
@@ -63,7 +63,7 @@ txn_save() {
 		case $NL$UNDO_SAVED in *"$NL$ts_path$NL"*) continue ;; esac
 		UNDO_SAVED=$UNDO_SAVED$ts_path$NL
 		if [ -e "$ts_path" ] || [ -L "$ts_path" ]; then
-			quietly cp -pP "$ts_path" "$UNDO/$((UNDO_N + 1))" || die 1 "cannot save $ts_path in $UNDO"
+			quietly cp -pP "$ts_path" "$UNDO/$((UNDO_N + 1))" || die "$STEP_FAILED" "cannot save $ts_path in $UNDO"
 			txn_note saved "$ts_path"
 		else
 			txn_note absent "$ts_path"
@@ -77,7 +77,7 @@ txn_units() {
 	[ -n "$UNDO" ] || return 0
 	for tu_path in "$UNITS"/*.wants "$UNITS"/*.requires "$UNITS"/*.wants/* "$UNITS"/*.requires/*; do
 		if [ -e "$tu_path" ] || [ -L "$tu_path" ]; then printf '%s\n' "$tu_path"; fi
-	done >"$UNDO/$((UNDO_N + 1))" || die 1 "cannot write the journal in $UNDO"
+	done >"$UNDO/$((UNDO_N + 1))" || die "$STEP_FAILED" "cannot write the journal in $UNDO"
 	txn_note units "$UNITS"
 }
 
@@ -147,7 +147,7 @@ die() {
 	printf '%s: error: %s%s\n' "$PROG" "$*" "${die_cause:+ ($die_cause)}" >&2
 	exit "$die_code"
 }
-trap 'die 1 "stopped by a signal; the node is as it was"' HUP INT TERM
+trap 'die "$STEP_FAILED" "stopped by a signal; the node is as it was"' HUP INT TERM
 
 # txn_commit: the change is whole; nothing to undo any more.
 txn_commit() {

@@ -232,11 +232,11 @@ check_bundle() {
 }
 
 # check_expected FOLDER WHAT: with --expect-sha256, FOLDER's SHA256SUMS (it covers every other
-# file of the bundle) has that sha256; else die 4, naming WHAT.
+# file of the bundle) has that sha256; else die INSTALL_CORRUPT, naming WHAT.
 check_expected() {
 	[ "$EXPECT" = 1 ] || return 0
 	ce_sum=$(sha256_of "$1/SHA256SUMS") && [ -n "$ce_sum" ] ||
-		die 1 "cannot read $1/SHA256SUMS"
+		die "$STEP_FAILED" "cannot read $1/SHA256SUMS"
 	[ "$ce_sum" = "$EXPECT_SHA256" ] ||
-		die 4 "$2 is not the one you expect: its SHA256SUMS has sha256 $ce_sum, not $EXPECT_SHA256 (--expect-sha256); extract the archive again, where only root can write"
+		die "$INSTALL_CORRUPT" "$2 is not the one you expect: its SHA256SUMS has sha256 $ce_sum, not $EXPECT_SHA256 (--expect-sha256); extract the archive again, where only root can write"
 }

@@ -45,31 +45,9 @@
 # entry, and once whole removes its build ("Flatcar's own recipe" below); --uninstall leaves
 # the node to it again.
 #
-# Exit codes:
-#   0      installed (and the driver started, unless --no-start; a repository's watcher and
-#          retry timer, or the persistence daemon, that would not start are a warning), or
-#          uninstalled; or staged, when the bundle has no modules for the running kernel
-#          (see --force)
-#   1      a step failed (the message says which; the node is as it was before the run)
-#   2      bad command line
-#   3      not run as root
-#   4      the bundle is corrupt, incomplete or unsafe (a file does not match SHA256SUMS, a
-#          link leaves the bundle, a file is missing or not part of the bundle), or not the
-#          one --expect-sha256 names
-#   5      not enough free space
-#   6      another install_nvidia.sh kept the lock for 10 minutes
-#   7      a command this script needs is missing
-#   8      the bundle is not for this node: another OS or machine, or no modules for the
-#          running kernel while a driver that cannot be staged beside is installed (--force);
-#          or the node is not for it: Flatcar's NVIDIA sysext is enabled or merged (two
-#          drivers), or the kernel loads only signed modules (lockdown, Secure Boot) and the
-#          bundle's are unsigned
-#   11-19  installed, but the driver did not start: 10 + startup.sh's exit code 3..9 (14:
-#          kernel mismatch, 15: a module failed to load, 18: no usable GPU, …; see
-#          startup.sh), 11 for any other
-#   20     installed and startup.sh succeeded, but systemctl start nvidia.service failed
-#   21-29  installed, but the bundle has no modules for the running kernel and fetching them
-#          from the repository failed: startup.sh's code (see startup.sh and node/fetch.sh)
+# Exit codes: node/exit-codes.sh's INSTALL_* and the shared ones (SUCCESS, STEP_FAILED,
+# USAGE, LOCKED, MISSING_COMMAND), copied in with the options; made, as is
+# docs/reference/exit-codes.md, from coreos-gpu's one table of them.
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
@@ -127,7 +105,7 @@ while [ $# -gt 0 ]; do
 		EXPECT_SHA256=$VALUE
 		shift "$SHIFT" ;;
 	-h | --help) usage; exit 0 ;;
-	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
+	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit "$USAGE" ;;
 	esac
 	shift
 done
@@ -138,19 +116,19 @@ done
 # shellcheck source=lib.sh
 . "${0%/*}/node/lib.sh" # coreos-gpu: inline
 
-SELF=$(readlink -f "$0") || die 1 "cannot resolve $0"
+SELF=$(readlink -f "$0") || die "$STEP_FAILED" "cannot resolve $0"
 BUNDLE=${SELF%/*}
 ROOT=$(parse_root "$ROOT")
-[ -z "$ROOT" ] || [ -d "$ROOT" ] || die 2 "--root $ROOT is not a folder"
+[ -z "$ROOT" ] || [ -d "$ROOT" ] || die "$USAGE" "--root $ROOT is not a folder"
 case $STAGE_ONLY:$UNINSTALL:$STAGE_RELEASE in
-1:1:*) die 2 "--stage and --uninstall do not go together" ;;
-0:*:[!-]*) die 2 "--release names the OS release a --stage is for: give --stage too" ;;
-*:*:*[!A-Za-z0-9._+~-]* | *:*:) die 2 "--release $STAGE_RELEASE is not an OS release (e.g. 4081.2.0)" ;;
+1:1:*) die "$USAGE" "--stage and --uninstall do not go together" ;;
+0:*:[!-]*) die "$USAGE" "--release names the OS release a --stage is for: give --stage too" ;;
+*:*:*[!A-Za-z0-9._+~-]* | *:*:) die "$USAGE" "--release $STAGE_RELEASE is not an OS release (e.g. 4081.2.0)" ;;
 esac
 # As sha256sum prints it: 64 digits, lower case.
 [ "$EXPECT" = 0 ] || { [ "${#EXPECT_SHA256}" -eq 64 ] && case $EXPECT_SHA256 in *[!0-9a-f]*) false ;; esac; } ||
-	die 2 "--expect-sha256 $EXPECT_SHA256 is not a sha256: give the 64 lower-case hex digits coreos-gpu inspect shows as contents sha256"
-[ "$EXPECT$UNINSTALL" != 11 ] || die 2 "--expect-sha256 names a bundle to install; --uninstall installs none"
+	die "$USAGE" "--expect-sha256 $EXPECT_SHA256 is not a sha256: give the 64 lower-case hex digits coreos-gpu inspect shows as contents sha256"
+[ "$EXPECT$UNINSTALL" != 11 ] || die "$USAGE" "--expect-sha256 names a bundle to install; --uninstall installs none"
 # A staged driver is not switched to: nothing starts, nothing is enabled.
 [ "$STAGE_ONLY" = 0 ] || { START=0; ENABLE=0; }
 # A node's systemd is only asked to reload and start things on a real node, not in a tree.
@@ -161,7 +139,7 @@ esac
 # remove the node's working driver. That one is refused below as an incomplete bundle.
 if [ "$UNINSTALL" = 0 ] && [ ! -d "$BUNDLE/payload" ] && [ -f "$BUNDLE/node/bundle.env" ] &&
 	[ "${BUNDLE%/*}" = "$(readlink -f "$ROOT$OPT" 2>/dev/null)" ]; then
-	die 2 "$BUNDLE is an installed driver, not an extracted bundle: run $SELF --uninstall, or install_nvidia.sh from an extracted archive"
+	die "$USAGE" "$BUNDLE is an installed driver, not an extracted bundle: run $SELF --uninstall, or install_nvidia.sh from an extracted archive"
 fi
 
 # The install's parts, copied in by the build like lib.sh, each before the code that calls it.
@@ -174,11 +152,11 @@ fi
 
 # --- checks: nothing on the node changes before they pass ---------------------------------
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
-	die 3 "run me as root (sudo $0)"
+	die "$INSTALL_NOT_ROOT" "run me as root (sudo $0)"
 fi
-need_tools 7 sha256sum flock mktemp readlink stat df du cp mv ln rm awk sed sort find xargs chmod \
+need_tools "$MISSING_COMMAND" sha256sum flock mktemp readlink stat df du cp mv ln rm awk sed sort find xargs chmod \
 	chown ldconfig cmp head
-[ "$ENABLE" = 0 ] && [ "$START" = 0 ] && [ "$UNINSTALL" = 0 ] || need_tools 7 systemctl
+[ "$ENABLE" = 0 ] && [ "$START" = 0 ] && [ "$UNINSTALL" = 0 ] || need_tools "$MISSING_COMMAND" systemctl
 [ "$UNINSTALL" = 0 ] || uninstall
 # The bundle's checks, and whether it fits this node.
 # shellcheck source=install-verify.sh
@@ -189,23 +167,23 @@ need_tools 7 sha256sum flock mktemp readlink stat df du cp mv ln rm awk sed sort
 # The driver version is the one folder in payload/ (bundle.env is read only once verified).
 for version in "$BUNDLE"/payload/*/; do
 	[ -n "${DRIVER_VERSION:-}" ] &&
-		die 4 "$BUNDLE/payload holds more than one driver; extract the archive into an empty folder"
+		die "$INSTALL_CORRUPT" "$BUNDLE/payload holds more than one driver; extract the archive into an empty folder"
 	DRIVER_VERSION=${version%/}
 	DRIVER_VERSION=${DRIVER_VERSION##*/}
 done
 case ${DRIVER_VERSION:-*} in
-"*" | *[!0-9.]*) die 4 "$BUNDLE is not a whole coreos-gpu bundle (no payload/<driver version>/); extract the whole archive" ;;
+"*" | *[!0-9.]*) die "$INSTALL_CORRUPT" "$BUNDLE is not a whole coreos-gpu bundle (no payload/<driver version>/); extract the whole archive" ;;
 esac
 [ -f "$BUNDLE/node/contents" ] && [ -f "$BUNDLE/SHA256SUMS" ] ||
-	die 4 "$BUNDLE is not a whole coreos-gpu bundle (node/contents or SHA256SUMS is missing); extract the whole archive"
+	die "$INSTALL_CORRUPT" "$BUNDLE is not a whole coreos-gpu bundle (node/contents or SHA256SUMS is missing); extract the whole archive"
 PAYLOAD=$BUNDLE/payload/$DRIVER_VERSION
 # startup.sh switches only among folders of current's driver and flavour.
 [ "$STAGE_ONLY" = 0 ] || [ -f "$ROOT$OPT/current/node/bundle.env" ] ||
-	die 2 "--stage installs beside an installed driver, and none is installed under ${ROOT:-/}; run me without --stage"
+	die "$USAGE" "--stage installs beside an installed driver, and none is installed under ${ROOT:-/}; run me without --stage"
 # The bundle id: the first 12 hex digits of SHA256SUMS's sum (as the build names it).
-SUM=$(sha256_of "$BUNDLE/SHA256SUMS") || die 1 "cannot read $BUNDLE/SHA256SUMS"
+SUM=$(sha256_of "$BUNDLE/SHA256SUMS") || die "$STEP_FAILED" "cannot read $BUNDLE/SHA256SUMS"
 ID=${SUM%"${SUM#????????????}"}
-case $ID in *[!0-9a-f]* | "") die 1 "sha256sum gave no sum for $BUNDLE/SHA256SUMS" ;; esac
+case $ID in *[!0-9a-f]* | "") die "$STEP_FAILED" "sha256sum gave no sum for $BUNDLE/SHA256SUMS" ;; esac
 NAME=$DRIVER_VERSION-$ID
 DEST=$ROOT$OPT/$NAME
 
@@ -217,7 +195,7 @@ else
 	BAD=$(cd "$BUNDLE" && check_bundle "" structure)
 fi
 [ -z "$BAD" ] ||
-	die 4 "the bundle in $BUNDLE is corrupt: $BAD; download and extract it again"
+	die "$INSTALL_CORRUPT" "the bundle in $BUNDLE is corrupt: $BAD; download and extract it again"
 # Only now is anything read from the extracted folder: node/bundle.env is a regular file
 # that node/contents lists (a FIFO there would have hung a read). What it says is checked
 # again on the root-owned copy, with the sums, before anything lands.
@@ -247,7 +225,7 @@ SETTINGS=$FROM/node/bundle.env
 # Both are never empty in a bundle (check_settings): empty here means the read failed.
 AGENT_UNITS=$(bundle_value AGENT_UNITS "$SETTINGS") && [ -n "$AGENT_UNITS" ] &&
 	KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$SETTINGS") && [ -n "$KERNEL_RELEASES" ] ||
-	die 1 "cannot read $SETTINGS"
+	die "$STEP_FAILED" "cannot read $SETTINGS"
 [ "$STAGE_ONLY" = 0 ] || stage_driver
 RUNNING=$(uname -r)
 case " $KERNEL_RELEASES " in
@@ -263,24 +241,24 @@ put_boot_files
 # --- the switch: one rename -------------------------------------------------------------------
 txn_save "$ROOT$OPT/current" "$ROOT$OPT/previous"
 SWITCHED=1
-switch_current "$NAME" || die 1 "cannot point $OPT/current at $NAME"
+switch_current "$NAME" || die "$STEP_FAILED" "cannot point $OPT/current at $NAME"
 
 # --- after the switch: caches, units -----------------------------------------------------------
-run_ldconfig || die 1 "ldconfig failed"
+run_ldconfig || die "$STEP_FAILED" "ldconfig failed"
 for dropin in "$UNITS"/*.d/"$DROPIN_NAME"; do
 	ours "$dropin" || ours_file "$dropin" || continue
 	unit=${dropin%/*}
 	unit=${unit##*/}
 	case " $AGENT_UNITS " in *" ${unit%.d} "*) continue ;; esac
-	put_away "$dropin" || die 1 "cannot remove $dropin"
+	put_away "$dropin" || die "$STEP_FAILED" "cannot remove $dropin"
 done
 SYSTEMD_TOUCHED=1
-[ -n "$ROOT" ] || systemctl_root daemon-reload || die 1 "systemctl daemon-reload failed"
+[ -n "$ROOT" ] || systemctl_root daemon-reload || die "$STEP_FAILED" "systemctl daemon-reload failed"
 if [ "$ENABLE" = 1 ]; then
 	txn_units
-	systemctl_root enable nvidia.service || die 1 "systemctl enable nvidia.service failed"
+	systemctl_root enable nvidia.service || die "$STEP_FAILED" "systemctl enable nvidia.service failed"
 	for unit in $ENABLED_BUNDLE_UNITS; do
-		[ ! -L "$UNITS/$unit" ] || systemctl_root enable "$unit" || die 1 "systemctl enable $unit failed"
+		[ ! -L "$UNITS/$unit" ] || systemctl_root enable "$unit" || die "$STEP_FAILED" "systemctl enable $unit failed"
 	done
 fi
 txn_commit

@@ -9,12 +9,12 @@
 # $OPT/.fetch.lock on fd 8 (fetch.sh). Nodes with older bundles take the same files the same
 # way, so their locks and these keep excluding each other.
 
-# check_lock_file FILE: die 1 with one line when FILE cannot be opened to append. Tried in a
+# check_lock_file FILE: die STEP_FAILED with one line when FILE cannot be opened to append. Tried in a
 # subshell first: a failed `exec 9>>FILE` ends a POSIX shell at once (a redirection error of
 # a special builtin), before any `|| die` runs, with only the shell's own words.
 check_lock_file() {
 	(: >>"$1") 2>/dev/null ||
-		die 1 "cannot open the lock file $1 (a read-only file system, or something else in its place); make $(dirname "$1") writable and run me again"
+		die "$STEP_FAILED" "cannot open the lock file $1 (a read-only file system, or something else in its place); make $(dirname "$1") writable and run me again"
 }
 
 # lock_file FD FILE SECONDS CODE BUSY [PREPARE]: hold the lock on FILE on descriptor FD (8 or

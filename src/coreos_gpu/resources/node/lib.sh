@@ -19,6 +19,9 @@ LOAD_ORDER="nvidia nvidia-modeset nvidia-uvm"  # nvidia-drm only on request
 MESOS_TOOLS="nvidia-smi nvidia-debugdump nvidia-persistenced nvidia-cuda-mps-control nvidia-cuda-mps-server"
 AGENT_DEFAULT_PATH=/opt/mesosphere/bin:/usr/bin:/bin:/sbin  # DC/OS's agent PATH
 DROPIN_NAME=coreos-gpu.conf
+# The exit codes its functions and their callers die with (STEP_FAILED, …).
+# shellcheck source=exit-codes.sh
+. "${0%/*}/exit-codes.sh" # coreos-gpu: inline
 
 say() {
 	printf '%s: %s\n' "$PROG" "$*" >&2

@@ -5,14 +5,8 @@
 # the signed index, then a bundle checked against it. Sourced by node/fetch.sh (which stages
 # bundles for other kernels and OS releases), and copied by `coreos-gpu render` into
 # provision.sh (which installs a node's first bundle), so both read a repository alike. POSIX
-# sh; the caller defines say and die, and sha256_of (node/sha256.sh). Exit codes, the same for both:
-#   21 the bundle does not match the sha256 or size the index gives
-#   22 the repository cannot be reached, a download failed or timed out, or no repository
-#   23 the index is not signed by the key given, or is not the index index.current names
-#   24 (the caller's) the index has no bundle for what was asked
-#   28 the index is older (a lower generation) than one this node accepted before from the
-#      same key: a mirror or cache replays an old copy, or index.current was rolled back
-#   29 the index has expired, or has no expiry: the repository was not refreshed
+# sh; the caller defines say and die, sha256_of (node/sha256.sh) and the exit codes
+# (node/exit-codes.sh: REPO_*, the same for both).
 # The caller defines ROOT (the tree acted on, "" for /) and may set REPO_CHECK_ONLY=1 to
 # check an index's generation without remembering it (fetch.sh --index: changes nothing).
 
@@ -82,18 +76,18 @@ repo_pointer() {
 repo_index() {
 	ri_url=$1
 	ri_err=$(repo_download "$ri_url/index.current" "$3/index.current" "$4" "$REPO_MAX_POINTER") ||
-		die 22 "cannot read $ri_url/index.current: $(printf '%s' "$ri_err" | tail -n 1); check the repository URL and the network"
+		die "$REPO_UNREACHABLE" "cannot read $ri_url/index.current: $(printf '%s' "$ri_err" | tail -n 1); check the repository URL and the network"
 	ri_sha=$(repo_pointer "$3/index.current") ||
-		die 22 "$ri_url/index.current is not 'coreos-gpu-repository 1 <sha256>': $ri_url is not a coreos-gpu repository of this format"
+		die "$REPO_UNREACHABLE" "$ri_url/index.current is not 'coreos-gpu-repository 1 <sha256>': $ri_url is not a coreos-gpu repository of this format"
 	for ri_name in "index/$ri_sha.txt" "index/$ri_sha.txt.sig"; do
 		case $ri_name in *.sig) ri_max=$REPO_MAX_SIGNATURE ;; *) ri_max=$REPO_MAX_INDEX ;; esac
 		ri_err=$(repo_download "$ri_url/$ri_name" "$3/${ri_name#index/}" "$4" "$ri_max") ||
-			die 22 "cannot read $ri_url/$ri_name: $(printf '%s' "$ri_err" | tail -n 1)"
+			die "$REPO_UNREACHABLE" "cannot read $ri_url/$ri_name: $(printf '%s' "$ri_err" | tail -n 1)"
 	done
 	ri_err=$(openssl dgst -sha256 -verify "$2" -signature "$3/$ri_sha.txt.sig" "$3/$ri_sha.txt" 2>&1) ||
-		die 23 "$ri_url/index/$ri_sha.txt does not match its signature by the key in $2 (another key signed it, or it was changed): $(printf '%s' "$ri_err" | head -n 1); nothing was installed"
+		die "$REPO_UNSIGNED" "$ri_url/index/$ri_sha.txt does not match its signature by the key in $2 (another key signed it, or it was changed): $(printf '%s' "$ri_err" | head -n 1); nothing was installed"
 	[ "$(sha256_of "$3/$ri_sha.txt")" = "$ri_sha" ] ||
-		die 23 "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs)"
+		die "$REPO_UNSIGNED" "$ri_url/index/$ri_sha.txt is signed, but not the index index.current names (its sha256 differs)"
 	mv "$3/$ri_sha.txt" "$3/index.txt"
 	repo_fresh "$ri_url" "$3/index.txt"
 }
@@ -107,15 +101,15 @@ REPO_STATE=/var/lib/coreos-gpu
 # remembers its generation. Only called on an index whose signature was checked.
 repo_fresh() {
 	rf_head=$(repo_check "$2") ||
-		die 23 "$1's signed index is not a coreos-gpu index of format 1: $rf_head; nothing was installed"
+		die "$REPO_UNSIGNED" "$1's signed index is not a coreos-gpu index of format 1: $rf_head; nothing was installed"
 	read -r rf_gen rf_key rf_exp <<-EOF
 	$rf_head
 	EOF
 	[ "$rf_exp" != - ] ||
-		die 29 "$1's index (generation $rf_gen) has no expiry: it was signed before indexes expired, or replayed from then; the publisher runs coreos-gpu repository refresh; nothing was installed"
+		die "$REPO_EXPIRED" "$1's index (generation $rf_gen) has no expiry: it was signed before indexes expired, or replayed from then; the publisher runs coreos-gpu repository refresh; nothing was installed"
 	rf_now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 	awk -v now="$rf_now" -v until="$rf_exp" 'BEGIN { exit !(now > until) }' &&
-		die 29 "$1's index (generation $rf_gen) expired at $rf_exp (now $rf_now): the repository was not refreshed, a mirror serves an old copy, or this node's clock is wrong; the publisher runs coreos-gpu repository refresh (sync does it); nothing was installed"
+		die "$REPO_EXPIRED" "$1's index (generation $rf_gen) expired at $rf_exp (now $rf_now): the repository was not refreshed, a mirror serves an old copy, or this node's clock is wrong; the publisher runs coreos-gpu repository refresh (sync does it); nothing was installed"
 	rf_file=$ROOT$REPO_STATE/generation.$rf_key
 	rf_seen=0
 	if [ -f "$rf_file" ]; then
@@ -123,7 +117,7 @@ repo_fresh() {
 		[ -n "$rf_seen" ] || { say "warning: $rf_file does not hold a generation; it is written again"; rf_seen=0; }
 	fi
 	awk -v gen="$rf_gen" -v seen="$rf_seen" 'BEGIN { exit !(gen + 0 < seen + 0) }' &&
-		die 28 "$1's index is generation $rf_gen, older than generation $rf_seen this node accepted before ($rf_file): a mirror or cache serves an old copy, or index.current was rolled back; nothing was installed. If the repository was made again from nothing on purpose, remove $rf_file"
+		die "$REPO_ROLLED_BACK" "$1's index is generation $rf_gen, older than generation $rf_seen this node accepted before ($rf_file): a mirror or cache serves an old copy, or index.current was rolled back; nothing was installed. If the repository was made again from nothing on purpose, remove $rf_file"
 	[ "${REPO_CHECK_ONLY:-}" != 1 ] || return 0
 	# A file a killed run left half-written has a name of its own: written whole, then renamed.
 	for rf_old in "$rf_file".tmp.*; do
@@ -259,16 +253,16 @@ repo_bundle() {
 	if ! rb_err=$(repo_download "$1/$2" "$5" "$6" "$4"); then
 		case $rb_err in
 		*"larger than $4 bytes"*)
-			die 21 "$1/$2 is larger than the $4 bytes the signed index gives: it was tampered with or damaged; the download was cut off there, and nothing was installed" ;;
+			die "$REPO_BUNDLE_MISMATCH" "$1/$2 is larger than the $4 bytes the signed index gives: it was tampered with or damaged; the download was cut off there, and nothing was installed" ;;
 		esac
-		die 22 "cannot download $1/$2: $(printf '%s' "$rb_err" | tail -n 1); nothing was installed"
+		die "$REPO_UNREACHABLE" "cannot download $1/$2: $(printf '%s' "$rb_err" | tail -n 1); nothing was installed"
 	fi
 	rb_got=$(wc -c <"$5" | tr -d ' ')
 	# Short: the transfer stopped (a cut connection, a lying Content-Length, wget taking the
 	# 416 to its resume as the end; curl says so itself), or the bytes were changed on the
 	# way (gzip uninvited): a failed download either way.
 	[ "${rb_got:-0}" -ge "$4" ] ||
-		die 22 "cannot download $1/$2: $rb_got of the $4 bytes the signed index gives arrived (the transfer stopped, or the server changed them: compressed them uninvited?); nothing was installed"
+		die "$REPO_UNREACHABLE" "cannot download $1/$2: $rb_got of the $4 bytes the signed index gives arrived (the transfer stopped, or the server changed them: compressed them uninvited?); nothing was installed"
 	[ "$rb_got" = "$4" ] && [ "$(sha256_of "$5")" = "$3" ] ||
-		die 21 "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
+		die "$REPO_BUNDLE_MISMATCH" "$1/$2 does not match the sha256 and size the signed index gives ($3, $4 bytes): it was tampered with or damaged; nothing was installed"
 }

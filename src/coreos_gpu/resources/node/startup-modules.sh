@@ -20,19 +20,19 @@ load_failed() {
 	[ -n "$ROOT" ] || lf_kernel=$(dmesg 2>/dev/null | grep -E 'NVRM|nvidia' | tail -n 2 | tr '\n' ' ')
 	case $lf_error in
 	*"Invalid module format"* | *"Exec format error"*)
-		die 4 "kernel mismatch: the running kernel $KERNEL refused $lf_name.ko from $MODULES as built for another kernel (Invalid module format) ${lf_kernel}; build a bundle for kernel $KERNEL and install it" ;;
+		die "$STARTUP_KERNEL_REFUSED" "kernel mismatch: the running kernel $KERNEL refused $lf_name.ko from $MODULES as built for another kernel (Invalid module format) ${lf_kernel}; build a bundle for kernel $KERNEL and install it" ;;
 	*"No such device"*)
-		die 8 "the kernel accepted $lf_name.ko, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
+		die "$STARTUP_NO_GPU" "the kernel accepted $lf_name.ko, but the driver found no usable NVIDIA GPU (No such device) ${lf_kernel}; check that the GPU is supported by driver $DRIVER_VERSION and the ${FLAVOUR:-proprietary} modules" ;;
 	# A signed module whose key the kernel does not trust: EKEYREJECTED where signatures are
 	# enforced, EPERM from lockdown (kernel/module/signing.c).
 	*"Key was rejected by service"*)
-		die 4 "the kernel refused the signature of $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES" ;;
+		die "$STARTUP_KERNEL_REFUSED" "the kernel refused the signature of $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES" ;;
 	*"Operation not permitted"*)
 		[ -z "$LOCKDOWN" ] ||
-			die 4 "the kernel ($LOCKDOWN) refused $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES"
-		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
+			die "$STARTUP_KERNEL_REFUSED" "the kernel ($LOCKDOWN) refused $lf_name.ko from $MODULES ($lf_error) ${lf_kernel}: it loads only modules signed with a key it trusts; $LOCKDOWN_CHOICES"
+		die "$STARTUP_LOAD_FAILED" "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
 	*)
-		die 5 "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
+		die "$STARTUP_LOAD_FAILED" "insmod $MODULES/$lf_name.ko failed: $lf_error ${lf_kernel}${MISSING_DEPS:+; these kernel modules it needs could not be loaded: $MISSING_DEPS}" ;;
 	esac
 }
 
@@ -54,7 +54,7 @@ for dep in ipmi_msghandler ipmi_devintf; do
 	module_loaded "$dep" || act modprobe -q "$dep" 2>/dev/null || true
 done
 for name in $WANTED; do
-	[ -r "$MODULES/$name.ko" ] || die 3 "$MODULES/$name.ko is missing: the installation is incomplete; run install_nvidia.sh again"
+	[ -r "$MODULES/$name.ko" ] || die "$STARTUP_INCOMPLETE" "$MODULES/$name.ko is missing: the installation is incomplete; run install_nvidia.sh again"
 	if module_loaded "$name"; then
 		say "$name is loaded already"
 		continue

@@ -2,26 +2,9 @@
 # Loads the NVIDIA driver for the running kernel and makes its device nodes: what
 # nvidia.service runs at every boot, before the Mesos agent starts (/opt/nvidia/startup.sh).
 #
-# Exit codes (nvidia.service fails on any but 0):
-#   0  the driver is loaded and answers, or there is no NVIDIA GPU (nothing to load)
-#   2  bad command line
-#   3  the installation is incomplete (run install_nvidia.sh again)
-#   4  the kernel does not take these modules: kernel mismatch (no modules for `uname -r`,
-#      or refused as built for another kernel: "Invalid module format"), or a locked-down
-#      kernel (Secure Boot) and unsigned modules, or a signature it does not trust (said
-#      before any insmod where it can be)
-#   5  a module failed to load for another reason, or the firmware search path could not be set
-#   6  device nodes could not be made
-#   7  nvidia-smi does not answer
-#   8  the driver loaded but found no usable GPU ("No such device")
-#   9  another NVIDIA driver: another version is loaded already (reboot to switch), or
-#      Flatcar's NVIDIA sysext is enabled or merged (the line says how to disable it)
-#   21-26  no installed folder has modules for this kernel, and fetching one from the bundle
-#      repository failed: node/fetch.sh's code (21: the bundle does not match the index, 22:
-#      the repository cannot be reached, 23: bad signature, 24: the repository has no bundle
-#      for this kernel, 25: the fetched bundle did not install, 26: no space)
-#   27  fetching failed for another reason (see the message above it)
-#   28, 29  fetch.sh's: the index is older than one this node accepted (28) or expired (29)
+# Exit codes (nvidia.service fails on any but 0): node/exit-codes.sh's STARTUP_* and
+# USAGE, and fetch.sh's REPO_* passed on; made, as is docs/reference/exit-codes.md, from
+# coreos-gpu's one table of them.
 #
 # Persistence (node/bundle.env's PERSISTENCE, the build's persistence setting): with legacy
 # it turns the kernel's persistence mode on (nvidia-smi -pm 1); daemon leaves it to
@@ -60,7 +43,7 @@ while [ $# -gt 0 ]; do
 	--check) DRY=1 ;;
 	--force-load) FORCE=1 ;;
 	-h | --help) usage; exit 0 ;;
-	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit 2 ;;
+	*) printf '%s: error: unknown argument %s\n' "$PROG" "$1" >&2; usage >&2; exit "$USAGE" ;;
 	esac
 	shift
 done
@@ -74,17 +57,17 @@ case ${ROOT:-/} in
 esac
 [ -n "$OPT_HERE" ] && [ "${HERE%/*}" = "$OPT_HERE" ] || {
 	printf '%s: error: %s is not a driver folder of /opt/nvidia: startup.sh loads only an installed driver (install_nvidia.sh installs one; nvidia.service runs /opt/nvidia/startup.sh)\n' "$PROG" "$HERE" >&2
-	exit 3
+	exit "$STARTUP_INCOMPLETE"
 }
 [ -r "$HERE/node/lib.sh" ] || {
 	printf '%s: error: %s/node/lib.sh is missing: the installation is incomplete; run install_nvidia.sh again\n' "$PROG" "$HERE" >&2
-	exit 3
+	exit "$STARTUP_INCOMPLETE"
 }
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/node/lib.sh"
 ROOT=$(parse_root "$ROOT")
 [ -r "$HERE/node/bundle.env" ] ||
-	die 3 "$HERE/node/bundle.env is missing: the installation is incomplete; run install_nvidia.sh again"
+	die "$STARTUP_INCOMPLETE" "$HERE/node/bundle.env is missing: the installation is incomplete; run install_nvidia.sh again"
 DRIVER_VERSION=$(bundle_value DRIVER_VERSION "$HERE/node/bundle.env")
 FLAVOUR=$(bundle_value FLAVOUR "$HERE/node/bundle.env")
 KERNEL_RELEASES=$(bundle_value KERNEL_RELEASES "$HERE/node/bundle.env")
@@ -98,7 +81,7 @@ MODULES=$HERE/modules/$KERNEL
 # anything changes (a switch of `current`, a fetch).
 find_nvidia_sysext "$KERNEL"
 [ -z "$SYSEXT" ] ||
-	die 9 "$SYSEXT: its driver and coreos-gpu's must not both load, so nothing was loaded; to use coreos-gpu's, $SYSEXT_FIX; or keep the sysext and remove coreos-gpu's driver (nvidia-uninstall)"
+	die "$STARTUP_OTHER_DRIVER" "$SYSEXT: its driver and coreos-gpu's must not both load, so nothing was loaded; to use coreos-gpu's, $SYSEXT_FIX; or keep the sysext and remove coreos-gpu's driver (nvidia-uninstall)"
 # After an OS update, or a rollback to the previous release, another installed folder of
 # this driver and flavour may have the modules for the running kernel: point `current` at
 # it (one rename, under the install lock, as install_nvidia.sh does) and carry on with that
@@ -111,10 +94,10 @@ switch_to_installed() {
 	if [ "$DRY" = 1 ]; then
 		say "would point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
 	else
-		lock_install 3
+		lock_install "$STARTUP_INCOMPLETE"
 		clear_leftovers_in_opt
 		switch_current "${OTHER##*/}" ||
-			die 3 "cannot point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
+			die "$STARTUP_INCOMPLETE" "cannot point $OPT/current at ${OTHER##*/}, which has modules for kernel $KERNEL"
 		# What no boot can want any more goes (never the new current, the previous or a
 		# staged one).
 		drop_unbootable || warn "cannot tidy $OPT (drop_unbootable failed)"
@@ -131,7 +114,7 @@ switch_to_installed() {
 # A boot stopped between the switch to a staged folder and the tidying after it: tidy now.
 if [ "$DRY" = 0 ] && [ -d "$MODULES" ] && [ -f "$ROOT$STAGED" ] &&
 	grep -q "^$(readlink "$ROOT$OPT/current") " "$ROOT$STAGED" 2>/dev/null; then
-	lock_install 3
+	lock_install "$STARTUP_INCOMPLETE"
 	clear_leftovers_in_opt
 	drop_unbootable || warn "cannot tidy $OPT (drop_unbootable failed)"
 	exec 9<&-
@@ -169,17 +152,17 @@ if [ ! -d "$MODULES" ] && [ -n "$REPOSITORY" ]; then
 	case $FETCHED in
 	0) switch_to_installed ;;
 	2[1-689]) exit "$FETCHED" ;;
-	*) die 27 "fetching the driver for kernel $KERNEL failed (node/fetch.sh exit $FETCHED, see above)" ;;
+	*) die "$STARTUP_FETCH_OTHER" "fetching the driver for kernel $KERNEL failed (node/fetch.sh exit $FETCHED, see above)" ;;
 	esac
-	die 27 "node/fetch.sh staged no folder with modules for kernel $KERNEL"
+	die "$STARTUP_FETCH_OTHER" "node/fetch.sh staged no folder with modules for kernel $KERNEL"
 fi
 [ -d "$MODULES" ] ||
-	die 4 "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES, and no other installed folder of driver $DRIVER_VERSION has any for it; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
+	die "$STARTUP_KERNEL_REFUSED" "kernel mismatch: the running kernel is $KERNEL, but this bundle has modules only for $KERNEL_RELEASES, and no other installed folder of driver $DRIVER_VERSION has any for it; build a bundle for this OS release (coreos-gpu build --release <the OS version>) and install it"
 
 if [ -r "$ROOT/sys/module/nvidia/version" ]; then
 	read -r LOADED <"$ROOT/sys/module/nvidia/version"
 	[ "$LOADED" = "$DRIVER_VERSION" ] ||
-		die 9 "NVIDIA driver $LOADED is loaded, but $DRIVER_VERSION is installed: reboot to switch to $DRIVER_VERSION"
+		die "$STARTUP_OTHER_DRIVER" "NVIDIA driver $LOADED is loaded, but $DRIVER_VERSION is installed: reboot to switch to $DRIVER_VERSION"
 fi
 
 WANTED=$LOAD_ORDER
@@ -195,7 +178,7 @@ if [ -n "$LOCKDOWN" ]; then
 	done
 	UNSIGNED=$(first_unsigned "$@")
 	[ -z "$UNSIGNED" ] ||
-		die 4 "this kernel loads only signed modules ($LOCKDOWN), and ${UNSIGNED#"$ROOT"} is unsigned: driver $DRIVER_VERSION cannot load here, and nothing was loaded; $LOCKDOWN_CHOICES"
+		die "$STARTUP_KERNEL_REFUSED" "this kernel loads only signed modules ($LOCKDOWN), and ${UNSIGNED#"$ROOT"} is unsigned: driver $DRIVER_VERSION cannot load here, and nothing was loaded; $LOCKDOWN_CHOICES"
 fi
 
 # --- firmware ---------------------------------------------------------------------------
@@ -212,7 +195,7 @@ if [ -d "$HERE/firmware" ]; then
 			say "would set the firmware search path to $FIRMWARE"
 		else
 			printf '%s' "$FIRMWARE" >"$PARAM" ||
-				die 5 "cannot set the firmware search path ($PARAM): the GPU's GSP firmware could not load"
+				die "$STARTUP_LOAD_FAILED" "cannot set the firmware search path ($PARAM): the GPU's GSP firmware could not load"
 		fi
 	fi
 fi
@@ -224,7 +207,7 @@ fi
 # --- device nodes -----------------------------------------------------------------------
 MINORS=$(gpu_minors)
 [ "$DRY" = 1 ] || [ -n "$MINORS" ] ||
-	die 8 "the driver is loaded but lists no GPU in /proc/driver/nvidia/gpus; see dmesg for NVRM messages"
+	die "$STARTUP_NO_GPU" "the driver is loaded but lists no GPU in /proc/driver/nvidia/gpus; see dmesg for NVRM messages"
 ON_PCI=$(printf '%s\n' "$GPUS" | grep -c .)
 SEEN=$(printf '%s\n' "$MINORS" | grep -c .)
 [ -z "$GPUS" ] || [ "$SEEN" = "$ON_PCI" ] ||
@@ -232,20 +215,20 @@ SEEN=$(printf '%s\n' "$MINORS" | grep -c .)
 expected_nodes | while read -r path major minor; do
 	if [ "$major" = "?" ]; then
 		[ "$DRY" = 1 ] && { say "would make $path once nvidia-uvm is loaded"; continue; }
-		die 6 "nvidia-uvm is loaded but not in $ROOT/proc/devices: cannot make $path"
+		die "$STARTUP_NO_DEVICE_NODES" "nvidia-uvm is loaded but not in $ROOT/proc/devices: cannot make $path"
 	fi
 	if node_is "$path" "$major" "$minor"; then
 		# The contract's mode: containers open these as any user.
 		[ "$(stat -c %a "$ROOT$path")" = 666 ] || act chmod 0666 "$ROOT$path" ||
-			die 6 "cannot make $path readable and writable by all (chmod 0666)"
+			die "$STARTUP_NO_DEVICE_NODES" "cannot make $path readable and writable by all (chmod 0666)"
 		continue
 	fi
 	if [ -e "$ROOT$path" ] || [ -L "$ROOT$path" ]; then
 		warn "$path is not the character device $major:$minor; replacing it"
-		act rm -f "$ROOT$path" || die 6 "cannot remove the wrong $path"
+		act rm -f "$ROOT$path" || die "$STARTUP_NO_DEVICE_NODES" "cannot remove the wrong $path"
 	fi
 	act mknod -m 0666 "$ROOT$path" c "$major" "$minor" ||
-		die 6 "cannot make the device node $path (c $major $minor)"
+		die "$STARTUP_NO_DEVICE_NODES" "cannot make the device node $path (c $major $minor)"
 	[ "$DRY" = 1 ] || say "made $path (c $major $minor)"
 done || exit $?
 
@@ -255,7 +238,7 @@ if [ "$(bundle_value PERSISTENCE "$HERE/node/bundle.env")" = legacy ] ||
 	act nvidia-smi -pm 1 >/dev/null || warn "could not turn persistence mode on (nvidia-smi -pm 1)"
 fi
 if ! SMI=$(nvidia-smi -L 2>&1); then
-	die 7 "nvidia-smi does not answer: $(printf '%s' "$SMI" | tail -n 2 | tr '\n' ' ')"
+	die "$STARTUP_NO_ANSWER" "nvidia-smi does not answer: $(printf '%s' "$SMI" | tail -n 2 | tr '\n' ' ')"
 fi
 # --- CDI: what containerd, CRI-O, Podman and Docker hand to containers (lib.sh) -----------------
 write_cdi_spec "$HERE" ||

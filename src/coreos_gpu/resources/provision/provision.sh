@@ -16,17 +16,14 @@
 # --root it starts what it installs, as on any node: the driver, and a repository's stage
 # watcher and retry timer, so that an OS update downloaded in this first boot is staged.
 #
-# Exit codes: 0 installed (or installed before); 2 bad command line; 21 the bundle does
-# not match its sha256 (or size); 22 the repository cannot be read (or not within a minute
-# for each index file, 20 minutes for the bundle), or holds no coreos-gpu repository; 23 the
-# index does not match its signature; 24 the index lists no bundle of that driver, flavour
-# and profile for this kernel; 25 the bundle cannot be extracted; 28 the index is older
-# than one this node accepted before; 29 the index has expired (or has no expiry); any
-# other: install_nvidia.sh's exit code.
+# Exit codes: node/exit-codes.sh's REPO_* and the shared ones, else install_nvidia.sh's
+# own; made, as is docs/reference/exit-codes.md, from coreos-gpu's one table of them.
 # "A && B || die …" means: die when either fails.
 # shellcheck disable=SC2015
 set -u
 PROG=coreos-gpu-provision
+# shellcheck source=../node/exit-codes.sh
+. "${0%/*}/../node/exit-codes.sh" # coreos-gpu: inline
 
 # --- settings, rendered by coreos-gpu -----------------------------------------------------
 DIR=@DIR@
@@ -54,10 +51,10 @@ ROOT=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--root)
-		[ $# -ge 2 ] || die 2 "--root needs a folder"
+		[ $# -ge 2 ] || die "$USAGE" "--root needs a folder"
 		ROOT=${2%/}
 		shift ;;
-	*) die 2 "unknown argument $1 (usage: provision.sh [--root DIR])" ;;
+	*) die "$USAGE" "unknown argument $1 (usage: provision.sh [--root DIR])" ;;
 	esac
 	shift
 done
@@ -71,7 +68,7 @@ if [ -e "$STAMP" ]; then
 fi
 # Our own files are root's alone; install_nvidia.sh runs with the usual umask (below).
 umask 077
-[ -d "$HERE" ] || mkdir -p "$HERE" || die 1 "cannot make $HERE"
+[ -d "$HERE" ] || mkdir -p "$HERE" || die "$STEP_FAILED" "cannot make $HERE"
 
 # Reading the repository: node/repository.sh, copied in here by `coreos-gpu render` (the
 # lines below are what it replaces), the same code a node's fetch.sh runs after an OS update,
@@ -86,17 +83,17 @@ umask 077
 fetch_from_repository() {
 	base=${REPOSITORY_URL%/}
 	kernel=$(uname -r)
-	tmp=$(mktemp -d "$HERE/fetch.XXXXXX") || die 1 "cannot make a folder in $HERE"
+	tmp=$(mktemp -d "$HERE/fetch.XXXXXX") || die "$STEP_FAILED" "cannot make a folder in $HERE"
 	# Bounded: a node without network fails, and tries again at the next boot.
 	repo_index "$base" "$HERE/repository.pub" "$tmp" 60
 	line=$(repo_pick "$tmp/index.txt" kernel "$kernel" "$DRIVER_VERSION" "$FLAVOUR" "$PROFILE" "$OS")
-	[ -n "$line" ] || die 24 "$base lists no $OS bundle for kernel $kernel of driver $DRIVER_VERSION, $FLAVOUR modules, $PROFILE profile: build and publish one (coreos-gpu build --release … --driver-version $DRIVER_VERSION --kernel-module-type $FLAVOUR --profile $PROFILE; coreos-gpu publish)"
+	[ -n "$line" ] || die "$REPO_NO_BUNDLE" "$base lists no $OS bundle for kernel $kernel of driver $DRIVER_VERSION, $FLAVOUR modules, $PROFILE profile: build and publish one (coreos-gpu build --release … --driver-version $DRIVER_VERSION --kernel-module-type $FLAVOUR --profile $PROFILE; coreos-gpu publish)"
 	read -r path sum size _ <<-END
 	$line
 	END
 	say "downloading $base/$path (kernel $kernel)"
 	repo_bundle "$base" "$path" "$sum" "$size" "$tmp/bundle" 1200
-	mv -f "$tmp/bundle" "$BUNDLE" || die 1 "cannot move the bundle to $BUNDLE"
+	mv -f "$tmp/bundle" "$BUNDLE" || die "$STEP_FAILED" "cannot move the bundle to $BUNDLE"
 	rm -rf "$tmp"
 	BUNDLE_SHA256=$sum
 }
@@ -104,12 +101,12 @@ fetch_from_repository() {
 if [ -n "$REPOSITORY_URL" ]; then
 	fetch_from_repository
 fi
-[ -f "$BUNDLE" ] || die 21 "$BUNDLE is missing"
+[ -f "$BUNDLE" ] || die "$REPO_BUNDLE_MISMATCH" "$BUNDLE is missing"
 [ "$(sha256_of "$BUNDLE")" = "$BUNDLE_SHA256" ] ||
-	die 21 "$BUNDLE does not match sha256 $BUNDLE_SHA256; nothing was installed"
+	die "$REPO_BUNDLE_MISMATCH" "$BUNDLE does not match sha256 $BUNDLE_SHA256; nothing was installed"
 
-WORK=$(mktemp -d "$HERE/bundle.XXXXXX") || die 1 "cannot make a folder in $HERE"
-tar -xf "$BUNDLE" -C "$WORK" || { rm -rf "$WORK"; die 25 "cannot extract $BUNDLE"; }
+WORK=$(mktemp -d "$HERE/bundle.XXXXXX") || die "$STEP_FAILED" "cannot make a folder in $HERE"
+tar -xf "$BUNDLE" -C "$WORK" || { rm -rf "$WORK"; die "$REPO_BAD_BUNDLE" "cannot extract $BUNDLE"; }
 if [ -n "$ROOT" ]; then set -- --root "$ROOT"; else set --; fi
 # A second lock on the same door, known when render read the bundle file (not from a URL and
 # sha256 alone, nor a repository): the archive's sha256 proves the download, this one (of the
@@ -121,8 +118,10 @@ code=0
 "$WORK/install_nvidia.sh" "$@" || code=$?
 rm -rf "$WORK"
 case $code in
-0 | 1[1-9] | 20)
-	# Installed (11-20: the driver did not start now; nvidia.service tries at every boot).
+# 1[1-9]: INSTALL_NOT_STARTED_FIRST..LAST, which a case pattern cannot name.
+"$SUCCESS" | 1[1-9] | "$INSTALL_SERVICE_FAILED")
+	# Installed (INSTALL_NOT_STARTED_*, INSTALL_SERVICE_FAILED: the driver did not start now;
+	# nvidia.service tries at every boot).
 	printf '%s\n' "$BUNDLE_SHA256" >"$STAMP"
 	rm -f "$BUNDLE"
 	;;
