@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from coreos_gpu.bundle import NodeSettings, assemble_bundle
 from coreos_gpu.cache import sha256_of
@@ -49,6 +54,38 @@ from .bundletools import (
 )
 
 SHELLS = ("bash", "dash", "busybox sh")
+# The awks a node may have: its system's (mawk here; gawk elsewhere) and busybox's.
+AWKS = ("awk", "busybox awk")
+NODE_PARTS = Path(__file__).resolve().parents[1] / "src/coreos_gpu/resources/node"
+
+
+def awk_bin(folder: Path, awk: str) -> Path:
+    """folder, made, whose `awk` runs AWK (one of AWKS): put it first on PATH. Skips the
+    test where AWK's program is missing."""
+    program, *applet = awk.split()
+    found = shutil.which(program)
+    if found is None:
+        pytest.skip(f"{program} is missing")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "awk").write_text(f'#!/bin/sh\nexec {shlex.join([found, *applet])} "$@"\n')
+    (folder / "awk").chmod(0o755)
+    return folder
+
+
+def node_definitions(*names: str) -> str:
+    """Each function (NAME) or variable (NAME=…, one line or a '…' block) as whichever node
+    part defines it, for a test to run the node's own reader: sourcing the script that holds
+    it would run the script."""
+    texts = [part.read_text() for part in sorted(NODE_PARTS.glob("*.sh"))]
+    out = []
+    for name in names:
+        pattern = (rf"^{name}\(\) \{{\n.*?^\}}\n" if name.islower()
+                   else rf"^{name}='\n.*?^\t\}}'\n|^{name}=[^\n]*\n")
+        found = next((m.group(0) for t in texts if (m := re.search(pattern, t, re.M | re.S))),
+                     None)
+        assert found, f"no node part in {NODE_PARTS} defines {name}"
+        out.append(found)
+    return "".join(out)
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 UVM_MAJOR = 508
 # /proc/devices with the decoys a sloppy parser trips on: nvidia-uvm-tools-like names and

@@ -8,8 +8,6 @@ Python had no reader: inspect never read bundle.env (issue 28). And what the bui
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,12 @@ from coreos_gpu.node import (
 )
 from coreos_gpu.repository import RepositoryTrust
 
-from .nodetree import SHELLS
+from .nodetree import AWKS, SHELLS, awk_bin, node_definitions
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC: dict[str, Any] = json.loads((REPO / "spec/bundle-env.json").read_text())
 CASES: list[dict[str, Any]] = SPEC["cases"]
 DRIVER = SPEC["driver_version"]
-NODE = REPO / "src/coreos_gpu/resources/node"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -42,31 +39,13 @@ def test_the_python_reader(case: dict[str, Any]) -> None:
     assert ("refused" if problem else "ok") == case["verdict"], problem
 
 
-def _cut(pattern: str, what: str) -> str:
-    """A function or variable of whichever node script holds it (sourcing install_nvidia.sh
-    would run it)."""
-    texts = [script.read_text() for script in sorted(NODE.glob("*.sh"))]
-    found = next((m.group(0) for t in texts if (m := re.search(pattern, t, re.M | re.S))), None)
-    assert found, f"no node script in {NODE} defines {what}"
-    return found
-
-
-def _node_reader() -> str:
-    return (_cut(r"^BUNDLE_ENV_AWK='\n.*?^\t\}'\n", "BUNDLE_ENV_AWK")
-            + _cut(r"^bundle_value\(\) \{\n.*?^\}\n", "bundle_value")
-            + _cut(r"^check_settings\(\) \{\n.*?^\}\n", "check_settings"))
-
-
 def _run_node(shell: str, awk: str, tmp_path: Path, texts: list[str],
               keys: list[list[str]]) -> tuple[list[dict[str, str | None]], list[str]]:
     """For each text, what bundle_value reads for each of its keys (None: nothing, not even
     an empty line), and check_settings' verdict ("" when it passes)."""
-    bin_dir = tmp_path / "bin"  # `awk` is busybox's where asked
-    bin_dir.mkdir()
-    if awk != "awk":
-        (bin_dir / "awk").write_text('#!/bin/sh\nexec busybox awk "$@"\n')
-        (bin_dir / "awk").chmod(0o755)
-    lines = [f'PATH="{bin_dir}:$PATH"\nDRIVER_VERSION={DRIVER}\n', _node_reader()]
+    bin_dir = awk_bin(tmp_path / "bin", awk)
+    lines = [f'PATH="{bin_dir}:$PATH"\nDRIVER_VERSION={DRIVER}\n',
+             node_definitions("BUNDLE_ENV_AWK", "bundle_value", "check_settings")]
     for n, text in enumerate(texts):
         (tmp_path / f"{n}.env").write_bytes(text.encode())
         lines.append(f'check_settings "{tmp_path}/{n}.env" >"{tmp_path}/{n}.check"\n')
@@ -91,8 +70,6 @@ _NODE: dict[tuple[str, str], tuple[list[dict[str, str | None]], list[str]]] = {}
 def _node_cases(shell: str, awk: str, tmp: pytest.TempPathFactory
                 ) -> tuple[list[dict[str, str | None]], list[str]]:
     """Every case through the node's reader, in one run per shell and awk."""
-    if awk != "awk" and shutil.which("busybox") is None:
-        pytest.skip("busybox is not installed")
     if (shell, awk) not in _NODE:
         _NODE[shell, awk] = _run_node(shell, awk, tmp.mktemp("env"),
                                       [c["text"] for c in CASES],
@@ -101,7 +78,7 @@ def _node_cases(shell: str, awk: str, tmp: pytest.TempPathFactory
 
 
 @pytest.mark.parametrize("number", range(len(CASES)), ids=[c["name"] for c in CASES])
-@pytest.mark.parametrize("awk", ["awk", "busybox awk"])
+@pytest.mark.parametrize("awk", AWKS)
 @pytest.mark.parametrize("shell", SHELLS)
 def test_the_node_reader_agrees(shell: str, awk: str, number: int,
                                 tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -142,12 +119,10 @@ def test_what_the_build_writes_python_reads_back() -> None:
         assert list(values) == list(SETTINGS_KEYS)
 
 
-@pytest.mark.parametrize("awk", ["awk", "busybox awk"])
+@pytest.mark.parametrize("awk", AWKS)
 @pytest.mark.parametrize("shell", SHELLS)
 def test_what_the_build_writes_the_node_reads_back(shell: str, awk: str,
                                                    tmp_path: Path) -> None:
-    if awk != "awk" and shutil.which("busybox") is None:
-        pytest.skip("busybox is not installed")
     texts = [_rendered(url, units) for url, units in ROUND_TRIP]
     values, checks = _run_node(shell, awk, tmp_path, texts, [list(SETTINGS_KEYS)] * len(texts))
     for text, read, check in zip(texts, values, checks, strict=True):

@@ -7,8 +7,6 @@ link out of the driver folder that every node refused (issue 28)."""
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,12 +15,11 @@ import pytest
 
 from coreos_gpu.layout import contents_problems, parse_contents
 
-from .nodetree import SHELLS
+from .nodetree import AWKS, SHELLS, awk_bin, node_definitions
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC: dict[str, Any] = json.loads((REPO / "spec/contents.json").read_text())
 CASES: list[dict[str, Any]] = SPEC["cases"]
-NODE = REPO / "src/coreos_gpu/resources/node"
 
 
 def _python_problems(text: str) -> list[str]:
@@ -35,34 +32,16 @@ def test_the_python_reader(case: dict[str, Any]) -> None:
     assert ("refused" if _python_problems(case["text"]) else "ok") == case["verdict"]
 
 
-def _node_check() -> str:
-    """check_contents and the TOP_NAMES it reads, cut out of whichever node scripts hold them
-    (sourcing install_nvidia.sh would run it)."""
-    texts = [script.read_text() for script in sorted(NODE.glob("*.sh"))]
-    function = next((m.group(0) for t in texts if (m := re.search(
-        r"^check_contents\(\) \{\n.*?^\}\n", t, re.M | re.S))), None)
-    top = next((m.group(0) for t in texts if (m := re.search(r"^TOP_NAMES=.*\n", t, re.M))),
-               None)
-    assert function and top, f"no node script in {NODE} defines check_contents and TOP_NAMES"
-    return top + function
-
-
-@pytest.mark.parametrize("awk", ["awk", "busybox awk"])
+@pytest.mark.parametrize("awk", AWKS)
 @pytest.mark.parametrize("shell", SHELLS)
 def test_the_node_reader_agrees(shell: str, awk: str, tmp_path: Path) -> None:
-    if awk != "awk" and shutil.which("busybox") is None:
-        pytest.skip("busybox is not installed")
-    bin_dir = tmp_path / "bin"  # `awk` is busybox's where asked
-    bin_dir.mkdir()
-    if awk != "awk":
-        (bin_dir / "awk").write_text('#!/bin/sh\nexec busybox awk "$@"\n')
-        (bin_dir / "awk").chmod(0o755)
+    bin_dir = awk_bin(tmp_path / "bin", awk)
     for number, case in enumerate(CASES):
         (tmp_path / f"{number}/node").mkdir(parents=True)
         (tmp_path / f"{number}/node/contents").write_bytes(case["text"].encode())
     # Each case: "<number> <OK or the node's first problem>".
     script = (f'PATH="{bin_dir}:$PATH"\nDRIVER_VERSION={SPEC["driver_version"]}\n'
-              + _node_check() + "".join(
+              + node_definitions("TOP_NAMES", "check_contents") + "".join(
                   f'printf "%s %s\\n" {n} "$(cd "{tmp_path}/{n}" && check_contents)"\n'
                   for n in range(len(CASES))))
     out = subprocess.run([*shell.split(), "-c", script], capture_output=True, check=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,7 @@ from coreos_gpu.repository import (
     render_text,
 )
 
-from .nodetree import SHELLS
+from .nodetree import AWKS, SHELLS, awk_bin
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT: list[dict[str, Any]] = json.loads((REPO / "spec/index-text.json").read_text())["cases"]
@@ -69,17 +68,11 @@ def test_the_python_text_reader(case: dict[str, Any]) -> None:
     assert is_expired(header) == case.get("expired", False)
 
 
-@pytest.fixture(params=["awk", "busybox awk"])
+@pytest.fixture(params=AWKS)
 def awk_first(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     """An environment whose awk is the system's or busybox's (a node may have either)."""
-    program, *applet = request.param.split()
-    if shutil.which(program) is None:
-        pytest.skip(f"{program} is missing")
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin/awk").write_text(
-        f'#!/bin/sh\nexec {shlex.join([str(shutil.which(program)), *applet])} "$@"\n')
-    (tmp_path / "bin/awk").chmod(0o755)
-    return {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    bin_dir = awk_bin(tmp_path / "bin", request.param)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
 @pytest.mark.parametrize("shell", SHELLS)

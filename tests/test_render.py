@@ -38,7 +38,7 @@ from coreos_gpu.render_types import DEFAULT_IMAGE, BundleSource, RepositorySourc
 
 from .bundletools import KERNEL, VERSION
 from .conftest import CliResult
-from .nodetree import SHELLS, NodeBundles
+from .nodetree import AWKS, SHELLS, NodeBundles, awk_bin
 from .render_tools import (
     butane_to_ignition,
     decode_data_url,
@@ -390,17 +390,13 @@ PICKS = [
 ]
 
 
-@pytest.mark.parametrize("awk", ["awk", "busybox awk"])
+@pytest.mark.parametrize("awk", AWKS)
 @pytest.mark.parametrize("shell", SHELLS)
 def test_repo_pick_never_chooses_by_the_order_of_the_index(tmp_path: Path, shell: str,
                                                            awk: str) -> None:
     """What node/repository.sh's repo_pick takes (provision.sh and fetch.sh call it), the
     index's lines in either order, under each shell and awk a node may have."""
-    program, *applet = awk.split()  # the node's awk, or busybox's
-    command = shlex.join([str(shutil.which(program)), *applet])
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin/awk").write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-    (tmp_path / "bin/awk").chmod(0o755)
+    awk_bin(tmp_path / "bin", awk)  # the node's awk, or busybox's
     (tmp_path / "repository.sh").write_bytes(
         (default_node_files() / "repository.sh").read_bytes())
     calls = "".join(f'printf "%s\\n" "$(repo_pick "$1" {shlex.join(args)} flatcar)"\n'

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,12 +17,11 @@ import pytest
 
 from coreos_gpu.layout import sums_problems
 
-from .nodetree import SHELLS
+from .nodetree import AWKS, SHELLS, awk_bin, node_definitions
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC: dict[str, Any] = json.loads((REPO / "spec/sha256sums.json").read_text())
 CASES: list[dict[str, Any]] = SPEC["cases"]
-NODE = REPO / "src/coreos_gpu/resources/node"
 
 
 def _python_problems(case: dict[str, Any]) -> list[str]:
@@ -36,20 +33,6 @@ def _python_problems(case: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_the_python_reader(case: dict[str, Any]) -> None:
     assert ("refused" if _python_problems(case) else "ok") == case["verdict"]
-
-
-def _node_check() -> str:
-    """check_sums, and the sha256_command it calls where there is one, cut out of whichever
-    node scripts hold them (sourcing install_nvidia.sh would run it)."""
-    texts = [script.read_text() for script in sorted(NODE.glob("*.sh"))]
-
-    def cut(name: str) -> str | None:
-        return next((m.group(0) for t in texts if (m := re.search(
-            rf"^{name}\(\) \{{\n.*?^\}}\n", t, re.M | re.S))), None)
-
-    function = cut("check_sums")
-    assert function, f"no node script in {NODE} defines check_sums"
-    return (cut("sha256_command") or "") + function
 
 
 def _write_case(folder: Path, case: dict[str, Any]) -> None:
@@ -70,14 +53,11 @@ def _node_verdicts(shell: str, awk: str, tmp: pytest.TempPathFactory) -> dict[st
     if (shell, awk) in _VERDICTS:
         return _VERDICTS[shell, awk]
     tmp_path = tmp.mktemp("sums")
-    bin_dir = tmp_path / "bin"  # `awk` is busybox's where asked
-    bin_dir.mkdir()
-    if awk != "awk":
-        (bin_dir / "awk").write_text('#!/bin/sh\nexec busybox awk "$@"\n')
-        (bin_dir / "awk").chmod(0o755)
+    bin_dir = awk_bin(tmp_path / "bin", awk)
     for number, case in enumerate(CASES):
         _write_case(tmp_path / str(number), case)
-    script = f'PATH="{bin_dir}:$PATH"\n' + _node_check() + "".join(
+    reader = node_definitions("sha256_command", "check_sums")
+    script = f'PATH="{bin_dir}:$PATH"\n' + reader + "".join(
         f'printf "%s %s\\n" {n} "$(cd "{tmp_path}/{n}/bundle" && check_sums "")"\n'
         for n in range(len(CASES)))
     out = subprocess.run([*shell.split(), "-c", script], capture_output=True, check=True,
@@ -88,11 +68,9 @@ def _node_verdicts(shell: str, awk: str, tmp: pytest.TempPathFactory) -> dict[st
 
 
 @pytest.mark.parametrize("number", range(len(CASES)), ids=[c["name"] for c in CASES])
-@pytest.mark.parametrize("awk", ["awk", "busybox awk"])
+@pytest.mark.parametrize("awk", AWKS)
 @pytest.mark.parametrize("shell", SHELLS)
 def test_the_node_reader_agrees(shell: str, awk: str, number: int,
                                 tmp_path_factory: pytest.TempPathFactory) -> None:
-    if awk != "awk" and shutil.which("busybox") is None:
-        pytest.skip("busybox is not installed")
     said = _node_verdicts(shell, awk, tmp_path_factory).get(str(number), "")
     assert ("ok" if said == "OK" else "refused") == CASES[number]["verdict"], said
