@@ -35,6 +35,7 @@ def render_sh() -> str:
     and _LAST, and _OFFSET where it adds one to the codes it passes on), under the programs
     that exit with it and what it means to each."""
     out = [
+        "# shellcheck shell=sh",
         "# Exit codes of the node's programs, made from coreos-gpu's one table of them",
         "# (src/coreos_gpu/resources/exit-codes.toml, which the docs and the man pages come from",
         f"# too): do not edit, change the table and run `{REGENERATE}`.",

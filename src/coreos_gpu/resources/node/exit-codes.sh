@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Exit codes of the node's programs, made from coreos-gpu's one table of them
 # (src/coreos_gpu/resources/exit-codes.toml, which the docs and the man pages come from
 # too): do not edit, change the table and run `python scripts/exit_codes.py`.

@@ -48,8 +48,9 @@
 # Exit codes: node/exit-codes.sh's INSTALL_* and the shared ones (SUCCESS, STEP_FAILED,
 # USAGE, LOCKED, MISSING_COMMAND), copied in with the options; made, as is
 # docs/reference/exit-codes.md, from coreos-gpu's one table of them.
-# "A && B || die …" means: die when either fails.
-# shellcheck disable=SC2015
+# "A && B || die …" means: die when either fails. Its variables (FORCE, PAYLOAD, DEST, …) are
+# for the parts copied in below (install-*.sh), which a shellcheck without -x cannot see.
+# shellcheck disable=SC2015,SC2034
 set -u
 PROG=install_nvidia.sh
 
