@@ -337,16 +337,21 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODE = re.compile(r"[0-7]{3,4}")
 
 
-class _DuplicateKey(ValueError):
-    pass
+class DuplicateName(ValueError):
+    """A JSON object that gives a name twice; name: the first such."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"a name given twice in one object: {names}")
+        self.name = next(n for n in names if names.count(n) > 1)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json's object_pairs_hook: Python's json keeps the last of a key given twice, other
-    readers the first or neither; the writer gives each once, so a key twice is refused."""
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
+def json_object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook for what coreos-gpu writes (MANIFEST.json, the JSON index):
+    JSON readers differ on a name given twice (Python's json keeps the last, others the first
+    or fail), and our writers give each once, so it is refused."""
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise DuplicateName(names)
     return dict(pairs)
 
 
@@ -359,10 +364,10 @@ def read_manifest(data: bytes | None) -> tuple[dict[str, Any], list[str]]:
     JSON, a key twice, another format, a field missing or of another type, and a malformed
     file entry (file_entry_problem)."""
     try:
-        manifest = json.loads(data.decode(), object_pairs_hook=_no_duplicates,
+        manifest = json.loads(data.decode(), object_pairs_hook=json_object_once,
                               parse_constant=_no_constant) if data is not None else None
-    except _DuplicateKey as e:
-        return {}, [f"{MANIFEST_NAME} gives the key {e} twice"]
+    except DuplicateName as e:
+        return {}, [f"{MANIFEST_NAME} gives the key {e.name} twice"]
     except ValueError:  # UnicodeDecodeError is one
         manifest = None
     if not isinstance(manifest, dict):

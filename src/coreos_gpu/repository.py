@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from coreos_gpu.errors import CoreosGpuError, ExitCode
-from coreos_gpu.inspection import BundleReport
+from coreos_gpu.inspection import BundleReport, json_object_once
 from coreos_gpu.keys import PublicKey, fingerprint, load_public_key, public_pem, signature_matches
 
 FORMAT = 1  # of the repository layout, the pointer and both index forms
@@ -261,19 +261,11 @@ def _header_problem(generation: int, created: str, key: str, expires: str) -> st
     return ""
 
 
-def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # JSON readers differ on a repeated name (the first, the last, an error): refused.
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"a name given twice in one object: {names}")
-    return dict(pairs)
-
-
 def parse_json(data: bytes, location: str) -> Index:
     """The JSON index (spec/index-json.json holds its cases). Names this reader does not know
     are skipped, as a later coreos-gpu may add some."""
     try:
-        doc = json.loads(data, object_pairs_hook=_object_once)
+        doc = json.loads(data, object_pairs_hook=json_object_once)
         if type(doc) is not dict or type(doc.get("format")) is not int or (
                 doc["format"] != FORMAT):
             given = doc.get("format") if type(doc) is dict else doc
